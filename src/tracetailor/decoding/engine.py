@@ -1,0 +1,252 @@
+"""The lockstep batched decoder.
+
+Both models prefill a group of prompts; then, each step, a rule turns the two
+next-token distributions into one token per live row and both models consume
+that token through their KV caches. A token is never rejected after the fact,
+so nothing is rolled back. Finished rows leave the batch and waiting prompts join
+it, so compute follows live rows.
+
+The engine knows nothing of files or text: token ids in, token ids and per-token
+facts (origin, student and teacher log-probs) out. Stop strings reach it as a
+callable over token ids. It needs only torch and transformers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
+
+import torch
+
+from .kv import KVBatch
+from .rules import DrawKeys, RSDParams, propose, rsd_choose, sample_choose
+
+MODES = ("rsd", "teacher", "student")
+
+
+class EngineError(RuntimeError):
+    pass
+
+
+@dataclass
+class Request:
+    """One sequence to generate: a prompt (student ids; teacher ids when a teacher runs)
+    and the counters that key its random numbers."""
+
+    handle: int
+    prompt_key: int
+    sample: int
+    student_ids: list[int]
+    teacher_ids: list[int] | None = None
+    max_new_tokens: int = 256
+
+
+@dataclass
+class Finished:
+    handle: int
+    token_ids: list[int]
+    origin: str  # one letter per token: T (teacher's token accepted) or S (student's own)
+    student_logprobs: list[float]
+    teacher_logprobs: list[float | None]
+    finish_reason: str  # "stop" or "length"
+
+
+@dataclass
+class DecodeSettings:
+    mode: str = "rsd"
+    rsd: RSDParams = field(default_factory=RSDParams)
+    temperature: float = 1.0  # plain modes
+    top_p: float = 1.0  # plain modes
+    top_k: int = 20  # plain modes
+    seed: int = 0
+
+
+@dataclass
+class _Row:
+    request: Request
+    tokens: list[int] = field(default_factory=list)
+    origin: list[str] = field(default_factory=list)
+    student_lp: list[float] = field(default_factory=list)
+    teacher_lp: list[float | None] = field(default_factory=list)
+
+
+class Engine:
+    """Generates `Request`s with a student and (for modes rsd and teacher) a teacher.
+
+    `bridge` maps between the two vocabularies (see vocab.py); `eos_ids` are the
+    student's end-of-sequence ids; `stop_fn(token_ids) -> bool` checks stop strings;
+    `on_step(tokens, teacher_tokens)` reports progress each step.
+    """
+
+    def __init__(
+        self,
+        student,
+        teacher=None,
+        bridge=None,
+        settings: DecodeSettings | None = None,
+        eos_ids: Iterable[int] = (),
+        batch_size: int = 32,
+        stop_fn: Callable[[list[int]], bool] | None = None,
+        on_step: Callable[[int, int], None] | None = None,
+    ):
+        self.settings = settings or DecodeSettings()
+        if self.settings.mode not in MODES:
+            raise ValueError(f"unknown mode {self.settings.mode!r}; choose one of {', '.join(MODES)}")
+        if self.settings.mode != "student" and teacher is None:
+            raise ValueError(f"mode {self.settings.mode!r} needs a teacher model")
+        self.student = student
+        self.teacher = teacher if self.settings.mode != "student" else None
+        self.bridge = bridge
+        self.eos_ids = set(int(e) for e in eos_ids)
+        self.batch_size = batch_size
+        self.stop_fn = stop_fn
+        self.on_step = on_step  # called each step with (tokens emitted, of which teacher's)
+        self.device = student.device
+        self._t2s = None if bridge is None or bridge.identity else bridge.teacher_to_student.to(self.device)
+        self._s2t_single = None if bridge is None or bridge.identity else bridge.student_to_teacher_single.to(self.device)
+        # admit new prompts once this many slots are free (or the batch is empty)
+        self.admit_at = max(1, batch_size // 8)
+
+    # -- one step of choice ------------------------------------------------------
+    def _choose(self, student_logits, teacher_logits, keys: DrawKeys):
+        s = self.settings
+        student_logp = torch.log_softmax(student_logits.float(), dim=-1)
+        student_probs = student_logp.exp()
+        if s.mode == "rsd":
+            choice = rsd_choose(teacher_logits, student_probs, keys, s.rsd, self._t2s)
+        elif s.mode == "teacher":
+            proposal = propose(teacher_logits, s.temperature, s.top_k, s.top_p, self._t2s)
+            choice = sample_choose(proposal, keys, fallback_probs=student_probs)
+        else:
+            proposal = propose(student_logits, s.temperature, s.top_k, s.top_p)
+            choice = sample_choose(proposal, keys)
+            choice = type(choice)(choice.tokens, torch.zeros_like(choice.from_teacher))
+        tokens = choice.tokens
+        student_lp = student_logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        teacher_lp = None
+        if teacher_logits is not None:
+            teacher_logp = torch.log_softmax(teacher_logits.float(), dim=-1)
+            t_ids = tokens if self._s2t_single is None else self._s2t_single[tokens]
+            teacher_lp = teacher_logp.gather(-1, t_ids.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            teacher_lp = teacher_lp.masked_fill(t_ids < 0, float("nan"))
+        return tokens, choice.from_teacher, student_lp, teacher_lp
+
+    # -- admission ---------------------------------------------------------------
+    def _prefill(self, group: list[Request]):
+        """Prefill each distinct prompt once, then repeat its cache rows for its samples."""
+        uniq: dict[tuple, int] = {}
+        order = []
+        for r in group:
+            key = (r.prompt_key, tuple(r.student_ids))
+            if key not in uniq:
+                uniq[key] = len(uniq)
+                order.append(r)
+            # rows point at their distinct prompt
+        rows = torch.tensor([uniq[(r.prompt_key, tuple(r.student_ids))] for r in group])
+        student, s_logits = KVBatch.prefill(self.student, [r.student_ids for r in order])
+        teacher = t_logits = None
+        if self.teacher is not None:
+            teacher, t_logits = KVBatch.prefill(self.teacher, [r.teacher_ids for r in order])
+        if len(order) < len(group) or not torch.equal(rows, torch.arange(len(group))):
+            student.select(rows)
+            s_logits = s_logits[rows.to(s_logits.device)]
+            if teacher is not None:
+                teacher.select(rows)
+                t_logits = t_logits[rows.to(t_logits.device)]
+        return student, s_logits, teacher, t_logits
+
+    def run(self, requests: Iterable[Request]) -> Iterator[Finished]:
+        """Yield each request's result as soon as it finishes (not in input order)."""
+        # longest prompts first: similar lengths share a batch, and the long tail starts early
+        queue = deque(sorted(requests, key=lambda r: -len(r.student_ids)))
+        rows: list[_Row] = []
+        student = teacher = None
+        s_logits = t_logits = None
+        keys = None
+        dev = self.device
+        while queue or rows:
+            free = self.batch_size - len(rows)
+            if queue and (not rows or free >= self.admit_at):
+                group = [queue.popleft() for _ in range(min(free, len(queue)))]
+                g_student, g_s, g_teacher, g_t = self._prefill(group)
+                g_keys = DrawKeys(
+                    self.settings.seed,
+                    torch.tensor([r.prompt_key for r in group], dtype=torch.long, device=dev),
+                    torch.tensor([r.sample for r in group], dtype=torch.long, device=dev),
+                    torch.zeros(len(group), dtype=torch.long, device=dev),
+                )
+                if not rows:
+                    student, s_logits, teacher, t_logits, keys = g_student, g_s, g_teacher, g_t, g_keys
+                else:
+                    student.extend(g_student)
+                    s_logits = torch.cat([s_logits, g_s])
+                    if teacher is not None:
+                        teacher.extend(g_teacher)
+                        t_logits = torch.cat([t_logits, g_t])
+                    keys = DrawKeys(
+                        keys.seed,
+                        torch.cat([keys.prompt_keys, g_keys.prompt_keys]),
+                        torch.cat([keys.samples, g_keys.samples]),
+                        torch.cat([keys.positions, g_keys.positions]),
+                    )
+                rows.extend(_Row(r) for r in group)
+
+            tokens, from_teacher, s_lp, t_lp = self._choose(s_logits, t_logits, keys)
+            tok_list = tokens.tolist()
+            teacher_flags = from_teacher.tolist()
+            s_lp_list = s_lp.tolist()
+            t_lp_list = t_lp.tolist() if t_lp is not None else [None] * len(rows)
+
+            if self.on_step is not None:
+                self.on_step(len(tok_list), sum(teacher_flags))
+            keep, done = [], []
+            for i, row in enumerate(rows):
+                lp = s_lp_list[i]
+                if math.isnan(lp) or lp == float("inf"):
+                    raise EngineError(
+                        f"the student produced non-finite logits for request {row.request.handle} "
+                        f"at completion position {len(row.tokens)}"
+                    )
+                tok = tok_list[i]
+                row.tokens.append(tok)
+                row.origin.append("T" if teacher_flags[i] else "S")
+                row.student_lp.append(lp)
+                tl = t_lp_list[i]
+                row.teacher_lp.append(None if tl is None or math.isnan(tl) else tl)
+                if tok in self.eos_ids or (self.stop_fn is not None and self.stop_fn(row.tokens)):
+                    done.append((row, "stop"))
+                elif len(row.tokens) >= row.request.max_new_tokens:
+                    done.append((row, "length"))
+                else:
+                    keep.append(i)
+
+            for row, reason in done:
+                yield Finished(
+                    row.request.handle, row.tokens, "".join(row.origin), row.student_lp, row.teacher_lp, reason
+                )
+            if not keep:
+                rows = []
+                continue
+            if len(keep) < len(rows):
+                idx = torch.tensor(keep, dtype=torch.long, device=dev)
+                rows = [rows[i] for i in keep]
+                tokens = tokens[idx]
+                student.select(idx)
+                if teacher is not None:
+                    teacher.select(idx)
+                keys = keys.select(idx)
+            keys.positions = keys.positions + 1
+            s_logits = student.feed(tokens)
+            if teacher is not None:
+                t_logits = self._feed_teacher(teacher, tokens)
+
+    def _feed_teacher(self, teacher: KVBatch, tokens: torch.Tensor) -> torch.Tensor:
+        if self._s2t_single is None:
+            return teacher.feed(tokens)
+        t_ids = self._s2t_single[tokens]
+        if bool((t_ids >= 0).all()):
+            return teacher.feed(t_ids)
+        # a student token the teacher spells with several tokens (e.g. <think>)
+        return teacher.feed_chunks([list(self.bridge.expansion(t)) for t in tokens.tolist()])

@@ -1,0 +1,137 @@
+"""A batch of sequences held in one model's KV cache, with rows that come and go.
+
+`KVBatch` owns a transformers `DynamicCache`, a 2-D attention mask and each row's
+count of real tokens. Rows are left-padded to a common cache length; the mask hides
+the padding and explicit position ids keep each row's positions its own, so a row
+computes the same thing whatever batch it sits in. Rows leave (`select`) and join
+(`extend`) between steps; columns that are padding for every row are trimmed.
+
+It knows nothing of sampling, of the other model, or of text.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+
+def _cache_kwarg(model) -> str:
+    """transformers renamed `past_key_values` to `cache` in 5.2x; support both."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _layers(cache: DynamicCache):
+    return [layer for layer in cache.layers if getattr(layer, "keys", None) is not None and layer.keys.numel() > 0]
+
+
+class KVBatch:
+    def __init__(self, model, cache: DynamicCache, mask: torch.Tensor, lengths: torch.Tensor):
+        self.model = model
+        self.cache = cache
+        self.mask = mask  # [B, L] long: 1 real token, 0 padding
+        self.lengths = lengths  # [B] long: real tokens per row (= next position id)
+        self.padded = bool((mask == 0).any())
+        self._kwarg = _cache_kwarg(model)
+
+    @property
+    def rows(self) -> int:
+        return self.mask.shape[0]
+
+    @classmethod
+    @torch.inference_mode()
+    def prefill(cls, model, seqs: list[list[int]]) -> tuple["KVBatch", torch.Tensor]:
+        """Run the prompts through `model`; return the batch and each row's next-token logits."""
+        device = model.device
+        width = max(len(s) for s in seqs)
+        ids = torch.zeros(len(seqs), width, dtype=torch.long)
+        mask = torch.zeros(len(seqs), width, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s):] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        batch = cls(model, DynamicCache(config=model.config), mask[:, :0], torch.zeros(len(seqs), dtype=torch.long, device=device))
+        logits = batch._forward(ids, mask)
+        return batch, logits
+
+    def _forward(self, ids: torch.Tensor, new_mask: torch.Tensor) -> torch.Tensor:
+        """Append `ids` [B, m] (left-padded per `new_mask`) to every row; return last logits [B, V]."""
+        m = ids.shape[1]
+        # position of each new token = real tokens before it in its row; padding gets 0
+        positions = self.lengths.unsqueeze(1) + new_mask.cumsum(1) - 1
+        positions = positions.clamp_min(0) * new_mask
+        self.mask = torch.cat([self.mask, new_mask], dim=1)
+        self.lengths = self.lengths + new_mask.sum(1)
+        if m > 1 and not self.padded:
+            self.padded = bool((new_mask == 0).any())
+        out = self.model(
+            input_ids=ids,
+            attention_mask=self.mask if self.padded else None,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+            **{self._kwarg: self.cache},
+        )
+        return out.logits[:, -1, :]
+
+    @torch.inference_mode()
+    def feed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """One token per row ([B] long); returns next-token logits [B, V]."""
+        ids = tokens.to(self.mask.device).unsqueeze(1)
+        return self._forward(ids, torch.ones_like(ids))
+
+    @torch.inference_mode()
+    def feed_chunks(self, chunks: list[list[int]]) -> torch.Tensor:
+        """A variable number of tokens per row (each >= 1), left-padded into one call."""
+        width = max(len(c) for c in chunks)
+        ids = torch.zeros(len(chunks), width, dtype=torch.long)
+        mask = torch.zeros(len(chunks), width, dtype=torch.long)
+        for i, c in enumerate(chunks):
+            ids[i, width - len(c):] = torch.tensor(c, dtype=torch.long)
+            mask[i, width - len(c):] = 1
+        return self._forward(ids.to(self.mask.device), mask.to(self.mask.device))
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep `rows` (indices, may repeat) in that order; trim all-padding columns."""
+        rows = rows.to(self.mask.device)
+        self.mask = self.mask[rows]
+        self.lengths = self.lengths[rows]
+        for layer in _layers(self.cache):
+            layer.keys = layer.keys[rows]
+            layer.values = layer.values[rows]
+        self._trim()
+
+    def _trim(self) -> None:
+        if self.mask.shape[0] == 0:
+            return
+        lead = int((self.mask.cumsum(1) == 0).all(0).sum())
+        if lead:
+            self.mask = self.mask[:, lead:]
+            for layer in _layers(self.cache):
+                layer.keys = layer.keys[:, :, lead:]
+                layer.values = layer.values[:, :, lead:]
+        self.padded = bool((self.mask == 0).any())
+
+    def extend(self, other: "KVBatch") -> None:
+        """Append `other`'s rows after ours, left-padding the shorter cache."""
+        width = max(self.mask.shape[1], other.mask.shape[1])
+
+        def pad(t: torch.Tensor, dim_from_end: int) -> torch.Tensor:
+            missing = width - t.shape[-dim_from_end]
+            if missing == 0:
+                return t
+            spec = [0, 0] * (dim_from_end - 1) + [missing, 0]
+            return F.pad(t, spec)
+
+        ours, theirs = _layers(self.cache), _layers(other.cache)
+        if len(ours) != len(theirs):
+            raise RuntimeError("cannot merge caches with different layer layouts")
+        for a, b in zip(ours, theirs):
+            a.keys = torch.cat([pad(a.keys, 2), pad(b.keys, 2)], dim=0)
+            a.values = torch.cat([pad(a.values, 2), pad(b.values, 2)], dim=0)
+        self.mask = torch.cat([pad(self.mask, 1), pad(other.mask, 1)], dim=0)
+        self.lengths = torch.cat([self.lengths, other.lengths])
+        self.padded = bool((self.mask == 0).any())

@@ -1,0 +1,218 @@
+"""Token-choice rules: Reverse Speculative Decoding and plain sampling.
+
+A rule turns next-token logits into one token per row. Rules are pure batched
+functions of tensors and random numbers: no model, no cache, no text, no I/O.
+That keeps them testable against exact distributions (tests/test_rules.py).
+
+Random numbers come from `DrawKeys.uniform`, a counter-based generator keyed by
+(seed, prompt key, sample, position, purpose). A row's draws therefore never
+depend on which batch it ran in or on what ran before it, so batch size 1 and
+batch size 8 give the same traces, and a resumed run repeats an uninterrupted one.
+
+The RSD rule (DESIGN.md, "The RSD step"):
+  1. proposal q: teacher softmax at `teacher_temperature`, truncated to the
+     teacher's top-k, mapped to student ids (unmapped ids dropped), renormalised;
+  2. acceptable set A: student top-k tokens x with p(x) >= threshold, where p is
+     the student's own distribution (temperature 1);
+  3. up to `trials` draws x ~ q; the first x in A is emitted (origin teacher);
+  4. otherwise draw from p restricted to its top-k (origin student).
+  `trials=0` is exact constrained sampling: x ~ q restricted to A when q(A) > 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+MASK32 = 0xFFFFFFFF
+
+# Purposes: trial t of RSD uses purpose t (t < FALLBACK); the others are fixed.
+FALLBACK = 1 << 20
+CONSTRAINED = FALLBACK + 1
+PLAIN = FALLBACK + 2
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2**32 for int64 tensors holding uint32 values, without int64 overflow."""
+    high = (((x >> 16) * c) & 0xFFFF) << 16
+    return (high + (x & 0xFFFF) * c) & MASK32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """murmur3's 32-bit finaliser: a bijection that scatters every input bit."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = _mul32(x, 0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+@dataclass
+class DrawKeys:
+    """Per-row counters that key the random numbers of one decoding step.
+
+    `prompt_keys`, `samples` and `positions` are int64 tensors of shape [B];
+    `prompt_keys` are 32-bit hashes of the prompt ids (see `prompt_key`).
+    """
+
+    seed: int
+    prompt_keys: torch.Tensor
+    samples: torch.Tensor
+    positions: torch.Tensor
+
+    def _hash(self, purposes: torch.Tensor, stream: int) -> torch.Tensor:
+        seed = self.seed & 0xFFFFFFFFFFFFFFFF
+        h = torch.full_like(self.positions, (seed ^ (stream * 0x9E3779B9)) & MASK32)
+        h = _mix32(h ^ ((seed >> 32) & MASK32))
+        parts = (self.prompt_keys, self.samples, self.positions)
+        h = h.unsqueeze(-1).expand(*self.positions.shape, purposes.shape[-1])
+        for part in parts:
+            h = _mix32(_mul32(h ^ (part.unsqueeze(-1) & MASK32), 0x27D4EB2F) ^ 0x165667B1)
+        return _mix32(h ^ purposes)
+
+    def uniform(self, purposes: list[int] | int) -> torch.Tensor:
+        """Uniform float64 numbers in [0, 1), shape [B] for one purpose or [B, n] for a list."""
+        single = isinstance(purposes, int)
+        p = torch.tensor([purposes] if single else purposes, dtype=torch.int64, device=self.positions.device)
+        hi = self._hash(p, 1) >> 5  # 27 bits
+        lo = self._hash(p, 2) >> 6  # 26 bits
+        u = (hi.double() * 67108864.0 + lo.double()) / 9007199254740992.0  # / 2**53
+        return u[..., 0] if single else u
+
+    def select(self, rows: torch.Tensor) -> "DrawKeys":
+        return DrawKeys(self.seed, self.prompt_keys[rows], self.samples[rows], self.positions[rows])
+
+
+def prompt_key(prompt_id: str) -> int:
+    """A stable 32-bit key for a prompt id (zlib's CRC32: stable across runs and platforms)."""
+    import zlib
+
+    return zlib.crc32(str(prompt_id).encode("utf-8")) & MASK32
+
+
+def sample_index(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw: for each row of `probs` [B, K] (unnormalised, >= 0), one column per
+    uniform in `u` ([B] or [B, n]). Zero-probability columns are never drawn."""
+    cdf = probs.double().cumsum(-1)
+    target = u.reshape(u.shape[0], -1) * cdf[:, -1:]
+    idx = torch.searchsorted(cdf, target, right=True).clamp_(max=probs.shape[-1] - 1)
+    return idx.reshape(u.shape)
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """A truncated, renormalised distribution over candidate student ids.
+
+    `probs` [B, K] sums to 1 per row (or to 0 when no candidate maps to the student);
+    `ids` [B, K] are student ids, -1 where a candidate has no student counterpart.
+    """
+
+    probs: torch.Tensor
+    ids: torch.Tensor
+
+
+def propose(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    id_map: torch.Tensor | None = None,
+) -> Proposal:
+    """softmax(logits / temperature), truncated to top-k then top-p, mapped through
+    `id_map` (teacher id -> student id, -1 for none; None for identity), renormalised."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if 0 < top_k < probs.shape[-1]:
+        probs, ids = probs.topk(top_k, dim=-1)
+    elif top_p < 1.0:
+        probs, ids = probs.sort(dim=-1, descending=True)
+    else:
+        ids = torch.arange(probs.shape[-1], device=probs.device).expand_as(probs)
+    if top_p < 1.0:
+        probs = probs / probs.sum(-1, keepdim=True)
+        # keep the smallest prefix (in descending order) whose mass reaches top_p
+        probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)
+    if id_map is not None:
+        ids = id_map[ids]
+        probs = probs.masked_fill(ids < 0, 0.0)
+    total = probs.sum(-1, keepdim=True)
+    probs = torch.where(total > 0, probs / total.clamp_min(1e-30), probs)
+    return Proposal(probs, ids)
+
+
+@dataclass(frozen=True)
+class RSDParams:
+    """The RSD rule's knobs; defaults are the paper's preset."""
+
+    threshold: float = 0.01
+    trials: int = 5
+    top_k: int = 20
+    teacher_temperature: float = 1.0
+
+
+@dataclass(frozen=True)
+class Choice:
+    tokens: torch.Tensor  # [B] student ids
+    from_teacher: torch.Tensor  # [B] bool: origin T (True) or S (False)
+
+
+def student_top_k(student_probs: torch.Tensor, k: int) -> Proposal:
+    """p restricted to the student's top-k, renormalised (k=0: the whole vocabulary)."""
+    if 0 < k < student_probs.shape[-1]:
+        probs, ids = student_probs.topk(k, dim=-1)
+    else:
+        probs = student_probs
+        ids = torch.arange(probs.shape[-1], device=probs.device).expand_as(probs)
+    return Proposal(probs / probs.sum(-1, keepdim=True), ids)
+
+
+def accept_mask(proposal: Proposal, student_probs: torch.Tensor, kth_prob: torch.Tensor | float, threshold: float) -> torch.Tensor:
+    """[B, K] bool: candidate is in A = {x in student top-k : p(x) >= threshold}.
+
+    Membership of the top-k is tested by value (p(x) >= the k-th largest p), which
+    differs from index membership only on exact ties at the k-th place."""
+    p_x = student_probs.gather(-1, proposal.ids.clamp(min=0))
+    return (proposal.ids >= 0) & (proposal.probs > 0) & (p_x >= threshold) & (p_x >= kth_prob)
+
+
+def rsd_choose(
+    teacher_logits: torch.Tensor,
+    student_probs: torch.Tensor,
+    keys: DrawKeys,
+    params: RSDParams,
+    teacher_to_student: torch.Tensor | None = None,
+) -> Choice:
+    """One RSD step for every row (see the module docstring)."""
+    q = propose(teacher_logits, params.teacher_temperature, params.top_k, 1.0, teacher_to_student)
+    fallback = student_top_k(student_probs, params.top_k)
+    # the k-th largest student probability (before renormalisation): top-k membership by value
+    kth = student_probs.gather(-1, fallback.ids[:, -1:]) if 0 < params.top_k < student_probs.shape[-1] else 0.0
+    in_a = accept_mask(q, student_probs, kth, params.threshold)
+
+    if params.trials > 0:
+        u = keys.uniform(list(range(params.trials)))  # [B, trials]
+        drawn = sample_index(q.probs, u)  # [B, trials]
+        hit = in_a.gather(-1, drawn) & (q.probs.sum(-1, keepdim=True) > 0)
+        accepted = hit.any(-1)
+        first = hit.int().argmax(-1, keepdim=True)  # first accepted trial
+        teacher_token = q.ids.gather(-1, drawn.gather(-1, first)).squeeze(-1)
+    else:
+        constrained = q.probs * in_a
+        accepted = constrained.sum(-1) > 0
+        pick = sample_index(constrained, keys.uniform(CONSTRAINED))
+        teacher_token = q.ids.gather(-1, pick.unsqueeze(-1)).squeeze(-1)
+
+    pick = sample_index(fallback.probs, keys.uniform(FALLBACK))
+    student_token = fallback.ids.gather(-1, pick.unsqueeze(-1)).squeeze(-1)
+    return Choice(torch.where(accepted, teacher_token, student_token), accepted)
+
+
+def sample_choose(proposal: Proposal, keys: DrawKeys, fallback_probs: torch.Tensor | None = None) -> Choice:
+    """Plain sampling from a proposal. Rows whose proposal is empty (no candidate maps
+    to the student vocabulary) fall back to `fallback_probs`' argmax, marked as student."""
+    pick = sample_index(proposal.probs, keys.uniform(PLAIN))
+    tokens = proposal.ids.gather(-1, pick.unsqueeze(-1)).squeeze(-1)
+    ok = proposal.probs.sum(-1) > 0
+    if fallback_probs is not None and not bool(ok.all()):
+        tokens = torch.where(ok, tokens, fallback_probs.argmax(-1))
+    return Choice(tokens, ok)

@@ -1,0 +1,248 @@
+"""`tracetailor generate`: prompts in, trace records out.
+
+Glue between the parts: loads the models, the bridge and the prompts, checks the
+output directory (resume or refuse), runs the engine with a progress bar, and
+turns each finished sequence into a record. The decoding itself lives in
+decoding/; the file format in data/traces.py.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, GenerateConfig
+from .data.traces import (
+    TraceWriter,
+    finished_ids,
+    read_records,
+    record_id,
+    summarize,
+    trace_files,
+    write_json_atomic,
+)
+from .decoding.engine import DecodeSettings, Engine, Request
+from .decoding.rules import RSDParams, prompt_key
+
+
+class OutputDirError(ValueError):
+    pass
+
+
+def _versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return {"tracetailor": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def prepare_out_dir(cfg: GenerateConfig) -> set[str]:
+    """Create or check OUT; return the ids already finished there (resume)."""
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise OutputDirError(f"--out {out}: exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    probe = out / ".write-test"
+    try:
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise OutputDirError(f"--out {out}: cannot write there ({e.strerror}); choose another directory") from e
+    run_json = out / "run.json"
+    existing = trace_files(out)
+    if cfg.overwrite:
+        for p in existing + [run_json, out / "stats.json"]:
+            p.unlink(missing_ok=True)
+        return set()
+    if run_json.exists():
+        try:
+            before = json.loads(run_json.read_text(encoding="utf-8")).get("config", {})
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise OutputDirError(f"{run_json}: unreadable ({e}); pass --overwrite to start afresh") from e
+        now = cfg.trace_settings()
+        changed = sorted(k for k in now if before.get(k) != now[k])
+        if changed:
+            detail = "; ".join(f"{k}: {before.get(k)!r} -> {now[k]!r}" for k in changed[:6])
+            raise OutputDirError(
+                f"--out {out} holds a run with another configuration ({detail}). "
+                "Use a new --out directory, or pass --overwrite to replace that run."
+            )
+    elif existing:
+        raise OutputDirError(
+            f"--out {out} holds trace files but no run.json; use a new --out directory or pass --overwrite"
+        )
+    return finished_ids(out)
+
+
+def _stop_checker(tokenizer, stops: list[str]):
+    if not stops:
+        return None
+    # a stop string of n characters spans at most n tokens (+1 for a token that straddles its start)
+    window = max(len(s) for s in stops) + 1
+
+    def hit(ids: list[int]) -> bool:
+        text = tokenizer.decode(ids[-window:], skip_special_tokens=False)
+        return any(s in text for s in stops)
+
+    return hit
+
+
+class _Progress:
+    """A tqdm bar over sequences with live tokens/s and acceptance rate."""
+
+    def __init__(self, total: int, enabled: bool, mode: str):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, unit="seq", disable=not enabled, dynamic_ncols=True, desc=f"generate [{mode}]")
+        self.start = time.perf_counter()
+        self.tokens = self.teacher = 0
+        self.mode = mode
+        self._last = 0.0
+
+    def step(self, tokens: int, teacher: int) -> None:
+        self.tokens += tokens
+        self.teacher += teacher
+        now = time.perf_counter()
+        if now - self._last > 0.5:
+            self._last = now
+            post = {"tok/s": f"{self.tokens / max(now - self.start, 1e-9):.0f}"}
+            if self.mode == "rsd" and self.tokens:
+                post["accept"] = f"{self.teacher / self.tokens:.1%}"
+            self.bar.set_postfix(post, refresh=True)
+
+    def close(self):
+        self.bar.close()
+
+
+def run_generate(cfg: GenerateConfig, log=print) -> dict[str, Any]:
+    """Run `generate` end to end; return the stats written to OUT/stats.json."""
+    from .data.prompts import load_prompts
+    from .models import load_model
+    from .vocab import build_bridge
+
+    cfg.validate()
+    done = prepare_out_dir(cfg)
+    out = Path(cfg.out)
+
+    student = load_model(cfg.student, gguf_file=cfg.student_gguf_file, device=cfg.device, dtype=cfg.dtype,
+                         trust_remote_code=cfg.trust_remote_code, role="student")
+    teacher = bridge = None
+    if cfg.mode != "student":
+        teacher = load_model(cfg.teacher, gguf_file=cfg.gguf_file, device=cfg.device, dtype=cfg.dtype,
+                             trust_remote_code=cfg.trust_remote_code, role="teacher")
+        bridge = build_bridge(student.tokenizer, teacher.tokenizer, student.vocab_size, teacher.vocab_size)
+        if not bridge.identity:
+            log(f"vocabulary bridge: {bridge.shared_fraction:.2%} of the student's tokens have a teacher counterpart")
+
+    prompts = load_prompts(
+        cfg.prompts, student.tokenizer, split=cfg.split, prompt_field=cfg.prompt_field, id_field=cfg.id_field,
+        carry=cfg.carry, system_prompt=cfg.system_prompt, prefill=cfg.prefill, chat_template=cfg.chat_template,
+    )
+    if cfg.limit:
+        prompts = prompts[: cfg.limit]
+
+    # prompts that leave no room to generate are skipped, counted and named
+    contexts = [c for c in (student.context_length, teacher.context_length if teacher else None) if c]
+    context = min(contexts) if contexts else None
+    requests, skipped, handles = [], [], {}
+    for p in prompts:
+        teacher_ids = bridge.to_teacher(p.token_ids) if bridge is not None else None
+        longest = max(len(p.token_ids), len(teacher_ids or []))
+        if context is not None and longest >= context:
+            skipped.append(p.prompt_id)
+            continue
+        room = cfg.max_new_tokens if context is None else min(cfg.max_new_tokens, context - longest)
+        for s in range(cfg.samples):
+            if record_id(p.prompt_id, s) in done:
+                continue
+            handle = len(handles)
+            handles[handle] = (p, s)
+            requests.append(Request(handle, prompt_key(p.prompt_id), s, p.token_ids, teacher_ids, room))
+    if skipped:
+        names = ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else "")
+        warnings.warn(f"skipped {len(skipped)} prompt(s) longer than the context ({context} tokens): {names}",
+                      stacklevel=2)
+
+    run_info = {
+        "config": {k: v for k, v in cfg.__dict__.items()},
+        "models": {"student": student.name, "teacher": teacher.name if teacher else None},
+        "bridge": None if bridge is None else {"identity": bridge.identity, "shared_fraction": bridge.shared_fraction},
+        "versions": _versions(),
+        "seed": cfg.seed,
+        "command": " ".join(sys.argv),
+    }
+    write_json_atomic(out / "run.json", run_info)
+    if done:
+        log(f"resuming: {len(done)} sequence(s) already in {out}, {len(requests)} to go")
+
+    settings = DecodeSettings(
+        mode=cfg.mode,
+        rsd=RSDParams(cfg.threshold, cfg.trials, cfg.top_k, cfg.teacher_temperature),
+        temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, seed=cfg.seed,
+    )
+    progress = _Progress(len(requests), cfg.progress, cfg.mode)
+    eos = set(student.eos_ids())
+    engine = Engine(
+        student.model, teacher.model if teacher else None, bridge, settings, eos_ids=eos,
+        batch_size=cfg.batch_size, stop_fn=_stop_checker(student.tokenizer, cfg.stop), on_step=progress.step,
+    )
+    tok = student.tokenizer
+    started = time.perf_counter()
+    new_tokens = 0
+    try:
+        with TraceWriter(out / "traces.jsonl") as writer:
+            for fin in engine.run(requests):
+                prompt, sample = handles[fin.handle]
+                text_ids = fin.token_ids[:-1] if fin.token_ids and fin.token_ids[-1] in eos else fin.token_ids
+                n = len(fin.token_ids)
+                new_tokens += n
+                record = {
+                    "id": record_id(prompt.prompt_id, sample),
+                    "prompt_id": prompt.prompt_id,
+                    "sample": sample,
+                    "prompt": prompt.text,
+                    "completion": tok.decode(text_ids, skip_special_tokens=False),
+                    "prompt_token_ids": prompt.token_ids,
+                    "completion_token_ids": fin.token_ids,
+                    "origin": fin.origin,
+                    "student_logprobs": fin.student_logprobs,
+                    "teacher_logprobs": fin.teacher_logprobs if teacher else None,
+                    "finish_reason": fin.finish_reason,
+                    "fallback_rate": fin.origin.count("S") / n if n else 0.0,
+                    "mode": cfg.mode,
+                    **prompt.carry,
+                }
+                writer.write(record)
+                progress.bar.update(1)
+    finally:
+        progress.close()
+    elapsed = time.perf_counter() - started
+
+    records = [r for path in trace_files(out) for r in read_records(path)]
+    stats = summarize(records)
+    stats.update({
+        "prompts": len(prompts),
+        "skipped_prompts": len(skipped),
+        "skipped_prompt_ids": skipped,
+        "this_run": {"sequences": len(requests), "tokens": new_tokens, "seconds": round(elapsed, 3),
+                     "tokens_per_second": round(new_tokens / elapsed, 2) if elapsed > 0 else None},
+    })
+    write_json_atomic(out / "stats.json", stats)
+    acc = stats["acceptance_rate"]
+    log(
+        f"{stats['sequences']} sequences, {stats['tokens']} tokens in {out}"
+        + (f"; teacher tokens accepted {acc:.1%}, student fallback {1 - acc:.1%}" if acc is not None and cfg.mode == "rsd" else "")
+        + f"; this run {new_tokens} tokens in {elapsed:.1f}s ({stats['this_run']['tokens_per_second']} tok/s)"
+    )
+    return stats
+
+
+__all__ = ["run_generate", "prepare_out_dir", "OutputDirError", "ConfigError"]

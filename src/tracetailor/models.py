@@ -1,0 +1,119 @@
+"""Load a causal LM and its tokenizer: a hub id, a local directory, or a GGUF file.
+
+Resolves device and dtype, and turns the usual failures (a missing path, a model
+that is not a causal LM) into messages that say what to do. It does not decode.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+class ModelError(ValueError):
+    pass
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    model: object
+    tokenizer: object
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.get_output_embeddings().weight.shape[0])
+
+    @property
+    def context_length(self) -> int | None:
+        cfg = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else self.model.config
+        n = getattr(cfg, "max_position_embeddings", None)
+        return int(n) if n else None
+
+    def eos_ids(self) -> list[int]:
+        ids: set[int] = set()
+        gen = getattr(self.model, "generation_config", None)
+        for source in (getattr(gen, "eos_token_id", None), self.tokenizer.eos_token_id):
+            if source is None:
+                continue
+            ids.update([source] if isinstance(source, int) else list(source))
+        return sorted(ids)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device in (None, "", "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype in (None, "", "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise ModelError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(table)}")
+    return table[dtype]
+
+
+def _split_gguf(name: str, gguf_file: str | None) -> tuple[str, str | None]:
+    """A path to a .gguf file stands for its directory plus gguf_file."""
+    if gguf_file is None and name.endswith(".gguf") and os.path.isfile(name):
+        return str(Path(name).parent), Path(name).name
+    return name, gguf_file
+
+
+def _looks_local(name: str) -> bool:
+    # a hub id is "name" or "org/name"; anything else is a path
+    return os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith(".gguf")
+
+
+def load_model(
+    name: str,
+    *,
+    gguf_file: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    role: str = "model",
+) -> LoadedModel:
+    """Load `name` (hub id, local dir, or .gguf path) for inference."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    name, gguf_file = _split_gguf(os.path.expanduser(name), gguf_file)
+    if _looks_local(name) and not os.path.exists(name):
+        raise ModelError(f"{role} not found: {name} (give a local directory, a .gguf file or a hub id such as Qwen/Qwen3-0.6B)")
+    if gguf_file and os.path.isdir(name) and not os.path.isfile(os.path.join(name, gguf_file)):
+        raise ModelError(f"{role}: no GGUF file {gguf_file!r} in {name}")
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    kwargs = {"trust_remote_code": trust_remote_code}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    try:
+        config = AutoConfig.from_pretrained(name, **kwargs)
+    except OSError as e:
+        raise ModelError(f"{role} {name!r}: cannot read its config ({e}); is it a model directory or hub id?") from e
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, **kwargs)
+    except ValueError as e:
+        if "Unrecognized configuration class" in str(e) or "AutoModelForCausalLM" in str(e):
+            arch = ", ".join(getattr(config, "architectures", None) or [type(config).__name__])
+            raise ModelError(
+                f"{role} {name!r} is not a causal language model ({arch}); "
+                "tracetailor needs decoder-only LMs such as Qwen3 or Llama"
+            ) from e
+        raise
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{role} {name!r}: cannot load its tokenizer ({e})") from e
+    model.to(dev).eval()
+    return LoadedModel(name=name if not gguf_file else os.path.join(name, gguf_file), model=model, tokenizer=tokenizer)

@@ -1,0 +1,54 @@
+"""Shared fixtures: a tiny tokenizer and a random-weight Qwen3 teacher/student pair,
+saved with `save_pretrained` and loaded back by path exactly as a user's model is."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_tokenizer import tiny_tokenizer  # noqa: E402
+
+PROMPTS = [
+    {"qid": "q-short", "question": "What is 2 + 3?", "answer": "5"},
+    {"qid": "q-apples", "question": "Let x be the number of apples; x = 12 - 7. What is x?", "answer": "5"},
+    {"qid": "q-fox", "question": "A quick brown fox jumps over the lazy dog. How many words?", "answer": "9"},
+    {"qid": "q-long", "question": "You are a helpful assistant. Solve the problem carefully. " * 3 + "What is 4 * 4?", "answer": "16"},
+    {"qid": "q-think", "question": "Think step by step, then give the answer: 7 - 2 = ?", "answer": "5"},
+    {"qid": "q-box", "question": "Write \\boxed{5}.", "answer": "5"},
+]
+
+
+def make_model(tokenizer, path: Path, *, hidden: int, layers: int, seed: int, scale: float = 0.2):
+    """A random-weight Qwen3 causal LM over `tokenizer`, saved to `path` (safetensors)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4, max_position_embeddings=512,
+        initializer_range=scale, tie_word_embeddings=False,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+    )
+    model = Qwen3ForCausalLM(cfg)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tmp_path_factory) -> dict:
+    """{'student': dir, 'teacher': dir, 'prompts': jsonl} on one tiny tokenizer."""
+    root = tmp_path_factory.mktemp("tiny_pair")
+    tok = tiny_tokenizer()
+    student = make_model(tok, root / "student", hidden=32, layers=1, seed=1)
+    teacher = make_model(tok, root / "teacher", hidden=64, layers=2, seed=2)
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS), encoding="utf-8")
+    return {"student": str(student), "teacher": str(teacher), "prompts": str(prompts), "root": root}
