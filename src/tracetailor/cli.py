@@ -96,7 +96,7 @@ def demo(
     questions: int = typer.Option(4, help="How many GSM8K questions."),
     max_new_tokens: int = typer.Option(48, help="Tokens per completion."),
 ):
-    """RSD on real text, offline: SmolLM2-135M-Instruct as teacher, its first layers as student."""
+    """RSD on real text, offline: SmolLM2-135M-Instruct as teacher, 22 of its 30 layers as student."""
     from .demo import run_demo
 
     try:
