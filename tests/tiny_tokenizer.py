@@ -34,13 +34,15 @@ DEFAULT_TEXTS = [
 ]
 
 
-def tiny_tokenizer(texts: list[str] | None = None) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on ``texts`` (default: a few math-flavoured sentences)."""
+def tiny_tokenizer(texts: list[str] | None = None, vocab_size: int = 400) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on ``texts`` (default: a few math-flavoured sentences).
+
+    A smaller ``vocab_size`` keeps a prefix of the same merges: its tokens are a subset."""
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400,
+        vocab_size=vocab_size,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         special_tokens=SPECIAL_TOKENS,
         show_progress=False,
