@@ -83,11 +83,15 @@ def generate(
     if flags.get("prefill"):
         flags["prefill"] = flags["prefill"].replace("\\n", "\n").replace("\\t", "\t")
     flags["progress"] = False if no_progress else None
+    cfg = None
     try:
         cfg = merge(GenerateConfig, load_yaml(config) if config else None, flags, source=config or "flags")
         run_generate(cfg, log=lambda m: typer.echo(m, err=True))
     except _user_errors() as e:
         _fail(str(e))
+    except KeyboardInterrupt:
+        typer.echo(f"\ninterrupted: finished sequences are saved in {getattr(cfg, 'out', '--out')}; run the same command to resume.", err=True)
+        raise typer.Exit(130)
 
 
 @app.command()
