@@ -27,10 +27,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .decoding.engine import EngineError
     from .generate import OutputDirError
     from .models import ModelError
+    from .score import ScoreInputError
+    from .select import SelectError
+    from .evaluate.answers import MathVerifyMissing
     from .vocab import BridgeError
 
     return (ConfigError, DataError, TraceFileError, EngineError, OutputDirError, ModelError, BridgeError,
-            FileNotFoundError)
+            ScoreInputError, SelectError, MathVerifyMissing, FileNotFoundError)
 
 
 def _fail(message: str) -> None:
@@ -105,6 +108,94 @@ def demo(
 
     try:
         run_demo(out=out, questions=questions, max_new_tokens=max_new_tokens)
+    except _user_errors() as e:
+        _fail(str(e))
+
+
+@app.command()
+def view(
+    traces: List[str] = typer.Argument(..., help="Trace files (JSONL) or run directories holding traces*.jsonl."),
+    out: str = typer.Option("traces.html", "--out", help="Where to write the HTML page."),
+    tokenizer: Optional[str] = typer.Option(None, help="Student tokenizer: hub id, model dir or .gguf file (default: the student named in the run.json next to the traces)."),
+    limit: Optional[int] = typer.Option(None, help="Only the first N traces."),
+    title: Optional[str] = typer.Option(None, help="Page title."),
+):
+    """Write one self-contained HTML page to read traces token by token, shaded by student probability."""
+    from .viewer import ViewerError, view_traces
+
+    try:
+        path = view_traces(traces, out, tokenizer=tokenizer, limit=limit, title=title)
+    except (ViewerError,) + _user_errors() as e:
+        _fail(str(e))
+    typer.echo(str(path))
+
+
+@app.command()
+def score(
+    student: Optional[str] = typer.Option(None, help="Student model: hub id (Qwen/Qwen3-0.6B), local dir or .gguf file."),
+    data: Optional[List[str]] = typer.Option(None, help="Dataset to score (repeatable): a trace file or generate's OUT dir, JSONL/JSON/Parquet/CSV, a dataset dir or a hub id."),
+    name: Optional[List[str]] = typer.Option(None, help="Display name of each --data, same order (repeatable). [default: the file stem]"),
+    out: Optional[str] = typer.Option(None, help="Output directory for stats.json, per_example.jsonl, tokens_*.jsonl, logprob_hist.png, viewer.html. [default: score]"),
+    split: Optional[str] = typer.Option(None, help="Split of a hub or saved dataset. [default: train]"),
+    prompt_field: Optional[str] = typer.Option(None, help="Prompt field (a string or a messages list). [default: question for s1K-style data, else prompt]"),
+    completion_field: Optional[str] = typer.Option(None, help="Completion field of prompt/completion data. [default: completion]"),
+    thinking_field: Optional[str] = typer.Option(None, help="Thinking field of s1K-style data. [default: deepseek_thinking_trajectory]"),
+    attempt_field: Optional[str] = typer.Option(None, help="Answer field of s1K-style data. [default: deepseek_attempt]"),
+    messages_field: Optional[str] = typer.Option(None, help="Messages field; its last (assistant) turn is the completion. [default: messages]"),
+    id_field: Optional[str] = typer.Option(None, help="Field holding a unique example id (outside data). [default: the row number]"),
+    carry: Optional[List[str]] = typer.Option(None, help="Source field to copy into tokens_*.jsonl (repeatable; outside data)."),
+    system_prompt: Optional[str] = typer.Option(None, help="System message put before each prompt (outside data)."),
+    prefill: Optional[str] = typer.Option(None, help='Text the prompt ends with, e.g. "<think>\\n". [default: "<think>\\n" for s1K-style data, else none]'),
+    chat_template: Optional[bool] = typer.Option(None, "--chat-template/--no-chat-template", help="Apply the student's chat template (outside data). [default: on]"),
+    max_length: Optional[int] = typer.Option(None, help="Most tokens per example, prompt + completion; longer completions are cut at the end. [default: 8192]"),
+    batch_size: Optional[int] = typer.Option(None, help="Examples per forward pass. [default: 8]"),
+    max_batch_tokens: Optional[int] = typer.Option(None, help="Most padded tokens per forward pass. [default: 32768]"),
+    limit: Optional[int] = typer.Option(None, help="Only the first N examples of each dataset."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:1, mps. [default: auto]"),
+    dtype: Optional[str] = typer.Option(None, help="auto (bf16 on CUDA, fp32 elsewhere), float32, bfloat16, float16."),
+    trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code", help="Allow model code from the hub (off by default)."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+    config: Optional[str] = typer.Option(None, "--config", help="YAML file of options; flags override it."),
+):
+    """Student log-probs of any dataset's completions: stats, a histogram and a viewer page."""
+    flags = dict(locals())  # first, before any other local exists
+    from .config import load_yaml, merge
+    from .score import ScoreConfig, run_score
+
+    flags.pop("config")
+    flags.pop("no_progress")
+    if flags.get("prefill"):
+        flags["prefill"] = flags["prefill"].replace("\\n", "\n").replace("\\t", "\t")
+    flags["progress"] = False if no_progress else None
+    try:
+        cfg = merge(ScoreConfig, load_yaml(config) if config else None, flags, source=config or "flags")
+        run_score(cfg, log=lambda m: typer.echo(m, err=True))
+    except _user_errors() as e:
+        _fail(str(e))
+
+
+@app.command("select")
+def select_(
+    traces: Optional[List[str]] = typer.Argument(None, help="Trace files (or generate's output dirs)."),
+    out: Optional[str] = typer.Option(None, help="The SFT JSONL to write; the funnel goes to OUT.funnel.json. [default: sft.jsonl]"),
+    answer_field: Optional[str] = typer.Option(None, help='Record field with the gold answer ("" for none). [default: answer]'),
+    max_fallback_rate: Optional[float] = typer.Option(None, help="Drop traces with a larger share of student-written tokens; 1 = off. [default: 0.5]"),
+    correct_only: Optional[bool] = typer.Option(None, "--correct-only/--no-correct-only", help="Keep only traces whose final answer matches the gold (math-verify). [default: on]"),
+    keep_unverifiable: Optional[bool] = typer.Option(None, "--keep-unverifiable/--drop-unverifiable", help="Keep traces whose gold answer is empty. [default: drop]"),
+    require_think: Optional[bool] = typer.Option(None, "--require-think/--no-require-think", help="Demand (or ignore) one </think> per trace. [default: auto, when <think> is used]"),
+    pick: Optional[str] = typer.Option(None, help="One per prompt: shortest (the paper), random, or all. [default: shortest]"),
+    seed: Optional[int] = typer.Option(None, help="Seed for --pick random. [default: 0]"),
+    config: Optional[str] = typer.Option(None, "--config", help="YAML file of options; flags override it."),
+):
+    """Keep well-formed, correct traces with few fallbacks, one per prompt: a TRL-ready SFT set and its funnel."""
+    flags = dict(locals())  # first, before any other local exists
+    from .config import load_yaml, merge
+    from .select import SelectConfig, run_select
+
+    flags.pop("config")
+    try:
+        cfg = merge(SelectConfig, load_yaml(config) if config else None, flags, source=config or "flags")
+        run_select(cfg, log=typer.echo)
     except _user_errors() as e:
         _fail(str(e))
 

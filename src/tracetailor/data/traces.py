@@ -60,6 +60,12 @@ def repair_torn_tail(path: Path) -> int:
 
 
 def read_records(path: Path) -> Iterable[dict]:
+    for _, rec in read_numbered_records(path):
+        yield rec
+
+
+def read_numbered_records(path: Path) -> Iterable[tuple[int, dict]]:
+    """(line number, record) pairs, so that callers can name `file:line` in their own messages."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             if not raw.strip():
@@ -72,7 +78,7 @@ def read_records(path: Path) -> Iterable[dict]:
                 raise TraceFileError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
             if not isinstance(rec, dict):
                 raise TraceFileError(f"{path}:{lineno}: expected a JSON object")
-            yield rec
+            yield lineno, rec
 
 
 def trace_files(out: Path) -> list[Path]:

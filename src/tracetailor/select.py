@@ -1,0 +1,372 @@
+"""From generated traces to an SFT set: keep the well-formed, correct ones, one per prompt.
+
+`run_select` streams the records of `generate` (DESIGN.md, "Records") and applies,
+in order, the paper's filters, each a setting of `SelectConfig`:
+
+1. well-formed: finished by EOS (`finish_reason == "stop"`), not empty, and,
+   when thinking is used, exactly one `</think>` in the assistant's text;
+2. fallback rate: at most `max_fallback_rate` of the tokens written by the student;
+3. correct: the final answer (`evaluate.answers.extract_answer`) equals the gold
+   answer in `answer_field` (`is_correct`: exact, numeric, then math-verify);
+   a trace whose gold is empty or null is kept only with `keep_unverifiable`;
+4. one per prompt: the shortest in completion tokens (ties: lower sample index),
+   a seeded random one, or all.
+
+Each trace counts under the first filter it fails; the counts, and how many
+prompts are left with no trace, make the funnel that is printed and written to
+`<out>.funnel.json`. The output is TRL-ready JSONL, written atomically: a
+`messages` conversation (the turns recovered from the templated prompt, then the
+assistant's text), and the exact training text as `prompt`/`completion` and
+`prompt_token_ids`/`completion_token_ids` (train on these; a re-tokenised
+`messages` may differ). Before handing rows to TRL's SFTTrainer, keep either
+`messages` or `prompt`/`completion`: TRL guesses the format from the columns.
+
+Choices: a record that lacks the `answer_field` key entirely is an error (it
+usually means generate ran without `--carry answer`), not an unverifiable trace.
+"Thinking is used" (auto) when the assistant's text, i.e. what the template put
+after the generation header (a prefill such as "<think>\\n") plus the completion,
+contains `<think>` or `</think>`; `require_think` forces it on or off.
+
+It does not load models or tokenizers, re-tokenise text, or grade with anything
+but the final answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from .data.traces import read_numbered_records, trace_files, write_json_atomic
+from .evaluate.answers import extract_answer, gold_answers, is_correct, require_math_verify
+
+PICKS = ("shortest", "random", "all")
+THINK_START, THINK_END = "<think>", "</think>"
+
+
+class SelectError(ValueError):
+    pass
+
+
+@dataclass
+class SelectConfig:
+    """Everything `tracetailor select` needs. Defaults are the paper's settings."""
+
+    traces: list[str] = field(default_factory=list)  # trace files, or generate's output dirs
+    out: str = "sft.jsonl"
+    answer_field: str | None = "answer"  # the record field holding the gold answer; None: no gold
+    require_think: bool | None = None  # None: auto, per trace (see the module docstring)
+    max_fallback_rate: float = 0.5  # the most student-written share of tokens; 1 turns the filter off
+    correct_only: bool = True
+    keep_unverifiable: bool = False  # traces whose gold answer is empty/null: keep them?
+    pick: str = "shortest"  # shortest | random | all
+    seed: int = 0  # for pick=random
+
+    def validate(self) -> "SelectConfig":
+        def bad(name, why):
+            raise SelectError(f"{name}: {why}")
+
+        if isinstance(self.traces, str):
+            self.traces = [self.traces]
+        if not self.traces:
+            bad("traces", "give at least one trace file (or generate's output directory)")
+        if not self.out:
+            bad("out", "required (the SFT JSONL file to write)")
+        if self.pick not in PICKS:
+            bad("pick", f"{self.pick!r} is not one of {', '.join(PICKS)}")
+        if not 0.0 <= self.max_fallback_rate <= 1.0:
+            bad("max_fallback_rate", f"{self.max_fallback_rate} is not a share in [0, 1]")
+        if self.answer_field == "":
+            self.answer_field = None
+        if self.correct_only and self.answer_field is None and not self.keep_unverifiable:
+            bad("answer_field", "no gold answer field while keeping correct traces only would drop every trace; "
+                "name the field, or pass --no-correct-only")
+        return self
+
+
+# ---------------------------------------------------------------- one trace
+
+
+_ROLES = {"model": "assistant"}
+_TEMPLATES = (  # (a finished turn, the generation header): ChatML (Qwen, SmolLM), Llama 3, Gemma
+    (re.compile(r"<\|im_start\|>(\w+)\n(.*?)<\|im_end\|>", re.S), "<|im_start|>assistant\n", "<|im_end|>"),
+    (re.compile(r"<\|start_header_id\|>(\w+)<\|end_header_id\|>\n\n(.*?)<\|eot_id\|>", re.S),
+     "<|start_header_id|>assistant<|end_header_id|>\n\n", "<|eot_id|>"),
+    (re.compile(r"<start_of_turn>(\w+)\n(.*?)<end_of_turn>", re.S), "<start_of_turn>model\n", "<end_of_turn>"),
+)
+
+
+def split_chat_prompt(prompt: str) -> tuple[list[dict] | None, str]:
+    """(the conversation's turns, the assistant's prefill) of a templated prompt; turns are None if unknown.
+
+    The prefill is what follows the final generation header (e.g. "<think>\\n").
+    For a template we do not know, the prefill is the prompt's tail from its
+    last `<think>`, when that tail holds no `</think>`.
+    """
+    for turn, header, end in _TEMPLATES:
+        cut = prompt.rfind(header)
+        if cut < 0 or end in prompt[cut:]:
+            continue
+        turns = [{"role": _ROLES.get(r, r), "content": c} for r, c in turn.findall(prompt[:cut])]
+        if any(t["role"] == "user" for t in turns):
+            return turns, prompt[cut + len(header):]
+    tail = prompt[prompt.rfind(THINK_START):] if THINK_START in prompt else ""
+    return None, "" if THINK_END in tail else tail
+
+
+@dataclass
+class Trace:
+    """A checked record and what the filters derive from it."""
+
+    where: str  # file:line
+    record: dict
+    prompt_id: str
+    sample: int
+    trace_id: str
+    tokens: int  # completion tokens
+    prefill: str
+    turns: list[dict] | None
+    thinking: bool
+
+    @property
+    def assistant_text(self) -> str:
+        return self.prefill + self.record["completion"]
+
+
+_REQUIRED = {"prompt_id": (str, int), "prompt": str, "completion": str, "finish_reason": str,
+             "prompt_token_ids": list, "completion_token_ids": list}
+
+
+def read_trace(rec: dict, where: str, cfg: SelectConfig) -> Trace:
+    """Check a record's fields (naming file:line and the field at fault) and derive the rest."""
+    for name, kind in _REQUIRED.items():
+        if name not in rec:
+            raise SelectError(f"{where}: no field {name!r} (fields: {', '.join(rec) or 'none'}); "
+                              "is this a trace file written by `tracetailor generate`?")
+        if not isinstance(rec[name], kind) or isinstance(rec[name], bool):
+            raise SelectError(f"{where}: field {name!r} holds {type(rec[name]).__name__}, "
+                              f"expected {getattr(kind, '__name__', 'a string or number')}")
+    if cfg.correct_only and cfg.answer_field is not None and cfg.answer_field not in rec:
+        raise SelectError(
+            f"{where}: no field {cfg.answer_field!r} with the gold answer (fields: {', '.join(rec)}); "
+            f"name the field with --answer-field, carry it into the traces with `generate --carry {cfg.answer_field}`, "
+            "or pass --no-correct-only"
+        )
+    sample = rec.get("sample", 0)
+    if not isinstance(sample, int) or isinstance(sample, bool):
+        raise SelectError(f"{where}: field 'sample' holds {sample!r}, expected an integer")
+    turns, prefill = split_chat_prompt(rec["prompt"])
+    text = prefill + rec["completion"]
+    thinking = cfg.require_think if cfg.require_think is not None else (THINK_START in text or THINK_END in text)
+    prompt_id = str(rec["prompt_id"])
+    return Trace(where, rec, prompt_id, sample, str(rec.get("id", f"{prompt_id}/{sample}")),
+                 len(rec["completion_token_ids"]), prefill, turns, thinking)
+
+
+def fallback_rate(trace: Trace) -> float:
+    rec = trace.record
+    rate = rec.get("fallback_rate")
+    if rate is None and isinstance(rec.get("origin"), str):
+        rate = rec["origin"].count("S") / len(rec["origin"]) if rec["origin"] else 0.0
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)):
+        raise SelectError(f"{trace.where}: no usable 'fallback_rate' (or 'origin') field, got {rate!r}; "
+                          "pass --max-fallback-rate 1 to skip this filter")
+    return float(rate)
+
+
+def judge(trace: Trace, cfg: SelectConfig) -> tuple[str | None, str | None]:
+    """(the first filter the trace fails, None if it passes, or "kept_unverifiable"; the answer extracted from it)."""
+    rec = trace.record
+    if rec["finish_reason"] != "stop":
+        return "not_stopped", None
+    if not rec["completion"].strip():
+        return "empty", None
+    if trace.thinking and trace.assistant_text.count(THINK_END) != 1:
+        return "think_tags", None
+    if cfg.max_fallback_rate < 1.0 and fallback_rate(trace) > cfg.max_fallback_rate:
+        return "fallback_rate", None
+    predicted = extract_answer(trace.assistant_text, thinking=trace.thinking)
+    if not cfg.correct_only:
+        return None, predicted
+    golds = gold_answers(rec.get(cfg.answer_field)) if cfg.answer_field else []
+    if not golds:
+        return ("kept_unverifiable" if cfg.keep_unverifiable else "unverifiable"), predicted
+    return (None if is_correct(predicted, golds) else "incorrect"), predicted
+
+
+def sft_row(trace: Trace, predicted: str | None, cfg: SelectConfig) -> dict:
+    rec = trace.record
+    turns = trace.turns if trace.turns is not None else [{"role": "user", "content": rec["prompt"]}]
+    row = {
+        "messages": [*turns, {"role": "assistant", "content": trace.assistant_text}],
+        "prompt": rec["prompt"],
+        "completion": rec["completion"],
+        "prompt_token_ids": rec["prompt_token_ids"],
+        "completion_token_ids": rec["completion_token_ids"],
+        "id": trace.trace_id,
+        "prompt_id": trace.prompt_id,
+        "sample": trace.sample,
+        "predicted_answer": predicted,
+    }
+    if cfg.answer_field:
+        row[cfg.answer_field] = rec.get(cfg.answer_field)
+    for name in ("fallback_rate", "mode"):
+        if name in rec:
+            row[name] = rec[name]
+    return row
+
+
+# ---------------------------------------------------------------- one per prompt
+
+
+class Picker:
+    """Keeps the chosen trace(s) of each prompt: the best so far (shortest / random), or all, streamed to `sink`."""
+
+    def __init__(self, pick: str, seed: int, sink):
+        self.pick, self.seed, self.sink = pick, seed, sink
+        self.best: dict[str, tuple[Any, dict]] = {}
+        self.offered = self.written = 0
+
+    def key(self, trace: Trace, order: int) -> Any:
+        if self.pick == "shortest":
+            return (trace.tokens, trace.sample, order)
+        digest = hashlib.sha256(f"{self.seed}\0{trace.trace_id}".encode()).digest()
+        return (digest, order)  # a seeded draw that does not depend on file order
+
+    def offer(self, trace: Trace, row: dict, order: int) -> None:
+        self.offered += 1
+        if self.pick == "all":
+            self._write(row)
+            return
+        key = self.key(trace, order)
+        held = self.best.get(trace.prompt_id)
+        if held is None or key < held[0]:
+            self.best[trace.prompt_id] = (key, row)
+
+    def finish(self, prompt_order: Iterable[str]) -> None:
+        for prompt_id in prompt_order:
+            if prompt_id in self.best:
+                self._write(self.best[prompt_id][1])
+
+    def _write(self, row: dict) -> None:
+        self.sink.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self.written += 1
+
+
+# ---------------------------------------------------------------- the run
+
+STEPS = (  # funnel key, label
+    ("not_stopped", "not finished by EOS (finish_reason != stop)"),
+    ("empty", "empty completion"),
+    ("think_tags", "thinking without exactly one </think>"),
+    ("fallback_rate", "fallback rate > {max_fallback_rate}"),
+    ("incorrect", "wrong answer (or none found)"),
+    ("unverifiable", "no gold answer (dropped)"),
+    ("not_picked", "not picked (one per prompt: {pick})"),
+)
+
+
+def input_files(traces: Iterable[str]) -> list[Path]:
+    """Trace files as given; a directory stands for its traces*.jsonl (generate's --out)."""
+    paths: list[Path] = []
+    for item in traces:
+        p = Path(item)
+        if p.is_dir():
+            found = trace_files(p)
+            if not found:
+                raise SelectError(f"{p}: a directory with no traces*.jsonl in it")
+            paths += found
+        elif p.is_file():
+            paths.append(p)
+        else:
+            raise SelectError(f"trace file not found: {p}")
+    return paths
+
+
+def run_select(cfg: SelectConfig, log: Callable[[str], None] = print) -> dict:
+    """Filter the traces, pick per prompt, write `cfg.out` and `<out>.funnel.json`; return the funnel."""
+    cfg.validate()
+    paths = input_files(cfg.traces)
+    out = Path(cfg.out)
+    if out.is_dir() or any(out.resolve() == p.resolve() for p in paths):
+        raise SelectError(f"out: {out} is a directory or one of the input trace files; name a new .jsonl file")
+    if cfg.correct_only:
+        require_math_verify()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as sink:
+            funnel = _stream(cfg, paths, Picker(cfg.pick, cfg.seed, sink), log)
+            sink.flush()
+            os.fsync(sink.fileno())
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    write_json_atomic(funnel_path(out), funnel)
+    log(format_funnel(funnel))
+    return funnel
+
+
+def funnel_path(out: Path | str) -> Path:
+    return Path(f"{out}.funnel.json")
+
+
+def _stream(cfg: SelectConfig, paths: list[Path], picker: Picker, log) -> dict:
+    removed = {key: 0 for key, _ in STEPS}
+    prompts: dict[str, int] = {}  # prompt id -> traces that passed the filters, in first-seen order
+    read = no_answer = kept_unverifiable = 0
+    for path in paths:
+        for lineno, rec in read_numbered_records(path):
+            trace = read_trace(rec, f"{path}:{lineno}", cfg)
+            read += 1
+            prompts.setdefault(trace.prompt_id, 0)
+            reason, predicted = judge(trace, cfg)
+            if reason == "empty" and removed["empty"] < 5:
+                log(f"warning: {trace.where}: empty completion (counted as malformed)")
+            if reason in removed:
+                removed[reason] += 1
+                no_answer += reason == "incorrect" and predicted is None
+                continue
+            kept_unverifiable += reason == "kept_unverifiable"
+            prompts[trace.prompt_id] += 1
+            picker.offer(trace, sft_row(trace, predicted, cfg), read)
+    picker.finish(prompts)
+    removed["not_picked"] = picker.offered - picker.written
+    with_trace = sum(1 for n in prompts.values() if n)
+    return {
+        "traces_read": read,
+        "removed": removed,
+        "kept": picker.written,
+        "kept_unverifiable": kept_unverifiable,  # passed on, unchecked (--keep-unverifiable), before the pick
+        "incorrect_with_no_answer_found": no_answer,
+        "prompts": len(prompts),
+        "prompts_with_a_trace": with_trace,
+        "prompts_left_with_none": len(prompts) - with_trace,
+        "out": str(cfg.out),
+        "inputs": [str(p) for p in paths],
+        "settings": asdict(cfg),
+    }
+
+
+def format_funnel(funnel: dict) -> str:
+    s = funnel["settings"]
+    rows = [("traces read", funnel["traces_read"])]
+    rows += [(f"- {label.format(**s)}", funnel["removed"][key]) for key, label in STEPS]
+    rows += [
+        ("kept", funnel["kept"]),
+        ("prompts", funnel["prompts"]),
+        ("prompts with a trace kept", funnel["prompts_with_a_trace"]),
+        ("prompts left with none", funnel["prompts_left_with_none"]),
+    ]
+    width = max(len(name) for name, _ in rows)
+    lines = ["select funnel:"] + [f"  {name:<{width}}  {value:>7}" for name, value in rows]
+    if funnel["incorrect_with_no_answer_found"]:
+        lines.append(f"  (of the wrong answers, {funnel['incorrect_with_no_answer_found']} had no answer found)")
+    if funnel["kept_unverifiable"]:
+        lines.append(f"  ({funnel['kept_unverifiable']} traces with no gold answer passed unchecked)")
+    lines.append(f"wrote {funnel['kept']} rows to {funnel['out']}")
+    return "\n".join(lines)
