@@ -106,6 +106,9 @@ class Engine:
         self.device = student.device
         self._t2s = None if bridge is None or bridge.identity else bridge.teacher_to_student.to(self.device)
         self._s2t_single = None if bridge is None or bridge.identity else bridge.student_to_teacher_single.to(self.device)
+        # student ids the teacher reads as several tokens (or none): rare, checked on the host
+        self._multi_token = set() if self._s2t_single is None else set(
+            (bridge.student_to_teacher_single < 0).nonzero().flatten().tolist())
         # admit new prompts once this many slots are free (or the batch is empty)
         self.admit_at = max(1, batch_size // 8)
 
@@ -185,12 +188,7 @@ class Engine:
                     if teacher is not None:
                         teacher.extend(g_teacher)
                         t_logits = torch.cat([t_logits, g_t])
-                    keys = DrawKeys(
-                        keys.seed,
-                        torch.cat([keys.prompt_keys, g_keys.prompt_keys]),
-                        torch.cat([keys.samples, g_keys.samples]),
-                        torch.cat([keys.positions, g_keys.positions]),
-                    )
+                    keys = keys.cat(g_keys)
                 rows.extend(_Row(r) for r in group)
 
             tokens, from_teacher, s_lp, t_lp = self._choose(s_logits, t_logits, keys)
@@ -237,16 +235,16 @@ class Engine:
                 if teacher is not None:
                     teacher.select(idx)
                 keys = keys.select(idx)
-            keys.positions = keys.positions + 1
+            keys.advance()
             s_logits = student.feed(tokens)
             if teacher is not None:
-                t_logits = self._feed_teacher(teacher, tokens)
+                t_logits = self._feed_teacher(teacher, tokens, [tok_list[i] for i in keep])
 
-    def _feed_teacher(self, teacher: KVBatch, tokens: torch.Tensor) -> torch.Tensor:
+    def _feed_teacher(self, teacher: KVBatch, tokens: torch.Tensor, token_list: list[int]) -> torch.Tensor:
         if self._s2t_single is None:
             return teacher.feed(tokens)
-        t_ids = self._s2t_single[tokens]
-        if bool((t_ids >= 0).all()):
-            return teacher.feed(t_ids)
+        # decided on the host from ids already there: no device sync before the teacher's launch
+        if self._multi_token.isdisjoint(token_list):
+            return teacher.feed(self._s2t_single[tokens])
         # a student token the teacher spells with several tokens (e.g. <think>)
-        return teacher.feed_chunks([list(self.bridge.expansion(t)) for t in tokens.tolist()])
+        return teacher.feed_chunks([list(self.bridge.expansion(t)) for t in token_list])

@@ -16,6 +16,44 @@ import inspect
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+
+class SlackLayer(DynamicLayer):
+    """A DynamicLayer that appends into spare capacity instead of re-copying the whole
+    cache every step (DynamicLayer's torch.cat makes decoding quadratic in length).
+    `keys`/`values` stay ordinary tensors (views of the buffers), so code that replaces
+    them (row selection, merging, trimming) just makes the next append reallocate."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        old = self.keys.shape[-2] if self.keys.dim() == 4 else 0
+        new = old + key_states.shape[-2]
+        kbuf = getattr(self, "_kbuf", None)
+        fits = (
+            kbuf is not None and old > 0 and kbuf.shape[-2] >= new
+            and self.keys.data_ptr() == kbuf.data_ptr() and self.keys.shape[:2] == kbuf.shape[:2]
+        )
+        if not fits:
+            capacity = new + max(64, new // 4)
+            shape = (*key_states.shape[:2], capacity, key_states.shape[-1])
+            self._kbuf = key_states.new_empty(shape)
+            self._vbuf = value_states.new_empty(shape[:-1] + (value_states.shape[-1],))
+            if old:
+                self._kbuf[:, :, :old] = self.keys
+                self._vbuf[:, :, :old] = self.values
+        self._kbuf[:, :, old:new] = key_states
+        self._vbuf[:, :, old:new] = value_states
+        self.keys, self.values = self._kbuf[:, :, :new], self._vbuf[:, :, :new]
+        return self.keys, self.values
+
+
+def _new_cache(model) -> DynamicCache:
+    cache = DynamicCache(config=model.config)
+    # only plain full-attention layers get spare capacity; sliding or other kinds keep their own logic
+    cache.layers = [SlackLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
 
 
 def _cache_kwarg(model) -> str:
@@ -53,7 +91,7 @@ class KVBatch:
             ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
             mask[i, width - len(s):] = 1
         ids, mask = ids.to(device), mask.to(device)
-        batch = cls(model, DynamicCache(config=model.config), mask[:, :0], torch.zeros(len(seqs), dtype=torch.long, device=device))
+        batch = cls(model, _new_cache(model), mask[:, :0], torch.zeros(len(seqs), dtype=torch.long, device=device))
         logits = batch._forward(ids, mask)
         return batch, logits
 

@@ -48,40 +48,62 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-@dataclass
 class DrawKeys:
     """Per-row counters that key the random numbers of one decoding step.
 
     `prompt_keys`, `samples` and `positions` are int64 tensors of shape [B];
     `prompt_keys` are 32-bit hashes of the prompt ids (see `prompt_key`).
+    The hash of (seed, prompt key, sample) is fixed for a row's life, so it is
+    computed once here and only position and purpose are mixed in each step.
     """
 
-    seed: int
-    prompt_keys: torch.Tensor
-    samples: torch.Tensor
-    positions: torch.Tensor
+    _STREAMS = (1, 2)  # two independent 32-bit hashes make one 53-bit uniform
 
-    def _hash(self, purposes: torch.Tensor, stream: int) -> torch.Tensor:
+    def __init__(self, seed: int, prompt_keys: torch.Tensor, samples: torch.Tensor, positions: torch.Tensor,
+                 _row_state: torch.Tensor | None = None):
+        self.seed = seed
+        self.prompt_keys = prompt_keys
+        self.samples = samples
+        self.positions = positions
+        self._row_state = self._hash_rows() if _row_state is None else _row_state  # [B, 2]
+
+    def _hash_rows(self) -> torch.Tensor:
         seed = self.seed & 0xFFFFFFFFFFFFFFFF
-        h = torch.full_like(self.positions, (seed ^ (stream * 0x9E3779B9)) & MASK32)
-        h = _mix32(h ^ ((seed >> 32) & MASK32))
-        parts = (self.prompt_keys, self.samples, self.positions)
-        h = h.unsqueeze(-1).expand(*self.positions.shape, purposes.shape[-1])
-        for part in parts:
-            h = _mix32(_mul32(h ^ (part.unsqueeze(-1) & MASK32), 0x27D4EB2F) ^ 0x165667B1)
-        return _mix32(h ^ purposes)
+        streams = torch.tensor([(seed ^ (s * 0x9E3779B9)) & MASK32 for s in self._STREAMS],
+                               dtype=torch.int64, device=self.positions.device)
+        h = _mix32(streams ^ ((seed >> 32) & MASK32)).expand(self.positions.shape[0], len(self._STREAMS))
+        for part in (self.prompt_keys, self.samples):
+            h = _absorb(h, part.unsqueeze(-1))
+        return h
 
     def uniform(self, purposes: list[int] | int) -> torch.Tensor:
         """Uniform float64 numbers in [0, 1), shape [B] for one purpose or [B, n] for a list."""
         single = isinstance(purposes, int)
         p = torch.tensor([purposes] if single else purposes, dtype=torch.int64, device=self.positions.device)
-        hi = self._hash(p, 1) >> 5  # 27 bits
-        lo = self._hash(p, 2) >> 6  # 26 bits
+        h = _absorb(self._row_state, self.positions.unsqueeze(-1))  # [B, 2]
+        h = _mix32(h.unsqueeze(-1) ^ p)  # [B, 2, n]
+        hi, lo = h[:, 0] >> 5, h[:, 1] >> 6  # 27 + 26 bits
         u = (hi.double() * 67108864.0 + lo.double()) / 9007199254740992.0  # / 2**53
         return u[..., 0] if single else u
 
     def select(self, rows: torch.Tensor) -> "DrawKeys":
-        return DrawKeys(self.seed, self.prompt_keys[rows], self.samples[rows], self.positions[rows])
+        return DrawKeys(self.seed, self.prompt_keys[rows], self.samples[rows], self.positions[rows],
+                        self._row_state[rows])
+
+    def cat(self, other: "DrawKeys") -> "DrawKeys":
+        """Rows of `self` then rows of `other` (same seed)."""
+        return DrawKeys(self.seed, torch.cat([self.prompt_keys, other.prompt_keys]),
+                        torch.cat([self.samples, other.samples]), torch.cat([self.positions, other.positions]),
+                        torch.cat([self._row_state, other._row_state]))
+
+    def advance(self) -> None:
+        """Next position for every row."""
+        self.positions = self.positions + 1
+
+
+def _absorb(h: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+    """Fold one 32-bit counter into the running hash."""
+    return _mix32(_mul32(h ^ (part & MASK32), 0x27D4EB2F) ^ 0x165667B1)
 
 
 def prompt_key(prompt_id: str) -> int:
@@ -189,9 +211,11 @@ def rsd_choose(
     kth = student_probs.gather(-1, fallback.ids[:, -1:]) if 0 < params.top_k < student_probs.shape[-1] else 0.0
     in_a = accept_mask(q, student_probs, kth, params.threshold)
 
+    # every draw of the step in one call: the trials (or the constrained draw), then the fallback
+    u = keys.uniform(list(range(params.trials)) + [FALLBACK] if params.trials > 0 else [CONSTRAINED, FALLBACK])
+    u_fallback = u[:, -1]
     if params.trials > 0:
-        u = keys.uniform(list(range(params.trials)))  # [B, trials]
-        drawn = sample_index(q.probs, u)  # [B, trials]
+        drawn = sample_index(q.probs, u[:, :-1])  # [B, trials]
         hit = in_a.gather(-1, drawn) & (q.probs.sum(-1, keepdim=True) > 0)
         accepted = hit.any(-1)
         first = hit.int().argmax(-1, keepdim=True)  # first accepted trial
@@ -199,10 +223,10 @@ def rsd_choose(
     else:
         constrained = q.probs * in_a
         accepted = constrained.sum(-1) > 0
-        pick = sample_index(constrained, keys.uniform(CONSTRAINED))
+        pick = sample_index(constrained, u[:, 0])
         teacher_token = q.ids.gather(-1, pick.unsqueeze(-1)).squeeze(-1)
 
-    pick = sample_index(fallback.probs, keys.uniform(FALLBACK))
+    pick = sample_index(fallback.probs, u_fallback)
     student_token = fallback.ids.gather(-1, pick.unsqueeze(-1)).squeeze(-1)
     return Choice(torch.where(accepted, teacher_token, student_token), accepted)
 
