@@ -41,6 +41,28 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+def _run_with_config(cls, run, flags: dict, config: str | None, no_progress: bool = False, log=None):
+    """Merge the flags given over the YAML file into `cls`, run it, and turn the errors a
+    user can fix into one line (exit 2). Shared by every command that takes --config."""
+    from .config import load_yaml, merge
+
+    flags = {k: v for k, v in flags.items() if k not in ("config", "no_progress")}
+    if flags.get("prefill"):
+        flags["prefill"] = flags["prefill"].replace("\\n", "\n").replace("\\t", "\t")
+    if no_progress:
+        flags["progress"] = False
+    cfg = None
+    try:
+        cfg = merge(cls, load_yaml(config) if config else None, flags, source=config or "flags")
+        return run(cfg, log=log or (lambda m: typer.echo(m, err=True)))
+    except _user_errors() as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        where = getattr(cfg, "out", None) or "the output directory"
+        typer.echo(f"\ninterrupted: finished work is saved in {where}; run the same command to resume.", err=True)
+        raise typer.Exit(130)
+
+
 @app.command()
 def generate(
     student: Optional[str] = typer.Option(None, help="Student model: hub id (Qwen/Qwen3-0.6B), local dir or .gguf file."),
@@ -78,23 +100,10 @@ def generate(
 ):
     """Generate traces with RSD (or plain teacher / student sampling), resumable, one JSON line per sequence."""
     flags = dict(locals())  # first, before any other local exists
-    from .config import GenerateConfig, load_yaml, merge
+    from .config import GenerateConfig
     from .generate import run_generate
 
-    flags.pop("config")
-    flags.pop("no_progress")
-    if flags.get("prefill"):
-        flags["prefill"] = flags["prefill"].replace("\\n", "\n").replace("\\t", "\t")
-    flags["progress"] = False if no_progress else None
-    cfg = None
-    try:
-        cfg = merge(GenerateConfig, load_yaml(config) if config else None, flags, source=config or "flags")
-        run_generate(cfg, log=lambda m: typer.echo(m, err=True))
-    except _user_errors() as e:
-        _fail(str(e))
-    except KeyboardInterrupt:
-        typer.echo(f"\ninterrupted: finished sequences are saved in {getattr(cfg, 'out', '--out')}; run the same command to resume.", err=True)
-        raise typer.Exit(130)
+    _run_with_config(GenerateConfig, run_generate, flags, config, no_progress)
 
 
 @app.command()
@@ -159,19 +168,9 @@ def score(
 ):
     """Student log-probs of any dataset's completions: stats, a histogram and a viewer page."""
     flags = dict(locals())  # first, before any other local exists
-    from .config import load_yaml, merge
     from .score import ScoreConfig, run_score
 
-    flags.pop("config")
-    flags.pop("no_progress")
-    if flags.get("prefill"):
-        flags["prefill"] = flags["prefill"].replace("\\n", "\n").replace("\\t", "\t")
-    flags["progress"] = False if no_progress else None
-    try:
-        cfg = merge(ScoreConfig, load_yaml(config) if config else None, flags, source=config or "flags")
-        run_score(cfg, log=lambda m: typer.echo(m, err=True))
-    except _user_errors() as e:
-        _fail(str(e))
+    _run_with_config(ScoreConfig, run_score, flags, config, no_progress)
 
 
 @app.command("select")
@@ -189,15 +188,9 @@ def select_(
 ):
     """Keep well-formed, correct traces with few fallbacks, one per prompt: a TRL-ready SFT set and its funnel."""
     flags = dict(locals())  # first, before any other local exists
-    from .config import load_yaml, merge
     from .select import SelectConfig, run_select
 
-    flags.pop("config")
-    try:
-        cfg = merge(SelectConfig, load_yaml(config) if config else None, flags, source=config or "flags")
-        run_select(cfg, log=typer.echo)
-    except _user_errors() as e:
-        _fail(str(e))
+    _run_with_config(SelectConfig, run_select, flags, config, log=typer.echo)
 
 
 def main() -> None:

@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from .data.traces import read_numbered_records, trace_files, write_json_atomic
+from .data.traces import read_numbered_records, resolve_trace_paths, write_json_atomic
 from .evaluate.answers import extract_answer, gold_answers, is_correct, require_math_verify
 
 PICKS = ("shortest", "random", "all")
@@ -270,27 +270,10 @@ STEPS = (  # funnel key, label
 )
 
 
-def input_files(traces: Iterable[str]) -> list[Path]:
-    """Trace files as given; a directory stands for its traces*.jsonl (generate's --out)."""
-    paths: list[Path] = []
-    for item in traces:
-        p = Path(item)
-        if p.is_dir():
-            found = trace_files(p)
-            if not found:
-                raise SelectError(f"{p}: a directory with no traces*.jsonl in it")
-            paths += found
-        elif p.is_file():
-            paths.append(p)
-        else:
-            raise SelectError(f"trace file not found: {p}")
-    return paths
-
-
 def run_select(cfg: SelectConfig, log: Callable[[str], None] = print) -> dict:
     """Filter the traces, pick per prompt, write `cfg.out` and `<out>.funnel.json`; return the funnel."""
     cfg.validate()
-    paths = input_files(cfg.traces)
+    paths = resolve_trace_paths(cfg.traces, SelectError)
     out = Path(cfg.out)
     if out.is_dir() or any(out.resolve() == p.resolve() for p in paths):
         raise SelectError(f"out: {out} is a directory or one of the input trace files; name a new .jsonl file")

@@ -201,19 +201,9 @@ def load_tokenizer(name: str, gguf_file: str | None = None, trust_remote_code: b
 def view_traces(paths: list[str], out, tokenizer: str | None = None, limit: int | None = None,
                 title: str | None = None) -> Path:
     """The `view` command: read trace files (or run dirs), find the student's tokenizer, write the page."""
-    from .data.traces import read_records, trace_files
+    from .data.traces import read_records, resolve_trace_paths
 
-    files: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            found = trace_files(p)
-            if not found:
-                raise ViewerError(f"{p}: no traces*.jsonl in this directory")
-            files += found
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise ViewerError(f"{p}: no such file or directory")
+    files = resolve_trace_paths(paths, ViewerError)
     records: list[dict] = []
     for f in files:
         for rec in read_records(f):

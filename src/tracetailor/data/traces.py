@@ -85,6 +85,23 @@ def trace_files(out: Path) -> list[Path]:
     return sorted(out.glob(TRACE_GLOB))
 
 
+def resolve_trace_paths(items: Iterable[str], error: type[Exception] = TraceFileError) -> list[Path]:
+    """Trace files as given; a directory stands for its traces*.jsonl (generate's --out)."""
+    paths: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            found = trace_files(p)
+            if not found:
+                raise error(f"{p}: a directory with no traces*.jsonl in it")
+            paths += found
+        elif p.is_file():
+            paths.append(p)
+        else:
+            raise error(f"trace file not found: {p}")
+    return paths
+
+
 def finished_ids(out: Path, repair: bool = True) -> set[str]:
     """Ids of the records already in `out`; cuts torn tails when `repair`."""
     done: set[str] = set()
