@@ -227,3 +227,30 @@ def test_validation_names_the_field():
         GenerateConfig(student="s", teacher="t", prompts="p", threshold=2.0).validate()
     with pytest.raises(ConfigError, match="mode"):
         GenerateConfig(student="s", teacher="t", prompts="p", mode="beam").validate()
+
+
+def test_long_prompt_is_skipped_and_counted(tiny_pair, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    rows = [{"qid": "ok", "question": "What is 2 + 3?"}, {"qid": "huge", "question": "apples " * 600}]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    with pytest.warns(UserWarning, match="skipped 1 prompt.*huge"):
+        stats = run_generate(_cfg(tiny_pair, tmp_path / "o", prompts=str(prompts), carry=[], samples=1),
+                             log=lambda m: None)
+    assert stats["skipped_prompts"] == 1 and stats["skipped_prompt_ids"] == ["huge"]
+    assert list(_records(tmp_path / "o")) == ["ok/0"]
+
+
+def test_stop_string_ends_a_completion(tiny_pair, rsd_run, tmp_path):
+    out, _ = rsd_run
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_pair["student"])
+    # pick a string that an unstopped run produced mid-completion, so the stopped run must end there
+    rec = next(r for r in _records(out).values() if len(r["completion_token_ids"]) > 12)
+    ids = rec["completion_token_ids"]
+    stop = tok.decode(ids[8:10], skip_special_tokens=False)
+    run_generate(_cfg(tiny_pair, tmp_path / "s", stop=[stop]), log=lambda m: None)
+    stopped = _records(tmp_path / "s")[rec["id"]]
+    assert stopped["finish_reason"] == "stop"
+    assert stop in stopped["completion"] and len(stopped["completion_token_ids"]) <= 10
+    assert stopped["completion_token_ids"] == ids[: len(stopped["completion_token_ids"])]
