@@ -71,6 +71,42 @@ class _Row:
     student_lp: list[float] = field(default_factory=list)
     teacher_lp: list[float | None] = field(default_factory=list)
 
+    def finish(self, reason: str) -> Finished:
+        return Finished(self.request.handle, self.tokens, "".join(self.origin), self.student_lp, self.teacher_lp, reason)
+
+
+@dataclass
+class _Live:
+    """The rows being decoded, in one order across both caches, logits and keys."""
+
+    rows: list[_Row]
+    student: KVBatch
+    teacher: KVBatch | None
+    s_logits: torch.Tensor
+    t_logits: torch.Tensor | None
+    keys: DrawKeys
+
+    def keep(self, idx: list[int]) -> None:
+        """Keep rows `idx` (in that order; repeats allowed)."""
+        rows = torch.tensor(idx, dtype=torch.long, device=self.s_logits.device)
+        self.rows = [self.rows[i] for i in idx]
+        self.student.select(rows)
+        self.s_logits = self.s_logits[rows]
+        if self.teacher is not None:
+            self.teacher.select(rows)
+            self.t_logits = self.t_logits[rows]
+        self.keys = self.keys.select(rows)
+
+    def extend(self, other: "_Live") -> "_Live":
+        self.rows += other.rows
+        self.student.extend(other.student)
+        self.s_logits = torch.cat([self.s_logits, other.s_logits])
+        if self.teacher is not None:
+            self.teacher.extend(other.teacher)
+            self.t_logits = torch.cat([self.t_logits, other.t_logits])
+        self.keys = self.keys.cat(other.keys)
+        return self
+
 
 class Engine:
     """Generates `Request`s with a student and (for modes rsd and teacher) a teacher.
@@ -137,108 +173,82 @@ class Engine:
         return tokens, choice.from_teacher, student_lp, teacher_lp
 
     # -- admission ---------------------------------------------------------------
-    def _prefill(self, group: list[Request]):
+    def _admit(self, group: list[Request]) -> "_Live":
         """Prefill each distinct prompt once, then repeat its cache rows for its samples."""
-        uniq: dict[tuple, int] = {}
-        order = []
+        order: list[Request] = []
+        index: dict[tuple, int] = {}
         for r in group:
             key = (r.prompt_key, tuple(r.student_ids))
-            if key not in uniq:
-                uniq[key] = len(uniq)
+            if key not in index:
+                index[key] = len(order)
                 order.append(r)
-            # rows point at their distinct prompt
-        rows = torch.tensor([uniq[(r.prompt_key, tuple(r.student_ids))] for r in group])
         student, s_logits = KVBatch.prefill(self.student, [r.student_ids for r in order])
         teacher = t_logits = None
         if self.teacher is not None:
             teacher, t_logits = KVBatch.prefill(self.teacher, [r.teacher_ids for r in order])
-        if len(order) < len(group) or not torch.equal(rows, torch.arange(len(group))):
-            student.select(rows)
-            s_logits = s_logits[rows.to(s_logits.device)]
-            if teacher is not None:
-                teacher.select(rows)
-                t_logits = t_logits[rows.to(t_logits.device)]
-        return student, s_logits, teacher, t_logits
+        live = _Live([_Row(r) for r in order], student, teacher, s_logits, t_logits, self._keys(order))
+        if len(order) < len(group):
+            live.keep([index[(r.prompt_key, tuple(r.student_ids))] for r in group])
+            live.rows, live.keys = [_Row(r) for r in group], self._keys(group)
+        return live
+
+    def _keys(self, requests: list[Request]) -> DrawKeys:
+        def column(values):
+            return torch.tensor(values, dtype=torch.long, device=self.device)
+
+        return DrawKeys(self.settings.seed, column([r.prompt_key for r in requests]),
+                        column([r.sample for r in requests]), column([0] * len(requests)))
 
     def run(self, requests: Iterable[Request]) -> Iterator[Finished]:
         """Yield each request's result as soon as it finishes (not in input order)."""
         # longest prompts first: similar lengths share a batch, and the long tail starts early
         queue = deque(sorted(requests, key=lambda r: -len(r.student_ids)))
-        rows: list[_Row] = []
-        student = teacher = None
-        s_logits = t_logits = None
-        keys = None
-        dev = self.device
-        while queue or rows:
-            free = self.batch_size - len(rows)
-            if queue and (not rows or free >= self.admit_at):
-                group = [queue.popleft() for _ in range(min(free, len(queue)))]
-                g_student, g_s, g_teacher, g_t = self._prefill(group)
-                g_keys = DrawKeys(
-                    self.settings.seed,
-                    torch.tensor([r.prompt_key for r in group], dtype=torch.long, device=dev),
-                    torch.tensor([r.sample for r in group], dtype=torch.long, device=dev),
-                    torch.zeros(len(group), dtype=torch.long, device=dev),
-                )
-                if not rows:
-                    student, s_logits, teacher, t_logits, keys = g_student, g_s, g_teacher, g_t, g_keys
-                else:
-                    student.extend(g_student)
-                    s_logits = torch.cat([s_logits, g_s])
-                    if teacher is not None:
-                        teacher.extend(g_teacher)
-                        t_logits = torch.cat([t_logits, g_t])
-                    keys = keys.cat(g_keys)
-                rows.extend(_Row(r) for r in group)
+        live: _Live | None = None
+        while queue or live is not None:
+            free = self.batch_size - (len(live.rows) if live else 0)
+            if queue and (live is None or free >= self.admit_at):
+                group = self._admit([queue.popleft() for _ in range(min(free, len(queue)))])
+                live = group if live is None else live.extend(group)
 
-            tokens, from_teacher, s_lp, t_lp = self._choose(s_logits, t_logits, keys)
+            tokens, from_teacher, s_lp, t_lp = self._choose(live.s_logits, live.t_logits, live.keys)
             tok_list = tokens.tolist()
-            teacher_flags = from_teacher.tolist()
-            s_lp_list = s_lp.tolist()
-            t_lp_list = t_lp.tolist() if t_lp is not None else [None] * len(rows)
-
-            if self.on_step is not None:
-                self.on_step(len(tok_list), sum(teacher_flags))
-            keep, done = [], []
-            for i, row in enumerate(rows):
-                lp = s_lp_list[i]
-                if math.isnan(lp) or lp == float("inf"):
-                    raise EngineError(
-                        f"the student produced non-finite logits for request {row.request.handle} "
-                        f"at completion position {len(row.tokens)}"
-                    )
-                tok = tok_list[i]
-                row.tokens.append(tok)
-                row.origin.append("T" if teacher_flags[i] else "S")
-                row.student_lp.append(lp)
-                tl = t_lp_list[i]
-                row.teacher_lp.append(None if tl is None or math.isnan(tl) else tl)
-                if tok in self.eos_ids or (self.stop_fn is not None and self.stop_fn(row.tokens)):
-                    done.append((row, "stop"))
-                elif len(row.tokens) >= row.request.max_new_tokens:
-                    done.append((row, "length"))
-                else:
-                    keep.append(i)
-
-            for row, reason in done:
-                yield Finished(
-                    row.request.handle, row.tokens, "".join(row.origin), row.student_lp, row.teacher_lp, reason
-                )
+            keep, done = self._record(live.rows, tok_list, from_teacher.tolist(), s_lp.tolist(),
+                                      t_lp.tolist() if t_lp is not None else None)
+            yield from done
             if not keep:
-                rows = []
+                live = None
                 continue
-            if len(keep) < len(rows):
-                idx = torch.tensor(keep, dtype=torch.long, device=dev)
-                rows = [rows[i] for i in keep]
-                tokens = tokens[idx]
-                student.select(idx)
-                if teacher is not None:
-                    teacher.select(idx)
-                keys = keys.select(idx)
-            keys.advance()
-            s_logits = student.feed(tokens)
-            if teacher is not None:
-                t_logits = self._feed_teacher(teacher, tokens, [tok_list[i] for i in keep])
+            if len(keep) < len(live.rows):
+                live.keep(keep)
+                tokens = tokens[torch.tensor(keep, device=tokens.device)]
+            live.keys.advance()
+            live.s_logits = live.student.feed(tokens)
+            if live.teacher is not None:
+                live.t_logits = self._feed_teacher(live.teacher, tokens, [tok_list[i] for i in keep])
+
+    def _record(self, rows, tokens, teacher_flags, student_lps, teacher_lps):
+        """Append one step's facts to each row; return (indices of rows that go on, Finished rows)."""
+        if self.on_step is not None:
+            self.on_step(len(tokens), sum(teacher_flags))
+        keep, done = [], []
+        for i, row in enumerate(rows):
+            lp = student_lps[i]
+            if not math.isfinite(lp):
+                raise EngineError(f"the student produced non-finite logits for request {row.request.handle} "
+                                  f"at completion position {len(row.tokens)}")
+            tok = tokens[i]
+            row.tokens.append(tok)
+            row.origin.append("T" if teacher_flags[i] else "S")
+            row.student_lp.append(lp)
+            tl = None if teacher_lps is None else teacher_lps[i]
+            row.teacher_lp.append(None if tl is None or math.isnan(tl) else tl)
+            if tok in self.eos_ids or (self.stop_fn is not None and self.stop_fn(row.tokens)):
+                done.append(row.finish("stop"))
+            elif len(row.tokens) >= row.request.max_new_tokens:
+                done.append(row.finish("length"))
+            else:
+                keep.append(i)
+        return keep, done
 
     def _feed_teacher(self, teacher: KVBatch, tokens: torch.Tensor, token_list: list[int]) -> torch.Tensor:
         if self._s2t_single is None:
