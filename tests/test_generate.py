@@ -254,3 +254,18 @@ def test_stop_string_ends_a_completion(tiny_pair, rsd_run, tmp_path):
     assert stopped["finish_reason"] == "stop"
     assert stop in stopped["completion"] and len(stopped["completion_token_ids"]) <= 10
     assert stopped["completion_token_ids"] == ids[: len(stopped["completion_token_ids"])]
+
+
+def test_nan_logits_stop_the_run_naming_the_prompt(tiny_pair, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    broken = tmp_path / "nan-student"
+    model = AutoModelForCausalLM.from_pretrained(tiny_pair["student"])
+    with torch.no_grad():
+        model.lm_head.weight[5, 0] = float("nan")  # every logit row now holds a NaN
+    model.save_pretrained(broken)
+    AutoTokenizer.from_pretrained(tiny_pair["student"]).save_pretrained(broken)
+    from tracetailor.decoding.engine import EngineError
+
+    with pytest.raises(EngineError, match=r"non-finite logits.*prompt 'q-"):
+        run_generate(_cfg(tiny_pair, tmp_path / "o", student=str(broken), samples=1), log=lambda m: None)

@@ -165,7 +165,8 @@ def run_generate(cfg: GenerateConfig, log=print) -> dict[str, Any]:
                 continue
             handle = len(handles)
             handles[handle] = (p, s)
-            requests.append(Request(handle, prompt_key(p.prompt_id), s, p.token_ids, teacher_ids, room))
+            requests.append(Request(handle, prompt_key(p.prompt_id), s, p.token_ids, teacher_ids, room,
+                                    label=f"prompt {p.prompt_id!r}, sample {s}"))
     if skipped:
         names = ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else "")
         warnings.warn(f"skipped {len(skipped)} prompt(s) longer than the context ({context} tokens): {names}",

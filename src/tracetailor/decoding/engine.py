@@ -41,6 +41,7 @@ class Request:
     student_ids: list[int]
     teacher_ids: list[int] | None = None
     max_new_tokens: int = 256
+    label: str = ""  # how messages name this sequence, e.g. "prompt gsm8k-17, sample 3"
 
 
 @dataclass
@@ -234,8 +235,9 @@ class Engine:
         for i, row in enumerate(rows):
             lp = student_lps[i]
             if not math.isfinite(lp):
-                raise EngineError(f"the student produced non-finite logits for request {row.request.handle} "
-                                  f"at completion position {len(row.tokens)}")
+                raise EngineError(f"the student produced non-finite logits ({lp}) for "
+                                  f"{row.request.label or f'request {row.request.handle}'} at completion "
+                                  f"position {len(row.tokens)}; check the model's weights and --dtype")
             tok = tokens[i]
             row.tokens.append(tok)
             row.origin.append("T" if teacher_flags[i] else "S")
