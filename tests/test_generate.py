@@ -269,3 +269,23 @@ def test_nan_logits_stop_the_run_naming_the_prompt(tiny_pair, tmp_path):
 
     with pytest.raises(EngineError, match=r"non-finite logits.*prompt 'q-"):
         run_generate(_cfg(tiny_pair, tmp_path / "o", student=str(broken), samples=1), log=lambda m: None)
+
+
+def test_pickle_weights_are_refused_unless_allowed(tiny_pair, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    pickled = tmp_path / "pickled-student"
+    model = AutoModelForCausalLM.from_pretrained(tiny_pair["student"])
+    model.save_pretrained(pickled)
+    for f in pickled.glob("*.safetensors"):  # transformers 5 writes safetensors only: make the pickle by hand
+        f.unlink()
+    torch.save(model.state_dict(), pickled / "pytorch_model.bin")
+    AutoTokenizer.from_pretrained(tiny_pair["student"]).save_pretrained(pickled)
+    assert list(pickled.glob("*.bin")) and not list(pickled.glob("*.safetensors"))
+    from tracetailor.models import ModelError
+
+    with pytest.raises(ModelError, match="--allow-pickle"):
+        run_generate(_cfg(tiny_pair, tmp_path / "o", student=str(pickled), samples=1), log=lambda m: None)
+    stats = run_generate(_cfg(tiny_pair, tmp_path / "o", student=str(pickled), samples=1, allow_pickle=True),
+                         log=lambda m: None)
+    assert stats["sequences"] == 6

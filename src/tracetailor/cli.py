@@ -93,6 +93,7 @@ def generate(
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:1, mps. [default: auto]"),
     dtype: Optional[str] = typer.Option(None, help="auto (bf16 on CUDA, fp32 elsewhere), float32, bfloat16, float16."),
     trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code", help="Allow model code from the hub (off by default)."),
+    allow_pickle: Optional[bool] = typer.Option(None, "--allow-pickle", help="Load pickle .bin weights, which can run code (off: safetensors or GGUF only)."),
     limit: Optional[int] = typer.Option(None, help="Only the first N prompts."),
     overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace a previous run in --out instead of resuming it."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),

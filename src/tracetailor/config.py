@@ -49,12 +49,13 @@ class GenerateConfig:
     device: str = "auto"
     dtype: str = "auto"
     trust_remote_code: bool = False
+    allow_pickle: bool = False  # load pickle .bin weights (they can run code)
     overwrite: bool = False
     limit: int | None = None  # only the first N prompts (a quick look at a big set)
     progress: bool = True
 
     # Fields that do not change which traces a run produces: a run may resume with other values.
-    RESUMABLE = ("out", "batch_size", "device", "overwrite", "progress", "limit")
+    RESUMABLE = ("out", "batch_size", "device", "overwrite", "progress", "limit", "allow_pickle", "trust_remote_code")
 
     def validate(self) -> "GenerateConfig":
         def bad(name, why):

@@ -133,11 +133,11 @@ def run_generate(cfg: GenerateConfig, log=print) -> dict[str, Any]:
     out = Path(cfg.out)
 
     student = load_model(cfg.student, gguf_file=cfg.student_gguf_file, device=cfg.device, dtype=cfg.dtype,
-                         trust_remote_code=cfg.trust_remote_code, role="student")
+                         trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle, role="student")
     teacher = bridge = None
     if cfg.mode != "student":
         teacher = load_model(cfg.teacher, gguf_file=cfg.gguf_file, device=cfg.device, dtype=cfg.dtype,
-                             trust_remote_code=cfg.trust_remote_code, role="teacher")
+                             trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle, role="teacher")
         bridge = build_bridge(student.tokenizer, teacher.tokenizer, student.vocab_size, teacher.vocab_size)
         if not bridge.identity:
             log(f"vocabulary bridge: {bridge.shared_fraction:.2%} of the student's tokens have a teacher counterpart")

@@ -82,9 +82,13 @@ def load_model(
     device: str = "auto",
     dtype: str = "auto",
     trust_remote_code: bool = False,
+    allow_pickle: bool = False,
     role: str = "model",
 ) -> LoadedModel:
-    """Load `name` (hub id, local dir, or .gguf path) for inference."""
+    """Load `name` (hub id, local dir, or .gguf path) for inference.
+
+    Weights come from safetensors (or GGUF); pickle `.bin` checkpoints, which can run
+    code when loaded, are refused unless `allow_pickle`."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     name, gguf_file = _split_gguf(os.path.expanduser(name), gguf_file)
@@ -101,8 +105,16 @@ def load_model(
         config = AutoConfig.from_pretrained(name, **kwargs)
     except OSError as e:
         raise ModelError(f"{role} {name!r}: cannot read its config ({e}); is it a model directory or hub id?") from e
+    weights = {} if gguf_file or allow_pickle else {"use_safetensors": True}
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, **weights, **kwargs)
+    except OSError as e:
+        if weights and "safetensors" in str(e):
+            raise ModelError(
+                f"{role} {name!r} has no safetensors weights (pickle .bin files only?). Pickle files can run "
+                "code when loaded: convert them to safetensors, or pass --allow-pickle if you trust the source"
+            ) from e
+        raise ModelError(f"{role} {name!r}: cannot load its weights ({e})") from e
     except ValueError as e:
         if "Unrecognized configuration class" in str(e) or "AutoModelForCausalLM" in str(e):
             arch = ", ".join(getattr(config, "architectures", None) or [type(config).__name__])
