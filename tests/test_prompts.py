@@ -395,12 +395,13 @@ def test_missing_id_field(tmp_path, tok):
 def test_empty_prompt(tmp_path, tok, empty):
     rows = [{"question": "q"}] * 4 + [{"question": empty}]
     message = load_error(tmp_path, rows, tok, prompt_field="question")
-    assert message == "data.jsonl:5: empty prompt in field 'question'"
+    assert message == "data.jsonl:5: empty prompt in field 'question'; write the prompt there or remove the row"
 
 
 def test_only_a_reference_answer_is_an_empty_prompt(tmp_path, tok):
     rows = [{"messages": [{"role": "assistant", "content": "A"}]}]
-    assert load_error(tmp_path, rows, tok, prompt_field="messages") == "data.jsonl:1: empty prompt in field 'messages'"
+    assert load_error(tmp_path, rows, tok, prompt_field="messages").startswith(
+        "data.jsonl:1: empty prompt in field 'messages'; ")
 
 
 @pytest.mark.parametrize("bad", [3, {"role": "user"}, [{"role": "user"}], [{"role": "user", "content": 5}], ["hi"]])
@@ -425,7 +426,7 @@ def test_unusable_id(tmp_path, tok, bad_id):
 def test_build_errors_name_csv_lines(tmp_path, tok):
     path = tmp_path / "data.csv"
     path.write_text('question,answer\n"two\nlines",1\n" ",2\n', encoding="utf-8")
-    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:4: empty prompt in field 'question'$"):
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:4: empty prompt in field 'question'; "):
         load_prompts(path, tok, prompt_field="question")
 
 

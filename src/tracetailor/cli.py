@@ -16,6 +16,7 @@ app = typer.Typer(
     help="tracetailor: reasoning traces tailored to a small model (Reverse Speculative Decoding).",
     no_args_is_help=True,
     add_completion=False,
+    rich_markup_mode=None,  # rich markup would swallow the "[default: ...]" in our help texts
     pretty_exceptions_enable=False,
 )
 
@@ -23,17 +24,21 @@ app = typer.Typer(
 def _user_errors() -> tuple[type[BaseException], ...]:
     from .config import ConfigError
     from .data.prompts import DataError
-    from .data.traces import TraceFileError
+    from .data.traces import OutputWriteError, TraceFileError
     from .decoding.engine import EngineError
     from .generate import OutputDirError
     from .models import ModelError
     from .score import ScoreInputError
     from .select import SelectError
     from .evaluate.answers import MathVerifyMissing
+    from .evaluate.benchmarks import BenchmarkError
     from .vocab import BridgeError
+    from .train import TrainError
+    from .distributed import DistributedError
 
     return (ConfigError, DataError, TraceFileError, EngineError, OutputDirError, ModelError, BridgeError,
-            ScoreInputError, SelectError, MathVerifyMissing, FileNotFoundError)
+            ScoreInputError, SelectError, MathVerifyMissing, BenchmarkError, TrainError, FileNotFoundError,
+            DistributedError, OutputWriteError)
 
 
 def _fail(message: str) -> None:
@@ -41,7 +46,8 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def _run_with_config(cls, run, flags: dict, config: str | None, no_progress: bool = False, log=None):
+def _run_with_config(cls, run, flags: dict, config: str | None, no_progress: bool = False, log=None,
+                     resumable: bool = True):
     """Merge the flags given over the YAML file into `cls`, run it, and turn the errors a
     user can fix into one line (exit 2). Shared by every command that takes --config."""
     from .config import load_yaml, merge
@@ -57,9 +63,17 @@ def _run_with_config(cls, run, flags: dict, config: str | None, no_progress: boo
         return run(cfg, log=log or (lambda m: typer.echo(m, err=True)))
     except _user_errors() as e:
         _fail(str(e))
+    except OSError as e:  # a full or read-only disk where no code above named the file: still one line
+        import errno
+
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG):
+            raise
+        _fail(f"{e.filename or 'writing output'}: {e.strerror}; free space or fix the permissions, "
+              "then run the same command again")
     except KeyboardInterrupt:
         where = getattr(cfg, "out", None) or "the output directory"
-        typer.echo(f"\ninterrupted: finished work is saved in {where}; run the same command to resume.", err=True)
+        then = "run the same command to resume" if resumable else "a new run starts over"
+        typer.echo(f"\ninterrupted: finished work is saved in {where}; {then}.", err=True)
         raise typer.Exit(130)
 
 
@@ -96,6 +110,9 @@ def generate(
     allow_pickle: Optional[bool] = typer.Option(None, "--allow-pickle", help="Load pickle .bin weights, which can run code (off: safetensors or GGUF only)."),
     limit: Optional[int] = typer.Option(None, help="Only the first N prompts."),
     overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace a previous run in --out instead of resuming it."),
+    workers: Optional[int] = typer.Option(None, help="Spread the run over N Ray workers (pip install 'tracetailor\\[ray]'): one GPU each, or a share of the CPU cores. [default: none, this process]"),
+    ray_address: Optional[str] = typer.Option(None, help="Ray cluster to join with --workers (as `ray start --head` prints). [default: $RAY_ADDRESS, else a local Ray]"),
+    teacher_device_map: Optional[str] = typer.Option(None, help="accelerate device map for the teacher, e.g. auto: spread a teacher too large for one GPU over the GPUs (of each worker)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
     config: Optional[str] = typer.Option(None, "--config", help="YAML file of options; flags override it."),
 ):
@@ -164,6 +181,7 @@ def score(
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:1, mps. [default: auto]"),
     dtype: Optional[str] = typer.Option(None, help="auto (bf16 on CUDA, fp32 elsewhere), float32, bfloat16, float16."),
     trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code", help="Allow model code from the hub (off by default)."),
+    allow_pickle: Optional[bool] = typer.Option(None, "--allow-pickle", help="Load pickle .bin weights, which can run code (off: safetensors or GGUF only)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
     config: Optional[str] = typer.Option(None, "--config", help="YAML file of options; flags override it."),
 ):
@@ -192,6 +210,106 @@ def select_(
     from .select import SelectConfig, run_select
 
     _run_with_config(SelectConfig, run_select, flags, config, log=typer.echo)
+
+
+@app.command("eval")
+def eval_(
+    model: Optional[str] = typer.Option(None, help="Model to evaluate: hub id (Qwen/Qwen3-0.6B), local dir or .gguf file."),
+    gguf_file: Optional[str] = typer.Option(None, help="GGUF file name inside the model's dir or hub repo."),
+    benchmark: Optional[str] = typer.Option(None, help="Comma list of aime24, aime25, math500, gpqa-diamond, gsm8k, gsm8k-offline, champ, or JSONL/Parquet files. [default: aime24,aime25,math500,gpqa-diamond]"),
+    samples: Optional[int] = typer.Option(None, help="Samples per question. [default: 16]"),
+    temperature: Optional[float] = typer.Option(None, help="Sampling temperature. [default: 0.7]"),
+    top_p: Optional[float] = typer.Option(None, help="Nucleus mass. [default: 0.95]"),
+    top_k: Optional[int] = typer.Option(None, help="Top-k; 0 = none. [default: 0]"),
+    max_new_tokens: Optional[int] = typer.Option(None, help="Token limit per completion. [default: 8192]"),
+    prefill: Optional[str] = typer.Option(None, help='Text that starts every completion; "" for none. [default: "<think>\\n" when the tokenizer has <think>, else none]'),
+    system_prompt: Optional[str] = typer.Option(None, help="System message put before each question."),
+    chat_template: Optional[bool] = typer.Option(None, "--chat-template/--no-chat-template", help="Apply the model's chat template. [default: on]"),
+    batch_size: Optional[int] = typer.Option(None, help="Sequences decoded together. [default: 32]"),
+    seed: Optional[int] = typer.Option(None, help="Seed of the counter-based sampler. [default: 0]"),
+    limit: Optional[int] = typer.Option(None, help="Only the first N questions of each benchmark."),
+    question_field: Optional[str] = typer.Option(None, help="Question field of a local file. [default: question]"),
+    answer_field: Optional[str] = typer.Option(None, help="Answer field of a local file. [default: answer]"),
+    out: Optional[str] = typer.Option(None, help="Output directory: summary.json, summary.md, <benchmark>.jsonl. [default: results]"),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:1, mps. [default: auto]"),
+    dtype: Optional[str] = typer.Option(None, help="auto (bf16 on CUDA, fp32 elsewhere), float32, bfloat16, float16."),
+    trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code", help="Allow model code from the hub (off by default)."),
+    allow_pickle: Optional[bool] = typer.Option(None, "--allow-pickle", help="Load pickle .bin weights, which can run code (off: safetensors or GGUF only)."),
+    overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace an earlier evaluation in --out instead of resuming it."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+    config: Optional[str] = typer.Option(None, "--config", help="YAML file of options; flags override it."),
+):
+    """Sample a model on reasoning benchmarks and grade every sample: mean accuracy ± SE per benchmark."""
+    flags = dict(locals())  # first, before any other local exists
+    from .evaluate.run import EvalConfig, run_eval
+
+    _run_with_config(EvalConfig, run_eval, flags, config, no_progress, log=typer.echo)
+
+
+@app.command()
+def train(
+    model: Optional[str] = typer.Option(None, help="Student to fine-tune: hub id (Qwen/Qwen3-0.6B), local dir or .gguf file."),
+    gguf_file: Optional[str] = typer.Option(None, help="GGUF file name inside the model's dir or hub repo."),
+    data: Optional[str] = typer.Option(None, help="SFT set: select's output (trained on its exact token ids), or rows with messages or prompt + completion."),
+    split: Optional[str] = typer.Option(None, help="Split of a hub or saved dataset. [default: train]"),
+    out: Optional[str] = typer.Option(None, help="Checkpoint directory (weights, tokenizer, chat template, train.json). [default: ckpt]"),
+    learning_rate: Optional[float] = typer.Option(None, help="Peak learning rate. [default: 1e-5]"),
+    num_train_epochs: Optional[float] = typer.Option(None, help="Passes over the data. [default: 5]"),
+    max_steps: Optional[int] = typer.Option(None, help="Stop after N optimizer steps (overrides the epochs)."),
+    weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay. [default: 1e-4]"),
+    adam_beta1: Optional[float] = typer.Option(None, help="AdamW beta1. [default: 0.9]"),
+    adam_beta2: Optional[float] = typer.Option(None, help="AdamW beta2. [default: 0.95]"),
+    warmup_ratio: Optional[float] = typer.Option(None, help="Share of the steps spent warming up. [default: 0.05]"),
+    lr_scheduler: Optional[str] = typer.Option(None, help="Schedule after warm-up: cosine, linear, constant, ... [default: cosine]"),
+    per_device_train_batch_size: Optional[int] = typer.Option(None, help="Sequences per device per micro-step. [default: 1]"),
+    gradient_accumulation_steps: Optional[int] = typer.Option(None, help="Micro-steps per optimizer step, per device (batch = GPUs x this x per-device batch). [default: 16]"),
+    max_length: Optional[int] = typer.Option(None, help="Most tokens per example; longer completions are cut at the end. [default: 8192]"),
+    bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="bf16 autocast over float32 weights. [default: on with CUDA]"),
+    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations to save memory. [default: on with CUDA, off under FSDP activation checkpointing]"),
+    dtype: Optional[str] = typer.Option(None, help="Weights while training: auto (float32), float32, bfloat16. [default: auto]"),
+    seed: Optional[int] = typer.Option(None, help="Seed of shuffling and initialisation. [default: 0]"),
+    logging_steps: Optional[int] = typer.Option(None, help="Log the loss every N optimizer steps. [default: 1]"),
+    save_strategy: Optional[str] = typer.Option(None, help="end (only the final model), epoch or steps (also OUT/checkpoint-*). [default: end]"),
+    save_steps: Optional[int] = typer.Option(None, help="With --save-strategy steps: every N steps. [default: 500]"),
+    lora: Optional[bool] = typer.Option(None, "--lora/--no-lora", help="Train a LoRA adapter (PEFT) instead of all weights. [default: off]"),
+    lora_r: Optional[int] = typer.Option(None, help="LoRA rank. [default: 16]"),
+    lora_alpha: Optional[int] = typer.Option(None, help="LoRA alpha. [default: 32]"),
+    lora_dropout: Optional[float] = typer.Option(None, help="LoRA dropout. [default: 0.05]"),
+    lora_target_modules: Optional[str] = typer.Option(None, help='LoRA modules: "all-linear" or a comma list such as q_proj,v_proj. [default: all-linear]'),
+    merge_lora: Optional[bool] = typer.Option(None, "--merge-lora/--no-merge-lora", help="LoRA: save the merged full model in OUT, the adapter in OUT/adapter. [default: on]"),
+    trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code", help="Allow model code from the hub (off by default)."),
+    allow_pickle: Optional[bool] = typer.Option(None, "--allow-pickle", help="Load pickle .bin weights, which can run code (off: safetensors or GGUF only)."),
+    overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace a checkpoint already in --out."),
+    limit: Optional[int] = typer.Option(None, help="Only the first N examples."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+    config: Optional[str] = typer.Option(None, "--config", help="YAML file of options; flags override it."),
+):
+    """Fine-tune the student on an SFT set with TRL, loss on the completion only: a from_pretrained checkpoint."""
+    flags = dict(locals())  # first, before any other local exists
+    from .train import TrainConfig, run_train
+
+    _run_with_config(TrainConfig, run_train, flags, config, no_progress, resumable=False)
+
+
+world_app = typer.Typer(help="The built-in miniature world: arithmetic problems, a tokenizer, a student and a teacher.",
+                        no_args_is_help=True)
+app.add_typer(world_app, name="world")
+
+
+@world_app.command("build")
+def world_build(
+    seed: int = typer.Option(0, help="Seed of the problems and the models."),
+    out: Optional[str] = typer.Option(None, help="Where to put the world (default: world-seed{SEED}-v1 under $TRACETAILOR_CACHE, else ~/.cache/tracetailor)."),
+    force: bool = typer.Option(False, "--force", help="Build anew even when OUT already holds this world (or a copy ships in the package)."),
+):
+    """Make the miniature world deterministically from a seed (minutes on 2 cores), or reuse it if built."""
+    from .toyworld.build import WorldError, build_world
+
+    try:
+        path = build_world(seed=seed, out=out, force=force)
+    except WorldError as e:
+        _fail(str(e))
+    typer.echo(str(path))
 
 
 def main() -> None:

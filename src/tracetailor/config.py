@@ -53,9 +53,13 @@ class GenerateConfig:
     overwrite: bool = False
     limit: int | None = None  # only the first N prompts (a quick look at a big set)
     progress: bool = True
+    workers: int | None = None  # N Ray actors (distributed.py); None: in this process
+    ray_address: str | None = None  # an existing Ray cluster; default: RAY_ADDRESS, else a local one
+    teacher_device_map: str | dict | None = None  # e.g. "auto": accelerate spreads the teacher over the GPUs
 
     # Fields that do not change which traces a run produces: a run may resume with other values.
-    RESUMABLE = ("out", "batch_size", "device", "overwrite", "progress", "limit", "allow_pickle", "trust_remote_code")
+    RESUMABLE = ("out", "batch_size", "device", "overwrite", "progress", "limit", "allow_pickle", "trust_remote_code",
+                 "workers", "ray_address", "teacher_device_map")
 
     def validate(self) -> "GenerateConfig":
         def bad(name, why):
@@ -84,6 +88,10 @@ class GenerateConfig:
             bad("top_p", "must be in (0, 1]")
         if self.limit is not None and self.limit < 1:
             bad("limit", "must be >= 1")
+        if self.workers is not None and self.workers < 1:
+            bad("workers", "must be >= 1 (leave it out to generate in this process)")
+        if self.teacher_device_map is not None and not isinstance(self.teacher_device_map, (str, dict)):
+            bad("teacher_device_map", 'must be a string such as "auto" or a mapping of module names to devices')
         return self
 
     def trace_settings(self) -> dict[str, Any]:

@@ -84,11 +84,14 @@ def load_model(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     role: str = "model",
+    device_map: str | dict | None = None,
 ) -> LoadedModel:
     """Load `name` (hub id, local dir, or .gguf path) for inference.
 
     Weights come from safetensors (or GGUF); pickle `.bin` checkpoints, which can run
-    code when loaded, are refused unless `allow_pickle`."""
+    code when loaded, are refused unless `allow_pickle`. `device_map` (e.g. "auto")
+    hands placement to accelerate, which may spread the layers over several GPUs;
+    `device` then only picks the dtype."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     name, gguf_file = _split_gguf(os.path.expanduser(name), gguf_file)
@@ -105,9 +108,19 @@ def load_model(
         config = AutoConfig.from_pretrained(name, **kwargs)
     except OSError as e:
         raise ModelError(f"{role} {name!r}: cannot read its config ({e}); is it a model directory or hub id?") from e
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):
+            raise
+        raise ModelError(f"{role} {name!r} ships its own model code, which is not run by default; read it, and "
+                         "pass --trust-remote-code only if you trust its source") from e
     weights = {} if gguf_file or allow_pickle else {"use_safetensors": True}
+    placement = {"device_map": device_map} if device_map else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, **weights, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, **weights, **placement, **kwargs)
+    except ImportError as e:
+        if placement:
+            raise ModelError(f"{role} {name!r}: a device map needs accelerate ({e}); pip install accelerate") from e
+        raise
     except OSError as e:
         if weights and "safetensors" in str(e):
             raise ModelError(
@@ -127,5 +140,22 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as e:
         raise ModelError(f"{role} {name!r}: cannot load its tokenizer ({e})") from e
-    model.to(dev).eval()
+    if not placement:  # a mapped model is placed by accelerate already
+        model.to(dev)
+    model.eval()
     return LoadedModel(name=name if not gguf_file else os.path.join(name, gguf_file), model=model, tokenizer=tokenizer)
+
+
+def load_tokenizer(name: str, *, gguf_file: str | None = None, trust_remote_code: bool = False, role: str = "model"):
+    """The tokenizer of `name` alone, for a process that reads prompts but runs no model
+    (the driver of `generate --workers`)."""
+    from transformers import AutoTokenizer
+
+    name, gguf_file = _split_gguf(os.path.expanduser(name), gguf_file)
+    if _looks_local(name) and not os.path.exists(name):
+        raise ModelError(f"{role} not found: {name} (give a local directory, a .gguf file or a hub id such as Qwen/Qwen3-0.6B)")
+    kwargs = {"trust_remote_code": trust_remote_code, **({"gguf_file": gguf_file} if gguf_file else {})}
+    try:
+        return AutoTokenizer.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{role} {name!r}: cannot load its tokenizer ({e})") from e

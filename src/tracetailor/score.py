@@ -29,7 +29,9 @@ ends. A completion that already starts with the prefill does not repeat it.
 
 Outputs in OUT: stats.json, per_example.jsonl, tokens_<name>.jsonl (trace-format
 records with fresh `student_logprobs`, for the viewer), logprob_hist.png (needs
-matplotlib) and viewer.html (needs tracetailor.viewer).
+matplotlib) and viewer.html (needs tracetailor.viewer). Each is written to a
+temporary name and renamed; stats.json comes last and is removed when a run starts
+writing, so a stopped run never leaves a half file or a stats.json that looks done.
 
 Not its job: no generation, no teacher, no filtering of datasets (that is
 `select`), no HTML (that is viewer.py). Examples longer than --max-length are cut
@@ -40,6 +42,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import time
 import warnings
@@ -87,6 +90,7 @@ class ScoreConfig:
     device: str = "auto"
     dtype: str = "auto"
     trust_remote_code: bool = False
+    allow_pickle: bool = False  # load pickle .bin weights (they can run code)
     progress: bool = True
 
     def validate(self) -> "ScoreConfig":
@@ -516,7 +520,9 @@ def _token_record(name: str, ex: Example, lp: np.ndarray, tokenizer) -> dict:
 
 
 def _write_jsonl(path: Path, rows) -> None:
-    with open(path, "w", encoding="utf-8") as f:
+    from .data.traces import AtomicWriter
+
+    with AtomicWriter(path) as f:  # a temporary file renamed at the end: never a half-written file
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
@@ -525,15 +531,18 @@ def run_score(cfg: ScoreConfig, log=print) -> dict[str, Any]:
     """Run `score` end to end; return the stats written to OUT/stats.json."""
     from tqdm.auto import tqdm
 
-    from .data.traces import write_json_atomic
+    from .data.traces import AtomicWriter, OutputWriteError, write_json_atomic
     from .models import load_model
 
     cfg.validate()
     names = dataset_names(cfg.data, cfg.name)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputWriteError(f"--out {out}: cannot create it ({e.strerror}); choose another directory") from e
     student = load_model(cfg.student, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
-                         role="student")
+                         allow_pickle=cfg.allow_pickle, role="student")
     tok = student.tokenizer
 
     formats, examples = [], []
@@ -568,7 +577,9 @@ def run_score(cfg: ScoreConfig, log=print) -> dict[str, Any]:
                              "seconds": round(seconds, 3),
                              "tokens_per_second": round(n_tokens / seconds, 1) if seconds > 0 else None}
     records, pooled = [], {}
-    with open(out / "per_example.jsonl", "w", encoding="utf-8") as per_example:
+    # every file goes to a temporary name and is renamed; stats.json, written last, marks a finished run
+    (out / "stats.json").unlink(missing_ok=True)
+    with AtomicWriter(out / "per_example.jsonl") as per_example:
         for d, name in enumerate(names):
             mine = [(ex, lp) for ex, lp in zip(examples, logprobs) if ex.dataset == d]
             stats["datasets"][name] = {"source": cfg.data[d], "format": formats[d],
@@ -582,9 +593,12 @@ def run_score(cfg: ScoreConfig, log=print) -> dict[str, Any]:
                 per_example.write(json.dumps({"dataset": name, "id": ex.id, **logprob_summary(lp),
                                               "truncated": ex.truncated}) + "\n")
     stats["skipped_prompt_too_long"] = dropped
+    plot_logprob_hist(pooled, out / ".logprob_hist.tmp.png")  # matplotlib picks the format from the suffix
+    _write_viewer(records, tok, out / ".viewer.tmp.html", f"tracetailor score: {', '.join(names)}", log)
+    for tmp, final in ((".logprob_hist.tmp.png", "logprob_hist.png"), (".viewer.tmp.html", "viewer.html")):
+        if (out / tmp).exists():  # not written when matplotlib or the viewer is missing
+            os.replace(out / tmp, out / final)
     write_json_atomic(out / "stats.json", stats)
-    plot_logprob_hist(pooled, out / "logprob_hist.png")
-    _write_viewer(records, tok, out / "viewer.html", f"tracetailor score: {', '.join(names)}", log)
 
     for name, s in stats["datasets"].items():
         shares = ", ".join(f"p<{t:g} {s[f'share_below_{t}']:.2%}" for t in THRESHOLDS if s["tokens"])

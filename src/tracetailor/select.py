@@ -35,13 +35,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from .data.traces import read_numbered_records, resolve_trace_paths, write_json_atomic
+from .data.traces import AtomicWriter, OutputWriteError, read_numbered_records, resolve_trace_paths, write_json_atomic
 from .evaluate.answers import extract_answer, gold_answers, is_correct, require_math_verify
 
 PICKS = ("shortest", "random", "all")
@@ -279,17 +278,17 @@ def run_select(cfg: SelectConfig, log: Callable[[str], None] = print) -> dict:
         raise SelectError(f"out: {out} is a directory or one of the input trace files; name a new .jsonl file")
     if cfg.correct_only:
         require_math_verify()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
     try:
-        with open(tmp, "w", encoding="utf-8") as sink:
-            funnel = _stream(cfg, paths, Picker(cfg.pick, cfg.seed, sink), log)
-            sink.flush()
-            os.fsync(sink.fileno())
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    write_json_atomic(funnel_path(out), funnel)
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        why = "a file of that name is in the way" if isinstance(e, FileExistsError) else e.strerror
+        raise OutputWriteError(f"out: cannot create the directory {out.parent} ({why}); "
+                               "name a file in a writable directory") from e
+    # the set goes to a temporary file, renamed over `out` last (after the funnel): a stopped run leaves the
+    # previous `out` (or none), never a part of one
+    with AtomicWriter(out) as sink:
+        funnel = _stream(cfg, paths, Picker(cfg.pick, cfg.seed, sink), log)
+        write_json_atomic(funnel_path(out), funnel)
     log(format_funnel(funnel))
     return funnel
 

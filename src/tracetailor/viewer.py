@@ -151,7 +151,10 @@ def write_viewer(records: list[dict], tokenizer, path, title: str = "tracetailor
     texts = [token_texts_of(r, tokenizer, cache) for r in records]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_html(records, texts, title), encoding="utf-8")
+    from .data.traces import AtomicWriter
+
+    with AtomicWriter(path) as f:  # a temporary file, renamed: a stopped run never leaves half a page
+        f.write(render_html(records, texts, title))
     return path
 
 

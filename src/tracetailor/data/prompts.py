@@ -405,7 +405,7 @@ def _prompt_messages(row: Mapping, at: str, prompt_field: str) -> list[dict]:
             f"got {type(value).__name__}"
         )
     if not any(m["content"].strip() for m in messages):
-        raise DataError(f"{at}: empty prompt in field {prompt_field!r}")
+        raise DataError(f"{at}: empty prompt in field {prompt_field!r}; write the prompt there or remove the row")
     return messages
 
 

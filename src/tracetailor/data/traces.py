@@ -4,7 +4,9 @@ One JSON object per line in `OUT/traces.jsonl`, written and flushed as each
 sequence finishes (fields: DESIGN.md, "Records"). A restarted run reads what is
 there, cuts a torn last line, and skips the (prompt_id, sample) pairs already done.
 `run.json` and `stats.json` are written to a temporary name and renamed, so a kill
-never leaves them half-written. It knows nothing of models or decoding.
+never leaves them half-written (`AtomicWriter`, which score, select, eval and the
+viewer use too). A write that fails (disk full, read-only) raises `OutputWriteError`,
+naming the file and what was kept. It knows nothing of models or decoding.
 """
 
 from __future__ import annotations
@@ -21,18 +23,62 @@ class TraceFileError(ValueError):
     pass
 
 
+class OutputWriteError(OSError):
+    """An output file cannot be written (disk full, read-only, no permission); the message names it and what
+    to do. An OSError, so that callers catching OSError still do; the CLI prints it as one line."""
+
+
+def _write_failed(path: Path, e: OSError, done: str) -> OutputWriteError:
+    return OutputWriteError(f"{path}: cannot write ({e.strerror or e}); {done}. Free space, or fix the "
+                            "permissions, or choose another output location, then run the same command again")
+
+
 def record_id(prompt_id: str, sample: int) -> str:
     return f"{prompt_id}/{sample}"
 
 
+class AtomicWriter:
+    """Writes `path` through a temporary file that is renamed over it only when the `with` block ends without
+    an error: a reader, or a kill at any moment, sees the old file (or none) or the whole new one, never a part."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._tmp = self.path.with_name(f".{self.path.name}.tmp")
+        try:
+            self._f = open(self._tmp, "w", encoding="utf-8")
+        except OSError as e:
+            raise _write_failed(self.path, e, "nothing was written") from e
+
+    def write(self, text: str) -> None:
+        try:
+            self._f.write(text)
+        except OSError as e:
+            raise _write_failed(self.path, e, "the previous version (if any) is unchanged") from e
+
+    def __enter__(self) -> "AtomicWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                try:
+                    self._f.flush()
+                    os.fsync(self._f.fileno())
+                    self._f.close()
+                    os.replace(self._tmp, self.path)
+                except OSError as e:
+                    raise _write_failed(self.path, e, "the previous version (if any) is unchanged") from e
+        finally:
+            try:
+                self._f.close()  # a no-op once closed; after a failed write its flush may fail again
+            except OSError:
+                pass
+            self._tmp.unlink(missing_ok=True)
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with AtomicWriter(path) as f:
+        f.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def repair_torn_tail(path: Path) -> int:
@@ -118,14 +164,30 @@ class TraceWriter:
 
     def __init__(self, path: Path):
         self.path = path
-        self._f = open(path, "a", encoding="utf-8")
+        self.written = 0
+        self._failed = False
+        try:
+            self._f = open(path, "a", encoding="utf-8")
+        except OSError as e:
+            raise _write_failed(path, e, "nothing was written") from e
 
     def write(self, record: dict) -> None:
-        self._f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._f.flush()
+        try:
+            self._f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self._f.flush()
+        except OSError as e:
+            # a part of this line may have reached the file: the next run cuts it (repair_torn_tail)
+            self._failed = True
+            raise _write_failed(self.path, e, f"the {self.written} record(s) written before it in this run, "
+                                "and all earlier ones, are kept and a rerun resumes after them") from e
+        self.written += 1
 
     def close(self) -> None:
-        self._f.close()
+        try:
+            self._f.close()
+        except OSError:
+            if not self._failed:  # after a failed write, closing retries the same flush: already reported
+                raise
 
     def __enter__(self):
         return self

@@ -171,6 +171,9 @@ class Engine:
             t_ids = tokens if self._s2t_single is None else self._s2t_single[tokens]
             teacher_lp = teacher_logp.gather(-1, t_ids.clamp(min=0).unsqueeze(-1)).squeeze(-1)
             teacher_lp = teacher_lp.masked_fill(t_ids < 0, float("nan"))
+            # NaN or +inf anywhere in a row makes its whole log-softmax NaN, and its proposals garbage. NaN above
+            # means "no teacher counterpart", so mark such a row +inf, which no log-prob can be: _record stops.
+            teacher_lp = teacher_lp.masked_fill(~torch.isfinite(teacher_logp.amax(-1)), float("inf"))
         return tokens, choice.from_teacher, student_lp, teacher_lp
 
     # -- admission ---------------------------------------------------------------
@@ -187,6 +190,7 @@ class Engine:
         teacher = t_logits = None
         if self.teacher is not None:
             teacher, t_logits = KVBatch.prefill(self.teacher, [r.teacher_ids for r in order])
+            t_logits = t_logits.to(self.device)  # a device-mapped teacher ends on its last GPU
         live = _Live([_Row(r) for r in order], student, teacher, s_logits, t_logits, self._keys(order))
         if len(order) < len(group):
             live.keep([index[(r.prompt_key, tuple(r.student_ids))] for r in group])
@@ -225,7 +229,7 @@ class Engine:
             live.keys.advance()
             live.s_logits = live.student.feed(tokens)
             if live.teacher is not None:
-                live.t_logits = self._feed_teacher(live.teacher, tokens, [tok_list[i] for i in keep])
+                live.t_logits = self._feed_teacher(live.teacher, tokens, [tok_list[i] for i in keep]).to(self.device)
 
     def _record(self, rows, tokens, teacher_flags, student_lps, teacher_lps):
         """Append one step's facts to each row; return (indices of rows that go on, Finished rows)."""
@@ -234,15 +238,16 @@ class Engine:
         keep, done = [], []
         for i, row in enumerate(rows):
             lp = student_lps[i]
-            if not math.isfinite(lp):
-                raise EngineError(f"the student produced non-finite logits ({lp}) for "
+            tl = None if teacher_lps is None else teacher_lps[i]
+            if not math.isfinite(lp) or tl == math.inf:
+                raise EngineError(f"the {'student' if not math.isfinite(lp) else 'teacher'} produced non-finite "
+                                  f"logits ({lp if not math.isfinite(lp) else 'NaN or inf'}) for "
                                   f"{row.request.label or f'request {row.request.handle}'} at completion "
                                   f"position {len(row.tokens)}; check the model's weights and --dtype")
             tok = tokens[i]
             row.tokens.append(tok)
             row.origin.append("T" if teacher_flags[i] else "S")
             row.student_lp.append(lp)
-            tl = None if teacher_lps is None else teacher_lps[i]
             row.teacher_lp.append(None if tl is None or math.isnan(tl) else tl)
             if tok in self.eos_ids or (self.stop_fn is not None and self.stop_fn(row.tokens)):
                 done.append(row.finish("stop"))
@@ -260,3 +265,39 @@ class Engine:
             return teacher.feed(self._s2t_single[tokens])
         # a student token the teacher spells with several tokens (e.g. <think>)
         return teacher.feed_chunks([list(self.bridge.expansion(t)) for t in token_list])
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """A device out-of-memory error: torch's own type, or a RuntimeError that says so (older builds, MPS)."""
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", ())
+    return isinstance(error, oom) or (isinstance(error, RuntimeError) and "out of memory" in str(error))
+
+
+def run_halving_on_oom(engine: Engine, requests: Iterable[Request], log: Callable[[str], None] = print
+                       ) -> Iterator[Finished]:
+    """`engine.run(requests)`, except that running out of device memory halves the engine's batch size and
+    runs the requests not yet yielded again, saying so through `log`. Random numbers are keyed per row, so
+    a request started over gives the same result: nothing is lost or doubled. At batch size 1, it stops."""
+    requests, yielded = list(requests), set()
+    while True:
+        try:
+            for fin in engine.run([r for r in requests if r.handle not in yielded]):
+                yielded.add(fin.handle)
+                yield fin
+            return
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
+            if engine.batch_size <= 1:
+                # at batch size 1 the sequence that failed is the first in run's order: the longest prompt left
+                failed = min((r for r in requests if r.handle not in yielded), key=lambda r: -len(r.student_ids))
+                raise EngineError(
+                    f"out of memory at batch size 1 ({failed.label or f'request {failed.handle}'}): the models "
+                    "and one sequence do not fit on the device; try --dtype bfloat16, a smaller "
+                    "--max-new-tokens, a smaller teacher, or a device with more memory") from e
+            half = engine.batch_size // 2
+            log(f"out of memory at batch size {engine.batch_size}; retrying with {half}")
+        # out of the except block, the failed run's caches are garbage: hand their memory back first
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        engine.batch_size, engine.admit_at = half, max(1, half // 8)  # as Engine.__init__ sets them

@@ -138,8 +138,10 @@ class KVBatch:
         self.mask = self.mask[rows]
         self.lengths = self.lengths[rows]
         for layer in _layers(self.cache):
-            layer.keys = layer.keys[rows]
-            layer.values = layer.values[rows]
+            # under a device map (accelerate) each layer's cache lives on that layer's GPU
+            at = rows if layer.keys.device == rows.device else rows.to(layer.keys.device)
+            layer.keys = layer.keys[at]
+            layer.values = layer.values[at]
         self._trim()
 
     def _trim(self) -> None:

@@ -1,0 +1,365 @@
+"""`tracetailor generate --workers N`: one run spread over N Ray actors.
+
+Job: start a local Ray instance (or join a cluster: `--ray-address`, `RAY_ADDRESS`),
+start N actors that each load one student and one teacher (one GPU each when the
+cluster has GPUs, an equal share of the CPU cores otherwise), and hand them the
+pending (prompt, sample) pairs in shards. Each worker runs the same Engine as
+`run_generate` and appends exactly the same records, one flushed line each, to its
+own `OUT/traces-w{i}.jsonl`. A shard whose worker dies goes back on the queue, less
+the records that worker had already written, and a fresh worker (a new number, so
+a new file) takes the dead one's place. Stats are merged over all trace files at
+the end (`generate.write_stats`).
+
+Why the result does not depend on N: random numbers are keyed by (seed, prompt,
+sample, position), so a sequence's trace does not depend on its batch, worker or
+process. The driver reads the finished ids of every `traces*.jsonl` before it
+shards (`prepare_out_dir`, the resume rule of generate), so a run may be resumed
+with any worker count, or none.
+
+Not its job: decoding (decoding/), the record format (generate.build_record), the
+files and resume (data/traces.py), or running the cluster. On several machines,
+OUT, the prompts' models and tracetailor itself must be reachable from every node
+(a shared filesystem, the same install); workers check that they can see OUT.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import socket
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from .config import GenerateConfig
+from .data.traces import TraceWriter, read_records, record_id, repair_torn_tail, write_json_atomic
+
+# A shard that has been running on this many workers when they died stops the run:
+# it is more likely to kill the next one (say, out of memory) than to be unlucky.
+SHARD_ATTEMPTS = 3
+# Fault injection for the tests: each of the first workers started (not their
+# replacements) writes this many records and half of the next one, then exits as
+# a crash mid-write would.
+EXIT_AFTER_ENV = "TRACETAILOR_WORKER_EXIT_AFTER"
+
+
+class DistributedError(RuntimeError):
+    pass
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError as e:
+        raise DistributedError(
+            "--workers needs Ray, which is not installed: pip install 'tracetailor[ray]' (or pip install ray); "
+            "leave out --workers to generate in this process"
+        ) from e
+    return ray
+
+
+@dataclass
+class Shard:
+    number: int
+    pairs: list[tuple[int, int]]  # (index into the prompt list, sample)
+    attempts: int = 0  # workers that died running it
+
+
+def make_shards(pending: list[tuple[int, int]], workers: int, batch_size: int) -> list[Shard]:
+    """Contiguous runs of pairs (a prompt's samples stay together, so it is prefilled once),
+    about four per worker so that the last ones to finish are small, none below a batch."""
+    size = max(batch_size, math.ceil(len(pending) / (4 * workers)))
+    return [Shard(n, pending[i : i + size]) for n, i in enumerate(range(0, len(pending), size))]
+
+
+class GenerateWorker:
+    """One actor: a student, a teacher and an Engine, loaded once and run over each shard
+    it is handed. Ray wraps this class (`ray.remote`) in `run_distributed`."""
+
+    def __init__(self, cfg: dict, index: int, threads: int | None = None, exit_after: int | None = None):
+        self.cfg = GenerateConfig(**cfg)
+        self.index = index
+        self.threads = threads
+        self.exit_after = exit_after
+        self.written = 0
+        self.path = Path(self.cfg.out) / f"traces-w{index}.jsonl"
+
+    def setup(self) -> dict:
+        import torch
+
+        from .generate import context_window, load_pair, make_engine
+
+        if self.threads:  # N workers on one machine's cores must not each take all of them
+            torch.set_num_threads(self.threads)
+        out = Path(self.cfg.out)
+        if not (out / "run.json").is_file():
+            raise DistributedError(
+                f"worker w{self.index} on {socket.gethostname()} cannot see --out {out} (no run.json there); "
+                "on a cluster, OUT must be on a filesystem that every node shares"
+            )
+        self.student, self.teacher, self.bridge = load_pair(self.cfg, log=lambda m: None)
+        self.context = context_window(self.student, self.teacher)
+        self.eos = set(self.student.eos_ids())
+        self.engine = make_engine(self.cfg, self.student, self.teacher, self.bridge)
+        bridge = self.bridge
+        return {
+            "worker": self.index, "host": socket.gethostname(), "pid": os.getpid(),
+            "device": str(self.student.model.device), "threads": torch.get_num_threads(),
+            "student": self.student.name, "teacher": self.teacher.name if self.teacher else None,
+            "bridge": None if bridge is None else {"identity": bridge.identity, "shared_fraction": bridge.shared_fraction},
+            "context": self.context,
+        }
+
+    def run_shard(self, prompts: dict, pairs: list[tuple[int, int]]) -> dict:
+        from .decoding.engine import run_halving_on_oom
+        from .generate import build_record, build_requests
+
+        started = time.perf_counter()
+        requests, handles, skipped = build_requests(((prompts[i], s) for i, s in pairs), self.bridge, self.context,
+                                                    self.cfg.max_new_tokens)
+        sequences = tokens = 0
+        with TraceWriter(self.path) as writer:
+            for fin in run_halving_on_oom(self.engine, requests, log=print):  # print: to this worker's Ray log
+                prompt, sample = handles[fin.handle]
+                record = build_record(prompt, sample, fin, self.student.tokenizer, self.eos, self.cfg.mode,
+                                      self.teacher is not None)
+                if self.exit_after is not None and self.written >= self.exit_after:
+                    self._die_mid_write(record)
+                writer.write(record)
+                self.written += 1
+                sequences += 1
+                tokens += len(fin.token_ids)
+        return {"sequences": sequences, "tokens": tokens, "skipped": skipped, "context": self.context,
+                "seconds": time.perf_counter() - started}
+
+    def _die_mid_write(self, record: dict) -> None:
+        import json
+
+        line = json.dumps(record, ensure_ascii=False)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line[: len(line) // 2])
+            f.flush()
+        os._exit(1)
+
+
+# -- the driver -------------------------------------------------------------------------
+
+def _connect(ray, cfg: GenerateConfig, log) -> bool:
+    """Join the cluster at --ray-address / RAY_ADDRESS, or start a local instance sized to
+    this machine. Returns whether we started (and so must stop) Ray."""
+    if ray.is_initialized():  # the caller's own Ray session (e.g. tests): use it as it is
+        return False
+    # worker output stays in Ray's logs (/tmp/ray/session_latest/logs); errors reach us as exceptions
+    quiet = {"log_to_driver": False, "logging_level": logging.ERROR}
+    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        log(f"joining the Ray cluster at {address}")
+        ray.init(address=address, **quiet)
+        return True
+    import torch
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    ray.init(num_cpus=cpus, num_gpus=gpus, include_dashboard=False, **quiet)
+    return True
+
+
+def _actor_options(ray, cfg: GenerateConfig, n: int) -> tuple[dict, int | None, str]:
+    """Ray resources per actor, torch threads per actor, and a line that says so."""
+    total = ray.cluster_resources()
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")] or [total]
+    gpus, cpus = total.get("GPU", 0), total.get("CPU", 1)
+    if gpus >= 1 and not str(cfg.device).startswith(("cpu", "mps")):
+        # one GPU each; a device-mapped teacher gets an equal share of a node's GPUs
+        node_gpus = int(max(r.get("GPU", 0) for r in nodes))
+        per = max(1, min(int(gpus // n), node_gpus)) if cfg.teacher_device_map else 1
+        if n * per > gpus:
+            raise DistributedError(f"--workers {n} needs {n * per} GPUs (one worker per GPU) but the cluster has "
+                                   f"{gpus:g}; use --workers {max(1, int(gpus // per))} or fewer, or --device cpu")
+        threads = max(1, int(min(cpus / n, max(r.get("CPU", 1) for r in nodes))))  # host-side work only
+        return {"num_gpus": per, "num_cpus": min(1, cpus / n)}, threads, f"{per} GPU(s) each"
+    node_cpus = max(r.get("CPU", 0) for r in nodes)
+    per = min(cpus / n, node_cpus)
+    per = int(per) if per >= 1 else per  # fewer cores than workers: a fraction each, one thread
+    threads = max(1, int(per))
+    cap = os.environ.get("OMP_NUM_THREADS", "")
+    if cap.isdigit() and int(cap) >= 1:  # the user's own limit, e.g. on a machine shared with others
+        threads = min(threads, int(cap))
+    return {"num_cpus": per, "num_gpus": 0}, threads, f"{per:g} CPU core(s) and {threads} torch thread(s) each"
+
+
+def _kill(ray, actor) -> None:
+    try:
+        ray.kill(actor, no_restart=True)
+    except Exception:  # already gone
+        pass
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return (text[0] if text else type(error).__name__)[:200]
+
+
+def _recover(path: Path) -> dict[str, int]:
+    """{record id: tokens} of the whole records a dead worker left in its file (torn tail cut).
+    Only the dead worker wrote this file, so cutting it cannot race a live writer."""
+    if not path.exists():
+        return {}
+    repair_torn_tail(path)
+    return {rec["id"]: len(rec.get("completion_token_ids", [])) for rec in read_records(path)}
+
+
+def run_distributed(cfg: GenerateConfig, log=print) -> dict[str, Any]:
+    """`run_generate` over `cfg.workers` Ray actors; returns the stats written to OUT/stats.json."""
+    from tqdm.auto import tqdm
+
+    from .generate import load_prompt_set, prepare_out_dir, run_info, warn_skipped, write_stats
+    from .models import load_tokenizer
+
+    ray = import_ray()
+    cfg.validate()
+    done = prepare_out_dir(cfg)  # reads (and repairs) every traces*.jsonl: any earlier worker count
+    out = Path(cfg.out)
+    tokenizer = load_tokenizer(cfg.student, gguf_file=cfg.student_gguf_file,
+                               trust_remote_code=cfg.trust_remote_code, role="student")
+    prompts = load_prompt_set(cfg, tokenizer)
+    pending = [(i, s) for i, p in enumerate(prompts) for s in range(cfg.samples)
+               if record_id(p.prompt_id, s) not in done]
+    if not (out / "run.json").exists() or pending:
+        # a first version now, so that workers can check they see OUT; the models' own names come with them
+        write_json_atomic(out / "run.json", run_info(cfg, cfg.student, cfg.teacher, None))
+        (out / "stats.json").unlink(missing_ok=True)  # it marks a finished run, as in run_generate
+    if done:
+        log(f"resuming: {len(done)} sequence(s) already in {out}, {len(pending)} to go")
+    if not pending:
+        return write_stats(out, cfg.mode, prompts=len(prompts), skipped=[], sequences=0, tokens=0, seconds=0.0,
+                           log=log, extra={"workers": cfg.workers})
+
+    shards = make_shards(pending, cfg.workers, cfg.batch_size)
+    n = min(cfg.workers, len(shards))
+    started_ray = _connect(ray, cfg, log)
+    actors: dict[int, Any] = {}  # worker number -> actor handle, live ones
+    try:
+        options, threads, each = _actor_options(ray, cfg, n)
+        log(f"{len(pending)} sequence(s) in {len(shards)} shard(s) over {n} Ray worker(s), {each}")
+        worker_cls = ray.remote(GenerateWorker).options(max_restarts=0, max_task_retries=0, **options)
+        cfg_dict = dataclasses.asdict(cfg)
+        if cfg.device.startswith("cuda") and options.get("num_gpus"):
+            cfg_dict["device"] = "cuda"  # Ray shows each actor only its own GPU(s), as cuda:0...
+        exit_after = os.environ.get(EXIT_AFTER_ENV)
+
+        queue, futures, idle = deque(shards), {}, []
+        infos: dict[int, dict] = {}
+        totals = {"sequences": 0, "tokens": 0, "deaths": 0, "setup_deaths": 0, "worker_seconds": 0.0}
+        skipped: list[str] = []
+        context = None
+        next_index = 0
+
+        def start_worker():
+            nonlocal next_index
+            index, next_index = next_index, next_index + 1
+            fault = int(exit_after) if exit_after is not None and index < n else None
+            actors[index] = worker_cls.remote(cfg_dict, index, threads, fault)
+            futures[actors[index].setup.remote()] = (index, None)
+
+        def payload(shard: Shard):
+            return {i: prompts[i] for i, _ in shard.pairs}, shard.pairs
+
+        for _ in range(n):
+            start_worker()
+        bar = tqdm(total=len(pending), unit="seq", disable=not cfg.progress, dynamic_ncols=True,
+                   desc=f"generate [{cfg.mode}] x{n}")
+        started = None
+        death_errors = tuple(getattr(ray.exceptions, name) for name in
+                             ("RayActorError", "WorkerCrashedError", "NodeDiedError", "OutOfMemoryError")
+                             if hasattr(ray.exceptions, name))
+        try:
+            while queue or any(shard is not None for _, shard in futures.values()):
+                while queue and idle:
+                    index, shard = idle.pop(), queue.popleft()
+                    futures[actors[index].run_shard.remote(*payload(shard))] = (index, shard)
+                if not futures:
+                    raise DistributedError("no Ray worker is left to run the remaining shards")
+                (ref,), _ = ray.wait(list(futures), num_returns=1)
+                index, shard = futures.pop(ref)
+                try:
+                    result = ray.get(ref)
+                except ray.exceptions.RayTaskError as e:  # an error in our code or the data: stop, say it
+                    raise (e.cause if isinstance(e.cause, Exception) else e) from None
+                except death_errors as e:
+                    totals["deaths"] += 1
+                    _kill(ray, actors.pop(index))
+                    if shard is None:
+                        totals["setup_deaths"] += 1
+                        if totals["setup_deaths"] > n:
+                            raise DistributedError(f"Ray workers keep dying while they load the models "
+                                                   f"(last: {_first_line(e)}); see the Ray logs "
+                                                   "(/tmp/ray/session_latest/logs on each node)") from e
+                        log(f"worker w{index} died while loading ({_first_line(e)}); starting another")
+                    else:
+                        recovered = _recover(out / f"traces-w{index}.jsonl")
+                        left = []
+                        for i, s in shard.pairs:
+                            rid = record_id(prompts[i].prompt_id, s)
+                            if rid in recovered:  # written before it died: kept, not redone
+                                totals["sequences"] += 1
+                                totals["tokens"] += recovered[rid]
+                                bar.update(1)
+                            else:
+                                left.append((i, s))
+                        shard.attempts += 1
+                        if left and shard.attempts >= SHARD_ATTEMPTS:
+                            names = ", ".join(sorted({prompts[i].prompt_id for i, _ in left})[:5])
+                            raise DistributedError(
+                                f"{shard.attempts} workers died running the same shard (prompts {names}); last: "
+                                f"{_first_line(e)}. Finished work is saved in {out}; see the Ray logs "
+                                "(/tmp/ray/session_latest/logs), fix the cause (e.g. a smaller --batch-size) and "
+                                "run the same command to resume") from e
+                        log(f"worker w{index} died ({_first_line(e)}); {len(shard.pairs) - len(left)} of its "
+                            f"shard's sequences were saved, {len(left)} go to another worker")
+                        if left:
+                            queue.appendleft(Shard(shard.number, left, shard.attempts))
+                    if queue or len(actors) == 0:
+                        start_worker()
+                    continue
+                if shard is None:  # a worker is ready
+                    infos[index] = result
+                    if len(infos) == 1:
+                        write_json_atomic(out / "run.json", _run_json(cfg, run_info, result, infos))
+                    started = started or time.perf_counter()
+                    idle.append(index)
+                    continue
+                totals["sequences"] += result["sequences"]
+                totals["tokens"] += result["tokens"]
+                totals["worker_seconds"] += result["seconds"]
+                skipped += [p for p in result["skipped"] if p not in skipped]
+                context = result["context"]
+                bar.update(result["sequences"] + sum(1 for i, _ in shard.pairs if prompts[i].prompt_id in result["skipped"]))
+                idle.append(index)
+        finally:
+            bar.close()
+        elapsed = time.perf_counter() - (started or time.perf_counter())
+        warn_skipped(skipped, context)
+        write_json_atomic(out / "run.json", _run_json(cfg, run_info, next(iter(infos.values())), infos))
+        extra = {"workers": n, "worker_deaths": totals["deaths"], "shards": len(shards),
+                 "worker_seconds": round(totals["worker_seconds"], 3)}
+        return write_stats(out, cfg.mode, prompts=len(prompts), skipped=skipped, sequences=totals["sequences"],
+                           tokens=totals["tokens"], seconds=elapsed, log=log, extra=extra)
+    finally:
+        for actor in actors.values():
+            _kill(ray, actor)
+        if started_ray:
+            ray.shutdown()
+
+
+def _run_json(cfg: GenerateConfig, run_info, first: dict, infos: dict[int, dict]) -> dict:
+    bridge = None if first["bridge"] is None else SimpleNamespace(**first["bridge"])
+    info = run_info(cfg, first["student"], first["teacher"], bridge)
+    info["workers"] = [{k: v for k, v in w.items() if k in ("worker", "host", "pid", "device", "threads")}
+                       for _, w in sorted(infos.items())]
+    return info

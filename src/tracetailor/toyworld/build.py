@@ -1,0 +1,305 @@
+"""`tracetailor world build`: make the miniature world from a seed, deterministically, and cache it.
+
+Stages: problems -> tokenizer -> student -> teacher -> measurements. The result
+is one directory::
+
+    problems/{train,validation,test}.jsonl   id, question, answer, difficulty, prompt,
+                                             expression, student_solution, teacher_solution
+    tokenizer/                               the world's HF tokenizer
+    student/, teacher/                       Qwen3 checkpoints (safetensors + tokenizer)
+    world.json                               config, sizes, parameter counts, timings,
+                                             validation accuracies, low-probability token
+                                             shares, and the sha256 of every file
+
+Every file but world.json's timings is a function of the config alone: building
+twice with one seed on one machine gives the same bytes (the loop is
+single-threaded by default; other thread counts may round differently).
+A directory that already holds a world of the same config is reused. For the
+default config of seed 0, a copy built by this very code ships in the package
+(`toyworld/data/`) and is copied out after its hashes check, since building
+takes minutes; `force=True` (``--force``) builds it anew instead.
+
+Measurements use the validation split only; the test split is never looked at here.
+Not its job: the demo experiment (SFT, eval, report).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import pretrain, tasks
+from .pretrain import ModelSpec, TrainSpec
+from .tokenizer import VOCAB_SIZE, chat_texts, train_tokenizer
+
+VERSION = "v1"
+SPLITS = ("train", "validation", "test")
+SHIPPED = Path(__file__).parent / "data"
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    """Everything a world is a function of. The defaults are the shipped world."""
+
+    seed: int = 0
+    sizes: dict = field(default_factory=lambda: {"train": 4000, "validation": 200, "test": 200})
+    vocab_size: int = VOCAB_SIZE
+    student: ModelSpec = ModelSpec(hidden=64, layers=4, heads=4, kv_heads=2, intermediate=192)
+    teacher: ModelSpec = ModelSpec(hidden=160, layers=6, heads=5, kv_heads=5, intermediate=448)
+    student_train: TrainSpec = TrainSpec(steps=600, batch_size=64, lr=3e-3, teacher_share=0.0)
+    teacher_train: TrainSpec = TrainSpec(steps=600, batch_size=64, lr=2e-3, teacher_share=0.8)
+    threads: int = 1  # torch threads while training; part of the config since rounding may depend on it
+    measure_limit: int | None = None  # validation problems used for the measurements (None: all)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class WorldError(RuntimeError):
+    pass
+
+
+def default_dir(seed: int) -> Path:
+    root = Path(os.environ.get("TRACETAILOR_CACHE", Path.home() / ".cache" / "tracetailor"))
+    return root / f"world-seed{seed}-{VERSION}"
+
+
+def build_world(seed: int = 0, out: str | os.PathLike | None = None, *, force: bool = False,
+                config: WorldConfig | None = None, log: Callable[[str], None] | None = None) -> Path:
+    """The world's directory for `seed` (or `config`): reused when already built with the same
+    config, copied from the package for the shipped config, else built (minutes on 2 cores)."""
+    config = config or WorldConfig(seed=seed)
+    if config.seed != seed and seed != 0:
+        raise WorldError(f"seed {seed} disagrees with config.seed {config.seed}")
+    log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+    out = Path(out).expanduser() if out else default_dir(config.seed)
+    if not force and is_built(out, config):
+        log(f"world: {out} is built (seed {config.seed}); --force rebuilds it")
+        return out
+    if not force and _copy_shipped(config, out, log):
+        return out
+    return _build(config, out, log)
+
+
+def is_built(path: Path, config: WorldConfig) -> bool:
+    """Whether `path` holds a complete world made with `config`."""
+    try:
+        meta = json.loads((path / "world.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if meta.get("version") != VERSION or meta.get("config") != _jsonable(config.to_dict()):
+        return False
+    return all((path / name).is_file() for name in meta.get("files", {"": None}))
+
+
+def verify(path: Path) -> list[str]:
+    """Files of a built world whose sha256 differs from world.json's record (missing ones too)."""
+    meta = json.loads((Path(path) / "world.json").read_text(encoding="utf-8"))
+    bad = []
+    for name, digest in meta["files"].items():
+        file = Path(path) / name
+        if not file.is_file() or _sha256(file) != digest:
+            bad.append(name)
+    return bad
+
+
+# ---------------------------------------------------------------- the build
+
+
+def _build(config: WorldConfig, out: Path, log: Callable[[str], None]) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+    timings: dict[str, dict] = {}
+    log(f"world: building seed {config.seed} into {out} ({config.threads} thread(s))")
+    try:
+        with _deterministic(config.threads):
+            with _stage("problems", 1, timings, log):
+                splits = tasks.make_splits(config.seed, dict(config.sizes))
+                _write_problems(work / "problems", splits)
+                log("  " + ", ".join(f"{name} {len(rows)}" for name, rows in splits.items()))
+            with _stage("tokenizer", 2, timings, log):
+                rows = [p for name in splits for p in splits[name]]
+                texts = (chat_texts([p.prompt for p in rows], [p.student_solution for p in rows])
+                         + chat_texts([p.prompt for p in rows], [p.teacher_solution for p in rows]))
+                tokenizer = train_tokenizer(texts, config.vocab_size)
+                tokenizer.save_pretrained(work / "tokenizer")
+                log(f"  {len(tokenizer)} tokens")
+            exclude = {p.expression for name in splits for p in splits[name]}
+            models = {}
+            for step, role in ((3, "student"), (4, "teacher")):
+                with _stage(role, step, timings, log):
+                    models[role] = _train_model(role, config, tokenizer, exclude, work / role, log)
+            with _stage("measure", 5, timings, log):
+                measures = measure(models["student"], models["teacher"], tokenizer, splits["validation"],
+                                   seed=config.seed, limit=config.measure_limit)
+                _log_measures(measures, log)
+        meta = {
+            "version": VERSION, "seed": config.seed, "config": _jsonable(config.to_dict()),
+            "sizes": {name: len(rows) for name, rows in splits.items()},
+            "vocab_size": len(tokenizer),
+            "parameters": {role: pretrain.n_parameters(m) for role, m in models.items()},
+            "validation": measures,
+            "timing": {"stages": timings, "wall_s": round(sum(t["wall_s"] for t in timings.values()), 1),
+                       "cpu_s": round(sum(t["cpu_s"] for t in timings.values()), 1),
+                       "torch": torch.__version__, "threads": config.threads},
+            "files": {name: _sha256(work / name) for name in _files(work)},
+        }
+        (work / "world.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        if out.exists():
+            shutil.rmtree(out)
+        work.rename(out)
+    finally:
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)
+    log(f"world: done in {meta['timing']['wall_s']:.0f}s ({meta['timing']['cpu_s']:.0f}s CPU): {out}")
+    return out
+
+
+def _train_model(role: str, config: WorldConfig, tokenizer, exclude: set[str], path: Path, log):
+    spec: ModelSpec = getattr(config, role)
+    train_spec: TrainSpec = getattr(config, f"{role}_train")
+    model_seed = config.seed * 1000 + (1 if role == "student" else 2)
+    model = pretrain.new_model(spec, tokenizer, model_seed)
+    log(f"  {pretrain.n_parameters(model):,} parameters; {train_spec.steps} steps of {train_spec.batch_size}, "
+        f"{train_spec.teacher_share:.0%} teacher style")
+    trees = tasks.pretraining_trees(config.seed, exclude)
+    examples = pretrain.example_stream(tokenizer, trees, train_spec.teacher_share, model_seed)
+    data = pretrain.batches(examples, train_spec.batch_size, tokenizer.pad_token_id)
+    pretrain.train(model, data, train_spec, log=lambda m: log("  " + m), every=max(1, train_spec.steps // 6))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return model
+
+
+def measure(student, teacher, tokenizer, problems: list[tasks.Problem], seed: int = 0, limit: int | None = None
+            ) -> dict:
+    """Accuracies (greedy; sampled at T=0.7, top-p 0.95) of both models, and the share of tokens the
+    student gives p < 0.01 in the teacher's and in its own samples (T=1) and in the reference solutions."""
+    problems = problems[:limit] if limit else problems
+    questions = [p.question for p in problems]
+    result: dict = {"problems": len(problems)}
+    samples: dict[str, list[str]] = {}
+    for role, model in (("student", student), ("teacher", teacher)):
+        greedy = pretrain.generate(model, tokenizer, questions, sample=False)
+        sampled = pretrain.generate(model, tokenizer, questions, sample=True, temperature=0.7, top_p=0.95,
+                                    seed=seed)
+        samples[role] = pretrain.generate(model, tokenizer, questions, sample=True, seed=seed + 1)
+        result[role] = {
+            "accuracy_greedy": _accuracy(greedy, problems),
+            "accuracy_t0.7": _accuracy(sampled, problems),
+            "accuracy_t1": _accuracy(samples[role], problems),
+            "accuracy_greedy_by_difficulty": {
+                str(d): _accuracy([g for g, p in zip(greedy, problems) if p.difficulty == d],
+                                  [p for p in problems if p.difficulty == d])
+                for d in sorted({p.difficulty for p in problems})},
+        }
+    shares = {}
+    for name, completions in (("teacher_samples", samples["teacher"]), ("student_samples", samples["student"]),
+                              ("teacher_solutions", [p.teacher_solution for p in problems]),
+                              ("student_solutions", [p.student_solution for p in problems])):
+        probs = pretrain.token_probs(student, tokenizer, questions, completions)
+        shares[name] = {"low_prob_share": round(pretrain.low_prob_share(probs), 4),
+                        "tokens": sum(map(len, probs))}
+    result["student_view"] = shares
+    return result
+
+
+def _accuracy(completions: list[str], problems: list[tasks.Problem]) -> float | None:
+    if not problems:
+        return None
+    return round(sum(pretrain.is_correct(c, p.answer) for c, p in zip(completions, problems)) / len(problems), 4)
+
+
+def _log_measures(m: dict, log) -> None:
+    for role in ("student", "teacher"):
+        r = m[role]
+        log(f"  {role}: validation accuracy {r['accuracy_greedy']:.0%} greedy, {r['accuracy_t0.7']:.0%} at T=0.7, "
+            f"{r['accuracy_t1']:.0%} at T=1; greedy by difficulty "
+            + ", ".join(f"{d} ops {a:.0%}" for d, a in r["accuracy_greedy_by_difficulty"].items()))
+    view = m["student_view"]
+    log("  share of tokens the student gives p < 0.01: "
+        + ", ".join(f"{name.replace('_', ' ')} {v['low_prob_share']:.1%}" for name, v in view.items()))
+
+
+# ---------------------------------------------------------------- helpers
+
+
+@contextmanager
+def _stage(name: str, number: int, timings: dict, log):
+    log(f"[{number}/5] {name} ...")
+    wall, cpu = time.perf_counter(), time.process_time()
+    yield
+    timings[name] = {"wall_s": round(time.perf_counter() - wall, 1), "cpu_s": round(time.process_time() - cpu, 1)}
+    log(f"[{number}/5] {name} done in {timings[name]['wall_s']:.1f}s")
+
+
+@contextmanager
+def _deterministic(threads: int):
+    """Fixed threads and deterministic kernels for the build; the caller's settings come back after."""
+    before_threads, before_det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before_threads)
+        torch.use_deterministic_algorithms(before_det)
+
+
+def _write_problems(folder: Path, splits: dict[str, list[tasks.Problem]]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, rows in splits.items():
+        with open(folder / f"{name}.jsonl", "w", encoding="utf-8") as f:
+            for p in rows:
+                f.write(json.dumps(p.to_row()) + "\n")
+
+
+def _files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)).replace(os.sep, "/") for p in root.rglob("*")
+                  if p.is_file() and p.name != "world.json")
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value))
+
+
+def _copy_shipped(config: WorldConfig, out: Path, log) -> bool:
+    shipped = SHIPPED / f"world-seed{config.seed}-{VERSION}"
+    if not is_built(shipped, config):
+        return False
+    bad = verify(shipped)
+    if bad:
+        log(f"world: the shipped world in {shipped} fails its checks ({', '.join(bad)}); building instead")
+        return False
+    log(f"world: copying the shipped seed-{config.seed} world to {out} (checked; --force builds it anew)")
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(shipped, out)
+    return True
+
+
+def tiny_config(seed: int = 0, student_steps: int = 3, teacher_steps: int = 3) -> WorldConfig:
+    """A world of a few problems and barely trained models: seconds to build, for tests and CI."""
+    return WorldConfig(
+        seed=seed, sizes={"train": 40, "validation": 12, "test": 12},
+        student=ModelSpec(hidden=16, layers=1, heads=2, kv_heads=1, intermediate=32),
+        teacher=ModelSpec(hidden=32, layers=2, heads=2, kv_heads=1, intermediate=64),
+        student_train=TrainSpec(steps=student_steps, batch_size=8),
+        teacher_train=TrainSpec(steps=teacher_steps, batch_size=8, teacher_share=0.8),
+    )

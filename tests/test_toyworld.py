@@ -1,0 +1,248 @@
+"""The miniature world: problems that check, a tokenizer that round-trips, a build that repeats itself
+bit for bit, and models that load and generate through the same code as a user's model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tracetailor.toyworld import build, tasks
+from tracetailor.toyworld.tokenizer import chat_texts, train_tokenizer
+
+SIZES = {"train": 4000, "validation": 200, "test": 200}
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return tasks.make_splits(0, SIZES)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(splits):
+    rows = [p for name in splits for p in splits[name]][:600]
+    return train_tokenizer(chat_texts([p.prompt for p in rows], [p.student_solution for p in rows])
+                           + chat_texts([p.prompt for p in rows], [p.teacher_solution for p in rows]))
+
+
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    config = build.tiny_config(seed=3)
+    first = build.build_world(3, root / "a", config=config, log=lambda m: None)
+    second = build.build_world(3, root / "b", config=config, log=lambda m: None)
+    return config, first, second
+
+
+# ---------------------------------------------------------------- problems
+
+
+def test_splits_have_their_sizes_and_share_no_problem(splits):
+    assert {name: len(rows) for name, rows in splits.items()} == SIZES
+    questions = [p.question for rows in splits.values() for p in rows]
+    assert len(set(questions)) == len(questions)
+    ids = [p.id for rows in splits.values() for p in rows]
+    assert len(set(ids)) == len(ids)
+
+
+def test_every_answer_checks(splits):
+    for p in (p for rows in splits.values() for p in rows):
+        assert p.question == f"What is {p.expression}?"
+        assert tasks.evaluate_expression(p.expression) == p.answer
+        assert 0 <= p.answer <= tasks.MAX_VALUE
+        for style, solution in (("student", p.student_solution), ("teacher", p.teacher_solution)):
+            assert solution.startswith("<think>\n") and solution.endswith(f"</think>\n\n\\boxed{{{p.answer}}}")
+            lines, boxed = tasks.parse_completion(solution)
+            assert boxed == str(p.answer), (style, solution)
+            assert all(tasks.check_line(line) for line in lines), (style, solution)
+            assert int(lines[-1].split("=")[1]) == p.answer
+            ops = [sum(line.split("=")[0].count(op) for op in tasks.OPS) for line in lines]
+            if style == "student":
+                assert ops == [1] * p.difficulty, solution  # one operation per line, one line per operation
+            else:
+                assert sum(ops) == p.difficulty and max(ops) <= tasks.TEACHER_OPS_PER_LINE, solution
+
+
+def test_student_steps_rerun_the_expression(splits):
+    """Substituting each student step's result for its operation, in order, walks the expression down to the answer."""
+    for p in splits["validation"]:
+        lines, _ = tasks.parse_completion(p.student_solution)
+        values = [int(line.split("=")[1]) for line in lines]
+        tree = tasks.parse_tree(p.expression)
+        assert [s.value for s in tasks.steps(tree)] == values
+        assert tasks.render(tree) == p.expression
+
+
+def test_difficulty_is_graded_and_balanced(splits):
+    counts = {d: sum(p.difficulty == d for p in splits["train"]) for d in range(tasks.MIN_OPS, tasks.MAX_OPS + 1)}
+    assert set(counts) == {2, 3, 4, 5} and min(counts.values()) >= 0.2 * len(splits["train"])
+
+
+def test_teacher_folds_operations():
+    tree = tasks.parse_tree("5+3*4-2")
+    assert tasks.student_lines(tree) == ["3*4=12", "5+12=17", "17-2=15"]
+    assert tasks.teacher_lines(tree) == ["5+3*4=17", "17-2=15"]
+    assert tasks.teacher_lines(tree, per_line=3) == ["5+3*4-2=15"]
+    tree = tasks.parse_tree("2*3+4*5")
+    assert tasks.student_lines(tree) == ["2*3=6", "4*5=20", "6+20=26"]
+    assert tasks.teacher_lines(tree) == ["2*3=6", "6+4*5=26"]
+    tree = tasks.parse_tree("9-(3+4)")
+    assert tasks.student_lines(tree) == ["3+4=7", "9-7=2"] and tasks.teacher_lines(tree) == ["9-(3+4)=2"]
+
+
+def test_splits_follow_the_seed():
+    a, b, c = (tasks.make_splits(s, {"test": 50}) for s in (0, 0, 1))
+    assert [p.to_row() for p in a["test"]] == [p.to_row() for p in b["test"]]
+    assert [p.question for p in a["test"]] != [p.question for p in c["test"]]
+
+
+def test_pretraining_problems_avoid_the_splits(splits):
+    exclude = {p.expression for rows in splits.values() for p in rows}
+    stream = tasks.pretraining_trees(0, exclude)
+    assert all(tasks.render(next(stream)) not in exclude for _ in range(2000))
+
+
+def test_instruction_is_the_one_eval_appends():
+    from tracetailor.evaluate.benchmarks import MATH_INSTRUCTION
+
+    assert tasks.INSTRUCTION == MATH_INSTRUCTION
+
+
+def test_check_line_rejects_false_steps():
+    assert tasks.check_line("3*4=12") and tasks.check_line("5+3*4-2=15") and tasks.check_line("(2+3)*4=20")
+    assert not tasks.check_line("3*4=13") and not tasks.check_line("3*4") and not tasks.check_line("3*=4")
+
+
+# ---------------------------------------------------------------- tokenizer
+
+
+def test_tokenizer_round_trips_and_spells_digits(tokenizer, splits):
+    for p in splits["test"][:50]:
+        for text in (p.prompt, p.student_solution, p.teacher_solution, "anything else: ünïcode ✓ 12.5%"):
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            assert tokenizer.decode(ids) == text
+    ids = tokenizer("1234567890+-*()=", add_special_tokens=False)["input_ids"]
+    assert [tokenizer.decode([i]) for i in ids] == list("1234567890+-*()=")
+    assert 200 <= len(tokenizer) <= 400
+
+
+def test_tokenizer_specials_and_chat_template(tokenizer, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert loaded.eos_token == "<|im_end|>" and loaded.pad_token == "<|endoftext|>"
+    for special in ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<think>", "</think>"):
+        assert len(loaded(special, add_special_tokens=False)["input_ids"]) == 1, special
+    text = loaded.apply_chat_template([{"role": "user", "content": "What is 1+2?"}], tokenize=False,
+                                      add_generation_prompt=True)
+    assert text == "<|im_start|>user\nWhat is 1+2?<|im_end|>\n<|im_start|>assistant\n"
+    # prompt and completion tokenised apart give the ids of the whole (how train and generate split them)
+    completion = "<think>\n1+2=3\n</think>\n\n\\boxed{3}"
+    assert (loaded(text, add_special_tokens=False)["input_ids"] + loaded(completion, add_special_tokens=False)["input_ids"]
+            == loaded(text + completion, add_special_tokens=False)["input_ids"])
+
+
+# ---------------------------------------------------------------- the build
+
+
+def test_build_twice_gives_identical_files(tiny_world):
+    config, first, second = tiny_world
+    files = build._files(first)
+    assert files == build._files(second)
+    assert {"problems/train.jsonl", "problems/validation.jsonl", "problems/test.jsonl",
+            "tokenizer/tokenizer.json", "student/model.safetensors", "teacher/model.safetensors"} <= set(files)
+    for name in files:
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+    meta_a, meta_b = (json.loads((p / "world.json").read_text()) for p in (first, second))
+    meta_a.pop("timing"), meta_b.pop("timing")
+    assert meta_a == meta_b
+    assert build.verify(first) == []
+
+
+def test_world_json_records_the_world(tiny_world):
+    config, first, _ = tiny_world
+    meta = json.loads((first / "world.json").read_text())
+    assert meta["seed"] == 3 and meta["sizes"] == config.sizes
+    assert meta["parameters"]["teacher"] > meta["parameters"]["student"] > 0
+    for role in ("student", "teacher"):
+        assert 0 <= meta["validation"][role]["accuracy_greedy"] <= 1
+    for name in ("teacher_samples", "student_samples", "teacher_solutions", "student_solutions"):
+        assert 0 <= meta["validation"]["student_view"][name]["low_prob_share"] <= 1
+    assert meta["timing"]["wall_s"] > 0
+    rows = [json.loads(line) for line in (first / "problems" / "validation.jsonl").read_text().splitlines()]
+    assert len(rows) == config.sizes["validation"]
+    assert {"id", "question", "answer", "difficulty", "prompt", "student_solution", "teacher_solution"} <= set(rows[0])
+
+
+def test_built_world_is_reused_and_force_rebuilds(tiny_world, tmp_path):
+    config, first, _ = tiny_world
+    said = []
+    assert build.build_world(3, first, config=config, log=said.append) == first
+    assert "is built" in said[0]
+    other = build.tiny_config(seed=3, student_steps=2)
+    assert not build.is_built(first, other)  # another config is another world
+
+
+def test_models_load_like_a_users_model_and_generate(tiny_world):
+    from tracetailor.models import load_model
+
+    _, world, _ = tiny_world
+    for role in ("student", "teacher"):
+        loaded = load_model(str(world / role), device="cpu", role=role)
+        tok = loaded.tokenizer
+        assert loaded.eos_ids() == [tok.convert_tokens_to_ids("<|im_end|>")]
+        assert loaded.vocab_size == len(tok)
+        prompt = tok.apply_chat_template([{"role": "user", "content": tasks.user_turn("What is 1+2*3?")}],
+                                         tokenize=False, add_generation_prompt=True) + "<think>\n"
+        ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        out = loaded.model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+        assert out.shape[1] > ids.shape[1]
+
+
+def test_cli_world_build(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    from tracetailor.cli import app
+
+    calls = []
+    monkeypatch.setattr(build, "build_world", lambda **kw: calls.append(kw) or tmp_path)
+    result = CliRunner().invoke(app, ["world", "build", "--seed", "2", "--out", str(tmp_path), "--force"])
+    assert result.exit_code == 0, result.output
+    assert calls == [{"seed": 2, "out": str(tmp_path), "force": True}]
+    assert str(tmp_path) in result.output
+
+
+def test_default_dir_follows_the_cache_variable(monkeypatch, tmp_path):
+    monkeypatch.setenv("TRACETAILOR_CACHE", str(tmp_path))
+    assert build.default_dir(4) == tmp_path / "world-seed4-v1"
+
+
+# ---------------------------------------------------------------- the shipped world
+
+
+def _shipped() -> Path:
+    return build.SHIPPED / f"world-seed0-{build.VERSION}"
+
+
+@pytest.mark.skipif(not _shipped().is_dir(), reason="no shipped world in this checkout")
+def test_shipped_world_checks_and_meets_its_targets():
+    path = _shipped()
+    assert build.is_built(path, build.WorldConfig(seed=0))
+    assert build.verify(path) == []
+    meta = json.loads((path / "world.json").read_text())
+    student, teacher = meta["validation"]["student"], meta["validation"]["teacher"]
+    assert teacher["accuracy_greedy"] > student["accuracy_greedy"]
+    view = meta["validation"]["student_view"]
+    assert view["teacher_samples"]["low_prob_share"] > view["student_samples"]["low_prob_share"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _shipped().is_dir(), reason="no shipped world in this checkout")
+def test_rebuilding_seed0_reproduces_the_shipped_world(tmp_path):
+    """Minutes: the full seed-0 build, compared byte for byte with the shipped copy (same torch, same CPU kind)."""
+    path = build.build_world(0, tmp_path / "w", force=True, log=lambda m: None)
+    assert build._files(path) == build._files(_shipped())
+    differing = [n for n in build._files(path) if (path / n).read_bytes() != (_shipped() / n).read_bytes()]
+    assert differing == []
