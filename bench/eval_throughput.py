@@ -118,6 +118,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=1, help="timed runs per side, alternating (ABBA)")
+    ap.add_argument("--first", choices=("eval", "hf"), default="eval", help="the side that runs first (A of ABBA)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=str, default=None, help="write the results here too")
@@ -135,9 +136,10 @@ def main() -> None:
     hf_side(args, model, items, prompts, limit=4, max_new_tokens=8, seed=args.seed)
 
     results = {"eval": [], "hf": []}
+    ab = [args.first, "hf" if args.first == "eval" else "eval"]
     order = []
     for r in range(args.repeats):
-        order += ["eval", "hf"] if r % 2 == 0 else ["hf", "eval"]
+        order += ab if r % 2 == 0 else ab[::-1]
     for k, side in enumerate(order):
         load = os.getloadavg()[0]
         if side == "eval":

@@ -60,7 +60,7 @@ class WorldConfig:
     teacher: ModelSpec = ModelSpec(hidden=160, layers=6, heads=5, kv_heads=5, intermediate=448)
     student_train: TrainSpec = TrainSpec(steps=600, batch_size=64, lr=3e-3, teacher_share=0.0)
     teacher_train: TrainSpec = TrainSpec(steps=600, batch_size=64, lr=2e-3, teacher_share=0.8)
-    threads: int = 1  # torch threads while training; part of the config since rounding may depend on it
+    threads: int | None = None  # torch threads while training; None: up to 2 (the results do not depend on it)
     measure_limit: int | None = None  # validation problems used for the measurements (None: all)
 
     def to_dict(self) -> dict:
@@ -122,9 +122,10 @@ def _build(config: WorldConfig, out: Path, log: Callable[[str], None]) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
     timings: dict[str, dict] = {}
-    log(f"world: building seed {config.seed} into {out} ({config.threads} thread(s))")
+    threads = config.threads or min(2, os.cpu_count() or 1)
+    log(f"world: building seed {config.seed} into {out} ({threads} thread(s))")
     try:
-        with _deterministic(config.threads):
+        with _deterministic(1):
             with _stage("problems", 1, timings, log):
                 splits = tasks.make_splits(config.seed, dict(config.sizes))
                 _write_problems(work / "problems", splits)
@@ -140,7 +141,7 @@ def _build(config: WorldConfig, out: Path, log: Callable[[str], None]) -> Path:
             models = {}
             for step, role in ((3, "student"), (4, "teacher")):
                 with _stage(role, step, timings, log):
-                    models[role] = _train_model(role, config, tokenizer, exclude, work / role, log)
+                    models[role] = _train_model(role, config, exclude, work, threads, log)
             with _stage("measure", 5, timings, log):
                 measures = measure(models["student"], models["teacher"], tokenizer, splits["validation"],
                                    seed=config.seed, limit=config.measure_limit)
@@ -153,7 +154,7 @@ def _build(config: WorldConfig, out: Path, log: Callable[[str], None]) -> Path:
             "validation": measures,
             "timing": {"stages": timings, "wall_s": round(sum(t["wall_s"] for t in timings.values()), 1),
                        "cpu_s": round(sum(t["cpu_s"] for t in timings.values()), 1),
-                       "torch": torch.__version__, "threads": config.threads},
+                       "torch": torch.__version__, "threads": threads},
             "files": {name: _sha256(work / name) for name in _files(work)},
         }
         (work / "world.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
@@ -167,20 +168,61 @@ def _build(config: WorldConfig, out: Path, log: Callable[[str], None]) -> Path:
     return out
 
 
-def _train_model(role: str, config: WorldConfig, tokenizer, exclude: set[str], path: Path, log):
+def _train_model(role: str, config: WorldConfig, exclude: set[str], work: Path, threads: int, log):
+    """Train and save one model; return it loaded. With several threads the training runs in a
+    fresh process whose OpenMP threads sleep while they wait (OMP_WAIT_POLICY=PASSIVE): on a
+    shared machine, spinning threads make a multi-threaded loop many times slower."""
+    from transformers import AutoModelForCausalLM
+
     spec: ModelSpec = getattr(config, role)
     train_spec: TrainSpec = getattr(config, f"{role}_train")
-    model_seed = config.seed * 1000 + (1 if role == "student" else 2)
-    model = pretrain.new_model(spec, tokenizer, model_seed)
-    log(f"  {pretrain.n_parameters(model):,} parameters; {train_spec.steps} steps of {train_spec.batch_size}, "
-        f"{train_spec.teacher_share:.0%} teacher style")
-    trees = tasks.pretraining_trees(config.seed, exclude)
-    examples = pretrain.example_stream(tokenizer, trees, train_spec.teacher_share, model_seed)
-    data = pretrain.batches(examples, train_spec.batch_size, tokenizer.pad_token_id)
-    pretrain.train(model, data, train_spec, log=lambda m: log("  " + m), every=max(1, train_spec.steps // 6))
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    log(f"  {spec}: {train_spec.steps} steps of {train_spec.batch_size} problems, "
+        f"{train_spec.teacher_share:.0%} in teacher style")
+    args = (role, config, exclude, str(work), threads)
+    if threads == 1:
+        train_and_save(*args, log=log)
+    else:
+        _run_in_child(train_and_save, args)
+    model = AutoModelForCausalLM.from_pretrained(work / role, dtype=torch.float32).eval()
+    log(f"  {pretrain.n_parameters(model):,} parameters")
     return model
+
+
+def train_and_save(role: str, config: WorldConfig, exclude: set[str], work: str, threads: int,
+                   log: Callable[[str], None] | None = None) -> None:
+    """One model of the world, from its seed: trained on fresh problems, saved to WORK/ROLE."""
+    from transformers import AutoTokenizer
+
+    log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+    spec: ModelSpec = getattr(config, role)
+    train_spec: TrainSpec = getattr(config, f"{role}_train")
+    tokenizer = AutoTokenizer.from_pretrained(Path(work) / "tokenizer")
+    model_seed = config.seed * 1000 + (1 if role == "student" else 2)
+    with _deterministic(threads):
+        model = pretrain.new_model(spec, tokenizer, model_seed)
+        trees = tasks.pretraining_trees(config.seed, exclude)
+        examples = pretrain.example_stream(tokenizer, trees, train_spec.teacher_share, model_seed)
+        data = pretrain.batches(examples, train_spec.batch_size, tokenizer.pad_token_id)
+        pretrain.train(model, data, train_spec, log=lambda m: log("  " + m), every=max(1, train_spec.steps // 6))
+    model.save_pretrained(Path(work) / role)
+    tokenizer.save_pretrained(Path(work) / role)
+
+
+def _run_in_child(target, args) -> None:
+    import multiprocessing
+
+    saved = os.environ.get("OMP_WAIT_POLICY")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read by the child's OpenMP when it starts
+    try:
+        child = multiprocessing.get_context("spawn").Process(target=target, args=args, daemon=True)
+        child.start()
+    finally:
+        if saved is None:
+            os.environ.pop("OMP_WAIT_POLICY", None)
+    child.join()
+    if child.exitcode != 0:
+        raise WorldError(f"training the {args[0]} failed in its worker process (exit code {child.exitcode}); "
+                         "the message above says why")
 
 
 def measure(student, teacher, tokenizer, problems: list[tasks.Problem], seed: int = 0, limit: int | None = None
