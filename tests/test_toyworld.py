@@ -224,27 +224,49 @@ def test_default_dir_follows_the_cache_variable(monkeypatch, tmp_path):
 # ---------------------------------------------------------------- the shipped world
 
 
+def test_a_shipped_world_is_copied_with_its_problems_regenerated(tiny_world, tmp_path, monkeypatch):
+    config, first, _ = tiny_world
+    monkeypatch.setattr(build, "SHIPPED", tmp_path / "data")
+    shipped = build.ship(first)
+    assert not (shipped / "problems").exists()
+    said = []
+    copy = build.build_world(3, tmp_path / "copy", config=config, log=said.append)
+    assert "copying" in said[0] and len(said) == 1  # no build
+    assert build._files(copy) == build._files(first)
+    assert all((copy / n).read_bytes() == (first / n).read_bytes() for n in build._files(first))
+    # a damaged copy is not used: the world is built instead (and comes out the same)
+    (shipped / "student" / "model.safetensors").write_bytes(b"damaged")
+    said.clear()
+    rebuilt = build.build_world(3, tmp_path / "rebuilt", config=config, log=said.append)
+    assert any("fails its checks" in m for m in said)
+    assert (rebuilt / "student" / "model.safetensors").read_bytes() == (first / "student" / "model.safetensors").read_bytes()
+
+
 def _shipped() -> Path:
     return build.SHIPPED / f"world-seed0-{build.VERSION}"
 
 
 @pytest.mark.skipif(not _shipped().is_dir(), reason="no shipped world in this checkout")
-def test_shipped_world_checks_and_meets_its_targets():
-    path = _shipped()
-    assert build.is_built(path, build.WorldConfig(seed=0))
-    assert build.verify(path) == []
+def test_the_shipped_seed0_world_copies_and_meets_its_targets(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRACETAILOR_CACHE", str(tmp_path))
+    said = []
+    path = build.build_world(0, log=said.append)
+    assert path == tmp_path / f"world-seed0-{build.VERSION}" and "copying" in said[0]
+    assert build.verify(path) == [] and build.is_built(path, build.WorldConfig(seed=0))
     meta = json.loads((path / "world.json").read_text())
     student, teacher = meta["validation"]["student"], meta["validation"]["teacher"]
-    assert teacher["accuracy_greedy"] > student["accuracy_greedy"]
+    assert 0.2 <= student["accuracy_greedy"] <= 0.6 and teacher["accuracy_greedy"] >= 0.7
     view = meta["validation"]["student_view"]
-    assert view["teacher_samples"]["low_prob_share"] > view["student_samples"]["low_prob_share"]
+    assert view["teacher_samples"]["low_prob_share"] > 5 * view["student_samples"]["low_prob_share"]
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not _shipped().is_dir(), reason="no shipped world in this checkout")
 def test_rebuilding_seed0_reproduces_the_shipped_world(tmp_path):
-    """Minutes: the full seed-0 build, compared byte for byte with the shipped copy (same torch, same CPU kind)."""
+    """Minutes: the full seed-0 build, compared byte for byte with the shipped copy. Same bytes are
+    expected on the same torch and CPU kind; other CPUs may round differently."""
     path = build.build_world(0, tmp_path / "w", force=True, log=lambda m: None)
-    assert build._files(path) == build._files(_shipped())
-    differing = [n for n in build._files(path) if (path / n).read_bytes() != (_shipped() / n).read_bytes()]
-    assert differing == []
+    shipped_files = build._files(_shipped())
+    assert [n for n in shipped_files if (path / n).read_bytes() != (_shipped() / n).read_bytes()] == []
+    meta = json.loads((_shipped() / "world.json").read_text())
+    assert build.verify(path) == [] and set(meta["files"]) == set(build._files(path))

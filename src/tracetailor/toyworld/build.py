@@ -1,7 +1,7 @@
 """`tracetailor world build`: make the miniature world from a seed, deterministically, and cache it.
 
-Stages: problems -> tokenizer -> student -> teacher -> measurements. The result
-is one directory::
+Stages: problems -> tokenizer -> student and teacher (trained side by side on 2+
+cores) -> measurements on the validation split. The result is one directory::
 
     problems/{train,validation,test}.jsonl   id, question, answer, difficulty, prompt,
                                              expression, student_solution, teacher_solution
@@ -12,12 +12,14 @@ is one directory::
                                              shares, and the sha256 of every file
 
 Every file but world.json's timings is a function of the config alone: building
-twice with one seed on one machine gives the same bytes (the loop is
-single-threaded by default; other thread counts may round differently).
+twice with one seed on one machine gives the same bytes (seeded torch, deterministic
+kernels, one data order; 1 and 2 threads gave the same bytes here, but another CPU
+kind or torch release may round differently).
 A directory that already holds a world of the same config is reused. For the
 default config of seed 0, a copy built by this very code ships in the package
-(`toyworld/data/`) and is copied out after its hashes check, since building
-takes minutes; `force=True` (``--force``) builds it anew instead.
+(`toyworld/data/`, less the problems, which are regenerated) and is copied out
+after every file's hash checks, since building takes minutes; `force=True`
+(``--force``) builds it anew instead. `ship(path)` makes that copy.
 
 Measurements use the validation split only; the test split is never looked at here.
 Not its job: the demo experiment (SFT, eval, report).
@@ -56,11 +58,14 @@ class WorldConfig:
     seed: int = 0
     sizes: dict = field(default_factory=lambda: {"train": 4000, "validation": 200, "test": 200})
     vocab_size: int = VOCAB_SIZE
-    student: ModelSpec = ModelSpec(hidden=64, layers=4, heads=4, kv_heads=2, intermediate=192)
-    teacher: ModelSpec = ModelSpec(hidden=160, layers=6, heads=5, kv_heads=5, intermediate=448)
+    # 0.13M parameters, deep and narrow: it learns its own style slowly and stays middling
+    student: ModelSpec = ModelSpec(hidden=48, layers=4, heads=4, kv_heads=2, intermediate=144)
+    # about 11x larger, wide and shallow: a deeper 1.3M model (6 x 128) had not learnt to copy
+    # operands after 600 steps, this one is past 70% after 700-800
+    teacher: ModelSpec = ModelSpec(hidden=192, layers=3, heads=6, kv_heads=6, intermediate=576)
     student_train: TrainSpec = TrainSpec(steps=600, batch_size=64, lr=3e-3, teacher_share=0.0)
-    teacher_train: TrainSpec = TrainSpec(steps=600, batch_size=64, lr=2e-3, teacher_share=0.8)
-    threads: int | None = None  # torch threads while training; None: up to 2 (the results do not depend on it)
+    teacher_train: TrainSpec = TrainSpec(steps=800, batch_size=64, lr=2e-3, teacher_share=0.8)
+    threads: int | None = None  # torch threads of the teacher's training; None: up to 2 (results do not depend on it)
     measure_limit: int | None = None  # validation problems used for the measurements (None: all)
 
     def to_dict(self) -> dict:
@@ -78,11 +83,15 @@ def default_dir(seed: int) -> Path:
 
 def build_world(seed: int = 0, out: str | os.PathLike | None = None, *, force: bool = False,
                 config: WorldConfig | None = None, log: Callable[[str], None] | None = None) -> Path:
-    """The world's directory for `seed` (or `config`): reused when already built with the same
-    config, copied from the package for the shipped config, else built (minutes on 2 cores)."""
-    config = config or WorldConfig(seed=seed)
-    if config.seed != seed and seed != 0:
-        raise WorldError(f"seed {seed} disagrees with config.seed {config.seed}")
+    """The world's directory for `seed`: reused when already built with the same config, copied
+    from the package for the shipped config, else built (about 5 minutes on 2 cores).
+
+    `config` replaces the default one (and brings its own seed); `out` defaults to
+    ``$TRACETAILOR_CACHE/world-seed{seed}-v1`` (``~/.cache/tracetailor/...``)."""
+    if config is None:
+        config = WorldConfig(seed=seed)
+    elif seed not in (0, config.seed):
+        raise WorldError(f"seed {seed} disagrees with the config's seed {config.seed}")
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     out = Path(out).expanduser() if out else default_dir(config.seed)
     if not force and is_built(out, config):
@@ -101,7 +110,8 @@ def is_built(path: Path, config: WorldConfig) -> bool:
         return False
     if meta.get("version") != VERSION or meta.get("config") != _jsonable(config.to_dict()):
         return False
-    return all((path / name).is_file() for name in meta.get("files", {"": None}))
+    files = meta.get("files") or {}
+    return bool(files) and all((path / name).is_file() for name in files)
 
 
 def verify(path: Path) -> list[str]:
@@ -113,6 +123,14 @@ def verify(path: Path) -> list[str]:
         if not file.is_file() or _sha256(file) != digest:
             bad.append(name)
     return bad
+
+
+def load_problems(path: str | os.PathLike, split: str) -> list[dict]:
+    """The rows of one split (train, validation or test) of a built world."""
+    if split not in SPLITS:
+        raise WorldError(f"unknown split {split!r}; the world has {', '.join(SPLITS)}")
+    with open(Path(path) / "problems" / f"{split}.jsonl", encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
 
 
 # ---------------------------------------------------------------- the build
@@ -138,11 +156,9 @@ def _build(config: WorldConfig, out: Path, log: Callable[[str], None]) -> Path:
                 tokenizer.save_pretrained(work / "tokenizer")
                 log(f"  {len(tokenizer)} tokens")
             exclude = {p.expression for name in splits for p in splits[name]}
-            models = {}
-            for step, role in ((3, "student"), (4, "teacher")):
-                with _stage(role, step, timings, log):
-                    models[role] = _train_model(role, config, exclude, work, threads, log)
-            with _stage("measure", 5, timings, log):
+            with _stage("student and teacher", 3, timings, log):
+                models = _train_models(config, exclude, work, threads, log)
+            with _stage("measure", 4, timings, log):
                 measures = measure(models["student"], models["teacher"], tokenizer, splits["validation"],
                                    seed=config.seed, limit=config.measure_limit)
                 _log_measures(measures, log)
@@ -168,24 +184,33 @@ def _build(config: WorldConfig, out: Path, log: Callable[[str], None]) -> Path:
     return out
 
 
-def _train_model(role: str, config: WorldConfig, exclude: set[str], work: Path, threads: int, log):
-    """Train and save one model; return it loaded. With several threads the training runs in a
-    fresh process whose OpenMP threads sleep while they wait (OMP_WAIT_POLICY=PASSIVE): on a
-    shared machine, spinning threads make a multi-threaded loop many times slower."""
+def _train_models(config: WorldConfig, exclude: set[str], work: Path, threads: int, log) -> dict:
+    """Train and save both models; return them loaded. With 2+ threads the teacher trains in a
+    fresh process on `threads` threads while the student trains here on one (more threads do not
+    speed up a model that small). The child's OpenMP threads sleep while they wait
+    (OMP_WAIT_POLICY=PASSIVE): on a shared machine, spinning threads slow a loop down many times."""
     from transformers import AutoModelForCausalLM
 
-    spec: ModelSpec = getattr(config, role)
-    train_spec: TrainSpec = getattr(config, f"{role}_train")
-    log(f"  {spec}: {train_spec.steps} steps of {train_spec.batch_size} problems, "
-        f"{train_spec.teacher_share:.0%} in teacher style")
-    args = (role, config, exclude, str(work), threads)
-    if threads == 1:
-        train_and_save(*args, log=log)
+    for role in ("student", "teacher"):
+        spec, train_spec = getattr(config, role), getattr(config, f"{role}_train")
+        log(f"  {role}: {spec}, {train_spec.steps} steps of {train_spec.batch_size} problems, "
+            f"{train_spec.teacher_share:.0%} in teacher style")
+    if threads > 1:
+        teacher = _start_child(train_and_save, ("teacher", config, exclude, str(work), threads))
+        train_and_save("student", config, exclude, str(work), 1, log=log)
+        teacher.join()
+        if teacher.exitcode != 0:
+            raise WorldError(f"training the teacher failed in its worker process (exit code {teacher.exitcode}); "
+                             "the message above says why")
     else:
-        _run_in_child(train_and_save, args)
-    model = AutoModelForCausalLM.from_pretrained(work / role, dtype=torch.float32).eval()
-    log(f"  {pretrain.n_parameters(model):,} parameters")
-    return model
+        for role in ("student", "teacher"):
+            train_and_save(role, config, exclude, str(work), 1, log=log)
+    models = {}
+    with _quiet_transformers():
+        for role in ("student", "teacher"):
+            models[role] = AutoModelForCausalLM.from_pretrained(work / role, dtype=torch.float32).eval()
+            log(f"  {role}: {pretrain.n_parameters(models[role]):,} parameters")
+    return models
 
 
 def train_and_save(role: str, config: WorldConfig, exclude: set[str], work: str, threads: int,
@@ -198,17 +223,20 @@ def train_and_save(role: str, config: WorldConfig, exclude: set[str], work: str,
     train_spec: TrainSpec = getattr(config, f"{role}_train")
     tokenizer = AutoTokenizer.from_pretrained(Path(work) / "tokenizer")
     model_seed = config.seed * 1000 + (1 if role == "student" else 2)
-    with _deterministic(threads):
+    with _deterministic(threads), _quiet_transformers():
         model = pretrain.new_model(spec, tokenizer, model_seed)
         trees = tasks.pretraining_trees(config.seed, exclude)
         examples = pretrain.example_stream(tokenizer, trees, train_spec.teacher_share, model_seed)
         data = pretrain.batches(examples, train_spec.batch_size, tokenizer.pad_token_id)
-        pretrain.train(model, data, train_spec, log=lambda m: log("  " + m), every=max(1, train_spec.steps // 6))
-    model.save_pretrained(Path(work) / role)
-    tokenizer.save_pretrained(Path(work) / role)
+        pretrain.train(model, data, train_spec, log=lambda m: log(f"  {role}: {m}"),
+                       every=max(1, train_spec.steps // 6))
+        # stored in bfloat16, as Qwen3's own checkpoints are: half the bytes to ship, and the
+        # measured accuracies of the rounded weights differed from float32's by under 1 point
+        model.to(torch.bfloat16).save_pretrained(Path(work) / role)
+        tokenizer.save_pretrained(Path(work) / role)
 
 
-def _run_in_child(target, args) -> None:
+def _start_child(target, args):
     import multiprocessing
 
     saved = os.environ.get("OMP_WAIT_POLICY")
@@ -219,16 +247,15 @@ def _run_in_child(target, args) -> None:
     finally:
         if saved is None:
             os.environ.pop("OMP_WAIT_POLICY", None)
-    child.join()
-    if child.exitcode != 0:
-        raise WorldError(f"training the {args[0]} failed in its worker process (exit code {child.exitcode}); "
-                         "the message above says why")
+    return child
 
 
 def measure(student, teacher, tokenizer, problems: list[tasks.Problem], seed: int = 0, limit: int | None = None
             ) -> dict:
-    """Accuracies (greedy; sampled at T=0.7, top-p 0.95) of both models, and the share of tokens the
-    student gives p < 0.01 in the teacher's and in its own samples (T=1) and in the reference solutions."""
+    """Accuracies (greedy; sampled at T=0.7, top-p 0.95; sampled at T=1) of both models, the teacher's
+    when its completion starts with the reference student-style first line, and the share of tokens
+    the student gives p < 0.01 in the teacher's and in its own samples (T=1) and in the reference
+    solutions of both styles (teacher-forced, the ``<think>\\n`` prefill excluded, ``<|im_end|>`` included)."""
     problems = problems[:limit] if limit else problems
     questions = [p.question for p in problems]
     result: dict = {"problems": len(problems)}
@@ -247,6 +274,11 @@ def measure(student, teacher, tokenizer, problems: list[tasks.Problem], seed: in
                                   [p for p in problems if p.difficulty == d])
                 for d in sorted({p.difficulty for p in problems})},
         }
+    # RSD hands the teacher prefixes the student wrote: can it carry on from a student-style line?
+    first_lines = [tasks.THINK_PREFILL + p.student_solution[len(tasks.THINK_PREFILL):].split("\n")[0] + "\n"
+                   for p in problems]
+    continued = pretrain.generate(teacher, tokenizer, questions, sample=False, prefills=first_lines)
+    result["teacher"]["accuracy_greedy_after_student_first_line"] = _accuracy(continued, problems)
     shares = {}
     for name, completions in (("teacher_samples", samples["teacher"]), ("student_samples", samples["student"]),
                               ("teacher_solutions", [p.teacher_solution for p in problems]),
@@ -270,6 +302,8 @@ def _log_measures(m: dict, log) -> None:
         log(f"  {role}: validation accuracy {r['accuracy_greedy']:.0%} greedy, {r['accuracy_t0.7']:.0%} at T=0.7, "
             f"{r['accuracy_t1']:.0%} at T=1; greedy by difficulty "
             + ", ".join(f"{d} ops {a:.0%}" for d, a in r["accuracy_greedy_by_difficulty"].items()))
+    log(f"  teacher after the reference student-style first line: "
+        f"{m['teacher']['accuracy_greedy_after_student_first_line']:.0%} greedy")
     view = m["student_view"]
     log("  share of tokens the student gives p < 0.01: "
         + ", ".join(f"{name.replace('_', ' ')} {v['low_prob_share']:.1%}" for name, v in view.items()))
@@ -280,11 +314,22 @@ def _log_measures(m: dict, log) -> None:
 
 @contextmanager
 def _stage(name: str, number: int, timings: dict, log):
-    log(f"[{number}/5] {name} ...")
-    wall, cpu = time.perf_counter(), time.process_time()
+    log(f"[{number}/4] {name} ...")
+    wall, cpu = time.perf_counter(), _cpu_seconds()
     yield
-    timings[name] = {"wall_s": round(time.perf_counter() - wall, 1), "cpu_s": round(time.process_time() - cpu, 1)}
-    log(f"[{number}/5] {name} done in {timings[name]['wall_s']:.1f}s")
+    timings[name] = {"wall_s": round(time.perf_counter() - wall, 1), "cpu_s": round(_cpu_seconds() - cpu, 1)}
+    log(f"[{number}/4] {name} done in {timings[name]['wall_s']:.1f}s")
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (the teacher's worker)."""
+    try:
+        import resource
+
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return time.process_time() + children.ru_utime + children.ru_stime
+    except ImportError:  # Windows: this process only
+        return time.process_time()
 
 
 @contextmanager
@@ -298,6 +343,20 @@ def _deterministic(threads: int):
     finally:
         torch.set_num_threads(before_threads)
         torch.use_deterministic_algorithms(before_det)
+
+
+@contextmanager
+def _quiet_transformers():
+    """No progress bars from transformers' saving and loading while the build logs its own."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _write_problems(folder: Path, splits: dict[str, list[tasks.Problem]]) -> None:
@@ -322,18 +381,47 @@ def _jsonable(value):
 
 
 def _copy_shipped(config: WorldConfig, out: Path, log) -> bool:
+    """Copy the shipped world for `config` to `out`, its problems regenerated (they are a function of
+    the seed and cost a fraction of a second), and every file checked against world.json's sha256."""
     shipped = SHIPPED / f"world-seed{config.seed}-{VERSION}"
-    if not is_built(shipped, config):
+    try:
+        meta = json.loads((shipped / "world.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
         return False
-    bad = verify(shipped)
-    if bad:
-        log(f"world: the shipped world in {shipped} fails its checks ({', '.join(bad)}); building instead")
+    if meta.get("version") != VERSION or meta.get("config") != _jsonable(config.to_dict()):
         return False
-    log(f"world: copying the shipped seed-{config.seed} world to {out} (checked; --force builds it anew)")
-    if out.exists():
-        shutil.rmtree(out)
-    shutil.copytree(shipped, out)
-    return True
+    log(f"world: copying the seed-{config.seed} world that ships with tracetailor to {out} "
+        "(--force builds it anew, in minutes)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.copying-", dir=out.parent))
+    try:
+        shutil.copytree(shipped, work, dirs_exist_ok=True)
+        _write_problems(work / "problems", tasks.make_splits(config.seed, dict(config.sizes)))
+        bad = verify(work)
+        if bad:
+            log(f"world: the shipped world fails its checks ({', '.join(bad)}); building it instead")
+            return False
+        if out.exists():
+            shutil.rmtree(out)
+        work.rename(out)
+        return True
+    finally:
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def ship(path: str | os.PathLike) -> Path:
+    """Copy a built world into the package (`toyworld/data/`), less its problems: how the shipped
+    seed-0 world was made, after `build_world(0, force=True)`."""
+    path = Path(path)
+    meta = json.loads((path / "world.json").read_text(encoding="utf-8"))
+    if verify(path):
+        raise WorldError(f"{path} fails its own checks: {', '.join(verify(path))}")
+    target = SHIPPED / f"world-seed{meta['seed']}-{meta['version']}"
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(path, target, ignore=shutil.ignore_patterns("problems"))
+    return target
 
 
 def tiny_config(seed: int = 0, student_steps: int = 3, teacher_steps: int = 3) -> WorldConfig:

@@ -181,12 +181,13 @@ def train(model, data: Iterator, spec: TrainSpec, log: Callable[[str], None] | N
 
 @torch.no_grad()
 def generate(model, tokenizer, questions: list[str], *, sample: bool, temperature: float = 1.0,
-             top_p: float = 1.0, seed: int = 0, max_new_tokens: int = 96, batch_size: int = 256) -> list[str]:
-    """Completions (after the ``<think>\\n`` prefill, which they include) for each question."""
+             top_p: float = 1.0, seed: int = 0, max_new_tokens: int = 96, batch_size: int = 256,
+             prefills: list[str] | None = None) -> list[str]:
+    """Completions for each question after its prefill (default ``<think>\\n``), which they include."""
     from transformers import GenerationConfig
 
     pad = tokenizer.pad_token_id
-    prefill = tokenizer(tasks.THINK_PREFILL, add_special_tokens=False)["input_ids"]
+    prefills = prefills or [tasks.THINK_PREFILL] * len(questions)
     config = GenerationConfig(do_sample=sample, temperature=temperature if sample else None,
                               top_p=top_p if sample else None, top_k=0 if sample else None,
                               max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
@@ -194,14 +195,15 @@ def generate(model, tokenizer, questions: list[str], *, sample: bool, temperatur
     torch.manual_seed(seed)
     out: list[str] = []
     for k in range(0, len(questions), batch_size):
-        rows = [prompt_ids(tokenizer, q) + prefill for q in questions[k:k + batch_size]]
+        chunk = list(zip(questions[k:k + batch_size], prefills[k:k + batch_size]))
+        rows = [prompt_ids(tokenizer, q) + tokenizer(pre, add_special_tokens=False)["input_ids"] for q, pre in chunk]
         width = max(map(len, rows))
         input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
         attention = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
         generated = model.generate(input_ids=input_ids, attention_mask=attention, generation_config=config)
-        for row in generated[:, width:].tolist():
-            out.append(tasks.THINK_PREFILL + tokenizer.decode(row, skip_special_tokens=False)
-                       .split(tokenizer.eos_token)[0].replace(tokenizer.pad_token, ""))
+        for (_, pre), row in zip(chunk, generated[:, width:].tolist()):
+            text = tokenizer.decode(row, skip_special_tokens=False)
+            out.append(pre + text.split(tokenizer.eos_token)[0].replace(tokenizer.pad_token, ""))
     return out
 
 

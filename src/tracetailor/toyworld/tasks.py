@@ -1,25 +1,31 @@
 """The miniature world's task family: arithmetic expressions with a checkable integer answer.
 
-A problem is an expression over the digits 1-9 with 2 to 5 operations (+, -, *),
-the usual precedence, and parentheses where the tree needs them, e.g.
-``5+3*4-2`` or ``(7-3)*6+2``. Its difficulty is its number of operations. Every
-intermediate value stays in 0..99, so each single step is a small fact.
+A problem is an expression over the digits 1-9 with 2 to 5 operations (+, -, *)
+and the usual precedence, e.g. ``9-4+7*2`` or ``(8+5-3)*2-8``. Its difficulty is
+its number of operations. Every intermediate value stays in 0..20, so each
+single step is a small fact. Three shapes: chains read left to right (60%),
+flat expressions where products come first (30%), any tree (10%).
+
+Why so small: the world's models are trained from scratch in minutes on a CPU.
+With values up to 99, neither model learnt to copy operands in that budget; with
+values up to 9, a 0.13M-parameter student learnt everything (97%) and no gap was
+left. Up to 20 leaves the student middling and the teacher ahead.
 
 One computation, two ways to write it (the capacity gap of the world):
 
 - STUDENT style: one operation per line, in evaluation order::
 
-      3*4=12
-      5+12=17
-      17-2=15
+      9-4=5
+      7*2=14
+      5+14=19
 
 - TEACHER style: up to two operations folded into one line, with the values of
   the lines before substituted in::
 
-      5+3*4=17
-      17-2=15
+      9-4=5
+      5+7*2=19
 
-A completion is ``<think>\\n{steps}\\n</think>\\n\\n\\boxed{15}`` after the user
+A completion is ``<think>\\n{steps}\\n</think>\\n\\n\\boxed{19}`` after the user
 turn ``"{question}\\n{INSTRUCTION}"`` (the instruction `tracetailor eval` appends).
 
 Problems come from a seed; splits never share a problem (dedupe on the question
@@ -35,10 +41,10 @@ from typing import Iterator
 OPS = ("+", "-", "*")
 PRECEDENCE = {"+": 1, "-": 1, "*": 2}
 MIN_OPS, MAX_OPS = 2, 5
-MAX_VALUE = 99  # every intermediate value stays in 0..MAX_VALUE
+MAX_VALUE = 20  # every intermediate value stays in 0..MAX_VALUE
 TEACHER_OPS_PER_LINE = 2
-CHAIN_SHARE = 0.0  # share of problems evaluated left to right (left-deep trees)
-PAREN_SHARE = 0.2  # share of problems drawn as any tree shape (with parentheses where needed)
+CHAIN_SHARE = 0.6  # share of problems evaluated left to right (left-deep trees)
+PAREN_SHARE = 0.1  # share of problems drawn as any tree shape (with parentheses where needed)
 # The instruction `tracetailor eval` appends to a question (evaluate/benchmarks.py MATH_INSTRUCTION);
 # the world's models are trained on this exact user turn. A test keeps the two equal.
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
