@@ -117,6 +117,16 @@ def test_fallback_filter_off_at_one(traces_file, tmp_path):
     assert "p2/2" in [r["id"] for r in rows]
 
 
+def test_fallback_filter_leaves_single_model_traces_alone(tmp_path):
+    """A student-mode trace is all student tokens (fallback 1.0); the filter is about RSD and must not drop it."""
+    rows = [dict(trace("s1", 0, "x\n</think>\n\n\\boxed{3}", gold="3", fallback=1.0), mode="student"),
+            dict(trace("r1", 0, "x\n</think>\n\n\\boxed{3}", gold="3", fallback=1.0), mode="rsd")]
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    funnel, kept, _ = select(path, tmp_path)
+    assert [r["id"] for r in kept] == ["s1/0"] and funnel["removed"]["fallback_rate"] == 1
+
+
 def test_pick_all_and_random(traces_file, tmp_path):
     funnel, rows, _ = select(traces_file, tmp_path, pick="all")
     assert funnel["removed"]["not_picked"] == 0

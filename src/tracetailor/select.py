@@ -5,7 +5,8 @@ in order, the paper's filters, each a setting of `SelectConfig`:
 
 1. well-formed: finished by EOS (`finish_reason == "stop"`), not empty, and,
    when thinking is used, exactly one `</think>` in the assistant's text;
-2. fallback rate: at most `max_fallback_rate` of the tokens written by the student;
+2. fallback rate: at most `max_fallback_rate` of the tokens written by the student
+   (RSD traces only: a `mode` of teacher or student means one model wrote it all);
 3. correct: the final answer (`evaluate.answers.extract_answer`) equals the gold
    answer in `answer_field` (`is_correct`: exact, numeric, then math-verify);
    a trace whose gold is empty or null is kept only with `keep_unverifiable`;
@@ -186,7 +187,8 @@ def judge(trace: Trace, cfg: SelectConfig) -> tuple[str | None, str | None]:
         return "empty", None
     if trace.thinking and trace.assistant_text.count(THINK_END) != 1:
         return "think_tags", None
-    if cfg.max_fallback_rate < 1.0 and fallback_rate(trace) > cfg.max_fallback_rate:
+    if (cfg.max_fallback_rate < 1.0 and rec.get("mode", "rsd") == "rsd"
+            and fallback_rate(trace) > cfg.max_fallback_rate):
         return "fallback_rate", None
     predicted = extract_answer(trace.assistant_text, thinking=trace.thinking)
     if not cfg.correct_only:
