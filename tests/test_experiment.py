@@ -1,0 +1,125 @@
+"""`tracetailor demo --quick`: every stage writes its files, and the report says what the files say."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+
+from tracetailor.toyworld import build
+from tracetailor.toyworld.experiment import (
+    SETS,
+    STUDENTS,
+    ExperimentConfig,
+    ExperimentError,
+    confidence_interval,
+    run_experiment,
+)
+
+pytest.importorskip("trl")
+pytest.importorskip("math_verify")
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """One quick demo through the command line, on the shipped seed-0 world when this checkout has it
+    (else a tiny world built here: untrained models, but every stage still runs)."""
+    from typer.testing import CliRunner
+
+    from tracetailor.cli import app
+
+    root = tmp_path_factory.mktemp("demo")
+    shipped = build.SHIPPED / f"world-seed0-{build.VERSION}"
+    if shipped.is_dir():
+        world = build.build_world(0, root / "world", log=lambda m: None)
+    else:
+        world = build.build_world(0, root / "world", config=build.tiny_config(0), log=lambda m: None)
+    out = root / "out"
+    result = CliRunner().invoke(app, ["demo", "--quick", "--world", str(world), "--out", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    return out, json.loads((out / "report.json").read_text()), result.output
+
+
+@pytest.mark.slow
+def test_every_stage_wrote_its_files(quick_run):
+    out, report, printed = quick_run
+    for name in SETS:
+        assert (out / "traces" / name / "stats.json").is_file()
+        assert (out / "sft" / f"{name}.jsonl.funnel.json").is_file()
+    for name, s in report["students"].items():
+        if s is not None:
+            assert (out / s["source"]).is_file()
+            if name != "base":
+                assert (out / "ckpt" / name[len("sft-"):] / "config.json").is_file()
+    assert (out / "score" / "stats.json").is_file()
+    for png in ("accuracy.png", "token_shares.png", "rsd_rates.png", "stages.png", "logprob_hist.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+    assert set(report["stages_s"]) == {"world", "generate", "select", "train", "eval", "score", "report"}
+    assert "ordering:" in printed and (out / "report.md").is_file()
+
+
+@pytest.mark.slow
+def test_the_report_agrees_with_the_files_it_came_from(quick_run):
+    out, report, _ = quick_run
+    md = (out / "report.md").read_text()
+    # accuracy: recomputed from the per-sample eval records
+    for name in STUDENTS:
+        s = report["students"][name]
+        if s is None:
+            assert not (out / "sft" / f"{name[len('sft-'):]}.jsonl").read_text().strip()
+            continue
+        summary = json.loads((out / s["source"]).read_text())
+        (bench, b), = summary["benchmarks"].items()
+        samples = _lines(next((out / "eval" / name).glob(f"{bench}*.jsonl")))
+        per_q: dict[str, list[bool]] = {}
+        for r in samples:
+            per_q.setdefault(r["question_id"], []).append(bool(r["correct"]))
+        acc = statistics.fmean(sum(v) / len(v) for v in per_q.values())
+        assert s["accuracy"] == pytest.approx(acc) == pytest.approx(b["accuracy"])
+        se = statistics.stdev([sum(v) / len(v) for v in per_q.values()]) / math.sqrt(len(per_q))
+        assert s["ci95"] == pytest.approx(list(confidence_interval(acc, se)))
+        assert f"| {name} | {100 * acc:.1f} |" in md
+    # trace sets: counts and RSD acceptance from the records; SFT sizes from the SFT files
+    for name in SETS:
+        t = report["trace_sets"][name]
+        records = [r for f in sorted((out / "traces" / name).glob("traces*.jsonl")) for r in _lines(f)]
+        assert t["traces"] == len(records)
+        assert t["selected"] == len(_lines(out / "sft" / f"{name}.jsonl"))
+        if name == "rsd":
+            origin = "".join(r["origin"] for r in records)
+            assert t["acceptance_rate"] == pytest.approx(origin.count("T") / len(origin))
+        if t.get("student_view"):
+            lps = [x for r in _lines(out / "score" / f"tokens_{name}.jsonl") for x in r["student_logprobs"]]
+            for threshold in ("0.001", "0.01", "0.1"):
+                share = sum(x < math.log(float(threshold)) for x in lps) / len(lps)
+                assert t["student_view"][f"share_below_{threshold}"] == pytest.approx(share, abs=1.5 / len(lps))
+    ordered = sorted((s["accuracy"], n) for n, s in report["students"].items() if s)
+    assert report["ordering"] == " < ".join(n for _, n in ordered)
+
+
+def test_bad_settings_are_named(tmp_path):
+    with pytest.raises(ExperimentError, match="eval_split"):
+        run_experiment(ExperimentConfig(out=str(tmp_path / "o"), eval_split="train"))
+    with pytest.raises(ExperimentError, match="samples"):
+        run_experiment(ExperimentConfig(out=str(tmp_path / "o"), samples=0))
+
+
+def test_a_foreign_or_finished_out_dir_is_refused(tmp_path):
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("mine")
+    with pytest.raises(ExperimentError, match="not a tracetailor demo"):
+        run_experiment(ExperimentConfig(out=str(tmp_path / "foreign"), world=str(tmp_path / "none")))
+    done = tmp_path / "done"
+    done.mkdir()
+    (done / "experiment.json").write_text("{}")
+    (done / "report.json").write_text("{}")
+    with pytest.raises(ExperimentError, match="--overwrite"):
+        run_experiment(ExperimentConfig(out=str(done), world=str(tmp_path / "none")))
+    assert (done / "report.json").exists()
