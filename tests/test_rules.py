@@ -511,6 +511,30 @@ def test_propose_top_p_smallest_prefix():
     assert torch.allclose(prop.probs[0][prop.ids[0].argsort()], probs, atol=1e-6)
 
 
+def test_top_p_through_the_first_candidates_equals_the_full_sort():
+    """propose's top-p looks at the top NUCLUS_FIRST tokens only when they hold the nucleus in every row;
+    peaked rows (the fast path), flat rows (the full sort) and a mixed batch all equal a full sort."""
+    from tracetailor.decoding.rules import nucleus_candidates
+
+    def full(logits, top_p):
+        probs, ids = torch.softmax(logits, -1).sort(-1, descending=True)
+        probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)
+        dense = torch.zeros_like(probs).scatter_(-1, ids, probs)
+        return dense / dense.sum(-1, keepdim=True)
+
+    g = torch.Generator().manual_seed(0)
+    vocab = 5000
+    peaked = torch.randn(4, vocab, generator=g) * 6  # the nucleus is a few tokens
+    flat = torch.randn(3, vocab, generator=g) * 0.1  # the nucleus is thousands of tokens
+    for logits, fast in ((peaked, True), (flat, False), (torch.cat([peaked, flat]), False)):
+        probs = torch.softmax(logits, -1)
+        assert (nucleus_candidates(probs, 0.95)[0].shape[-1] < vocab) == fast
+        prop = propose(logits, top_p=0.95)
+        dense = torch.zeros(logits.shape).scatter_(-1, prop.ids, prop.probs)
+        assert torch.allclose(dense, full(logits, 0.95), atol=1e-6)
+        assert ((dense > 0) == (full(logits, 0.95) > 0)).all()
+
+
 def test_propose_temperature_and_top_k():
     base = normalise([0.3, 0.25, 0.2, 0.1, 0.08, 0.07])
     logits = base.log().float().unsqueeze(0)

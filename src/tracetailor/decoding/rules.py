@@ -146,12 +146,13 @@ def propose(
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if 0 < top_k < probs.shape[-1]:
         probs, ids = probs.topk(top_k, dim=-1)
+        if top_p < 1.0:
+            probs = probs / probs.sum(-1, keepdim=True)
     elif top_p < 1.0:
-        probs, ids = probs.sort(dim=-1, descending=True)
+        probs, ids = nucleus_candidates(probs, top_p)
     else:
         ids = torch.arange(probs.shape[-1], device=probs.device).expand_as(probs)
     if top_p < 1.0:
-        probs = probs / probs.sum(-1, keepdim=True)
         # keep the smallest prefix (in descending order) whose mass reaches top_p
         probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)
     if id_map is not None:
@@ -160,6 +161,21 @@ def propose(
     total = probs.sum(-1, keepdim=True)
     probs = torch.where(total > 0, probs / total.clamp_min(1e-30), probs)
     return Proposal(probs, ids)
+
+
+NUCLUS_FIRST = 256  # candidates tried before a full sort of the vocabulary
+
+
+def nucleus_candidates(probs: torch.Tensor, top_p: float, first: int = NUCLUS_FIRST
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of `probs` (a softmax, [B, V]) in descending order, as far as the top-p nucleus needs:
+    the top `first` when their cumulative mass reaches `top_p` in every row (the usual case), else
+    the full sort. Exact either way: past the point where the mass reaches `top_p`, every token is cut."""
+    if first < probs.shape[-1]:
+        top, ids = probs.topk(first, dim=-1)
+        if bool((top.cumsum(-1)[:, -1] >= top_p).all()):
+            return top, ids
+    return probs.sort(dim=-1, descending=True)
 
 
 @dataclass(frozen=True)
