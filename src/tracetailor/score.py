@@ -54,6 +54,7 @@ import numpy as np
 
 from .config import ConfigError
 from .data.prompts import DataError
+from .data.lengths import fit_to_length
 
 THRESHOLDS = (0.001, 0.01, 0.1)  # "unlikely under the student": p below these
 HIST_FLOOR = -20.0  # log-probs below this land in the histogram's first bin
@@ -311,23 +312,6 @@ def _last_assistant_turn(row: dict, at: str, messages_field: str) -> str:
     if not isinstance(last.get("content"), str):
         raise ScoreInputError(f"{at}: the last message in {messages_field!r} has no text content")
     return last["content"]
-
-
-def fit_to_length(examples: list[Example], max_length: int) -> tuple[list[Example], int, int]:
-    """Cut completions so prompt + completion <= max_length; drop examples whose prompt alone fills it.
-    Returns the examples kept and the numbers cut and dropped."""
-    kept, cut, dropped = [], 0, 0
-    for ex in examples:
-        room = max_length - len(ex.prompt_ids)
-        if room < 1:
-            dropped += 1
-            continue
-        if len(ex.completion_ids) > room:
-            ex.completion_ids = ex.completion_ids[:room]
-            ex.truncated = True
-            cut += 1
-        kept.append(ex)
-    return kept, cut, dropped
 
 
 # ---------------------------------------------------------------------------- scoring

@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .config import ConfigError
+from .data.lengths import fit_to_length
 
 IGNORE = -100  # the label that the loss skips
 SAVE_STRATEGIES = {"end": "no", "epoch": "epoch", "steps": "steps"}  # ours -> TrainingArguments'
@@ -293,22 +294,6 @@ class _Template:
             except Exception as e:  # jinja errors, a template's raise_exception
                 raise TrainError(f"{at}: the chat template failed on this prompt: {e}") from e
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def fit_to_length(examples: list[Example], max_length: int) -> tuple[list[Example], int, int]:
-    """Cut completions so that prompt + completion <= max_length; drop examples whose prompt alone fills it.
-    Returns the examples kept and the numbers cut and dropped."""
-    kept, cut, dropped = [], 0, 0
-    for ex in examples:
-        room = max_length - len(ex.prompt_ids)
-        if room < 1:
-            dropped += 1
-            continue
-        if len(ex.completion_ids) > room:
-            ex = Example(ex.at, ex.prompt_ids, ex.completion_ids[:room])
-            cut += 1
-        kept.append(ex)
-    return kept, cut, dropped
 
 
 def features(ex: Example) -> dict[str, list[int]]:

@@ -181,24 +181,14 @@ def tokenizer_source(trace_path: Path) -> tuple[str, str | None] | None:
 
 
 def load_tokenizer(name: str, gguf_file: str | None = None, trust_remote_code: bool = False):
-    """The tokenizer of a hub id, a model dir, or a .gguf path (dir + file)."""
-    from transformers import AutoTokenizer
+    """The tokenizer of a hub id, a model dir, or a .gguf path (dir + file); `models.load_tokenizer`
+    with the advice the `view` command can give."""
+    from .models import ModelError, load_tokenizer as load
 
-    name = os.path.expanduser(name)
-    if gguf_file is None and name.endswith(".gguf"):
-        name, gguf_file = str(Path(name).parent), Path(name).name
-    # a hub id is "name" or "org/name"; anything else is a path (as in models.py, without importing torch)
-    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1
-    if looks_local and not os.path.exists(name):
-        raise ViewerError(f"tokenizer not found: {name} (a model dir, .gguf file or hub id); pass --tokenizer")
-    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-    if gguf_file:
-        kwargs["gguf_file"] = gguf_file
     try:
-        return AutoTokenizer.from_pretrained(name, **kwargs)
-    except (OSError, ValueError) as e:
-        where = f"{name}/{gguf_file}" if gguf_file else name
-        raise ViewerError(f"cannot load a tokenizer from {where} ({e}); pass --tokenizer") from e
+        return load(name, gguf_file=gguf_file, trust_remote_code=trust_remote_code, role="tokenizer")
+    except ModelError as e:
+        raise ViewerError(f"{e}; pass --tokenizer") from e
 
 
 def view_traces(paths: list[str], out, tokenizer: str | None = None, limit: int | None = None,
