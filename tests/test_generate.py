@@ -126,6 +126,24 @@ def test_resume_refuses_other_config_and_overwrite_replaces(tiny_pair, rsd_run, 
     assert stats["this_run"]["sequences"] == 0 and len(_records(out)) == 6
 
 
+def test_resume_refuses_prompts_edited_in_place(tiny_pair, tmp_path):
+    """The same path and settings but another text under a finished prompt's id would mix two prompt sets."""
+    rows = [json.loads(line) for line in open(tiny_pair["prompts"], encoding="utf-8")]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
+    out = tmp_path / "o"
+    run_generate(_cfg(tiny_pair, out, prompts=str(prompts), samples=1), log=lambda m: None)
+    # appending prompts is a normal resume; editing a finished one is refused, naming the line
+    rows[1] = {**rows[1], "question": rows[1]["question"] + " (edited)"}
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(OutputDirError, match=r"traces\.jsonl:\d+: prompt .* another text"):
+        run_generate(_cfg(tiny_pair, out, prompts=str(prompts), samples=1), log=lambda m: None)
+    rows[1]["question"] = rows[1]["question"].removesuffix(" (edited)")
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    stats = run_generate(_cfg(tiny_pair, out, prompts=str(prompts), samples=1), log=lambda m: None)
+    assert stats["this_run"]["sequences"] == len(rows) - 3 and len(_records(out)) == len(rows)
+
+
 def test_torn_last_line_is_repaired_on_resume(tiny_pair, rsd_run, tmp_path):
     out, _ = rsd_run
     whole = _records(out)

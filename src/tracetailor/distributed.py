@@ -218,7 +218,7 @@ def run_distributed(cfg: GenerateConfig, log=print) -> dict[str, Any]:
     """`run_generate` over `cfg.workers` Ray actors; returns the stats written to OUT/stats.json."""
     from tqdm.auto import tqdm
 
-    from .generate import load_prompt_set, prepare_out_dir, run_info, warn_skipped, write_stats
+    from .generate import check_prompts_unchanged, load_prompt_set, prepare_out_dir, run_info, warn_skipped, write_stats
     from .models import load_tokenizer
 
     ray = import_ray()
@@ -228,6 +228,8 @@ def run_distributed(cfg: GenerateConfig, log=print) -> dict[str, Any]:
     tokenizer = load_tokenizer(cfg.student, gguf_file=cfg.student_gguf_file,
                                trust_remote_code=cfg.trust_remote_code, role="student")
     prompts = load_prompt_set(cfg, tokenizer)
+    if done:
+        check_prompts_unchanged(out, prompts)
     pending = [(i, s) for i, p in enumerate(prompts) for s in range(cfg.samples)
                if record_id(p.prompt_id, s) not in done]
     if not (out / "run.json").exists() or pending:

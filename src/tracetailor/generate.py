@@ -20,6 +20,7 @@ from .config import ConfigError, GenerateConfig
 from .data.traces import (
     TraceWriter,
     finished_ids,
+    read_numbered_records,
     read_records,
     record_id,
     summarize,
@@ -80,6 +81,22 @@ def prepare_out_dir(cfg: GenerateConfig) -> set[str]:
             f"--out {out} holds trace files but no run.json; use a new --out directory or pass --overwrite"
         )
     return finished_ids(out)
+
+
+def check_prompts_unchanged(out: Path, prompts: list) -> None:
+    """Refuse to resume when a finished trace's prompt text differs from the prompt of the same id now
+    (the prompts file was edited in place, or another one has the same ids): the run would mix the two."""
+    if not trace_files(out):
+        return
+    now = {p.prompt_id: p.text for p in prompts}
+    for path in trace_files(out):
+        for lineno, rec in read_numbered_records(path):
+            pid = rec.get("prompt_id")
+            if pid in now and rec.get("prompt") != now[pid]:
+                raise OutputDirError(
+                    f"{path}:{lineno}: prompt {pid!r} was generated from another text than the prompt of that id "
+                    f"now; the prompts (or the system prompt, prefill or template) changed since. Use a new --out "
+                    "directory, or pass --overwrite to replace that run.")
 
 
 def _stop_checker(tokenizer, stops: list[str]):
@@ -268,6 +285,8 @@ def run_generate(cfg: GenerateConfig, log=print) -> dict[str, Any]:
 
     student, teacher, bridge = load_pair(cfg, log)
     prompts = load_prompt_set(cfg, student.tokenizer)
+    if done:
+        check_prompts_unchanged(out, prompts)
 
     # prompts that leave no room to generate are skipped, counted and named
     context = context_window(student, teacher)
