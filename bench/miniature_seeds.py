@@ -1,6 +1,6 @@
 """The miniature experiment over several seeds: the mean and spread that docs/miniature.md reports.
 
-For each seed S, the world of seed S (`tracetailor world build --seed S`, reused when
+For each seed S, the world of seed S (or of `--same-world W`) (`tracetailor world build --seed S`, reused when
 already built; seed 0 ships with the package) and the experiment with sampling and
 fine-tuning seed S, on the test split, with the default settings of `tracetailor demo`.
 Prints one row per seed and the mean and standard deviation over seeds, as Markdown,
@@ -25,7 +25,7 @@ from tracetailor.toyworld.experiment import SETS, STUDENTS, ExperimentConfig, ru
 
 def row(seed: int, report: dict) -> dict:
     v = report["world"]["validation"]
-    out = {"seed": seed, "world_student_val_greedy": v["student"]["accuracy_greedy"],
+    out = {"seed": seed, "world_seed": report["world"]["seed"], "world_student_val_greedy": v["student"]["accuracy_greedy"],
            "world_teacher_val_greedy": v["teacher"]["accuracy_greedy"]}
     for name in STUDENTS:
         s = report["students"][name]
@@ -44,11 +44,11 @@ def row(seed: int, report: dict) -> dict:
 def markdown(rows: list[dict]) -> str:
     pct = lambda x: "-" if x is None else f"{100 * x:.1f}"  # noqa: E731
     cols = [*STUDENTS, "teacher_p<0.01", "rsd_p<0.01", "student_p<0.01", "rsd_acceptance"]
-    head = ["seed", "world val student/teacher %", *[f"{c} %" for c in cols], "ordering seen", "seconds"]
+    head = ["seed (world)", "world val student/teacher %", *[f"{c} %" for c in cols], "ordering seen", "seconds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         lines.append("| " + " | ".join([
-            str(r["seed"]), f"{pct(r['world_student_val_greedy'])} / {pct(r['world_teacher_val_greedy'])}",
+            f"{r['seed']} ({r['world_seed']})", f"{pct(r['world_student_val_greedy'])} / {pct(r['world_teacher_val_greedy'])}",
             *[pct(r[c]) + (f" ± {pct(r[c + '_se'])}" if c in STUDENTS and r[c] is not None else "") for c in cols],
             "yes" if r["paper_ordering_seen"] else "no", f"{r['total_s']:.0f}"]) + " |")
     if len(rows) > 1:
@@ -65,12 +65,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--worlds", default=None, help="Directory holding seed{S}/ worlds (default: the cache).")
+    ap.add_argument("--same-world", type=int, default=None, metavar="W",
+                    help="Every seed on world W (the spread of sampling and fine-tuning alone).")
     ap.add_argument("--out", default="miniature-seeds")
     args = ap.parse_args(argv)
     out = Path(args.out)
     rows = []
     for seed in (int(s) for s in args.seeds.split(",")):
-        world = build.build_world(seed, Path(args.worlds) / f"seed{seed}" if args.worlds else None)
+        w = seed if args.same_world is None else args.same_world
+        world = build.build_world(w, Path(args.worlds) / f"seed{w}" if args.worlds else None)
         report = run_experiment(ExperimentConfig(seed=seed, world=str(world), out=str(out / f"seed{seed}"),
                                                  overwrite=True, progress=False), log=lambda m: None)
         rows.append(row(seed, report))
