@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import statistics
@@ -102,6 +103,48 @@ def test_the_report_agrees_with_the_files_it_came_from(quick_run):
                 assert t["student_view"][f"share_below_{threshold}"] == pytest.approx(share, abs=1.5 / len(lps))
     ordered = sorted((s["accuracy"], n) for n, s in report["students"].items() if s)
     assert report["ordering"] == " < ".join(n for _, n in ordered)
+
+
+@pytest.mark.slow
+def test_a_stopped_demo_resumes_to_the_same_report(quick_run, monkeypatch):
+    """Stopped during eval (after every fine-tune), the same command finishes the run without redoing
+    generate or train, and its figures equal the uninterrupted run's."""
+    from tracetailor.toyworld import experiment
+
+    out, report, _ = quick_run
+    cfg = ExperimentConfig.quick(world=report["world"]["path"], out=str(out.parent / "stopped"), progress=False)
+    real_eval, calls = experiment._eval, []
+
+    def stop_on_the_third(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_eval(*args, **kwargs)
+
+    monkeypatch.setattr(experiment, "_eval", stop_on_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, log=lambda m: None)
+    assert not (out.parent / "stopped" / "report.json").exists()
+    monkeypatch.setattr(experiment, "_eval", real_eval)
+    said: list[str] = []
+    again = run_experiment(cfg, log=said.append)
+    assert any("resuming" in m for m in said)
+    assert sum("finished before the stop; kept" in m for m in said) == 3
+    assert all(again["trace_sets"][n]["traces"] == report["trace_sets"][n]["traces"] for n in SETS)
+    for name in STUDENTS:
+        assert (again["students"][name] or {}).get("accuracy") == (report["students"][name] or {}).get("accuracy"), name
+
+
+def test_a_stopped_demo_with_other_settings_is_refused(tmp_path):
+    from tracetailor.toyworld import experiment
+
+    cfg = ExperimentConfig.quick(out=str(tmp_path / "stopped"), world=str(tmp_path / "none"))
+    (tmp_path / "stopped").mkdir()
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in experiment.RESUMABLE}
+    experiment._write_json(tmp_path / "stopped" / "experiment.json", {"settings": {**settings, "samples": 9}})
+    with pytest.raises(ExperimentError, match=r"other settings \(samples: 9 -> 2\)"):
+        run_experiment(cfg, log=lambda m: None)
+    assert (tmp_path / "stopped" / "experiment.json").exists()
 
 
 def test_bad_settings_are_named(tmp_path):

@@ -127,12 +127,17 @@ def generate(
 @app.command()
 def demo(
     out: str = typer.Option("demo-out", help="Where the experiment writes its stages and report.md."),
-    quick: bool = typer.Option(False, "--quick", help="A small run of every stage (about 2 minutes; what CI runs)."),
+    quick: bool = typer.Option(False, "--quick", help="A small run of every stage (about 30 seconds on 2 cores; what CI runs)."),
     seed: int = typer.Option(0, help="Seed of the sampling and the fine-tuning."),
     world_seed: int = typer.Option(0, help="Which miniature world (seed 0 ships with tracetailor; others build in minutes)."),
     world: Optional[str] = typer.Option(None, help="A built world's directory (default: the WORLD_SEED world, built or reused)."),
     eval_split: str = typer.Option("test", help="Held-out problems to evaluate on: test, or validation while tuning."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished demo already in OUT."),
+    train_problems: Optional[int] = typer.Option(None, help="Training problems to generate traces for [default: 1000; --quick 200]."),
+    samples: Optional[int] = typer.Option(None, help="Traces per problem in each set [default: 4; --quick 2]."),
+    eval_samples: Optional[int] = typer.Option(None, help="Samples per held-out problem [default: 16; --quick 2]."),
+    learning_rate: Optional[float] = typer.Option(None, help="SFT learning rate [default: 1e-4]."),
+    epochs: Optional[float] = typer.Option(None, help="SFT epochs [default: 5; --quick 2]."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a demo already in OUT (a stopped one resumes without it)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
     smollm2: bool = typer.Option(False, "--smollm2", help="Instead: RSD on real text with SmolLM2-135M-Instruct (teacher) and 22 of its 30 layers (student), printing each trace."),
 ):
@@ -150,15 +155,17 @@ def demo(
     from .toyworld.experiment import ExperimentConfig, ExperimentError, run_experiment
 
     make = ExperimentConfig.quick if quick else ExperimentConfig
+    given = {k: v for k, v in (("train_problems", train_problems), ("samples", samples),
+                                 ("eval_samples", eval_samples), ("learning_rate", learning_rate),
+                                 ("num_train_epochs", epochs)) if v is not None}
     cfg = make(seed=seed, world_seed=world_seed, world=world, out=out, eval_split=eval_split, overwrite=overwrite,
-               progress=not no_progress)
+               progress=not no_progress, **given)
     try:
         run_experiment(cfg)
     except (ExperimentError, WorldError, *_user_errors()) as e:
         _fail(str(e))
     except KeyboardInterrupt:
-        typer.echo(f"\ninterrupted: the stages finished so far are in {out}; run with --overwrite to start again.",
-                   err=True)
+        typer.echo(f"\ninterrupted: finished work is saved in {out}; run the same command to resume.", err=True)
         raise typer.Exit(130)
 
 
