@@ -53,7 +53,7 @@ def test_every_stage_wrote_its_files(quick_run):
     out, report, printed = quick_run
     for name in SETS:
         assert (out / "traces" / name / "stats.json").is_file()
-        assert (out / "sft" / f"{name}.jsonl.funnel.json").is_file()
+        assert (out / report["trace_sets"][name]["funnel_source"]).is_file()
     for name, s in report["students"].items():
         if s is not None:
             assert (out / s["source"]).is_file()
@@ -145,6 +145,25 @@ def test_a_stopped_demo_with_other_settings_is_refused(tmp_path):
     with pytest.raises(ExperimentError, match=r"other settings \(samples: 9 -> 2\)"):
         run_experiment(cfg, log=lambda m: None)
     assert (tmp_path / "stopped" / "experiment.json").exists()
+
+
+def test_equal_sizes_cuts_every_set_to_the_smallest(tmp_path):
+    from tracetailor.toyworld.experiment import equalise
+
+    sizes = {"teacher": 7, "rsd": 5, "student": 3}
+    for name, n in sizes.items():
+        (tmp_path / f"{name}.all.jsonl").write_text("".join(json.dumps({"id": f"{name}{i}"}) + "\n" for i in range(n)))
+    assert equalise(tmp_path, seed=0) == {"teacher": 3, "rsd": 3, "student": 3}
+    for name, n in sizes.items():
+        ids = [r["id"] for r in _lines(tmp_path / f"{name}.jsonl")]
+        assert len(ids) == 3 and ids == sorted(ids, key=lambda x: int(x[len(name):]))  # a subset, in file order
+        assert set(ids) <= {f"{name}{i}" for i in range(n)}
+    first = (tmp_path / "teacher.jsonl").read_text()
+    equalise(tmp_path, seed=0)
+    assert (tmp_path / "teacher.jsonl").read_text() == first  # seeded: the same subset again
+    # an empty set stays empty and does not empty the others
+    (tmp_path / "student.all.jsonl").write_text("")
+    assert equalise(tmp_path, seed=0) == {"teacher": 5, "rsd": 5, "student": 0}
 
 
 def test_bad_settings_are_named(tmp_path):

@@ -137,6 +137,7 @@ def demo(
     eval_samples: Optional[int] = typer.Option(None, help="Samples per held-out problem [default: 16; --quick 2]."),
     learning_rate: Optional[float] = typer.Option(None, help="SFT learning rate [default: 1e-4]."),
     epochs: Optional[float] = typer.Option(None, help="SFT epochs [default: 5; --quick 2]."),
+    equal_sizes: bool = typer.Option(False, "--equal-sizes", help="Cut every SFT set to the smallest one's size, so that the students differ only in what they learn from."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a demo already in OUT (a stopped one resumes without it)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
     smollm2: bool = typer.Option(False, "--smollm2", help="Instead: RSD on real text with SmolLM2-135M-Instruct (teacher) and 22 of its 30 layers (student), printing each trace."),
@@ -159,7 +160,7 @@ def demo(
                                  ("eval_samples", eval_samples), ("learning_rate", learning_rate),
                                  ("num_train_epochs", epochs)) if v is not None}
     cfg = make(seed=seed, world_seed=world_seed, world=world, out=out, eval_split=eval_split, overwrite=overwrite,
-               progress=not no_progress, **given)
+               equal_sizes=equal_sizes, progress=not no_progress, **given)
     try:
         run_experiment(cfg)
     except (ExperimentError, WorldError, *_user_errors()) as e:

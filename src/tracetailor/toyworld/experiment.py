@@ -61,6 +61,7 @@ class ExperimentConfig:
     learning_rate: float = 1e-4  # s1 uses 1e-5 on pretrained 7B+; chosen on validation (1e-4, 3e-4, 3e-5 all agreed)
     num_train_epochs: float = 5  # s1's
     batch_size: int = 16  # SFT per-device batch (no gradient accumulation)
+    equal_sizes: bool = False  # cut every SFT set to the smallest one's size (a seeded random subset)
     progress: bool = True
     overwrite: bool = False
 
@@ -132,15 +133,16 @@ def _run(cfg: ExperimentConfig, out: Path, log: Callable[[str], None]) -> dict[s
         gen = {name: _generate(name, world, prompts, out, cfg, log) for name in SETS}
     with stage("select"):
         funnels = {name: _select(name, out, cfg, log) for name in SETS}
+        sizes = equalise(out / "sft", cfg.seed, log) if cfg.equal_sizes else {n: funnels[n]["kept"] for n in SETS}
     with stage("train"):
-        trained = {name: _train(name, world, out, cfg, funnels[name], log) for name in SETS}
+        trained = {name: _train(name, world, out, cfg, sizes[name], log) for name in SETS}
     with stage("eval"):
         checkpoints = {"base": world / "student", **{f"sft-{n}": out / "ckpt" / n for n in SETS if trained[n]}}
         evals = {name: _eval(name, path, bench, out, cfg, log) for name, path in checkpoints.items()}
     with stage("score"):
-        scored = _score(world, out, cfg, funnels, log)
+        scored = _score(world, out, cfg, sizes, log)
     with stage("report"):
-        report = make_report(cfg, world, out, gen, funnels, trained, evals, scored, stage.seconds)
+        report = make_report(cfg, world, out, gen, funnels, sizes, trained, evals, scored, stage.seconds)
     report["stages_s"]["report"] = stage.seconds["report"]
     report["total_s"] = round(time.perf_counter() - started, 1)
     _write_json(out / "report.json", report)
@@ -229,14 +231,35 @@ def _select(name: str, out: Path, cfg: ExperimentConfig, log) -> dict:
     from ..select import SelectConfig, run_select
 
     (out / "sft").mkdir(exist_ok=True)
-    return run_select(SelectConfig(traces=[str(out / "traces" / name)], out=str(out / "sft" / f"{name}.jsonl"),
-                                   seed=cfg.seed), log=lambda m: log(f"select {name}: {m}"))
+    path = out / "sft" / (f"{name}.all.jsonl" if cfg.equal_sizes else f"{name}.jsonl")
+    return run_select(SelectConfig(traces=[str(out / "traces" / name)], out=str(path), seed=cfg.seed),
+                      log=lambda m: log(f"select {name}: {m}"))
 
 
-def _train(name: str, world: Path, out: Path, cfg: ExperimentConfig, funnel: dict, log) -> dict | None:
+def equalise(folder: Path, seed: int, log=lambda m: None) -> dict[str, int]:
+    """Write ``<set>.jsonl`` as a seeded random subset, in file order, of ``<set>.all.jsonl`` for every
+    set, all of the smallest non-empty set's size (an empty set stays empty); return the sizes."""
+    import random
+
+    rows = {n: (folder / f"{n}.all.jsonl").read_text(encoding="utf-8").splitlines(keepends=True) for n in SETS}
+    sizes = [len(r) for r in rows.values() if r]
+    size = min(sizes) if sizes else 0
+    out = {}
+    for n, lines in rows.items():
+        keep = sorted(random.Random(f"{seed}/{n}").sample(range(len(lines)), min(size, len(lines))))
+        tmp = folder / f".{n}.jsonl.tmp"
+        tmp.write_text("".join(lines[i] for i in keep), encoding="utf-8")
+        tmp.replace(folder / f"{n}.jsonl")
+        out[n] = len(keep)
+    log(f"select: every SFT set cut to {size} examples (--equal-sizes; from "
+        + ", ".join(f"{n} {len(r)}" for n, r in rows.items()) + ")")
+    return out
+
+
+def _train(name: str, world: Path, out: Path, cfg: ExperimentConfig, size: int, log) -> dict | None:
     from ..train import TrainConfig, run_train
 
-    if not funnel.get("kept"):
+    if not size:
         log(f"train: the {name} SFT set is empty; no sft-{name} student")
         return None
     tcfg = TrainConfig(
@@ -250,7 +273,7 @@ def _train(name: str, world: Path, out: Path, cfg: ExperimentConfig, funnel: dic
     if done.exists():  # written last by run_train: the fine-tune of a stopped run finished
         log(f"train: sft-{name} finished before the stop; kept")
         return json.loads(done.read_text(encoding="utf-8"))["result"]
-    log(f"train: sft-{name} on {funnel['kept']} examples")
+    log(f"train: sft-{name} on {size} examples")
     tcfg.overwrite = True  # a fine-tune that was cut off left no train.json: start it again
     return run_train(tcfg, log=lambda m: log(f"train sft-{name}: {m}"))
 
@@ -265,10 +288,10 @@ def _eval(name: str, model: Path, bench: Path, out: Path, cfg: ExperimentConfig,
     return run_eval(ecfg, log=lambda m: log(f"eval {name}: {m}"))
 
 
-def _score(world: Path, out: Path, cfg: ExperimentConfig, funnels: dict, log) -> dict | None:
+def _score(world: Path, out: Path, cfg: ExperimentConfig, sizes: dict, log) -> dict | None:
     from ..score import ScoreConfig, run_score
 
-    names = [n for n in SETS if funnels[n].get("kept")]
+    names = [n for n in SETS if sizes[n]]
     if not names:
         return None
     scfg = ScoreConfig(student=str(world / "student"), data=[str(out / "sft" / f"{n}.jsonl") for n in names],
@@ -280,8 +303,8 @@ def _score(world: Path, out: Path, cfg: ExperimentConfig, funnels: dict, log) ->
 # ---------------------------------------------------------------- the report
 
 
-def make_report(cfg: ExperimentConfig, world: Path, out: Path, gen: dict, funnels: dict, trained: dict,
-                evals: dict, scored: dict | None, seconds: dict) -> dict[str, Any]:
+def make_report(cfg: ExperimentConfig, world: Path, out: Path, gen: dict, funnels: dict, sizes: dict,
+                trained: dict, evals: dict, scored: dict | None, seconds: dict) -> dict[str, Any]:
     """Every figure of the report, each beside the file it was read from (paths relative to OUT)."""
     world_meta = json.loads((world / "world.json").read_text(encoding="utf-8"))
     report: dict[str, Any] = {
@@ -311,8 +334,9 @@ def make_report(cfg: ExperimentConfig, world: Path, out: Path, gen: dict, funnel
             "traces": g["sequences"], "tokens": g["tokens"],
             "acceptance_rate": g.get("acceptance_rate") if name == "rsd" else None,
             "fallback_rate": (1 - g["acceptance_rate"]) if name == "rsd" and g.get("acceptance_rate") is not None else None,
-            "passed_share": _correct_share(f), "selected": f.get("kept"), "funnel": f,
-            "source": f"traces/{name}/stats.json", "funnel_source": f"sft/{name}.jsonl.funnel.json",
+            "passed_share": _correct_share(f), "passed_select": f.get("kept"), "selected": sizes[name], "funnel": f,
+            "source": f"traces/{name}/stats.json",
+            "funnel_source": f"sft/{name}{'.all' if cfg.equal_sizes else ''}.jsonl.funnel.json",
         }
         if scored and name in scored["datasets"]:
             s = scored["datasets"][name]
@@ -366,7 +390,8 @@ def report_markdown(report: dict) -> str:
         f"World seed {report['world']['seed']} ({report['world']['path']}); experiment seed {cfg['seed']}. "
         f"Traces: {cfg['samples']} per problem on {cfg['train_problems']} training problems; "
         f"eval: {cfg['eval_samples']} samples per problem on the {cfg['eval_split']} split, T=0.7, top-p 0.95. "
-        f"SFT: lr {cfg['learning_rate']:g}, {cfg['num_train_epochs']:g} epochs, batch {cfg['batch_size']}.",
+        f"SFT: lr {cfg['learning_rate']:g}, {cfg['num_train_epochs']:g} epochs, batch {cfg['batch_size']}"
+        + (", every SFT set cut to the smallest one's size (--equal-sizes)." if cfg.get("equal_sizes") else "."),
         "",
     ]
     if v:
