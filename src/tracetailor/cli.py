@@ -127,7 +127,7 @@ def generate(
 @app.command()
 def demo(
     out: str = typer.Option("demo-out", help="Where the experiment writes its stages and report.md."),
-    quick: bool = typer.Option(False, "--quick", help="A small run of every stage (about 30 seconds on 2 cores; what CI runs)."),
+    quick: bool = typer.Option(False, "--quick", help="A small run of every stage (about 15 seconds on 2 cores; what CI runs)."),
     seed: int = typer.Option(0, help="Seed of the sampling and the fine-tuning."),
     world_seed: int = typer.Option(0, help="Which miniature world (seed 0 ships with tracetailor; others build in minutes)."),
     world: Optional[str] = typer.Option(None, help="A built world's directory (default: the WORLD_SEED world, built or reused)."),

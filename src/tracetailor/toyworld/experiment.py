@@ -67,7 +67,7 @@ class ExperimentConfig:
 
     @classmethod
     def quick(cls, **changes) -> "ExperimentConfig":
-        """The CI-sized run: every stage on a fifth of the problems (about 30 s on 2 cores)."""
+        """The CI-sized run: every stage on a fifth of the problems (about 15 s on 2 cores)."""
         base = dict(train_problems=200, samples=2, eval_problems=100, eval_samples=2, num_train_epochs=2)
         return cls(**{**base, **changes})
 
