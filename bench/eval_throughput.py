@@ -27,6 +27,7 @@ Examples:
   .venv/bin/python bench/eval_throughput.py                  # 100 questions, 1 sample, 256 tokens, batch 32
   .venv/bin/python bench/eval_throughput.py --threads 1 --repeats 2
   .venv/bin/python bench/eval_throughput.py --limit 8 --max-new-tokens 32   # a quick check
+  .venv/bin/python bench/eval_throughput.py --threads 1 --full-sort          # without the top-p shortcut
 """
 
 from __future__ import annotations
@@ -122,9 +123,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=str, default=None, help="write the results here too")
+    ap.add_argument("--full-sort", action="store_true",
+                    help="eval side without the top-p shortcut (sorts the whole vocabulary every step, as before "
+                         "rules.nucleus_candidates): what the shortcut is worth")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.full_sort:
+        from tracetailor.decoding import rules
+
+        rules.nucleus_candidates = lambda probs, top_p, first=0: probs.sort(dim=-1, descending=True)
+        print("eval side: full-vocabulary sort for top-p (--full-sort)")
 
     model = load_model(str(smollm2_gguf()))
     items = load_benchmark(BENCHMARKS["gsm8k-offline"], limit=args.limit)

@@ -103,6 +103,20 @@ def test_the_report_agrees_with_the_files_it_came_from(quick_run):
                 assert t["student_view"][f"share_below_{threshold}"] == pytest.approx(share, abs=1.5 / len(lps))
     ordered = sorted((s["accuracy"], n) for n, s in report["students"].items() if s)
     assert report["ordering"] == " < ".join(n for _, n in ordered)
+    # paired differences: per question from the per-sample records, then averaged
+    per_q = {}
+    for name in (n for n in STUDENTS if report["students"][n]):
+        hits: dict[str, list[bool]] = {}
+        for r in _lines(next((out / "eval" / name).glob("*.jsonl"))):
+            hits.setdefault(r["question_id"], []).append(bool(r["correct"]))
+        per_q[name] = {q: sum(v) / len(v) for q, v in hits.items()}
+    assert report["differences"], "no paired differences in the report"
+    for key, d in report["differences"].items():
+        a, b = key.split(" - ")
+        diffs = [per_q[a][q] - per_q[b][q] for q in per_q[a]]
+        assert d["mean"] == pytest.approx(statistics.fmean(diffs))
+        assert d["stderr"] == pytest.approx(statistics.stdev(diffs) / math.sqrt(len(diffs)))
+        assert f"| {key} | {100 * d['mean']:+.1f} |" in md
 
 
 @pytest.mark.slow

@@ -344,6 +344,7 @@ def make_report(cfg: ExperimentConfig, world: Path, out: Path, gen: dict, funnel
             entry["student_view"]["source"] = "score/stats.json"
         report["trace_sets"][name] = entry
     acc = {k: v["accuracy"] for k, v in report["students"].items() if v}
+    report["differences"] = paired_differences(out, evals, cfg.eval_samples)
     report["ordering"] = " < ".join(sorted(acc, key=acc.get))
     report["paper_ordering_seen"] = (all(k in acc for k in ("sft-teacher", "base", "sft-rsd"))
                                      and acc["sft-teacher"] < acc["base"] < acc["sft-rsd"])
@@ -353,6 +354,47 @@ def make_report(cfg: ExperimentConfig, world: Path, out: Path, gen: dict, funnel
     if (out / "score" / "logprob_hist.png").exists():
         shutil.copyfile(out / "score" / "logprob_hist.png", out / "logprob_hist.png")
     return report
+
+
+PAIRS = (("sft-rsd", "base"), ("sft-teacher", "base"), ("sft-student", "base"), ("sft-rsd", "sft-student"),
+         ("sft-rsd", "sft-teacher"))
+
+
+def per_question_accuracy(path: Path, samples: int) -> dict[str, float]:
+    """Question id -> share of its first `samples` samples graded correct, from an eval per-sample file."""
+    from ..data.traces import read_records
+
+    hits: dict[str, list[bool]] = {}
+    for r in read_records(path):
+        if r["sample"] < samples:
+            hits.setdefault(r["question_id"], []).append(bool(r["correct"]))
+    return {q: sum(v) / len(v) for q, v in hits.items()}
+
+
+def paired_differences(out: Path, evals: dict, samples: int) -> dict[str, dict]:
+    """For each pair of students, the mean over questions of (accuracy of a - accuracy of b), its standard
+    error over questions and 95% interval: paired on the question, so narrower than two separate intervals."""
+    import statistics
+
+    from ..evaluate.run import _file_name
+
+    per_q = {}
+    for name, summary in evals.items():
+        (bench, _), = summary["benchmarks"].items()
+        per_q[name] = per_question_accuracy(out / "eval" / name / _file_name(bench), samples)
+    result = {}
+    for a, b in PAIRS:
+        if a not in per_q or b not in per_q:
+            continue
+        common = sorted(per_q[a].keys() & per_q[b].keys())
+        diffs = [per_q[a][q] - per_q[b][q] for q in common]
+        if not diffs:
+            continue
+        mean = statistics.fmean(diffs)
+        se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else None
+        result[f"{a} - {b}"] = {"mean": mean, "stderr": se, "ci95": list(confidence_interval(mean, se)),
+                                "questions": len(diffs)}
+    return result
 
 
 def _correct_share(funnel: dict) -> float | None:
@@ -406,8 +448,14 @@ def report_markdown(report: dict) -> str:
         lines.append(f"| {name} | {100 * s['accuracy']:.1f} | {100 * s['ci95'][0]:.1f} to {100 * s['ci95'][1]:.1f} "
                      f"| {n} | {s['source']} |")
     lines += ["", f"Ordering: {report['ordering']}. The paper's (sft-teacher < base < sft-rsd): "
-              f"{'seen' if report['paper_ordering_seen'] else 'not seen'}.", "", "![accuracy](accuracy.png)", "",
-              "## Trace sets", "",
+              f"{'seen' if report['paper_ordering_seen'] else 'not seen'}.", "", "![accuracy](accuracy.png)", ""]
+    if report.get("differences"):
+        lines += ["Paired differences (per question, then averaged; points):", "",
+                  "| difference | mean | 95% interval |", "|---|---:|---:|"]
+        lines += [f"| {k} | {100 * d['mean']:+.1f} | {100 * d['ci95'][0]:+.1f} to {100 * d['ci95'][1]:+.1f} |"
+                  for k, d in report["differences"].items()]
+        lines.append("")
+    lines += ["## Trace sets", "",
               "| set | traces | passed % | SFT examples | RSD accepted % | tokens p<0.001 % | p<0.01 % | p<0.1 % | NLL/token |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, t in report["trace_sets"].items():
