@@ -316,7 +316,7 @@ def make_report(cfg: ExperimentConfig, world: Path, out: Path, gen: dict, funnel
         if name not in evals:
             report["students"][name] = None
             continue
-        (bench_name, b), = evals[name]["benchmarks"].items()
+        (_, b), = evals[name]["benchmarks"].items()
         report["students"][name] = {
             "accuracy": b["accuracy"], "stderr": b["stderr"], "ci95": list(confidence_interval(b["accuracy"], b["stderr"])),
             "questions": b["questions"], "samples_per_question": b["samples_per_question"],
