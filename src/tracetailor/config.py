@@ -99,6 +99,13 @@ class GenerateConfig:
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.RESUMABLE}
 
 
+def settings_changes(before: dict[str, Any], now: dict[str, Any], most: int = 6) -> str | None:
+    """``"key: old -> new; ..."`` for the settings of `now` that differ from `before` (sorted, at most
+    `most` of them), or None when none do: what a resumed run must not change."""
+    changed = sorted(k for k in now if before.get(k) != now[k])
+    return "; ".join(f"{k}: {before.get(k)!r} -> {now[k]!r}" for k in changed[:most]) if changed else None
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     import yaml
 

@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, GenerateConfig
+from .config import ConfigError, GenerateConfig, settings_changes
 from .data.traces import (
     TraceWriter,
     finished_ids,
@@ -68,10 +68,8 @@ def prepare_out_dir(cfg: GenerateConfig) -> set[str]:
             before = json.loads(run_json.read_text(encoding="utf-8")).get("config", {})
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise OutputDirError(f"{run_json}: unreadable ({e}); pass --overwrite to start afresh") from e
-        now = cfg.trace_settings()
-        changed = sorted(k for k in now if before.get(k) != now[k])
-        if changed:
-            detail = "; ".join(f"{k}: {before.get(k)!r} -> {now[k]!r}" for k in changed[:6])
+        detail = settings_changes(before, cfg.trace_settings())
+        if detail:
             raise OutputDirError(
                 f"--out {out} holds a run with another configuration ({detail}). "
                 "Use a new --out directory, or pass --overwrite to replace that run."

@@ -222,6 +222,7 @@ def _file_name(name: str) -> str:
 
 
 def _prepare_out(cfg: EvalConfig, names: list[str]) -> Path:
+    from ..config import settings_changes
     from ..generate import OutputDirError
 
     out = Path(cfg.out)
@@ -244,10 +245,8 @@ def _prepare_out(cfg: EvalConfig, names: list[str]) -> Path:
             (out / name).unlink(missing_ok=True)
         return out
     if before is not None:
-        now, was = cfg.settings(), before.get("config", {})
-        changed = sorted(k for k in now if was.get(k) != now[k])
-        if changed:
-            detail = "; ".join(f"{k}: {was.get(k)!r} -> {now[k]!r}" for k in changed[:6])
+        detail = settings_changes(before.get("config", {}), cfg.settings())
+        if detail:
             raise OutputDirError(
                 f"--out {out} holds an evaluation with other settings ({detail}). "
                 "Use a new --out directory, or pass --overwrite to replace it."

@@ -102,15 +102,20 @@ def build_world(seed: int = 0, out: str | os.PathLike | None = None, *, force: b
     return _build(config, out, log)
 
 
-def is_built(path: Path, config: WorldConfig) -> bool:
-    """Whether `path` holds a complete world made with `config`."""
+def _meta_for(path: Path, config: WorldConfig) -> dict | None:
+    """`path`'s world.json when it records this version and `config`, else None."""
     try:
         meta = json.loads((path / "world.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return False
+        return None
     if meta.get("version") != VERSION or meta.get("config") != _jsonable(config.to_dict()):
-        return False
-    files = meta.get("files") or {}
+        return None
+    return meta
+
+
+def is_built(path: Path, config: WorldConfig) -> bool:
+    """Whether `path` holds a complete world made with `config`."""
+    files = (_meta_for(path, config) or {}).get("files") or {}
     return bool(files) and all((path / name).is_file() for name in files)
 
 
@@ -393,11 +398,7 @@ def _copy_shipped(config: WorldConfig, out: Path, log) -> bool:
     """Copy the shipped world for `config` to `out`, its problems regenerated (they are a function of
     the seed and cost a fraction of a second), and every file checked against world.json's sha256."""
     shipped = SHIPPED / f"world-seed{config.seed}-{VERSION}"
-    try:
-        meta = json.loads((shipped / "world.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    if meta.get("version") != VERSION or meta.get("config") != _jsonable(config.to_dict()):
+    if _meta_for(shipped, config) is None:
         return False
     log(f"world: copying the seed-{config.seed} world that ships with tracetailor to {out} "
         "(--force builds it anew, in minutes)")

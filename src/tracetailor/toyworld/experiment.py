@@ -159,6 +159,8 @@ RESUMABLE = ("out", "progress", "overwrite")  # settings a stopped run may resum
 def _prepare_out(cfg: ExperimentConfig, log) -> Path:
     """Create OUT, or resume the stopped run of the same settings in it (generate and eval pick up
     where they stopped, a finished fine-tune is kept; select and score rerun, in seconds)."""
+    from ..config import settings_changes
+
     out = Path(cfg.out)
     marker = out / "experiment.json"
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE}
@@ -181,9 +183,8 @@ def _prepare_out(cfg: ExperimentConfig, log) -> Path:
                 before = json.loads(marker.read_text(encoding="utf-8")).get("settings", {})
             except ValueError as e:
                 raise ExperimentError(f"{marker}: unreadable ({e}); pass --overwrite to start again") from e
-            changed = sorted(k for k in settings if before.get(k) != settings[k])
-            if changed:
-                detail = "; ".join(f"{k}: {before.get(k)!r} -> {settings[k]!r}" for k in changed[:6])
+            detail = settings_changes(before, settings)
+            if detail:
                 raise ExperimentError(f"--out {out} holds a stopped demo with other settings ({detail}); pass "
                                       "--overwrite to start again, or choose another directory")
             log(f"resuming the stopped demo in {out}: finished traces, fine-tunes and eval samples are kept")
