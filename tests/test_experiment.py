@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tracetailor.data.traces import write_json_atomic
 from tracetailor.toyworld import build
 from tracetailor.toyworld.experiment import (
     SETS,
@@ -155,7 +156,7 @@ def test_a_stopped_demo_with_other_settings_is_refused(tmp_path):
     cfg = ExperimentConfig.quick(out=str(tmp_path / "stopped"), world=str(tmp_path / "none"))
     (tmp_path / "stopped").mkdir()
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in experiment.RESUMABLE}
-    experiment._write_json(tmp_path / "stopped" / "experiment.json", {"settings": {**settings, "samples": 9}})
+    write_json_atomic(tmp_path / "stopped" / "experiment.json", {"settings": {**settings, "samples": 9}})
     with pytest.raises(ExperimentError, match=r"other settings \(samples: 9 -> 2\)"):
         run_experiment(cfg, log=lambda m: None)
     assert (tmp_path / "stopped" / "experiment.json").exists()

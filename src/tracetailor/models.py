@@ -7,6 +7,7 @@ that is not a causal LM) into messages that say what to do. It does not decode.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -159,3 +160,18 @@ def load_tokenizer(name: str, *, gguf_file: str | None = None, trust_remote_code
         return AutoTokenizer.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as e:
         raise ModelError(f"{role} {name!r}: cannot load its tokenizer ({e})") from e
+
+
+@contextmanager
+def quiet_progress_bars():
+    """No progress bars from transformers' loading and saving inside the block (for commands that show
+    their own); restores them afterwards if they were on."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()

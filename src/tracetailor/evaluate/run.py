@@ -36,7 +36,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Sequence
 
 from ..config import ConfigError
 from .answers import THINK_END, extract_answer, is_correct, multiple_choice_letter, require_math_verify
@@ -142,17 +142,29 @@ def uses_thinking(prefill: str) -> bool:
 # ---------------------------------------------------------------- scores
 
 
+def per_question_accuracy(records: Iterable[dict], samples: int) -> dict[str, float]:
+    """Question id -> the share of its first `samples` samples graded correct."""
+    hits: dict[str, list[bool]] = {}
+    for r in records:
+        if r["sample"] < samples:
+            hits.setdefault(r["question_id"], []).append(bool(r["correct"]))
+    return {q: sum(v) / len(v) for q, v in hits.items()}
+
+
+def mean_stderr(values: Sequence[float]) -> tuple[float | None, float | None]:
+    """The mean and its standard error (None for no values; the error None below two)."""
+    n = len(values)
+    mean = statistics.fmean(values) if n else None
+    return mean, (statistics.stdev(values) / math.sqrt(n) if n > 1 else None)
+
+
 def summarize(records: list[dict], items: list[Item], samples: int, thinking: bool) -> dict[str, Any]:
     """Scores of one benchmark over the current questions' first `samples` samples (see the module docstring)."""
     ids = {it.id for it in items}
     recs = [r for r in records if r["question_id"] in ids and r["sample"] < samples]
-    by_question: dict[str, list[bool]] = {}
-    for r in recs:
-        by_question.setdefault(r["question_id"], []).append(bool(r["correct"]))
-    per_question = [sum(v) / len(v) for v in by_question.values()]
+    per_question = list(per_question_accuracy(recs, samples).values())
     q = len(per_question)
-    accuracy = statistics.fmean(per_question) if q else None
-    stderr = statistics.stdev(per_question) / math.sqrt(q) if q > 1 else None
+    accuracy, stderr = mean_stderr(per_question)
     tokens = sum(r.get("completion_tokens", 0) for r in recs)
     out = {
         "questions": q,
@@ -217,7 +229,8 @@ def markdown(summary: dict[str, Any]) -> str:
 # ---------------------------------------------------------------- output directory
 
 
-def _file_name(name: str) -> str:
+def samples_file_name(name: str) -> str:
+    """The per-sample JSONL file of a benchmark in OUT."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name) + ".jsonl"
 
 
@@ -238,8 +251,8 @@ def _prepare_out(cfg: EvalConfig, names: list[str]) -> Path:
             if not cfg.overwrite:
                 raise OutputDirError(f"{run_json}: unreadable ({e}); pass --overwrite to start afresh") from e
     if cfg.overwrite:
-        old = [_file_name(n) for n in (before or {}).get("benchmarks", {})]
-        for name in set(old) | {_file_name(n) for n in names}:
+        old = [samples_file_name(n) for n in (before or {}).get("benchmarks", {})]
+        for name in set(old) | {samples_file_name(n) for n in names}:
             (out / name).unlink(missing_ok=True)
         for name in ("run.json", "summary.json", "summary.md"):
             (out / name).unlink(missing_ok=True)
@@ -251,7 +264,7 @@ def _prepare_out(cfg: EvalConfig, names: list[str]) -> Path:
                 f"--out {out} holds an evaluation with other settings ({detail}). "
                 "Use a new --out directory, or pass --overwrite to replace it."
             )
-    elif any((out / _file_name(n)).exists() for n in names):
+    elif any((out / samples_file_name(n)).exists() for n in names):
         raise OutputDirError(f"--out {out} holds sample files but no run.json; use a new --out or pass --overwrite")
     return out
 
@@ -319,7 +332,7 @@ def run_eval(cfg: EvalConfig, log=print) -> dict[str, Any]:
         prompts = build_prompts([{"id": it.id, "prompt": it.prompt} for it in items], None, tok,
                                 prompt_field="prompt", id_field="id", system_prompt=cfg.system_prompt,
                                 prefill=prefill, chat_template=cfg.chat_template)
-        path = out / _file_name(name)
+        path = out / samples_file_name(name)
         records = _read_done(path)
         done = {(r["question_id"], r["sample"]) for r in records}
         by_handle, requests, skipped = {}, [], []

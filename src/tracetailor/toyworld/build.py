@@ -42,6 +42,7 @@ from typing import Callable
 
 import torch
 
+from ..models import quiet_progress_bars
 from . import pretrain, tasks
 from .pretrain import ModelSpec, TrainSpec
 from .tokenizer import VOCAB_SIZE, chat_texts, train_tokenizer
@@ -68,8 +69,9 @@ class WorldConfig:
     threads: int | None = None  # torch threads of the teacher's training; None: up to 2 (results do not depend on it)
     measure_limit: int | None = None  # validation problems used for the measurements (None: all)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+    def to_json(self) -> dict:
+        """The config as world.json records it (JSON types: tuples become lists)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
 class WorldError(RuntimeError):
@@ -108,7 +110,7 @@ def _meta_for(path: Path, config: WorldConfig) -> dict | None:
         meta = json.loads((path / "world.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if meta.get("version") != VERSION or meta.get("config") != _jsonable(config.to_dict()):
+    if meta.get("version") != VERSION or meta.get("config") != config.to_json():
         return None
     return meta
 
@@ -168,7 +170,7 @@ def _build(config: WorldConfig, out: Path, log: Callable[[str], None]) -> Path:
                                    seed=config.seed, limit=config.measure_limit)
                 _log_measures(measures, log)
         meta = {
-            "version": VERSION, "seed": config.seed, "config": _jsonable(config.to_dict()),
+            "version": VERSION, "seed": config.seed, "config": config.to_json(),
             "sizes": {name: len(rows) for name, rows in splits.items()},
             "vocab_size": len(tokenizer),
             "parameters": {role: pretrain.n_parameters(m) for role, m in models.items()},
@@ -211,7 +213,7 @@ def _train_models(config: WorldConfig, exclude: set[str], work: Path, threads: i
         for role in ("student", "teacher"):
             train_and_save(role, config, exclude, str(work), 1, log=log)
     models = {}
-    with _quiet_transformers():
+    with quiet_progress_bars():
         for role in ("student", "teacher"):
             models[role] = AutoModelForCausalLM.from_pretrained(work / role, dtype=torch.float32).eval()
             log(f"  {role}: {pretrain.n_parameters(models[role]):,} parameters")
@@ -228,7 +230,7 @@ def train_and_save(role: str, config: WorldConfig, exclude: set[str], work: str,
     train_spec: TrainSpec = getattr(config, f"{role}_train")
     tokenizer = AutoTokenizer.from_pretrained(Path(work) / "tokenizer")
     model_seed = config.seed * 1000 + (1 if role == "student" else 2)
-    with _deterministic(threads), _quiet_transformers():
+    with _deterministic(threads), quiet_progress_bars():
         model = pretrain.new_model(spec, tokenizer, model_seed)
         trees = tasks.pretraining_trees(config.seed, exclude)
         examples = pretrain.example_stream(tokenizer, trees, train_spec.teacher_share, model_seed)
@@ -359,20 +361,6 @@ def _deterministic(threads: int):
         torch.use_deterministic_algorithms(before_det)
 
 
-@contextmanager
-def _quiet_transformers():
-    """No progress bars from transformers' saving and loading while the build logs its own."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
-
-
 def _write_problems(folder: Path, splits: dict[str, list[tasks.Problem]]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for name, rows in splits.items():
@@ -388,10 +376,6 @@ def _files(root: Path) -> list[str]:
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def _jsonable(value):
-    return json.loads(json.dumps(value))
 
 
 def _copy_shipped(config: WorldConfig, out: Path, log) -> bool:
@@ -425,8 +409,9 @@ def ship(path: str | os.PathLike) -> Path:
     seed-0 world was made, after `build_world(0, force=True)`."""
     path = Path(path)
     meta = json.loads((path / "world.json").read_text(encoding="utf-8"))
-    if verify(path):
-        raise WorldError(f"{path} fails its own checks: {', '.join(verify(path))}")
+    bad = verify(path)
+    if bad:
+        raise WorldError(f"{path} fails its own checks: {', '.join(bad)}")
     target = SHIPPED / f"world-seed{meta['seed']}-{meta['version']}"
     if target.exists():
         shutil.rmtree(target)

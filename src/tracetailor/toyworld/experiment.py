@@ -32,6 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from ..data.traces import AtomicWriter, write_json_atomic
+from ..models import quiet_progress_bars
+from . import build
+
 SETS = ("teacher", "rsd", "student")  # the trace sets, in the paper's order of discussion
 STUDENTS = ("base", "sft-teacher", "sft-rsd", "sft-student")
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
@@ -109,24 +113,21 @@ class _Stages:
 
 def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run every stage; return the report (also OUT/report.json)."""
-    from . import build
-
     cfg.validate()
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     out = _prepare_out(cfg, log)
-    with build._quiet_transformers():  # our stages show their own progress; not transformers' weight loading
+    with quiet_progress_bars():  # our stages show their own progress; not transformers' weight loading
         return _run(cfg, out, log)
 
 
 def _run(cfg: ExperimentConfig, out: Path, log: Callable[[str], None]) -> dict[str, Any]:
-    from . import build
-
     stage = _Stages(log)
     started = time.perf_counter()
     with stage("world"):
         world = Path(cfg.world) if cfg.world else build.build_world(cfg.world_seed, log=log)
-        if build.verify(world):
-            raise ExperimentError(f"world {world}: files fail their checks ({', '.join(build.verify(world))}); "
+        bad = build.verify(world)
+        if bad:
+            raise ExperimentError(f"world {world}: files fail their checks ({', '.join(bad)}); "
                                   "run `tracetailor world build --force`")
         prompts, bench = _write_problem_files(world, out, cfg)
     with stage("generate"):
@@ -145,7 +146,7 @@ def _run(cfg: ExperimentConfig, out: Path, log: Callable[[str], None]) -> dict[s
         report = make_report(cfg, world, out, gen, funnels, sizes, trained, evals, scored, stage.seconds)
     report["stages_s"]["report"] = stage.seconds["report"]
     report["total_s"] = round(time.perf_counter() - started, 1)
-    _write_json(out / "report.json", report)
+    write_json_atomic(out / "report.json", report)
     (out / "report.md").write_text(report_markdown(report), encoding="utf-8")
     plot_stages(report, out / "stages.png")
     log("\n" + summary_lines(report))
@@ -190,13 +191,11 @@ def _prepare_out(cfg: ExperimentConfig, log) -> Path:
             log(f"resuming the stopped demo in {out}: finished traces, fine-tunes and eval samples are kept")
             return out
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(marker, {"note": "a tracetailor demo run; report.json is written last", "settings": settings})
+    write_json_atomic(marker, {"note": "a tracetailor demo run; report.json is written last", "settings": settings})
     return out
 
 
 def _write_problem_files(world: Path, out: Path, cfg: ExperimentConfig) -> tuple[Path, Path]:
-    from . import build
-
     train = build.load_problems(world, "train")[: cfg.train_problems]
     held_out = build.load_problems(world, cfg.eval_split)[: cfg.eval_problems]
     prompts, bench = out / "problems" / "train_prompts.jsonl", out / "problems" / f"{cfg.eval_split}.jsonl"
@@ -248,9 +247,8 @@ def equalise(folder: Path, seed: int, log=lambda m: None) -> dict[str, int]:
     out = {}
     for n, lines in rows.items():
         keep = sorted(random.Random(f"{seed}/{n}").sample(range(len(lines)), min(size, len(lines))))
-        tmp = folder / f".{n}.jsonl.tmp"
-        tmp.write_text("".join(lines[i] for i in keep), encoding="utf-8")
-        tmp.replace(folder / f"{n}.jsonl")
+        with AtomicWriter(folder / f"{n}.jsonl") as f:
+            f.write("".join(lines[i] for i in keep))
         out[n] = len(keep)
     log(f"select: every SFT set cut to {size} examples (--equal-sizes; from "
         + ", ".join(f"{n} {len(r)}" for n, r in rows.items()) + ")")
@@ -324,18 +322,18 @@ def make_report(cfg: ExperimentConfig, world: Path, out: Path, gen: dict, funnel
             "truncated": b["truncated"], "mean_completion_tokens": b["mean_completion_tokens"],
             "source": f"eval/{name}/summary.json",
         }
-        if name != "base" and trained.get(name[len("sft-"):]):
-            t = trained[name[len("sft-"):]]
+        if name != "base" and trained.get(name.removeprefix("sft-")):
+            t = trained[name.removeprefix("sft-")]
             report["students"][name]["train"] = {"examples": t["examples"], "steps": t["steps"],
                                                  "first_loss": t["first_loss"], "last_loss": t["last_loss"],
-                                                 "source": f"ckpt/{name[len('sft-'):]}/train.json"}
+                                                 "source": f"ckpt/{name.removeprefix('sft-')}/train.json"}
     for name in SETS:
         g, f = gen[name], funnels[name]
         entry = {
             "traces": g["sequences"], "tokens": g["tokens"],
             "acceptance_rate": g.get("acceptance_rate") if name == "rsd" else None,
             "fallback_rate": (1 - g["acceptance_rate"]) if name == "rsd" and g.get("acceptance_rate") is not None else None,
-            "passed_share": _correct_share(f), "passed_select": f.get("kept"), "selected": sizes[name], "funnel": f,
+            "passed_share": _passed_share(f), "passed_select": f.get("kept"), "selected": sizes[name], "funnel": f,
             "source": f"traces/{name}/stats.json",
             "funnel_source": f"sft/{name}{'.all' if cfg.equal_sizes else ''}.jsonl.funnel.json",
         }
@@ -361,49 +359,34 @@ PAIRS = (("sft-rsd", "base"), ("sft-teacher", "base"), ("sft-student", "base"), 
          ("sft-rsd", "sft-teacher"))
 
 
-def per_question_accuracy(path: Path, samples: int) -> dict[str, float]:
-    """Question id -> share of its first `samples` samples graded correct, from an eval per-sample file."""
-    from ..data.traces import read_records
-
-    hits: dict[str, list[bool]] = {}
-    for r in read_records(path):
-        if r["sample"] < samples:
-            hits.setdefault(r["question_id"], []).append(bool(r["correct"]))
-    return {q: sum(v) / len(v) for q, v in hits.items()}
-
-
 def paired_differences(out: Path, evals: dict, samples: int) -> dict[str, dict]:
     """For each pair of students, the mean over questions of (accuracy of a - accuracy of b), its standard
     error over questions and 95% interval: paired on the question, so narrower than two separate intervals."""
-    import statistics
-
-    from ..evaluate.run import _file_name
+    from ..data.traces import read_records
+    from ..evaluate.run import mean_stderr, per_question_accuracy, samples_file_name
 
     per_q = {}
     for name, summary in evals.items():
         (bench, _), = summary["benchmarks"].items()
-        per_q[name] = per_question_accuracy(out / "eval" / name / _file_name(bench), samples)
+        per_q[name] = per_question_accuracy(read_records(out / "eval" / name / samples_file_name(bench)), samples)
     result = {}
     for a, b in PAIRS:
         if a not in per_q or b not in per_q:
             continue
-        common = sorted(per_q[a].keys() & per_q[b].keys())
-        diffs = [per_q[a][q] - per_q[b][q] for q in common]
+        diffs = [per_q[a][q] - per_q[b][q] for q in sorted(per_q[a].keys() & per_q[b].keys())]
         if not diffs:
             continue
-        mean = statistics.fmean(diffs)
-        se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else None
+        mean, se = mean_stderr(diffs)
         result[f"{a} - {b}"] = {"mean": mean, "stderr": se, "ci95": list(confidence_interval(mean, se)),
                                 "questions": len(diffs)}
     return result
 
 
-def _correct_share(funnel: dict) -> float | None:
+def _passed_share(funnel: dict) -> float | None:
     """Share of the traces that passed every filter of select (finished, well-formed, correct and, for RSD,
-    at most half student-written), before one per problem is picked."""
+    at most half student-written): the ones offered to the one-per-problem pick."""
     read = funnel.get("traces_read") or 0
-    failed = sum(v for k, v in funnel.get("removed", {}).items() if k != "not_picked")
-    return (read - failed) / read if read else None
+    return (funnel["kept"] + funnel["removed"]["not_picked"]) / read if read else None
 
 
 def summary_lines(report: dict) -> str:
@@ -489,7 +472,7 @@ def plot_accuracy(report: dict, path: Path) -> None:
     plt = _pyplot()
     names = [n for n, s in report["students"].items() if s]
     acc = [100 * report["students"][n]["accuracy"] for n in names]
-    err = [100 * Z95 * (report["students"][n]["stderr"] or 0) for n in names]
+    err = [100 * (report["students"][n]["accuracy"] - report["students"][n]["ci95"][0]) for n in names]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.bar(names, acc, yerr=err, capsize=6, color=[COLORS[n.removeprefix("sft-")] for n in names])
     ax.set_ylabel(f"{report['config']['eval_split']} accuracy % (95% CI)")
@@ -553,13 +536,7 @@ def plot_stages(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def confidence_interval(accuracy: float, stderr: float | None) -> tuple[float, float]:
-    """accuracy +- 1.96 standard errors (normal approximation over questions)."""
+def confidence_interval(mean: float, stderr: float | None) -> tuple[float, float]:
+    """mean +- 1.96 standard errors (normal approximation over questions)."""
     se = stderr or 0.0
-    return accuracy - Z95 * se, accuracy + Z95 * se
-
-
-def _write_json(path: Path, value: Any) -> None:
-    from ..data.traces import write_json_atomic
-
-    write_json_atomic(path, value)
+    return mean - Z95 * se, mean + Z95 * se

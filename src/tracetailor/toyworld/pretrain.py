@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
@@ -62,9 +62,6 @@ class TrainSpec:
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.01
     teacher_share: float = 0.0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def new_model(spec: ModelSpec, tokenizer, seed: int):
@@ -133,10 +130,9 @@ def collate(rows: list[tuple[list[int], int]], pad_id: int):
 # ---------------------------------------------------------------- training
 
 
-def train(model, data: Iterator, spec: TrainSpec, log: Callable[[str], None] | None = None, every: int = 100,
-          on_log: Callable[[int], None] | None = None) -> list[float]:
-    """AdamW, linear warm-up then cosine decay; returns the loss per step. `on_log(step)` runs
-    after each log line (in eval mode, without gradients)."""
+def train(model, data: Iterator, spec: TrainSpec, log: Callable[[str], None] | None = None,
+          every: int = 100) -> list[float]:
+    """AdamW, linear warm-up then cosine decay; returns the loss per step (the model ends in eval mode)."""
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": spec.weight_decay},
@@ -168,10 +164,6 @@ def train(model, data: Iterator, spec: TrainSpec, log: Callable[[str], None] | N
             recent = losses[-every:]
             log(f"step {step + 1}/{spec.steps}  loss {sum(recent) / len(recent):.3f}  "
                 f"{time.perf_counter() - start:.0f}s")
-            if on_log:
-                model.eval()
-                on_log(step + 1)
-                model.train()
     model.eval()
     return losses
 

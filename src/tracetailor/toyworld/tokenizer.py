@@ -16,7 +16,6 @@ Not its job: which texts (build.py), models (pretrain.py).
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -69,8 +68,3 @@ def chat_texts(prompts: list[str], completions: list[str]) -> list[str]:
     """Whole conversations as the models see them, for training the tokenizer."""
     return [f"<|im_start|>user\n{p}<|im_end|>\n<|im_start|>assistant\n{c}<|im_end|>\n"
             for p, c in zip(prompts, completions)]
-
-
-def save_tokenizer(tokenizer, out: Path) -> Path:
-    tokenizer.save_pretrained(out)
-    return out
