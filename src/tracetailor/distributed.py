@@ -37,7 +37,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from .config import GenerateConfig
-from .data.traces import TraceWriter, read_records, record_id, repair_torn_tail, write_json_atomic
+from .data.traces import TraceWriter, read_repaired, record_id, write_json_atomic
 
 # A shard that has been running on this many workers when they died stops the run:
 # it is more likely to kill the next one (say, out of memory) than to be unlucky.
@@ -208,10 +208,7 @@ def _first_line(error: BaseException) -> str:
 def _recover(path: Path) -> dict[str, int]:
     """{record id: tokens} of the whole records a dead worker left in its file (torn tail cut).
     Only the dead worker wrote this file, so cutting it cannot race a live writer."""
-    if not path.exists():
-        return {}
-    repair_torn_tail(path)
-    return {rec["id"]: len(rec.get("completion_token_ids", [])) for rec in read_records(path)}
+    return {rec["id"]: len(rec.get("completion_token_ids", [])) for rec in read_repaired(path)}
 
 
 def run_distributed(cfg: GenerateConfig, log=print) -> dict[str, Any]:
@@ -223,13 +220,13 @@ def run_distributed(cfg: GenerateConfig, log=print) -> dict[str, Any]:
 
     ray = import_ray()
     cfg.validate()
-    done = prepare_out_dir(cfg)  # reads (and repairs) every traces*.jsonl: any earlier worker count
+    prompt_texts: dict = {}
+    done = prepare_out_dir(cfg, prompt_texts)  # reads (and repairs) every traces*.jsonl: any earlier worker count
     out = Path(cfg.out)
     tokenizer = load_tokenizer(cfg.student, gguf_file=cfg.student_gguf_file,
                                trust_remote_code=cfg.trust_remote_code, role="student")
     prompts = load_prompt_set(cfg, tokenizer)
-    if done:
-        check_prompts_unchanged(out, prompts)
+    check_prompts_unchanged(prompt_texts, prompts)
     pending = [(i, s) for i, p in enumerate(prompts) for s in range(cfg.samples)
                if record_id(p.prompt_id, s) not in done]
     if not (out / "run.json").exists() or pending:

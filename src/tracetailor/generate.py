@@ -20,7 +20,6 @@ from .config import ConfigError, GenerateConfig, settings_changes
 from .data.traces import (
     TraceWriter,
     finished_ids,
-    read_numbered_records,
     read_records,
     record_id,
     summarize,
@@ -45,8 +44,9 @@ def _versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
-def prepare_out_dir(cfg: GenerateConfig) -> set[str]:
-    """Create or check OUT; return the ids already finished there (resume)."""
+def prepare_out_dir(cfg: GenerateConfig, prompt_texts: dict | None = None) -> set[str]:
+    """Create or check OUT; return the ids already finished there (resume). `prompt_texts`, when given, is
+    filled with the prompt texts those records were generated from (see `finished_ids`)."""
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise OutputDirError(f"--out {out}: exists and is not a directory")
@@ -78,23 +78,22 @@ def prepare_out_dir(cfg: GenerateConfig) -> set[str]:
         raise OutputDirError(
             f"--out {out} holds trace files but no run.json; use a new --out directory or pass --overwrite"
         )
-    return finished_ids(out)
+    return finished_ids(out, prompt_texts=prompt_texts)
 
 
-def check_prompts_unchanged(out: Path, prompts: list) -> None:
-    """Refuse to resume when a finished trace's prompt text differs from the prompt of the same id now
-    (the prompts file was edited in place, or another one has the same ids): the run would mix the two."""
-    if not trace_files(out):
-        return
+def check_prompts_unchanged(prompt_texts: dict, prompts: list) -> None:
+    """Refuse to resume when a finished trace's prompt text (`prompt_texts`, from `prepare_out_dir`) differs
+    from the prompt of the same id now (the prompts file was edited in place, or another one has the same
+    ids): the run would mix the two. Names the first such record in file order."""
     now = {p.prompt_id: p.text for p in prompts}
-    for path in trace_files(out):
-        for lineno, rec in read_numbered_records(path):
-            pid = rec.get("prompt_id")
-            if pid in now and rec.get("prompt") != now[pid]:
-                raise OutputDirError(
-                    f"{path}:{lineno}: prompt {pid!r} was generated from another text than the prompt of that id "
-                    f"now; the prompts (or the system prompt, prefill or template) changed since. Use a new --out "
-                    "directory, or pass --overwrite to replace that run.")
+    changed = [(path, lineno, pid) for pid, texts in prompt_texts.items() if pid in now
+               for text, (path, lineno) in texts.items() if text != now[pid]]
+    if changed:
+        path, lineno, pid = min(changed)
+        raise OutputDirError(
+            f"{path}:{lineno}: prompt {pid!r} was generated from another text than the prompt of that id "
+            f"now; the prompts (or the system prompt, prefill or template) changed since. Use a new --out "
+            "directory, or pass --overwrite to replace that run.")
 
 
 def _stop_checker(tokenizer, stops: list[str]):
@@ -278,13 +277,13 @@ def run_generate(cfg: GenerateConfig, log=print) -> dict[str, Any]:
         from .distributed import run_distributed
 
         return run_distributed(cfg, log=log)
-    done = prepare_out_dir(cfg)
+    prompt_texts: dict = {}
+    done = prepare_out_dir(cfg, prompt_texts)
     out = Path(cfg.out)
 
     student, teacher, bridge = load_pair(cfg, log)
     prompts = load_prompt_set(cfg, student.tokenizer)
-    if done:
-        check_prompts_unchanged(out, prompts)
+    check_prompts_unchanged(prompt_texts, prompts)
 
     # prompts that leave no room to generate are skipped, counted and named
     context = context_window(student, teacher)

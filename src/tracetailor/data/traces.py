@@ -148,14 +148,26 @@ def resolve_trace_paths(items: Iterable[str], error: type[Exception] = TraceFile
     return paths
 
 
-def finished_ids(out: Path, repair: bool = True) -> set[str]:
-    """Ids of the records already in `out`; cuts torn tails when `repair`."""
+def read_repaired(path: Path) -> list[dict]:
+    """The whole records of a file this process may rewrite (a torn last line is cut first); [] if none."""
+    if not path.exists():
+        return []
+    repair_torn_tail(path)
+    return list(read_records(path))
+
+
+def finished_ids(out: Path, repair: bool = True, prompt_texts: dict | None = None) -> set[str]:
+    """Ids of the records already in `out`; cuts torn tails when `repair`. With `prompt_texts`, the same
+    pass also records, for each prompt id, where each distinct prompt text it was generated from first
+    appears: ``{prompt_id: {text: (path, line)}}``."""
     done: set[str] = set()
     for path in trace_files(out):
         if repair:
             repair_torn_tail(path)
-        for rec in read_records(path):
+        for lineno, rec in read_numbered_records(path):
             done.add(rec["id"])
+            if prompt_texts is not None:
+                prompt_texts.setdefault(rec.get("prompt_id"), {}).setdefault(rec.get("prompt"), (path, lineno))
     return done
 
 

@@ -146,8 +146,11 @@ class Engine:
         # student ids the teacher reads as several tokens (or none): rare, checked on the host
         self._multi_token = set() if self._s2t_single is None else set(
             (bridge.student_to_teacher_single < 0).nonzero().flatten().tolist())
-        # admit new prompts once this many slots are free (or the batch is empty)
-        self.admit_at = max(1, batch_size // 8)
+
+    @property
+    def admit_at(self) -> int:
+        """Admit new prompts once this many slots are free (or the batch is empty)."""
+        return max(1, self.batch_size // 8)
 
     # -- one step of choice ------------------------------------------------------
     def _choose(self, student_logits, teacher_logits, keys: DrawKeys):
@@ -300,4 +303,4 @@ def run_halving_on_oom(engine: Engine, requests: Iterable[Request], log: Callabl
         # out of the except block, the failed run's caches are garbage: hand their memory back first
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        engine.batch_size, engine.admit_at = half, max(1, half // 8)  # as Engine.__init__ sets them
+        engine.batch_size = half
