@@ -601,4 +601,4 @@ def _write_viewer(records: list[dict], tokenizer, path: Path, title: str, log) -
 
 
 __all__ = ["ScoreConfig", "ScoreInputError", "run_score", "score_examples", "logprob_summary", "dataset_summary",
-           "plot_logprob_hist", "make_batches", "pad_batch", "fit_to_length", "read_dataset", "dataset_names"]
+           "plot_logprob_hist", "make_batches", "pad_batch", "read_dataset", "dataset_names"]

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import platform
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -181,10 +180,8 @@ def read_examples(cfg: TrainConfig, tokenizer) -> list[Example]:
         if str(e).endswith(": no rows"):
             raise TrainError(f"{cfg.data}: empty dataset, nothing to train on") from e
         raise
-    if cfg.limit:
+    if cfg.limit:  # >= 1 (validate), and load_rows never returns no rows
         rows = rows[: cfg.limit]
-    if not rows:
-        raise TrainError(f"{cfg.data}: empty dataset, nothing to train on")
     template = _Template(tokenizer)
     return [row_example(row, where(i), tokenizer, template) for i, row in enumerate(rows)]
 
@@ -332,18 +329,9 @@ def _is_main() -> bool:
 
 
 def load_tokenizer(cfg: TrainConfig):
-    from transformers import AutoTokenizer
+    from .models import load_tokenizer as load
 
-    from .models import ModelError, _looks_local, _split_gguf
-
-    name, gguf_file = _split_gguf(os.path.expanduser(cfg.model), cfg.gguf_file)
-    if _looks_local(name) and not os.path.exists(name):
-        raise ModelError(f"model not found: {cfg.model} (give a local directory, a .gguf file or a hub id such as Qwen/Qwen3-0.6B)")
-    kwargs = {"trust_remote_code": cfg.trust_remote_code, **({"gguf_file": gguf_file} if gguf_file else {})}
-    try:
-        return AutoTokenizer.from_pretrained(name, **kwargs)
-    except (OSError, ValueError) as e:
-        raise ModelError(f"model {cfg.model!r}: cannot load its tokenizer ({e})") from e
+    return load(cfg.model, gguf_file=cfg.gguf_file, trust_remote_code=cfg.trust_remote_code, role="model")
 
 
 def load_for_training(cfg: TrainConfig):
@@ -603,14 +591,11 @@ def merge_adapter(cfg: TrainConfig, adapter_dir: Path, out: Path) -> None:
 
 
 def _versions() -> dict[str, str]:
-    import torch
-    import transformers
     import trl
 
-    from . import __version__
+    from .generate import _versions as base
 
-    versions = {"tracetailor": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-                "trl": trl.__version__, "python": platform.python_version()}
+    versions = {**base(), "trl": trl.__version__}
     try:
         import peft
 

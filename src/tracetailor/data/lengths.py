@@ -20,7 +20,7 @@ def fit_to_length(examples: list[E], max_length: int) -> tuple[list[E], int, int
             continue
         if len(ex.completion_ids) > room:
             changes = {"completion_ids": ex.completion_ids[:room]}
-            if any(f.name == "truncated" for f in dataclasses.fields(ex)):
+            if hasattr(ex, "truncated"):
                 changes["truncated"] = True
             ex = dataclasses.replace(ex, **changes)
             cut += 1

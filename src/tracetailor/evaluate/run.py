@@ -269,22 +269,13 @@ def _prepare_out(cfg: EvalConfig, names: list[str]) -> Path:
     return out
 
 
-def _read_done(path: Path) -> list[dict]:
-    from ..data.traces import read_records, repair_torn_tail
-
-    if not path.exists():
-        return []
-    repair_torn_tail(path)
-    return list(read_records(path))
-
-
 # ---------------------------------------------------------------- the run
 
 
 def run_eval(cfg: EvalConfig, log=print) -> dict[str, Any]:
     """Run `eval` end to end; return the summary written to OUT/summary.json."""
     from ..data.prompts import build_prompts
-    from ..data.traces import AtomicWriter, TraceWriter, record_id, write_json_atomic
+    from ..data.traces import AtomicWriter, TraceWriter, read_repaired, record_id, write_json_atomic
     from ..decoding.engine import DecodeSettings, Engine, Request
     from ..decoding.rules import prompt_key
     from ..generate import _Progress, _versions
@@ -333,7 +324,7 @@ def run_eval(cfg: EvalConfig, log=print) -> dict[str, Any]:
                                 prompt_field="prompt", id_field="id", system_prompt=cfg.system_prompt,
                                 prefill=prefill, chat_template=cfg.chat_template)
         path = out / samples_file_name(name)
-        records = _read_done(path)
+        records = read_repaired(path)
         done = {(r["question_id"], r["sample"]) for r in records}
         by_handle, requests, skipped = {}, [], []
         for item, p in zip(items, prompts):
