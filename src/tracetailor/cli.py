@@ -35,10 +35,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .vocab import BridgeError
     from .train import TrainError
     from .distributed import DistributedError
+    from .toyworld.build import WorldError
+    from .toyworld.experiment import ExperimentError
 
     return (ConfigError, DataError, TraceFileError, EngineError, OutputDirError, ModelError, BridgeError,
             ScoreInputError, SelectError, MathVerifyMissing, BenchmarkError, TrainError, FileNotFoundError,
-            DistributedError, OutputWriteError)
+            DistributedError, OutputWriteError, WorldError, ExperimentError)
 
 
 def _fail(message: str) -> None:
@@ -152,8 +154,7 @@ def demo(
         except _user_errors() as e:
             _fail(str(e))
         return
-    from .toyworld.build import WorldError
-    from .toyworld.experiment import ExperimentConfig, ExperimentError, run_experiment
+    from .toyworld.experiment import ExperimentConfig, run_experiment
 
     make = ExperimentConfig.quick if quick else ExperimentConfig
     given = {k: v for k, v in (("train_problems", train_problems), ("samples", samples),
@@ -163,7 +164,7 @@ def demo(
                equal_sizes=equal_sizes, progress=not no_progress, **given)
     try:
         run_experiment(cfg)
-    except (ExperimentError, WorldError, *_user_errors()) as e:
+    except _user_errors() as e:
         _fail(str(e))
     except KeyboardInterrupt:
         typer.echo(f"\ninterrupted: finished work is saved in {out}; run the same command to resume.", err=True)
@@ -334,11 +335,11 @@ def world_build(
     force: bool = typer.Option(False, "--force", help="Build anew even when OUT already holds this world (or a copy ships in the package)."),
 ):
     """Make the miniature world deterministically from a seed (minutes on 2 cores), or reuse it if built."""
-    from .toyworld.build import WorldError, build_world
+    from .toyworld.build import build_world
 
     try:
         path = build_world(seed=seed, out=out, force=force)
-    except WorldError as e:
+    except _user_errors() as e:
         _fail(str(e))
     typer.echo(str(path))
 
