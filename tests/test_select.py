@@ -72,6 +72,7 @@ def select(traces, tmp_path, **kwargs):
     out = tmp_path / "sft.jsonl"
     logged: list[str] = []
     traces = traces if isinstance(traces, list) else [traces]
+    kwargs.setdefault("overwrite", True)  # the tests select into one out file again and again (issue 12: refused without)
     funnel = run_select(SelectConfig(traces=[str(t) for t in traces], out=str(out), **kwargs), log=logged.append)
     return funnel, read_jsonl(out), "\n".join(logged)
 
@@ -203,7 +204,7 @@ def test_a_failed_run_leaves_the_previous_output_alone(tmp_path):
     path = tmp_path / "traces.jsonl"
     path.write_text(json.dumps(FIXTURE[1]) + "\n[1, 2]\n", encoding="utf-8")
     with pytest.raises(TraceFileError, match=":2: expected a JSON object"):
-        run_select(SelectConfig(traces=[str(path)], out=str(out)), log=lambda m: None)
+        run_select(SelectConfig(traces=[str(path)], out=str(out), overwrite=True), log=lambda m: None)
     assert out.read_text() == "previous\n"
     assert not list(tmp_path.glob(".*.tmp"))
 

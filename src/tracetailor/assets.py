@@ -17,10 +17,12 @@ import re
 import shutil
 from pathlib import Path
 
+from .errors import UserError
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class AssetError(FileNotFoundError):
+class AssetError(UserError, FileNotFoundError):
     pass
 
 

@@ -1,102 +1,457 @@
-"""Configs as dataclasses: documented defaults, YAML files, flag overrides, validation.
+"""Every command's settings, beside one another: one dataclass per command, one field per option.
 
-The CLI and the Python API take the same objects. A YAML file gives a base; flags
-given on the command line override it; `validate()` names the field at fault.
-It does not load models or data.
+Each field carries its default, its help text, its bounds or choices and whether a
+resumed run may change it (`option(...)`); the CLI's options and their `--help`
+defaults are generated from these fields (cli.py), the YAML file of `--config` is
+read into the same objects, and `check_fields` converts and checks every value by
+its declared type, naming the key in one line (`threshold: 'x' is not a number`).
+A string where a list is expected is one item (`stop: "</think>"` is one stop string).
+Each class's `validate()` adds the checks that involve several fields.
+
+It does not load models or data. See docs/architecture.md ("Commands and settings").
 """
 
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .errors import OutputDirError, UserError  # noqa: F401  (re-exported: one place for the user errors)
 
-class ConfigError(ValueError):
-    pass
+
+class ConfigError(UserError, ValueError):
+    """A setting (flag, YAML key or API argument) the user can fix; the message starts with its name."""
+
+
+class SelectError(ConfigError):
+    """`select`: a setting or an input record that cannot be used as given (file:line and field named)."""
+
+
+class ExperimentError(ConfigError):
+    """`demo` (the miniature experiment): a setting or output directory the user can fix."""
+
+
+_MISSING = dataclasses.MISSING
+
+
+def option(default: Any = _MISSING, help: str = "", *, factory=None, low=None, high=None, above=None, below=None,
+           choices: tuple | None = None, flags: tuple[str, ...] | None = None, resumable: bool = False,
+           cli: bool = True, shown: str | None = None):
+    """A config field: its default and what the CLI and `check_fields` need to know about it.
+
+    low/high: inclusive bounds; above/below: exclusive ones; choices: the allowed values
+    (the parser lists them); flags: the CLI's names (default --field-name, and --x/--no-x for
+    booleans); resumable: a resumed run may change it; shown: the default as `--help` shows it."""
+    meta = {"help": help, "low": low, "high": high, "above": above, "below": below, "choices": choices,
+            "flags": flags, "resumable": resumable, "cli": cli, "shown": shown}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# ---------------------------------------------------------------- types and bounds, for every config
+
+
+def _types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _parts(kind) -> tuple[set, bool]:
+    """({the non-None types of an annotation}, whether None is allowed)."""
+    args = typing.get_args(kind) if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union else ()
+    if not args:
+        return {kind}, kind is type(None)
+    return {a for a in args if a is not type(None)}, type(None) in args
+
+
+def _convert(name: str, value: Any, kind) -> Any:
+    """`value` as the declared type `kind`, or a ConfigError naming `name`."""
+    allowed, nullable = _parts(kind)
+    if value is None:
+        if nullable:
+            return None
+        raise ConfigError(f"{name}: a value is required here, got null")
+    for t in allowed:  # already of an allowed type (bool is not a number here)
+        origin = typing.get_origin(t) or t
+        if isinstance(value, origin) and not (isinstance(value, bool) and origin in (int, float)):
+            if origin is list:
+                return _string_list(name, value)
+            return float(value) if origin is float else value
+    if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if any((typing.get_origin(t) or t) is list for t in allowed):
+        return _string_list(name, value)
+    if int in allowed and not isinstance(value, bool):
+        try:
+            number = float(value) if isinstance(value, (str, float)) else None
+        except ValueError:
+            number = None
+        if number is not None and number.is_integer():
+            return int(number)
+        raise ConfigError(f"{name}: {value!r} is not a whole number")
+    if float in allowed and isinstance(value, str):
+        try:
+            return float(value)  # YAML reads 1e-5 (no dot) as text
+        except ValueError:
+            raise ConfigError(f"{name}: {value!r} is not a number") from None
+    if float in allowed:
+        raise ConfigError(f"{name}: {value!r} is not a number")
+    if bool in allowed:
+        raise ConfigError(f"{name}: expected true or false, got {value!r}")
+    wanted = " or ".join(sorted("text" if t is str else "a mapping" if t is dict else getattr(t, "__name__", str(t))
+                                for t in allowed))
+    raise ConfigError(f"{name}: expected {wanted}, got {value!r} ({type(value).__name__}); quote it in YAML")
+
+
+def _string_list(name: str, value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]  # one item: `stop: "</think>"` is one stop string, not eight
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{name}: expected a list of strings, got {value!r} ({type(value).__name__})")
+    bad = [v for v in value if not isinstance(v, str)]
+    if bad:
+        raise ConfigError(f"{name}: expected a list of strings, but it holds {bad[0]!r} ({type(bad[0]).__name__})")
+    return list(value)
+
+
+def _bounds(name: str, value: Any, m: dict) -> None:
+    if value is None or isinstance(value, (str, list, dict, bool)) and not m["choices"]:
+        return
+    low, high, above, below = m["low"], m["high"], m["above"], m["below"]
+    if m["choices"] and value not in m["choices"]:
+        raise ConfigError(f"{name}: {value!r} is not one of {', '.join(map(str, m['choices']))}")
+    inside = ((low is None or value >= low) and (high is None or value <= high)
+              and (above is None or value > above) and (below is None or value < below))
+    if inside:
+        return
+    left = f"[{low}" if low is not None else f"({above}" if above is not None else None
+    right = f"{high}]" if high is not None else f"{below})" if below is not None else None
+    if left and right:
+        raise ConfigError(f"{name}: {value} is not in {left}, {right}")
+    if low is not None:
+        raise ConfigError(f"{name}: must be >= {low}")
+    if above is not None:
+        raise ConfigError(f"{name}: must be > {above}")
+    raise ConfigError(f"{name}: must be {'<=' if high is not None else '<'} {high if high is not None else below}")
+
+
+def check_fields(cfg) -> None:
+    """Convert every field of `cfg` to its declared type and check its bounds and choices, in place."""
+    hints = _types(type(cfg))
+    for f in fields(cfg):
+        value = _convert(f.name, getattr(cfg, f.name), hints[f.name])
+        setattr(cfg, f.name, value)
+        _bounds(f.name, value, {**_NO_META, **f.metadata})
+
+
+_NO_META = {"help": "", "low": None, "high": None, "above": None, "below": None, "choices": None, "flags": None,
+            "resumable": False, "cli": True, "shown": None}
+
+
+class Settings:
+    """What every config class shares: the fields a resumed run must keep."""
+
+    def run_settings(self) -> dict[str, Any]:
+        """The fields that decide the results; a resumed run must match them."""
+        keep = {f.name for f in fields(self) if not f.metadata.get("resumable")}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k in keep}
+
+
+def _required(name: str, what: str, value) -> None:
+    if not value:
+        raise ConfigError(f"{name}: required ({what})")
+
+
+MODEL_HELP = "a hub id such as Qwen/Qwen3-0.6B, a local dir or a .gguf file"
+DEVICE_HELP = "auto, cpu, cuda, cuda:1, mps."
+DTYPES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
+DTYPE_HELP = "auto (bf16 on CUDA, fp32 elsewhere), float32, bfloat16, float16."
+REMOTE_HELP = "Allow model code from the hub (off by default)."
+PICKLE_HELP = "Load pickle .bin weights, which can run code (off: safetensors or GGUF only)."
+
+
+# ---------------------------------------------------------------- generate
 
 
 @dataclass
-class GenerateConfig:
+class GenerateConfig(Settings):
     """Everything `tracetailor generate` needs. Defaults are the paper's preset."""
 
-    student: str = ""  # hub id, local dir or .gguf file
-    teacher: str | None = None  # not needed for --mode student
-    gguf_file: str | None = None  # GGUF file name inside the teacher's dir or repo
-    student_gguf_file: str | None = None  # GGUF file name inside the student's dir or repo
-    prompts: str = ""  # JSONL, JSON, Parquet, CSV, dataset dir, or hub dataset id
-    split: str = "train"
-    prompt_field: str = "prompt"  # a string or a `messages` list
-    id_field: str | None = None  # default: the row number
-    carry: list[str] = field(default_factory=list)  # source fields copied into every record
-    out: str = "traces"
-    samples: int = 1
-    max_new_tokens: int = 1024
-    batch_size: int = 32
-    seed: int = 0
-    mode: str = "rsd"  # rsd | teacher | student
-    threshold: float = 0.01  # RSD: student probability a teacher token needs
-    trials: int = 5  # RSD: teacher draws before the student writes; 0 = exact constrained
-    top_k: int = 20  # both sides (RSD) or the sampled model (plain modes); 0 = none
-    teacher_temperature: float = 1.0  # RSD proposal temperature
-    temperature: float = 1.0  # plain modes
-    top_p: float = 1.0  # plain modes
-    system_prompt: str | None = None
-    prefill: str = ""  # text appended after the chat template's generation prompt, e.g. "<think>\n"
-    chat_template: bool = True  # False: the raw prompt text
-    stop: list[str] = field(default_factory=list)
-    device: str = "auto"
-    dtype: str = "auto"
-    trust_remote_code: bool = False
-    allow_pickle: bool = False  # load pickle .bin weights (they can run code)
-    overwrite: bool = False
-    limit: int | None = None  # only the first N prompts (a quick look at a big set)
-    progress: bool = True
-    workers: int | None = None  # N Ray actors (distributed.py); None: in this process
-    ray_address: str | None = None  # an existing Ray cluster; default: RAY_ADDRESS, else a local one
-    teacher_device_map: str | dict | None = None  # e.g. "auto": accelerate spreads the teacher over the GPUs
-
-    # Fields that do not change which traces a run produces: a run may resume with other values.
-    RESUMABLE = ("out", "batch_size", "device", "overwrite", "progress", "limit", "allow_pickle", "trust_remote_code",
-                 "workers", "ray_address", "teacher_device_map")
+    student: str = option("", f"Student model: {MODEL_HELP}.")
+    teacher: str | None = option(None, "Teacher model: hub id, local dir or .gguf file (not needed for --mode student).")
+    teacher_gguf_file: str | None = option(None, "GGUF file name inside the teacher's dir or hub repo.")
+    student_gguf_file: str | None = option(None, "GGUF file name inside the student's dir or hub repo.",
+                                           flags=("--gguf-file", "--student-gguf-file"))
+    prompts: str = option("", "Prompts: JSONL, JSON, Parquet, CSV, a dataset dir, or a hub dataset id.")
+    split: str = option("train", "Split of a hub or saved dataset.")
+    prompt_field: str = option("prompt", "Field holding the prompt (a string or a messages list).")
+    id_field: str | None = option(None, "Field holding a unique prompt id.", shown="the row number")
+    carry: list[str] = option(factory=list, help="Source field to copy into every record (repeatable), e.g. --carry answer.")
+    out: str = option("traces", "Output directory for traces.jsonl, run.json, stats.json.", resumable=True)
+    samples: int = option(1, "Samples per prompt.", low=1)
+    max_new_tokens: int = option(1024, "Token limit per completion.", low=1)
+    batch_size: int = option(32, "Sequences decoded together.", low=1, resumable=True)
+    seed: int = option(0, "Seed of the counter-based sampler.", low=0)
+    mode: str = option("rsd", "rsd (teacher proposes, student filters), teacher or student (plain sampling).",
+                       choices=("rsd", "teacher", "student"))
+    threshold: float = option(0.01, "RSD: least student probability for a teacher token.", low=0.0, high=1.0)
+    trials: int = option(5, "RSD: teacher draws before the student writes; 0 = exact constrained sampling.", low=0)
+    top_k: int = option(20, "Top-k on both sides (RSD) or of the sampled model; 0 = none.", low=0)
+    teacher_temperature: float = option(1.0, "RSD: temperature of the teacher's proposal.", above=0.0)
+    temperature: float = option(1.0, "Plain modes: sampling temperature.", above=0.0)
+    top_p: float = option(1.0, "Plain modes: nucleus mass.", above=0.0, high=1.0)
+    system_prompt: str | None = option(None, "System message put before each prompt.")
+    prefill: str = option("", 'Text that starts every completion, e.g. "<think>\\n" (escapes \\n and \\t are understood).')
+    chat_template: bool = option(True, "Apply the student's chat template.", flags=("--chat-template/--no-chat-template",),
+                                 shown="on")
+    stop: list[str] = option(factory=list, help="Stop string (repeatable); the student's EOS always stops.")
+    device: str = option("auto", DEVICE_HELP, resumable=True)
+    dtype: str = option("auto", DTYPE_HELP, choices=DTYPES)
+    trust_remote_code: bool = option(False, REMOTE_HELP, resumable=True)
+    allow_pickle: bool = option(False, PICKLE_HELP, resumable=True)
+    overwrite: bool = option(False, "Replace a previous run in --out instead of resuming it.", resumable=True)
+    limit: int | None = option(None, "Only the first N prompts.", low=1, resumable=True)
+    progress: bool = option(True, "Progress bars.", cli=False, resumable=True)
+    workers: int | None = option(None, "Spread the run over N Ray workers (pip install 'tracetailor\\[ray]'): one GPU "
+                                 "each, or a share of the CPU cores.", low=1, resumable=True, shown="none, this process")
+    ray_address: str | None = option(None, "Ray cluster to join with --workers (as `ray start --head` prints).",
+                                     resumable=True, shown="$RAY_ADDRESS, else a local Ray")
+    teacher_device_map: str | dict | None = option(
+        None, "accelerate device map for the teacher, e.g. auto: spread a teacher too large for one GPU over the "
+        "GPUs (of each worker).", resumable=True)
 
     def validate(self) -> "GenerateConfig":
-        def bad(name, why):
-            raise ConfigError(f"{name}: {why}")
-
-        if not self.student:
-            bad("student", "required (a hub id such as Qwen/Qwen3-0.6B, a local dir or a .gguf file)")
-        if self.mode not in ("rsd", "teacher", "student"):
-            bad("mode", f"{self.mode!r} is not one of rsd, teacher, student")
+        check_fields(self)
+        _required("student", MODEL_HELP, self.student)
         if self.mode != "student" and not self.teacher:
-            bad("teacher", f"required for --mode {self.mode}")
-        if not self.prompts:
-            bad("prompts", "required (a JSONL/Parquet/CSV file, a dataset dir or a hub dataset id)")
-        if not 0.0 <= self.threshold <= 1.0:
-            bad("threshold", f"{self.threshold} is not a probability in [0, 1]")
-        for name in ("trials", "top_k", "seed"):
-            if getattr(self, name) < 0:
-                bad(name, "must be >= 0")
-        for name in ("samples", "max_new_tokens", "batch_size"):
-            if getattr(self, name) < 1:
-                bad(name, "must be >= 1")
-        for name in ("teacher_temperature", "temperature"):
-            if not getattr(self, name) > 0:
-                bad(name, "must be > 0")
-        if not 0.0 < self.top_p <= 1.0:
-            bad("top_p", "must be in (0, 1]")
-        if self.limit is not None and self.limit < 1:
-            bad("limit", "must be >= 1")
-        if self.workers is not None and self.workers < 1:
-            bad("workers", "must be >= 1 (leave it out to generate in this process)")
-        if self.teacher_device_map is not None and not isinstance(self.teacher_device_map, (str, dict)):
-            bad("teacher_device_map", 'must be a string such as "auto" or a mapping of module names to devices')
+            raise ConfigError(f"teacher: required for --mode {self.mode}")
+        _required("prompts", "a JSONL/Parquet/CSV file, a dataset dir or a hub dataset id", self.prompts)
+        if any(s == "" for s in self.stop):
+            raise ConfigError("stop: an empty stop string would stop every completion at once; remove it")
         return self
 
     def trace_settings(self) -> dict[str, Any]:
         """The fields that decide the traces; a resumed run must match them."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.RESUMABLE}
+        return self.run_settings()
+
+
+# ---------------------------------------------------------------- eval
+
+
+@dataclass
+class EvalConfig(Settings):
+    """Everything `tracetailor eval` needs. Defaults are the paper's evaluation settings."""
+
+    model: str = option("", f"Model to evaluate: {MODEL_HELP}.")
+    gguf_file: str | None = option(None, "GGUF file name inside the model's dir or hub repo.")
+    benchmark: str = option("aime24,aime25,math500,gpqa-diamond", "Comma list of aime24, aime25, math500, gpqa-diamond, "
+                            "gsm8k, gsm8k-offline, champ, or JSONL/Parquet files.", resumable=True)
+    samples: int = option(16, "Samples per question.", low=1, resumable=True)
+    temperature: float = option(0.7, "Sampling temperature.", above=0.0)
+    top_p: float = option(0.95, "Nucleus mass.", above=0.0, high=1.0)
+    top_k: int = option(0, "Top-k; 0 = none.", low=0)
+    max_new_tokens: int = option(8192, "Token limit per completion.", low=1)
+    prefill: str | None = option(None, 'Text that starts every completion; "" for none.',
+                                 shown='"<think>\\n" when the tokenizer has <think>, else none')
+    system_prompt: str | None = option(None, "System message put before each question.")
+    chat_template: bool = option(True, "Apply the model's chat template.", flags=("--chat-template/--no-chat-template",),
+                                 shown="on")
+    batch_size: int = option(32, "Sequences decoded together.", low=1, resumable=True)
+    seed: int = option(0, "Seed of the counter-based sampler.", low=0)
+    limit: int | None = option(None, "Only the first N questions of each benchmark.", low=1, resumable=True)
+    question_field: str | None = option(None, "Question field of a local file.", shown="question")
+    answer_field: str | None = option(None, "Answer field of a local file.", shown="answer")
+    out: str = option("results", "Output directory: summary.json, summary.md, <benchmark>.jsonl.", resumable=True)
+    device: str = option("auto", DEVICE_HELP, resumable=True)
+    dtype: str = option("auto", DTYPE_HELP, choices=DTYPES)
+    progress: bool = option(True, "Progress bars.", cli=False, resumable=True)
+    trust_remote_code: bool = option(False, REMOTE_HELP)
+    allow_pickle: bool = option(False, PICKLE_HELP, resumable=True)
+    overwrite: bool = option(False, "Replace an earlier evaluation in --out instead of resuming it.", resumable=True)
+
+    def validate(self) -> "EvalConfig":
+        from .evaluate.benchmarks import split_benchmarks
+
+        check_fields(self)
+        _required("model", MODEL_HELP, self.model)
+        if not split_benchmarks(self.benchmark or ""):
+            raise ConfigError("benchmark: required (e.g. aime24,math500, or a JSONL/Parquet file)")
+        return self
+
+    def settings(self) -> dict[str, Any]:
+        """The fields that decide the samples; a resumed run must match them."""
+        return self.run_settings()
+
+
+# ---------------------------------------------------------------- score
+
+
+@dataclass
+class ScoreConfig(Settings):
+    """Everything `tracetailor score` needs."""
+
+    student: str = option("", f"Student model: {MODEL_HELP}.", flags=("--model", "--student"))
+    gguf_file: str | None = option(None, "GGUF file name inside the model's dir or hub repo.")
+    data: list[str] = option(factory=list, help="Dataset to score (repeatable): a trace file or generate's OUT dir, "
+                             "JSONL/JSON/Parquet/CSV, a dataset dir or a hub id.")
+    name: list[str] = option(factory=list, help="Display name of each --data, same order (repeatable).",
+                             shown="the file stem")
+    out: str = option("score", "Output directory for stats.json, per_example.jsonl, tokens_*.jsonl, logprob_hist.png, "
+                      "viewer.html.", resumable=True)
+    split: str = option("train", "Split of a hub or saved dataset.")
+    prompt_field: str | None = option(None, "Prompt field (a string or a messages list).",
+                                      shown="question for s1K-style data, else prompt")
+    completion_field: str = option("completion", "Completion field of prompt/completion data.")
+    thinking_field: str = option("deepseek_thinking_trajectory", "Thinking field of s1K-style data.")
+    attempt_field: str = option("deepseek_attempt", "Answer field of s1K-style data.")
+    messages_field: str = option("messages", "Messages field; its last (assistant) turn is the completion.")
+    id_field: str | None = option(None, "Field holding a unique example id (outside data).", shown="the row number")
+    carry: list[str] = option(factory=list, help="Source field to copy into tokens_*.jsonl (repeatable; outside data).")
+    system_prompt: str | None = option(None, "System message put before each prompt (outside data).")
+    prefill: str | None = option(None, 'Text the prompt ends with, e.g. "<think>\\n".',
+                                 shown='"<think>\\n" for s1K-style data, else none')
+    chat_template: bool = option(True, "Apply the student's chat template (outside data).",
+                                 flags=("--chat-template/--no-chat-template",), shown="on")
+    max_length: int = option(8192, "Most tokens per example, prompt + completion; longer completions are cut at the end.",
+                             low=2)
+    batch_size: int = option(8, "Examples per forward pass.", low=1, resumable=True)
+    max_batch_tokens: int = option(32768, "Most padded tokens per forward pass.", low=1, resumable=True)
+    limit: int | None = option(None, "Only the first N examples of each dataset.", low=1)
+    device: str = option("auto", DEVICE_HELP, resumable=True)
+    dtype: str = option("auto", DTYPE_HELP, choices=DTYPES)
+    trust_remote_code: bool = option(False, REMOTE_HELP, resumable=True)
+    allow_pickle: bool = option(False, PICKLE_HELP, resumable=True)
+    overwrite: bool = option(False, "Replace a finished score in --out.", resumable=True)
+    progress: bool = option(True, "Progress bars.", cli=False, resumable=True)
+
+    def validate(self) -> "ScoreConfig":
+        check_fields(self)
+        _required("student", MODEL_HELP, self.student)
+        if not self.data:
+            raise ConfigError("data: give at least one dataset (--data FILE, repeatable)")
+        if self.name and len(self.name) != len(self.data):
+            raise ConfigError(f"name: {len(self.name)} name(s) for {len(self.data)} dataset(s); give one --name per "
+                              "--data, in order")
+        return self
+
+
+# ---------------------------------------------------------------- select
+
+
+PICKS = ("shortest", "random", "all")
+
+
+@dataclass
+class SelectConfig(Settings):
+    """Everything `tracetailor select` needs. Defaults are the paper's settings."""
+
+    traces: list[str] = option(factory=list, help="Trace files (or generate's output dirs).", cli=False)
+    out: str = option("sft.jsonl", "The SFT JSONL to write; the funnel goes to OUT.funnel.json.", resumable=True)
+    answer_field: str | None = option("answer", 'Record field with the gold answer ("" for none).')
+    require_think: bool | None = option(None, "Demand (or ignore) one </think> per trace.",
+                                        flags=("--require-think/--no-require-think",),
+                                        shown="auto, when <think> is used")
+    max_fallback_rate: float = option(0.5, "Drop traces with a larger share of student-written tokens; 1 = off.",
+                                      low=0.0, high=1.0)
+    correct_only: bool = option(True, "Keep only traces whose final answer matches the gold (math-verify).",
+                                flags=("--correct-only/--no-correct-only",), shown="on")
+    keep_unverifiable: bool = option(False, "Keep traces whose gold answer is empty.",
+                                     flags=("--keep-unverifiable/--drop-unverifiable",), shown="drop")
+    pick: str = option("shortest", "One per prompt: shortest (the paper), random, or all.", choices=PICKS)
+    seed: int = option(0, "Seed for --pick random.", low=0)
+    overwrite: bool = option(False, "Replace an SFT set already at --out.", resumable=True)
+
+    def validate(self) -> "SelectConfig":
+        try:
+            check_fields(self)
+            if not self.traces:
+                raise ConfigError("traces: give at least one trace file (or generate's output directory)")
+            _required("out", "the SFT JSONL file to write", self.out)
+        except ConfigError as e:
+            raise SelectError(str(e)) from None
+        if self.answer_field == "":
+            self.answer_field = None
+        if self.correct_only and self.answer_field is None and not self.keep_unverifiable:
+            raise SelectError("answer_field: no gold answer field while keeping correct traces only would drop every "
+                              "trace; name the field, or pass --no-correct-only")
+        return self
+
+
+# ---------------------------------------------------------------- train
+
+
+SAVE_STRATEGIES = {"end": "no", "epoch": "epoch", "steps": "steps"}  # ours -> TrainingArguments'
+
+
+@dataclass
+class TrainConfig(Settings):
+    """Everything `tracetailor train` needs. Defaults are the paper's (s1's) SFT recipe."""
+
+    model: str = option("", f"Student to fine-tune: {MODEL_HELP}.", flags=("--model", "--student"))
+    gguf_file: str | None = option(None, "GGUF file name inside the model's dir or hub repo.")
+    data: str = option("", "SFT set: select's output (trained on its exact token ids), or rows with messages or "
+                       "prompt + completion.")
+    split: str = option("train", "Split of a hub or saved dataset.")
+    out: str = option("ckpt", "Checkpoint directory (weights, tokenizer, chat template, train.json).", resumable=True)
+    learning_rate: float = option(1e-5, "Peak learning rate.", above=0.0)
+    num_train_epochs: float = option(5.0, "Passes over the data.", above=0.0, shown="5")
+    max_steps: int | None = option(None, "Stop after N optimizer steps (overrides the epochs).", low=1)
+    weight_decay: float = option(1e-4, "AdamW weight decay.", low=0.0)
+    adam_beta1: float = option(0.9, "AdamW beta1.", low=0.0, below=1.0)
+    adam_beta2: float = option(0.95, "AdamW beta2.", low=0.0, below=1.0)
+    warmup_ratio: float = option(0.05, "Share of the steps spent warming up.", low=0.0, below=1.0)
+    lr_scheduler: str = option("cosine", "Schedule after warm-up: cosine, linear, constant, ...")
+    per_device_train_batch_size: int = option(1, "Sequences per device per micro-step.", low=1)
+    gradient_accumulation_steps: int = option(16, "Micro-steps per optimizer step, per device (batch = GPUs x this x "
+                                              "per-device batch).", low=1)
+    max_length: int = option(8192, "Most tokens per example; longer completions are cut at the end.", low=2)
+    bf16: bool | None = option(None, "bf16 autocast over float32 weights.", flags=("--bf16/--no-bf16",),
+                               shown="on with CUDA")
+    gradient_checkpointing: bool | None = option(
+        None, "Recompute activations to save memory.", flags=("--gradient-checkpointing/--no-gradient-checkpointing",),
+        shown="on with CUDA, off under FSDP activation checkpointing")
+    dtype: str = option("auto", "Weights while training: auto (float32), float32, bfloat16.", choices=DTYPES)
+    seed: int = option(0, "Seed of shuffling and initialisation.", low=0)
+    logging_steps: int = option(1, "Log the loss every N optimizer steps.", low=1)
+    save_strategy: str = option("end", "end (only the final model), epoch or steps (also OUT/checkpoint-*).",
+                                choices=tuple(SAVE_STRATEGIES))
+    save_steps: int = option(500, "With --save-strategy steps: every N steps.", low=1)
+    lora: bool = option(False, "Train a LoRA adapter (PEFT) instead of all weights.", flags=("--lora/--no-lora",),
+                        shown="off")
+    lora_r: int = option(16, "LoRA rank.", low=1)
+    lora_alpha: int = option(32, "LoRA alpha.", above=0)
+    lora_dropout: float = option(0.05, "LoRA dropout.", low=0.0, below=1.0)
+    lora_target_modules: str = option("all-linear", 'LoRA modules: "all-linear" or a comma list such as q_proj,v_proj.')
+    merge_lora: bool = option(True, "LoRA: save the merged full model in OUT, the adapter in OUT/adapter.",
+                              flags=("--merge-lora/--no-merge-lora",), shown="on")
+    trust_remote_code: bool = option(False, REMOTE_HELP)
+    allow_pickle: bool = option(False, PICKLE_HELP, resumable=True)
+    overwrite: bool = option(False, "Replace a checkpoint already in --out.", resumable=True)
+    limit: int | None = option(None, "Only the first N examples.", low=1)
+    progress: bool = option(True, "Progress bars.", cli=False, resumable=True)
+
+    def validate(self) -> "TrainConfig":
+        check_fields(self)
+        _required("model", MODEL_HELP, self.model)
+        _required("data", "select's output, e.g. sft.jsonl", self.data)
+        _required("out", "the checkpoint directory to write", self.out)
+        from transformers import SchedulerType
+
+        schedulers = [s.value for s in SchedulerType]
+        if self.lr_scheduler not in schedulers:
+            raise ConfigError(f"lr_scheduler: {self.lr_scheduler!r} is not one of {', '.join(schedulers)}")
+        return self
+
+    def target_modules(self) -> str | list[str]:
+        names = [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]
+        return names[0] if names == ["all-linear"] else names
+
+
+# ---------------------------------------------------------------- YAML and flags
 
 
 def settings_changes(before: dict[str, Any], now: dict[str, Any], most: int = 6) -> str | None:
@@ -115,7 +470,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {e}") from e
+        first = str(e).strip().splitlines()
+        raise ConfigError(f"{p}: not valid YAML: {' '.join(line.strip() for line in first[:3])}") from e
     except UnicodeDecodeError as e:
         raise ConfigError(f"{p}: not valid UTF-8 ({e})") from e
     if not isinstance(data, dict):
@@ -123,12 +479,20 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+# keys that were renamed, and what to use instead
+RENAMED = {"gguf_file": ("GenerateConfig", "teacher_gguf_file (the teacher's GGUF file; student_gguf_file is the "
+                          "student's)")}
+
+
 def merge(cls, file_values: dict[str, Any] | None, flag_values: dict[str, Any], source: str = "config"):
-    """Build `cls` from defaults <- file values <- flags that were given (not None)."""
+    """Build `cls` from defaults <- file values <- flags that were given (not None), each value converted to
+    its field's type (a wrong type is one line naming `source` and the key)."""
     known = {f.name for f in fields(cls)}
     values: dict[str, Any] = {}
     for key, value in (file_values or {}).items():
-        name = key.replace("-", "_")
+        name = str(key).replace("-", "_")
+        if name in RENAMED and RENAMED[name][0] == cls.__name__ and name not in known:
+            raise ConfigError(f"{source}: option {key!r} was renamed; use {RENAMED[name][1]}")
         if name not in known:
             raise ConfigError(f"{source}: unknown option {key!r}; known options: {', '.join(sorted(known))}")
         values[name] = value
@@ -136,7 +500,10 @@ def merge(cls, file_values: dict[str, Any] | None, flag_values: dict[str, Any], 
         if value is None or (isinstance(value, (list, tuple)) and not value and name in values):
             continue
         values[name] = list(value) if isinstance(value, tuple) else value
+    hints = _types(cls)
     try:
+        for name in values:
+            values[name] = _convert(name, values[name], hints[name])
         return cls(**values)
-    except TypeError as e:
+    except (ConfigError, TypeError) as e:
         raise ConfigError(f"{source}: {e}") from e

@@ -4,7 +4,7 @@ Job: start a local Ray instance (or join a cluster: `--ray-address`, `RAY_ADDRES
 start N actors that each load one student and one teacher (one GPU each when the
 cluster has GPUs, an equal share of the CPU cores otherwise), and hand them the
 pending (prompt, sample) pairs in shards. Each worker runs the same Engine as
-`run_generate` and appends exactly the same records, one flushed line each, to its
+`run_generate` (sampling.py) and appends exactly the same records, one flushed line each, to its
 own `OUT/traces-w{i}.jsonl`. A shard whose worker dies goes back on the queue, less
 the records that worker had already written, and a fresh worker (a new number, so
 a new file) takes the dead one's place. Stats are merged over all trace files at
@@ -13,10 +13,10 @@ the end (`generate.write_stats`).
 Why the result does not depend on N: random numbers are keyed by (seed, prompt,
 sample, position), so a sequence's trace does not depend on its batch, worker or
 process. The driver reads the finished ids of every `traces*.jsonl` before it
-shards (`prepare_out_dir`, the resume rule of generate), so a run may be resumed
+shards (`sampling.finished_in`, the resume rule of generate), so a run may be resumed
 with any worker count, or none.
 
-Not its job: decoding (decoding/), the record format (generate.build_record), the
+Not its job: decoding (decoding/), the record format (sampling.build_record), the
 files and resume (data/traces.py), or running the cluster. On several machines,
 OUT, the prompts' models and tracetailor itself must be reachable from every node
 (a shared filesystem, the same install); workers check that they can see OUT.
@@ -37,7 +37,8 @@ from types import SimpleNamespace
 from typing import Any
 
 from .config import GenerateConfig
-from .data.traces import TraceWriter, read_repaired, record_id, write_json_atomic
+from .data.traces import TraceWriter, read_repaired, record_id
+from .errors import UserError
 
 # A shard that has been running on this many workers when they died stops the run:
 # it is more likely to kill the next one (say, out of memory) than to be unlucky.
@@ -48,7 +49,7 @@ SHARD_ATTEMPTS = 3
 EXIT_AFTER_ENV = "TRACETAILOR_WORKER_EXIT_AFTER"
 
 
-class DistributedError(RuntimeError):
+class DistributedError(UserError, RuntimeError):
     pass
 
 
@@ -92,7 +93,7 @@ class GenerateWorker:
     def setup(self) -> dict:
         import torch
 
-        from .generate import context_window, load_pair, make_engine
+        from .sampling import context_window, load_pair, make_engine
 
         if self.threads:  # N workers on one machine's cores must not each take all of them
             torch.set_num_threads(self.threads)
@@ -116,15 +117,14 @@ class GenerateWorker:
         }
 
     def run_shard(self, prompts: dict, pairs: list[tuple[int, int]]) -> dict:
-        from .decoding.engine import run_halving_on_oom
-        from .generate import build_record, build_requests
+        from .sampling import build_record, build_requests, sample
 
         started = time.perf_counter()
         requests, handles, skipped = build_requests(((prompts[i], s) for i, s in pairs), self.bridge, self.context,
                                                     self.cfg.max_new_tokens)
         sequences = tokens = 0
         with TraceWriter(self.path) as writer:
-            for fin in run_halving_on_oom(self.engine, requests, log=print):  # print: to this worker's Ray log
+            for fin in sample(self.engine, requests, log=print):  # print: to this worker's Ray log
                 prompt, sample = handles[fin.handle]
                 record = build_record(prompt, sample, fin, self.student.tokenizer, self.eos, self.cfg.mode,
                                       self.teacher is not None)
@@ -213,152 +213,192 @@ def _recover(path: Path) -> dict[str, int]:
 
 def run_distributed(cfg: GenerateConfig, log=print) -> dict[str, Any]:
     """`run_generate` over `cfg.workers` Ray actors; returns the stats written to OUT/stats.json."""
-    from tqdm.auto import tqdm
-
-    from .generate import check_prompts_unchanged, load_prompt_set, prepare_out_dir, run_info, warn_skipped, write_stats
-    from .models import load_tokenizer
+    from .sampling import open_run_dir
 
     ray = import_ray()
     cfg.validate()
+    with open_run_dir(cfg) as rundir:
+        return _drive(ray, cfg, rundir, log)
+
+
+def _drive(ray, cfg: GenerateConfig, rundir, log) -> dict[str, Any]:
+    from .models import load_tokenizer
+    from .sampling import check_prompts_unchanged, finished_in, load_prompt_set, run_info, warn_skipped, write_stats
+
     prompt_texts: dict = {}
-    done = prepare_out_dir(cfg, prompt_texts)  # reads (and repairs) every traces*.jsonl: any earlier worker count
-    out = Path(cfg.out)
+    done = finished_in(rundir, prompt_texts)  # reads (and repairs) every traces*.jsonl: any earlier worker count
+    out = rundir.root
     tokenizer = load_tokenizer(cfg.student, gguf_file=cfg.student_gguf_file,
                                trust_remote_code=cfg.trust_remote_code, role="student")
     prompts = load_prompt_set(cfg, tokenizer)
     check_prompts_unchanged(prompt_texts, prompts)
     pending = [(i, s) for i, p in enumerate(prompts) for s in range(cfg.samples)
                if record_id(p.prompt_id, s) not in done]
-    if not (out / "run.json").exists() or pending:
+    rundir.started()
+    if not rundir.run_json.exists() or pending:
         # a first version now, so that workers can check they see OUT; the models' own names come with them
-        write_json_atomic(out / "run.json", run_info(cfg, cfg.student, cfg.teacher, None))
-        (out / "stats.json").unlink(missing_ok=True)  # it marks a finished run, as in run_generate
+        rundir.write_run_json(dataclasses.asdict(cfg), seed=cfg.seed, **run_info(cfg.student, cfg.teacher, None))
+        rundir.begin()  # stats.json marks a finished run, as in run_generate
     if done:
         log(f"resuming: {len(done)} sequence(s) already in {out}, {len(pending)} to go")
     if not pending:
         return write_stats(out, cfg.mode, prompts=len(prompts), skipped=[], sequences=0, tokens=0, seconds=0.0,
                            log=log, extra={"workers": cfg.workers})
-
     shards = make_shards(pending, cfg.workers, cfg.batch_size)
-    n = min(cfg.workers, len(shards))
     started_ray = _connect(ray, cfg, log)
-    actors: dict[int, Any] = {}  # worker number -> actor handle, live ones
+    driver = None
     try:
-        options, threads, each = _actor_options(ray, cfg, n)
-        log(f"{len(pending)} sequence(s) in {len(shards)} shard(s) over {n} Ray worker(s), {each}")
-        worker_cls = ray.remote(GenerateWorker).options(max_restarts=0, max_task_retries=0, **options)
-        cfg_dict = dataclasses.asdict(cfg)
-        if cfg.device.startswith("cuda") and options.get("num_gpus"):
-            cfg_dict["device"] = "cuda"  # Ray shows each actor only its own GPU(s), as cuda:0...
-        exit_after = os.environ.get(EXIT_AFTER_ENV)
+        def write_run_json(infos: dict[int, dict]) -> None:  # the models' names as the workers loaded them
+            first = next(iter(infos.values()))
+            bridge = None if first["bridge"] is None else SimpleNamespace(**first["bridge"])
+            rundir.write_run_json(dataclasses.asdict(cfg), seed=cfg.seed,
+                                  **run_info(first["student"], first["teacher"], bridge), workers=_worker_rows(infos))
 
-        queue, futures, idle = deque(shards), {}, []
-        infos: dict[int, dict] = {}
-        totals = {"sequences": 0, "tokens": 0, "deaths": 0, "setup_deaths": 0, "worker_seconds": 0.0}
-        skipped: list[str] = []
-        context = None
-        next_index = 0
-
-        def start_worker():
-            nonlocal next_index
-            index, next_index = next_index, next_index + 1
-            fault = int(exit_after) if exit_after is not None and index < n else None
-            actors[index] = worker_cls.remote(cfg_dict, index, threads, fault)
-            futures[actors[index].setup.remote()] = (index, None)
-
-        def payload(shard: Shard):
-            return {i: prompts[i] for i, _ in shard.pairs}, shard.pairs
-
-        for _ in range(n):
-            start_worker()
-        bar = tqdm(total=len(pending), unit="seq", disable=not cfg.progress, dynamic_ncols=True,
-                   desc=f"generate [{cfg.mode}] x{n}")
-        started = None
-        death_errors = tuple(getattr(ray.exceptions, name) for name in
-                             ("RayActorError", "WorkerCrashedError", "NodeDiedError", "OutOfMemoryError")
-                             if hasattr(ray.exceptions, name))
-        try:
-            while queue or any(shard is not None for _, shard in futures.values()):
-                while queue and idle:
-                    index, shard = idle.pop(), queue.popleft()
-                    futures[actors[index].run_shard.remote(*payload(shard))] = (index, shard)
-                if not futures:
-                    raise DistributedError("no Ray worker is left to run the remaining shards")
-                (ref,), _ = ray.wait(list(futures), num_returns=1)
-                index, shard = futures.pop(ref)
-                try:
-                    result = ray.get(ref)
-                except ray.exceptions.RayTaskError as e:  # an error in our code or the data: stop, say it
-                    raise (e.cause if isinstance(e.cause, Exception) else e) from None
-                except death_errors as e:
-                    totals["deaths"] += 1
-                    _kill(ray, actors.pop(index))
-                    if shard is None:
-                        totals["setup_deaths"] += 1
-                        if totals["setup_deaths"] > n:
-                            raise DistributedError(f"Ray workers keep dying while they load the models "
-                                                   f"(last: {_first_line(e)}); see the Ray logs "
-                                                   "(/tmp/ray/session_latest/logs on each node)") from e
-                        log(f"worker w{index} died while loading ({_first_line(e)}); starting another")
-                    else:
-                        recovered = _recover(out / f"traces-w{index}.jsonl")
-                        left = []
-                        for i, s in shard.pairs:
-                            rid = record_id(prompts[i].prompt_id, s)
-                            if rid in recovered:  # written before it died: kept, not redone
-                                totals["sequences"] += 1
-                                totals["tokens"] += recovered[rid]
-                                bar.update(1)
-                            else:
-                                left.append((i, s))
-                        shard.attempts += 1
-                        if left and shard.attempts >= SHARD_ATTEMPTS:
-                            names = ", ".join(sorted({prompts[i].prompt_id for i, _ in left})[:5])
-                            raise DistributedError(
-                                f"{shard.attempts} workers died running the same shard (prompts {names}); last: "
-                                f"{_first_line(e)}. Finished work is saved in {out}; see the Ray logs "
-                                "(/tmp/ray/session_latest/logs), fix the cause (e.g. a smaller --batch-size) and "
-                                "run the same command to resume") from e
-                        log(f"worker w{index} died ({_first_line(e)}); {len(shard.pairs) - len(left)} of its "
-                            f"shard's sequences were saved, {len(left)} go to another worker")
-                        if left:
-                            queue.appendleft(Shard(shard.number, left, shard.attempts))
-                    if queue or len(actors) == 0:
-                        start_worker()
-                    continue
-                if shard is None:  # a worker is ready
-                    infos[index] = result
-                    if len(infos) == 1:
-                        write_json_atomic(out / "run.json", _run_json(cfg, run_info, result, infos))
-                    started = started or time.perf_counter()
-                    idle.append(index)
-                    continue
-                totals["sequences"] += result["sequences"]
-                totals["tokens"] += result["tokens"]
-                totals["worker_seconds"] += result["seconds"]
-                skipped += [p for p in result["skipped"] if p not in skipped]
-                context = result["context"]
-                bar.update(result["sequences"] + sum(1 for i, _ in shard.pairs if prompts[i].prompt_id in result["skipped"]))
-                idle.append(index)
-        finally:
-            bar.close()
-        elapsed = time.perf_counter() - (started or time.perf_counter())
+        driver = _Driver(ray, cfg, out, prompts, shards, log, on_first_ready=write_run_json)
+        totals, skipped, context, seconds = driver.run()
         warn_skipped(skipped, context)
-        write_json_atomic(out / "run.json", _run_json(cfg, run_info, next(iter(infos.values())), infos))
-        extra = {"workers": n, "worker_deaths": totals["deaths"], "shards": len(shards),
+        write_run_json(driver.infos)
+        extra = {"workers": driver.n, "worker_deaths": totals["deaths"], "shards": len(shards),
                  "worker_seconds": round(totals["worker_seconds"], 3)}
         return write_stats(out, cfg.mode, prompts=len(prompts), skipped=skipped, sequences=totals["sequences"],
-                           tokens=totals["tokens"], seconds=elapsed, log=log, extra=extra)
+                           tokens=totals["tokens"], seconds=seconds, log=log, extra=extra)
     finally:
-        for actor in actors.values():
-            _kill(ray, actor)
+        if driver is not None:
+            driver.stop()
         if started_ray:
             ray.shutdown()
 
 
-def _run_json(cfg: GenerateConfig, run_info, first: dict, infos: dict[int, dict]) -> dict:
-    bridge = None if first["bridge"] is None else SimpleNamespace(**first["bridge"])
-    info = run_info(cfg, first["student"], first["teacher"], bridge)
-    info["workers"] = [{k: v for k, v in w.items() if k in ("worker", "host", "pid", "device", "threads")}
-                       for _, w in sorted(infos.items())]
-    return info
+class _Driver:
+    """Hands shards to idle workers, replaces dead ones (their shard, less what they saved, goes back on the
+    queue), and adds up what the workers report."""
+
+    def __init__(self, ray, cfg: GenerateConfig, out: Path, prompts: list, shards: list[Shard], log, on_first_ready):
+        self.ray, self.cfg, self.out, self.prompts, self.log = ray, cfg, out, prompts, log
+        self.on_first_ready = on_first_ready
+        self.shards = shards
+        self.n = min(cfg.workers, len(shards))
+        options, self.threads, each = _actor_options(ray, cfg, self.n)
+        pending = sum(len(s.pairs) for s in shards)
+        log(f"{pending} sequence(s) in {len(shards)} shard(s) over {self.n} Ray worker(s), {each}")
+        self.worker_cls = ray.remote(GenerateWorker).options(max_restarts=0, max_task_retries=0, **options)
+        self.cfg_dict = dataclasses.asdict(cfg)
+        if cfg.device.startswith("cuda") and options.get("num_gpus"):
+            self.cfg_dict["device"] = "cuda"  # Ray shows each actor only its own GPU(s), as cuda:0...
+        self.exit_after = os.environ.get(EXIT_AFTER_ENV)
+        self.actors: dict[int, Any] = {}  # worker number -> actor handle, live ones
+        self.queue, self.futures, self.idle = deque(shards), {}, []
+        self.infos: dict[int, dict] = {}
+        self.totals = {"sequences": 0, "tokens": 0, "deaths": 0, "setup_deaths": 0, "worker_seconds": 0.0}
+        self.skipped: list[str] = []
+        self.context = None
+        self.next_index = 0
+        self.started: float | None = None
+        self.death_errors = tuple(getattr(ray.exceptions, name) for name in
+                                  ("RayActorError", "WorkerCrashedError", "NodeDiedError", "OutOfMemoryError")
+                                  if hasattr(ray.exceptions, name))
+
+    def start_worker(self) -> None:
+        index, self.next_index = self.next_index, self.next_index + 1
+        fault = int(self.exit_after) if self.exit_after is not None and index < self.n else None
+        self.actors[index] = self.worker_cls.remote(self.cfg_dict, index, self.threads, fault)
+        self.futures[self.actors[index].setup.remote()] = (index, None)
+
+    def run(self) -> tuple[dict, list[str], int | None, float]:
+        """(totals, skipped prompt ids, context, seconds since the first worker was ready)."""
+        from tqdm.auto import tqdm
+
+        for _ in range(self.n):
+            self.start_worker()
+        self.bar = tqdm(total=sum(len(s.pairs) for s in self.shards), unit="seq", disable=not self.cfg.progress,
+                        dynamic_ncols=True, desc=f"generate [{self.cfg.mode}] x{self.n}")
+        try:
+            while self.queue or any(shard is not None for _, shard in self.futures.values()):
+                self._dispatch()
+                (ref,), _ = self.ray.wait(list(self.futures), num_returns=1)
+                index, shard = self.futures.pop(ref)
+                self._collect(ref, index, shard)
+        finally:
+            self.bar.close()
+        return self.totals, self.skipped, self.context, time.perf_counter() - (self.started or time.perf_counter())
+
+    def _dispatch(self) -> None:
+        while self.queue and self.idle:
+            index, shard = self.idle.pop(), self.queue.popleft()
+            payload = {i: self.prompts[i] for i, _ in shard.pairs}, shard.pairs
+            self.futures[self.actors[index].run_shard.remote(*payload)] = (index, shard)
+        if not self.futures:
+            raise DistributedError("no Ray worker is left to run the remaining shards")
+
+    def _collect(self, ref, index: int, shard: Shard | None) -> None:
+        try:
+            result = self.ray.get(ref)
+        except self.ray.exceptions.RayTaskError as e:  # an error in our code or the data: stop, say it
+            raise (e.cause if isinstance(e.cause, Exception) else e) from None
+        except self.death_errors as e:
+            self._on_death(index, shard, e)
+            return
+        if shard is None:  # a worker is ready
+            self.infos[index] = result
+            if len(self.infos) == 1:
+                self.on_first_ready(self.infos)
+            self.started = self.started or time.perf_counter()
+        else:
+            self._on_shard_done(shard, result)
+        self.idle.append(index)
+
+    def _on_shard_done(self, shard: Shard, result: dict) -> None:
+        self.totals["sequences"] += result["sequences"]
+        self.totals["tokens"] += result["tokens"]
+        self.totals["worker_seconds"] += result["seconds"]
+        self.skipped += [p for p in result["skipped"] if p not in self.skipped]
+        self.context = result["context"]
+        self.bar.update(result["sequences"]
+                        + sum(1 for i, _ in shard.pairs if self.prompts[i].prompt_id in result["skipped"]))
+
+    def _on_death(self, index: int, shard: Shard | None, e: BaseException) -> None:
+        self.totals["deaths"] += 1
+        _kill(self.ray, self.actors.pop(index))
+        if shard is None:
+            self.totals["setup_deaths"] += 1
+            if self.totals["setup_deaths"] > self.n:
+                raise DistributedError(f"Ray workers keep dying while they load the models (last: {_first_line(e)}); "
+                                       "see the Ray logs (/tmp/ray/session_latest/logs on each node)") from e
+            self.log(f"worker w{index} died while loading ({_first_line(e)}); starting another")
+        else:
+            self._requeue(index, shard, e)
+        if self.queue or len(self.actors) == 0:
+            self.start_worker()
+
+    def _requeue(self, index: int, shard: Shard, e: BaseException) -> None:
+        """A dead worker's shard: what it saved is kept (not redone), the rest goes back on the queue."""
+        recovered = _recover(self.out / f"traces-w{index}.jsonl")
+        left = []
+        for i, s in shard.pairs:
+            rid = record_id(self.prompts[i].prompt_id, s)
+            if rid in recovered:
+                self.totals["sequences"] += 1
+                self.totals["tokens"] += recovered[rid]
+                self.bar.update(1)
+            else:
+                left.append((i, s))
+        shard.attempts += 1
+        if left and shard.attempts >= SHARD_ATTEMPTS:
+            names = ", ".join(sorted({self.prompts[i].prompt_id for i, _ in left})[:5])
+            raise DistributedError(
+                f"{shard.attempts} workers died running the same shard (prompts {names}); last: {_first_line(e)}. "
+                f"Finished work is saved in {self.out}; see the Ray logs (/tmp/ray/session_latest/logs), fix the "
+                "cause (e.g. a smaller --batch-size) and run the same command to resume") from e
+        self.log(f"worker w{index} died ({_first_line(e)}); {len(shard.pairs) - len(left)} of its shard's sequences "
+                 f"were saved, {len(left)} go to another worker")
+        if left:
+            self.queue.appendleft(Shard(shard.number, left, shard.attempts))
+
+    def stop(self) -> None:
+        for actor in self.actors.values():
+            _kill(self.ray, actor)
+
+
+def _worker_rows(infos: dict[int, dict]) -> list[dict]:
+    return [{k: v for k, v in w.items() if k in ("worker", "host", "pid", "device", "threads")}
+            for _, w in sorted(infos.items())]

@@ -13,8 +13,10 @@ from pathlib import Path
 
 import torch
 
+from .errors import UserError
 
-class ModelError(ValueError):
+
+class ModelError(UserError, ValueError):
     pass
 
 

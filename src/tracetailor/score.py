@@ -52,7 +52,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .config import ConfigError
+from .config import ScoreConfig
 from .data.prompts import DataError
 from .data.lengths import fit_to_length
 
@@ -61,57 +61,8 @@ HIST_FLOOR = -20.0  # log-probs below this land in the histogram's first bin
 FORMATS = ("trace", "messages", "thinking", "completion")
 
 
-class ScoreInputError(DataError):
+class ScoreInputError(DataError):  # a UserError
     """A dataset cannot be scored as given; the message names file:line and the fix."""
-
-
-@dataclass
-class ScoreConfig:
-    """Everything `tracetailor score` needs."""
-
-    student: str = ""  # hub id, local dir or .gguf file
-    data: list[str] = field(default_factory=list)  # trace files/dirs, JSONL/JSON/Parquet/CSV, dataset dirs, hub ids
-    name: list[str] = field(default_factory=list)  # display names, same order as data; default: file stem
-    out: str = "score"
-    split: str = "train"
-    prompt_field: str | None = None  # default: "question" for the thinking format, else "prompt"
-    completion_field: str = "completion"
-    thinking_field: str = "deepseek_thinking_trajectory"
-    attempt_field: str = "deepseek_attempt"
-    messages_field: str = "messages"
-    id_field: str | None = None  # outside data; default: the row number
-    carry: list[str] = field(default_factory=list)  # outside data: source fields copied into tokens_*.jsonl
-    system_prompt: str | None = None
-    prefill: str | None = None  # default: "<think>\n" for the thinking format, else ""
-    chat_template: bool = True
-    max_length: int = 8192  # prompt + completion tokens; longer examples lose completion tokens at the end
-    batch_size: int = 8
-    max_batch_tokens: int = 32768  # padded tokens per batch (batch rows x longest row)
-    limit: int | None = None  # only the first N examples of each dataset
-    device: str = "auto"
-    dtype: str = "auto"
-    trust_remote_code: bool = False
-    allow_pickle: bool = False  # load pickle .bin weights (they can run code)
-    progress: bool = True
-
-    def validate(self) -> "ScoreConfig":
-        def bad(name, why):
-            raise ConfigError(f"{name}: {why}")
-
-        if not self.student:
-            bad("student", "required (a hub id such as Qwen/Qwen3-0.6B, a local dir or a .gguf file)")
-        if not self.data:
-            bad("data", "give at least one dataset (--data FILE, repeatable)")
-        if self.name and len(self.name) != len(self.data):
-            bad("name", f"{len(self.name)} name(s) for {len(self.data)} dataset(s); give one --name per --data, in order")
-        if self.max_length < 2:
-            bad("max_length", "must be >= 2")
-        for name in ("batch_size", "max_batch_tokens"):
-            if getattr(self, name) < 1:
-                bad(name, "must be >= 1")
-        if self.limit is not None and self.limit < 1:
-            bad("limit", "must be >= 1")
-        return self
 
 
 @dataclass
@@ -511,27 +462,54 @@ def _write_jsonl(path: Path, rows) -> None:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+SCORE_FILES = ("stats.json", "per_example.jsonl", "tokens_*.jsonl", "logprob_hist.png", "viewer.html")
+
+
+def open_run_dir(cfg: ScoreConfig):
+    """score's OUT: refused when it holds a finished score (stats.json) unless --overwrite; a stopped one is
+    started over."""
+    from .data.rundir import RunDir
+
+    # no run.json: stats.json holds the settings and versions (the outputs of two equal runs are equal files)
+    return RunDir(cfg.out, command="score", owned=SCORE_FILES, overwrite=cfg.overwrite, resumable=False,
+                  marker="stats.json", run_json=None, what="a score")
+
+
 def run_score(cfg: ScoreConfig, log=print) -> dict[str, Any]:
     """Run `score` end to end; return the stats written to OUT/stats.json."""
-    from tqdm.auto import tqdm
-
-    from .data.traces import AtomicWriter, OutputWriteError, write_json_atomic
+    from .data.rundir import versions
     from .models import load_model
 
     cfg.validate()
     names = dataset_names(cfg.data, cfg.name)
-    out = Path(cfg.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OutputWriteError(f"--out {out}: cannot create it ({e.strerror}); choose another directory") from e
-    student = load_model(cfg.student, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
-                         allow_pickle=cfg.allow_pickle, role="student")
-    tok = student.tokenizer
+    with open_run_dir(cfg) as rundir:
+        student = load_model(cfg.student, gguf_file=cfg.gguf_file, device=cfg.device, dtype=cfg.dtype,
+                             trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle, role="student")
+        formats, examples, max_length, dropped = read_and_fit(cfg, student)
+        rundir.started()
+        rundir.begin()  # every file goes to a temporary name and is renamed; stats.json, written last, marks the end
+        logprobs, seconds = _score_all(cfg, student, examples)
+        n_tokens = sum(lp.size for lp in logprobs)
+        stats: dict[str, Any] = {"student": student.name, "max_length": max_length, "datasets": {},
+                                 "seconds": round(seconds, 3),
+                                 "tokens_per_second": round(n_tokens / seconds, 1) if seconds > 0 else None,
+                                 "settings": cfg.run_settings(), "versions": versions()}
+        write_outputs(rundir.root, names, cfg, formats, examples, logprobs, student.tokenizer, stats, log)
+        stats["skipped_prompt_too_long"] = dropped
+        rundir.finish(stats)
+    out = rundir.root
+    for name, s in stats["datasets"].items():
+        shares = ", ".join(f"p<{t:g} {s[f'share_below_{t}']:.2%}" for t in THRESHOLDS if s["tokens"])
+        log(f"{name}: {s['examples']} examples, {s['tokens']} tokens, NLL {s['nll'] or 0:.3f}/token; {shares}")
+    log(f"wrote {out}/stats.json, per_example.jsonl, tokens_*.jsonl, logprob_hist.png ({n_tokens} tokens in {seconds:.1f}s)")
+    return stats
 
+
+def read_and_fit(cfg: ScoreConfig, student) -> tuple[list[str], list[Example], int, int]:
+    """(formats, examples fitted to the length limit, that limit, examples skipped) of every dataset."""
     formats, examples = [], []
     for i, source in enumerate(cfg.data):
-        fmt, exs = read_dataset(source, i, cfg, tok)
+        fmt, exs = read_dataset(source, i, cfg, student.tokenizer)
         formats.append(fmt)
         examples += exs
     vocab = student.vocab_size
@@ -539,14 +517,18 @@ def run_score(cfg: ScoreConfig, log=print) -> dict[str, Any]:
         if max(ex.prompt_ids + ex.completion_ids) >= vocab:
             raise ScoreInputError(f"{ex.at}: token id {max(ex.prompt_ids + ex.completion_ids)} is outside the "
                                   f"student's vocabulary ({vocab}); was it made with another student?")
-
     max_length = min(cfg.max_length, student.context_length or cfg.max_length)
     examples, cut, dropped = fit_to_length(examples, max_length)
     if cut or dropped:
         limit = f"--max-length {cfg.max_length}" + (f" (the student's context is {max_length})" if max_length < cfg.max_length else "")
         warnings.warn(f"{cut} example(s) longer than {limit} were cut to fit (prompt kept, completion tokens "
                       f"dropped from the end)" + (f"; {dropped} whose prompt alone fills it were skipped" if dropped else ""),
-                      stacklevel=2)
+                      stacklevel=3)
+    return formats, examples, max_length, dropped
+
+
+def _score_all(cfg: ScoreConfig, student, examples: list[Example]) -> tuple[list[np.ndarray], float]:
+    from tqdm.auto import tqdm
 
     bar = tqdm(total=len(examples), unit="ex", desc="score", disable=not cfg.progress, dynamic_ncols=True)
     started = time.perf_counter()
@@ -554,15 +536,15 @@ def run_score(cfg: ScoreConfig, log=print) -> dict[str, Any]:
         logprobs = score_examples(student.model, examples, cfg.batch_size, cfg.max_batch_tokens, on_batch=bar.update)
     finally:
         bar.close()
-    seconds = time.perf_counter() - started
-    n_tokens = sum(lp.size for lp in logprobs)
+    return logprobs, time.perf_counter() - started
 
-    stats: dict[str, Any] = {"student": student.name, "max_length": max_length, "datasets": {},
-                             "seconds": round(seconds, 3),
-                             "tokens_per_second": round(n_tokens / seconds, 1) if seconds > 0 else None}
+
+def write_outputs(out: Path, names: list[str], cfg: ScoreConfig, formats: list[str], examples: list[Example],
+                  logprobs: list[np.ndarray], tok, stats: dict, log) -> None:
+    """per_example.jsonl, tokens_<name>.jsonl, the histogram and the viewer page; per-dataset figures into `stats`."""
+    from .data.traces import AtomicWriter
+
     records, pooled = [], {}
-    # every file goes to a temporary name and is renamed; stats.json, written last, marks a finished run
-    (out / "stats.json").unlink(missing_ok=True)
     with AtomicWriter(out / "per_example.jsonl") as per_example:
         for d, name in enumerate(names):
             mine = [(ex, lp) for ex, lp in zip(examples, logprobs) if ex.dataset == d]
@@ -576,19 +558,11 @@ def run_score(cfg: ScoreConfig, log=print) -> dict[str, Any]:
             for ex, lp in mine:
                 per_example.write(json.dumps({"dataset": name, "id": ex.id, **logprob_summary(lp),
                                               "truncated": ex.truncated}) + "\n")
-    stats["skipped_prompt_too_long"] = dropped
     plot_logprob_hist(pooled, out / ".logprob_hist.tmp.png")  # matplotlib picks the format from the suffix
     _write_viewer(records, tok, out / ".viewer.tmp.html", f"tracetailor score: {', '.join(names)}", log)
     for tmp, final in ((".logprob_hist.tmp.png", "logprob_hist.png"), (".viewer.tmp.html", "viewer.html")):
         if (out / tmp).exists():  # not written when matplotlib or the viewer is missing
             os.replace(out / tmp, out / final)
-    write_json_atomic(out / "stats.json", stats)
-
-    for name, s in stats["datasets"].items():
-        shares = ", ".join(f"p<{t:g} {s[f'share_below_{t}']:.2%}" for t in THRESHOLDS if s["tokens"])
-        log(f"{name}: {s['examples']} examples, {s['tokens']} tokens, NLL {s['nll'] or 0:.3f}/token; {shares}")
-    log(f"wrote {out}/stats.json, per_example.jsonl, tokens_*.jsonl, logprob_hist.png ({n_tokens} tokens in {seconds:.1f}s)")
-    return stats
 
 
 def _write_viewer(records: list[dict], tokenizer, path: Path, title: str, log) -> None:

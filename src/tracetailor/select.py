@@ -41,51 +41,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from .config import PICKS, SelectConfig, SelectError  # noqa: F401  (SelectError: raised here too)
 from .data.traces import AtomicWriter, OutputWriteError, read_numbered_records, resolve_trace_paths, write_json_atomic
 from .evaluate.answers import extract_answer, gold_answers, is_correct, require_math_verify
 
-PICKS = ("shortest", "random", "all")
 THINK_START, THINK_END = "<think>", "</think>"
-
-
-class SelectError(ValueError):
-    pass
-
-
-@dataclass
-class SelectConfig:
-    """Everything `tracetailor select` needs. Defaults are the paper's settings."""
-
-    traces: list[str] = field(default_factory=list)  # trace files, or generate's output dirs
-    out: str = "sft.jsonl"
-    answer_field: str | None = "answer"  # the record field holding the gold answer; None: no gold
-    require_think: bool | None = None  # None: auto, per trace (see the module docstring)
-    max_fallback_rate: float = 0.5  # the most student-written share of tokens; 1 turns the filter off
-    correct_only: bool = True
-    keep_unverifiable: bool = False  # traces whose gold answer is empty/null: keep them?
-    pick: str = "shortest"  # shortest | random | all
-    seed: int = 0  # for pick=random
-
-    def validate(self) -> "SelectConfig":
-        def bad(name, why):
-            raise SelectError(f"{name}: {why}")
-
-        if isinstance(self.traces, str):
-            self.traces = [self.traces]
-        if not self.traces:
-            bad("traces", "give at least one trace file (or generate's output directory)")
-        if not self.out:
-            bad("out", "required (the SFT JSONL file to write)")
-        if self.pick not in PICKS:
-            bad("pick", f"{self.pick!r} is not one of {', '.join(PICKS)}")
-        if not 0.0 <= self.max_fallback_rate <= 1.0:
-            bad("max_fallback_rate", f"{self.max_fallback_rate} is not a share in [0, 1]")
-        if self.answer_field == "":
-            self.answer_field = None
-        if self.correct_only and self.answer_field is None and not self.keep_unverifiable:
-            bad("answer_field", "no gold answer field while keeping correct traces only would drop every trace; "
-                "name the field, or pass --no-correct-only")
-        return self
 
 
 # ---------------------------------------------------------------- one trace
@@ -273,6 +233,8 @@ STEPS = (  # funnel key, label
 
 def run_select(cfg: SelectConfig, log: Callable[[str], None] = print) -> dict:
     """Filter the traces, pick per prompt, write `cfg.out` and `<out>.funnel.json`; return the funnel."""
+    from .data.rundir import RunDir
+
     cfg.validate()
     paths = resolve_trace_paths(cfg.traces, SelectError)
     out = Path(cfg.out)
@@ -280,17 +242,18 @@ def run_select(cfg: SelectConfig, log: Callable[[str], None] = print) -> dict:
         raise SelectError(f"out: {out} is a directory or one of the input trace files; name a new .jsonl file")
     if cfg.correct_only:
         require_math_verify()
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        why = "a file of that name is in the way" if isinstance(e, FileExistsError) else e.strerror
-        raise OutputWriteError(f"out: cannot create the directory {out.parent} ({why}); "
-                               "name a file in a writable directory") from e
-    # the set goes to a temporary file, renamed over `out` last (after the funnel): a stopped run leaves the
-    # previous `out` (or none), never a part of one
-    with AtomicWriter(out) as sink:
-        funnel = _stream(cfg, paths, Picker(cfg.pick, cfg.seed, sink), log)
-        write_json_atomic(funnel_path(out), funnel)
+    # the set and its funnel are one unit: refused when finished (unless --overwrite), locked while written
+    rundir = RunDir(out, command="select", file=out.name, owned=[out.name, funnel_path(out).name],
+                    overwrite=cfg.overwrite, resumable=False, marker=[out.name, funnel_path(out).name],
+                    run_json=None, what="an SFT set")
+    with rundir:
+        # the set goes to a temporary file, renamed over `out` last (after the funnel): a stopped run leaves the
+        # previous `out` (or none), never a part of one; with --overwrite the previous one comes back if the
+        # inputs fail to read
+        with AtomicWriter(out) as sink:
+            funnel = _stream(cfg, paths, Picker(cfg.pick, cfg.seed, sink), log)
+            rundir.started()
+            write_json_atomic(funnel_path(out), funnel)
     log(format_funnel(funnel))
     return funnel
 

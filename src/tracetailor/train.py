@@ -48,111 +48,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .config import ConfigError
+from .config import SAVE_STRATEGIES, TrainConfig
+from .errors import UserError
 from .data.lengths import fit_to_length
 
 IGNORE = -100  # the label that the loss skips
-SAVE_STRATEGIES = {"end": "no", "epoch": "epoch", "steps": "steps"}  # ours -> TrainingArguments'
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 _CHECKPOINT_FILES = ("config.json", "adapter_config.json", "train.json")
 
 
-class TrainError(ValueError):
+class TrainError(UserError, ValueError):
     """The training data or output cannot be used as given; the message says where and what to do."""
-
-
-@dataclass
-class TrainConfig:
-    """Everything `tracetailor train` needs. Defaults are the paper's (s1's) SFT recipe."""
-
-    model: str = ""  # the student: hub id, local dir or .gguf file
-    gguf_file: str | None = None  # GGUF file name inside the model's dir or hub repo
-    data: str = ""  # select's sft.jsonl, or JSONL/JSON/Parquet/CSV/dataset dir/hub id with messages or prompt+completion
-    split: str = "train"  # of a hub or saved dataset
-    out: str = "ckpt"  # the checkpoint directory
-    learning_rate: float = 1e-5
-    num_train_epochs: float = 5
-    max_steps: int | None = None  # stop after this many optimizer steps (overrides the epochs)
-    weight_decay: float = 1e-4
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    warmup_ratio: float = 0.05  # share of the steps spent warming up, then lr_scheduler
-    lr_scheduler: str = "cosine"  # any transformers scheduler name: cosine, linear, constant, ...
-    per_device_train_batch_size: int = 1
-    gradient_accumulation_steps: int = 16  # per device: with N GPUs the batch is N x this x per-device batch
-    max_length: int = 8192  # prompt + completion tokens; longer examples lose completion tokens at the end
-    bf16: bool | None = None  # bf16 autocast; None: on when CUDA is available
-    gradient_checkpointing: bool | None = None  # None: on when CUDA is available (off under FSDP's own)
-    dtype: str = "auto"  # weights while training: auto = float32 (bf16 autocast goes on top)
-    seed: int = 0
-    logging_steps: int = 1
-    save_strategy: str = "end"  # end (only the final model), epoch or steps (also OUT/checkpoint-*)
-    save_steps: int = 500  # with save_strategy=steps
-    lora: bool = False  # train a LoRA adapter (PEFT) instead of all weights
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_target_modules: str = "all-linear"  # or a comma-separated list, e.g. "q_proj,v_proj"
-    merge_lora: bool = True  # LoRA: also save the merged full model in OUT (the adapter goes to OUT/adapter)
-    trust_remote_code: bool = False
-    allow_pickle: bool = False  # load pickle .bin weights (they can run code)
-    overwrite: bool = False  # replace a checkpoint already in OUT
-    limit: int | None = None  # only the first N examples (a quick trial)
-    progress: bool = True
-
-    def validate(self) -> "TrainConfig":
-        def bad(name, why):
-            raise ConfigError(f"{name}: {why}")
-
-        for f in dataclasses.fields(self):  # YAML reads 1e-5 (no dot) as a string
-            value, kind = getattr(self, f.name), str(f.type).split(" |")[0]
-            if isinstance(value, str) and kind in ("float", "int"):
-                try:
-                    setattr(self, f.name, float(value) if kind == "float" else int(value))
-                except ValueError:
-                    bad(f.name, f"{value!r} is not a number")
-        if not self.model:
-            bad("model", "required (a hub id such as Qwen/Qwen3-0.6B, a local dir or a .gguf file)")
-        if not self.data:
-            bad("data", "required (select's output, e.g. sft.jsonl)")
-        if not self.out:
-            bad("out", "required (the checkpoint directory to write)")
-        for name in ("learning_rate", "num_train_epochs"):
-            if not getattr(self, name) > 0:
-                bad(name, "must be > 0")
-        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps",
-                     "lora_r"):
-            if getattr(self, name) < 1:
-                bad(name, "must be >= 1")
-        if self.max_length < 2:
-            bad("max_length", "must be >= 2")
-        if self.weight_decay < 0:
-            bad("weight_decay", "must be >= 0")
-        for name in ("adam_beta1", "adam_beta2"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                bad(name, "must be in [0, 1)")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            bad("warmup_ratio", "must be a share of the steps in [0, 1)")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            bad("lora_dropout", "must be in [0, 1)")
-        if self.lora_alpha <= 0:
-            bad("lora_alpha", "must be > 0")
-        if self.save_strategy not in SAVE_STRATEGIES:
-            bad("save_strategy", f"{self.save_strategy!r} is not one of {', '.join(SAVE_STRATEGIES)}")
-        for name in ("max_steps", "limit"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                bad(name, "must be >= 1")
-        from transformers import SchedulerType
-
-        schedulers = [s.value for s in SchedulerType]
-        if self.lr_scheduler not in schedulers:
-            bad("lr_scheduler", f"{self.lr_scheduler!r} is not one of {', '.join(schedulers)}")
-        return self
-
-    def target_modules(self) -> str | list[str]:
-        names = [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]
-        return names[0] if names == ["all-linear"] else names
 
 
 # ---------------------------------------------------------------- data
@@ -447,15 +353,20 @@ def _require_trl(need_peft: bool) -> None:
             raise TrainError(f"training needs {module!r}: pip install 'tracetailor[train]'") from e
 
 
-def _prepare_out(cfg: TrainConfig) -> Path:
-    out = Path(cfg.out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise TrainError(f"out: {out} exists and is not a directory")
-    held = [name for name in _CHECKPOINT_FILES if (out / name).exists()]
-    if held and not cfg.overwrite:
-        raise TrainError(f"out: {out} already holds a checkpoint ({', '.join(held)}); "
-                         "choose a new --out, or pass --overwrite to replace it")
-    return out
+CHECKPOINT_GLOBS = ("*.json", "*.safetensors", "*.bin", "*.jinja", "*.model", "*.txt", "*.pt")
+
+
+def open_run_dir(cfg: TrainConfig):
+    """train's OUT (on the main process only): refused when it holds a checkpoint unless --overwrite, which
+    moves the old one aside until the new model and data are loaded. train.json plays run.json's part."""
+    from contextlib import nullcontext
+
+    from .data.rundir import RunDir
+
+    if not _is_main():
+        return nullcontext(None)
+    return RunDir(cfg.out, command="train", owned=CHECKPOINT_GLOBS, overwrite=cfg.overwrite, resumable=False,
+                  marker=list(_CHECKPOINT_FILES), run_json=None, what="a checkpoint")
 
 
 # ---------------------------------------------------------------- the run
@@ -501,11 +412,20 @@ def run_train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str,
     cfg.validate()
     _require_trl(cfg.lora)
     say = log if _is_main() else (lambda message: None)
-    out = _prepare_out(cfg)
-    tokenizer = load_tokenizer(cfg)
-    examples, cut, dropped = prepare_examples(cfg, tokenizer, say)
-    model = load_for_training(cfg)
-    _check_vocab(examples, model)
+    with open_run_dir(cfg) as rundir:
+        out = Path(cfg.out).expanduser()
+        tokenizer = load_tokenizer(cfg)
+        examples, cut, dropped = prepare_examples(cfg, tokenizer, say)
+        model = load_for_training(cfg)
+        _check_vocab(examples, model)
+        if rundir is not None:
+            rundir.started()  # the model and the data are loaded: a checkpoint replaced by --overwrite can go
+        return _fit(cfg, out, tokenizer, examples, cut, dropped, model, say)
+
+
+def _fit(cfg: TrainConfig, out: Path, tokenizer, examples: list[Example], cut: int, dropped: int, model,
+         say: Callable[[str], None]) -> dict[str, Any]:
+    """Train `model` on `examples` with TRL and save the checkpoint; the run's summary."""
     use_cache = getattr(model.config, "use_cache", None)  # the Trainer turns it off; the checkpoint keeps it
     bf16, checkpointing = _auto_flags(cfg)
 
@@ -541,9 +461,10 @@ def run_train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str,
         "lora": cfg.lora, "merged": merged, "adapter": str(adapter_dir) if cfg.lora else None,
     }
     if trainer.is_world_process_zero():
+        from .data.rundir import versions
         from .data.traces import write_json_atomic
 
-        write_json_atomic(out / "train.json", {"config": asdict(cfg), "versions": _versions(), "result": summary,
+        write_json_atomic(out / "train.json", {"config": asdict(cfg), "versions": versions("trl", "peft"), "result": summary,
                                                "log_history": trainer.state.log_history})
         say(f"saved {'the merged model' if merged else 'the adapter' if cfg.lora else 'the model'} to {out}"
             f"  (loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}, {summary['steps']} steps, {runtime:.0f}s)")
@@ -588,18 +509,3 @@ def merge_adapter(cfg: TrainConfig, adapter_dir: Path, out: Path) -> None:
     base = load_for_training(cfg)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     merged.save_pretrained(str(out))
-
-
-def _versions() -> dict[str, str]:
-    import trl
-
-    from .generate import _versions as base
-
-    versions = {**base(), "trl": trl.__version__}
-    try:
-        import peft
-
-        versions["peft"] = peft.__version__
-    except ImportError:
-        pass
-    return versions

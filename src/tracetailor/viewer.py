@@ -24,12 +24,14 @@ import re
 from pathlib import Path
 from typing import Any
 
+from .errors import UserError
+
 LOW_P = 0.01  # the "low-probability token" line of the per-trace figures: RSD's default threshold
 LOW_LOGP = math.log(LOW_P)
 LOGP_MISSING = -32768  # packed log p (int16 thousandths, floor -32.767): this value means "not logged"
 
 
-class ViewerError(ValueError):
+class ViewerError(UserError, ValueError):
     pass
 
 

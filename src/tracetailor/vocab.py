@@ -26,10 +26,12 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import UserError
+
 __all__ = ["Bridge", "BridgeError", "build_bridge"]
 
 
-class BridgeError(ValueError):
+class BridgeError(UserError, ValueError):
     """The two tokenizers cannot be bridged, or a student id cannot be fed to the teacher."""
 
 

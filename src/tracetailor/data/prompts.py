@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import UserError
+
 Where = Callable[[int], str]
 
 FILE_FORMATS = (".jsonl", ".json", ".parquet", ".csv")
@@ -46,7 +48,7 @@ NO_CHAT_TEMPLATE = (
 )
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """The prompt data cannot be used as given; the message says where and what to do."""
 
 

@@ -16,14 +16,16 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
+from ..errors import UserError
+
 TRACE_GLOB = "traces*.jsonl"
 
 
-class TraceFileError(ValueError):
+class TraceFileError(UserError, ValueError):
     pass
 
 
-class OutputWriteError(OSError):
+class OutputWriteError(UserError, OSError):
     """An output file cannot be written (disk full, read-only, no permission); the message names it and what
     to do. An OSError, so that callers catching OSError still do; the CLI prints it as one line."""
 

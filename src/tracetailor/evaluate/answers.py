@@ -23,11 +23,13 @@ import threading
 from fractions import Fraction
 from typing import Any, Iterable
 
+from ..errors import UserError
+
 THINK_END = "</think>"
 MATH_VERIFY_TIMEOUT_S = 5  # per parse / per comparison, main thread only
 
 
-class MathVerifyMissing(ImportError, ValueError):
+class MathVerifyMissing(UserError, ImportError, ValueError):
     """math-verify is not installed (a ValueError too, so the CLI prints it as a user error)."""
 
 

@@ -31,77 +31,18 @@ import json
 import math
 import re
 import statistics
-import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from ..config import ConfigError
+from ..config import EvalConfig
+from ..data.traces import AtomicWriter
 from .answers import THINK_END, extract_answer, is_correct, multiple_choice_letter, require_math_verify
 from .benchmarks import BenchmarkError, BenchmarkSpec, Item, load_benchmark, resolve_benchmark, split_benchmarks
 
 THINK_PREFILL = "<think>\n"
-
-
-@dataclass
-class EvalConfig:
-    """Everything `tracetailor eval` needs. Defaults are the paper's evaluation settings."""
-
-    model: str = ""  # hub id, local dir or .gguf file
-    gguf_file: str | None = None  # GGUF file name inside the model's dir or hub repo
-    benchmark: str = "aime24,aime25,math500,gpqa-diamond"  # comma list of names or local files
-    samples: int = 16  # completions per question
-    temperature: float = 0.7
-    top_p: float = 0.95
-    top_k: int = 0  # 0 = no top-k truncation
-    max_new_tokens: int = 8192
-    prefill: str | None = None  # None = auto: "<think>\n" when the tokenizer has a <think> token, else ""
-    system_prompt: str | None = None
-    chat_template: bool = True
-    batch_size: int = 32
-    seed: int = 0
-    limit: int | None = None  # only the first N questions of each benchmark
-    out: str = "results"
-    device: str = "auto"
-    dtype: str = "auto"
-    progress: bool = True
-    question_field: str | None = None  # local files: default "question"; named benchmarks: the spec's own
-    answer_field: str | None = None  # local files: default "answer"
-    trust_remote_code: bool = False
-    allow_pickle: bool = False  # load pickle .bin weights (they can run code)
-    overwrite: bool = False
-
-    # Fields that do not change any sample's text: a run may resume with other values.
-    RESUMABLE = ("out", "batch_size", "device", "progress", "limit", "samples", "benchmark", "overwrite",
-                 "allow_pickle")
-
-    def validate(self) -> "EvalConfig":
-        def bad(name, why):
-            raise ConfigError(f"{name}: {why}")
-
-        if not self.model:
-            bad("model", "required (a hub id such as Qwen/Qwen3-0.6B, a local dir or a .gguf file)")
-        if not split_benchmarks(self.benchmark or ""):
-            bad("benchmark", "required (e.g. aime24,math500, or a JSONL/Parquet file)")
-        for name in ("samples", "max_new_tokens", "batch_size"):
-            if getattr(self, name) < 1:
-                bad(name, "must be >= 1")
-        for name in ("top_k", "seed"):
-            if getattr(self, name) < 0:
-                bad(name, "must be >= 0")
-        if not self.temperature > 0:
-            bad("temperature", "must be > 0")
-        if not 0.0 < self.top_p <= 1.0:
-            bad("top_p", "must be in (0, 1]")
-        if self.limit is not None and self.limit < 1:
-            bad("limit", "must be >= 1")
-        return self
-
-    def settings(self) -> dict[str, Any]:
-        """The fields that decide the samples; a resumed run must match them."""
-        return {k: v for k, v in asdict(self).items() if k not in self.RESUMABLE}
 
 
 # ---------------------------------------------------------------- grading
@@ -234,55 +175,29 @@ def samples_file_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name) + ".jsonl"
 
 
-def _prepare_out(cfg: EvalConfig, names: list[str]) -> Path:
-    from ..config import settings_changes
-    from ..generate import OutputDirError
+def open_run_dir(cfg: EvalConfig, names: list[str]) -> "RunDir":
+    """eval's OUT: a samples file per benchmark (those of the run it replaces too), run.json, the summaries."""
+    from ..data.rundir import RunDir
 
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise OutputDirError(f"--out {out}: exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
-    run_json = out / "run.json"
-    before = None
-    if run_json.exists():
-        try:
-            before = json.loads(run_json.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            if not cfg.overwrite:
-                raise OutputDirError(f"{run_json}: unreadable ({e}); pass --overwrite to start afresh") from e
-    if cfg.overwrite:
-        old = [samples_file_name(n) for n in (before or {}).get("benchmarks", {})]
-        for name in set(old) | {samples_file_name(n) for n in names}:
-            (out / name).unlink(missing_ok=True)
-        for name in ("run.json", "summary.json", "summary.md"):
-            (out / name).unlink(missing_ok=True)
-        return out
-    if before is not None:
-        detail = settings_changes(before.get("config", {}), cfg.settings())
-        if detail:
-            raise OutputDirError(
-                f"--out {out} holds an evaluation with other settings ({detail}). "
-                "Use a new --out directory, or pass --overwrite to replace it."
-            )
-    elif any((out / samples_file_name(n)).exists() for n in names):
-        raise OutputDirError(f"--out {out} holds sample files but no run.json; use a new --out or pass --overwrite")
-    return out
+    owned = {samples_file_name(n) for n in names} | {samples_file_name(n) for n in _benchmarks_before(cfg.out)}
+    return RunDir(cfg.out, command="eval", owned=sorted(owned) + ["run.json", "summary.json", "summary.md"],
+                  overwrite=cfg.overwrite, settings=cfg.settings(), marker="summary.json", what="an evaluation",
+                  owned_noun="sample files")
+
+
+def _benchmarks_before(out: str) -> list[str]:
+    """The benchmarks named in OUT/run.json (what --overwrite replaces), [] if none can be read."""
+    try:
+        return list(json.loads((Path(out) / "run.json").read_text(encoding="utf-8")).get("benchmarks", {}))
+    except (OSError, ValueError, AttributeError):
+        return []
 
 
 # ---------------------------------------------------------------- the run
 
 
-def run_eval(cfg: EvalConfig, log=print) -> dict[str, Any]:
-    """Run `eval` end to end; return the summary written to OUT/summary.json."""
-    from ..data.prompts import build_prompts
-    from ..data.traces import AtomicWriter, TraceWriter, read_repaired, record_id, write_json_atomic
-    from ..decoding.engine import DecodeSettings, Engine, Request
-    from ..decoding.rules import prompt_key
-    from ..generate import _Progress, _versions
-    from ..models import load_model
-
-    cfg.validate()
-    # benchmarks first: a typo or a missing field fails before the model loads
+def load_specs(cfg: EvalConfig) -> tuple[dict[str, BenchmarkSpec], dict[str, list[Item]]]:
+    """The benchmarks and their questions, before any model loads: a typo or a missing field fails first."""
     specs: dict[str, BenchmarkSpec] = {}
     for name in split_benchmarks(cfg.benchmark):
         spec = resolve_benchmark(name, cfg.question_field, cfg.answer_field)
@@ -292,96 +207,119 @@ def run_eval(cfg: EvalConfig, log=print) -> dict[str, Any]:
     benchmarks = {name: load_benchmark(spec, limit=cfg.limit) for name, spec in specs.items()}
     if any(spec.answer_type == "math" for spec in specs.values()):
         require_math_verify()
-    out = _prepare_out(cfg, list(specs))
+    return specs, benchmarks
 
-    model = load_model(cfg.model, gguf_file=cfg.gguf_file, device=cfg.device, dtype=cfg.dtype,
-                       trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle, role="model")
-    tok = model.tokenizer
-    prefill = resolve_prefill(cfg.prefill, tok)
-    thinking = uses_thinking(prefill)
-    write_json_atomic(out / "run.json", {
-        "config": asdict(cfg),
-        "model": model.name,
-        "prefill": prefill,
-        "thinking": thinking,
-        "benchmarks": {n: {"source": s.source, "question_field": s.question_field, "answer_field": s.answer_field,
-                           "answer_type": s.answer_type, "questions": len(benchmarks[n])} for n, s in specs.items()},
-        "versions": _versions(),
-        "command": " ".join(sys.argv),
-    })
-    log(f"model {model.name}; prefill {prefill!r}" + (" (thinking: graded after </think>)" if thinking else ""))
+
+def run_eval(cfg: EvalConfig, log=print) -> dict[str, Any]:
+    """Run `eval` end to end; return the summary written to OUT/summary.json."""
+    from ..models import load_model
+
+    cfg.validate()
+    specs, benchmarks = load_specs(cfg)
+    with open_run_dir(cfg, list(specs)) as rundir:
+        model = load_model(cfg.model, gguf_file=cfg.gguf_file, device=cfg.device, dtype=cfg.dtype,
+                           trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle, role="model")
+        prefill = resolve_prefill(cfg.prefill, model.tokenizer)
+        thinking = uses_thinking(prefill)
+        rundir.started()
+        rundir.write_run_json(asdict(cfg), seed=cfg.seed, model=model.name, prefill=prefill, thinking=thinking,
+                              benchmarks={n: {"source": s.source, "question_field": s.question_field,
+                                              "answer_field": s.answer_field, "answer_type": s.answer_type,
+                                              "questions": len(benchmarks[n])} for n, s in specs.items()})
+        rundir.begin()
+        log(f"model {model.name}; prefill {prefill!r}" + (" (thinking: graded after </think>)" if thinking else ""))
+        engine = _engine(cfg, model)
+        results = {name: eval_benchmark(name, specs[name], items, cfg, model, engine, prefill, thinking,
+                                        rundir.root, log) for name, items in benchmarks.items()}
+        summary = _summary(cfg, model.name, prefill, thinking, results)
+        with AtomicWriter(rundir.path("summary.md")) as f:  # a temporary file, renamed: never half a table
+            f.write(markdown(summary))
+        rundir.finish(summary)  # summary.json last: it marks a finished evaluation
+    log(text_table(summary))
+    log(f"per-sample results and summary.json / summary.md in {rundir.root}")
+    return summary
+
+
+def _engine(cfg: EvalConfig, model):
+    from ..decoding.engine import DecodeSettings, Engine
 
     settings = DecodeSettings(mode="student", temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                               seed=cfg.seed)
+    return Engine(model.model, settings=settings, eos_ids=set(model.eos_ids()), batch_size=cfg.batch_size)
+
+
+def eval_benchmark(name: str, spec: BenchmarkSpec, items: list[Item], cfg: EvalConfig, model, engine, prefill: str,
+                   thinking: bool, out: Path, log) -> dict[str, Any]:
+    """Sample, grade and append the samples of one benchmark not yet in OUT; its scores over all of them."""
+    from ..data.prompts import build_prompts
+    from ..data.traces import TraceWriter, read_repaired
+    from ..sampling import Progress, build_requests, sample
+
+    tok = model.tokenizer
+    prompts = build_prompts([{"id": it.id, "prompt": it.prompt} for it in items], None, tok, prompt_field="prompt",
+                            id_field="id", system_prompt=cfg.system_prompt, prefill=prefill,
+                            chat_template=cfg.chat_template)
+    path = out / samples_file_name(name)
+    records = read_repaired(path)
+    done = {(r["question_id"], r["sample"]) for r in records}
+    by_id = {it.id: it for it in items}
+    pending = ((p, s) for p in prompts for s in range(cfg.samples) if (p.prompt_id, s) not in done)
+    requests, handles, skipped = build_requests(pending, None, model.context_length, cfg.max_new_tokens)
+    if skipped:
+        warnings.warn(f"{name}: skipped {len(skipped)} question(s) longer than the context "
+                      f"({model.context_length} tokens)", stacklevel=2)
+    if done and requests:
+        log(f"{name}: resuming, {len(done)} sample(s) already in {path}, {len(requests)} to go")
+    progress = Progress(len(requests), cfg.progress, "student", desc=f"eval [{name}]")
+    engine.on_step = progress.step
     eos = set(model.eos_ids())
-    engine = Engine(model.model, settings=settings, eos_ids=eos, batch_size=cfg.batch_size)
-    context = model.context_length
-    results: dict[str, Any] = {}
-    total_tokens, total_seconds = 0, 0.0
-    for name, items in benchmarks.items():
-        spec = specs[name]
-        prompts = build_prompts([{"id": it.id, "prompt": it.prompt} for it in items], None, tok,
-                                prompt_field="prompt", id_field="id", system_prompt=cfg.system_prompt,
-                                prefill=prefill, chat_template=cfg.chat_template)
-        path = out / samples_file_name(name)
-        records = read_repaired(path)
-        done = {(r["question_id"], r["sample"]) for r in records}
-        by_handle, requests, skipped = {}, [], []
-        for item, p in zip(items, prompts):
-            if context is not None and len(p.token_ids) >= context:
-                skipped.append(item.id)
-                continue
-            room = cfg.max_new_tokens if context is None else min(cfg.max_new_tokens, context - len(p.token_ids))
-            for s in range(cfg.samples):
-                if (item.id, s) not in done:
-                    handle = len(requests)
-                    by_handle[handle] = (item, s)
-                    requests.append(Request(handle, prompt_key(item.id), s, p.token_ids, None, room))
-        if skipped:
-            warnings.warn(f"{name}: skipped {len(skipped)} question(s) longer than the context ({context} tokens)",
-                          stacklevel=2)
-        if done and requests:
-            log(f"{name}: resuming, {len(done)} sample(s) already in {path}, {len(requests)} to go")
+    tokens, started = 0, time.perf_counter()
+    try:
+        with TraceWriter(path) as writer:
+            for fin in sample(engine, requests, log):  # out of memory: half the batch, go on
+                prompt, s = handles[fin.handle]
+                record = sample_record(name, by_id[prompt.prompt_id], s, fin, tok, eos, thinking)
+                tokens += len(fin.token_ids)
+                writer.write(record)
+                records.append(record)
+                progress.bar.update(1)
+    finally:
+        progress.close()
+    seconds = time.perf_counter() - started
+    result = summarize(records, [it for it in items if it.id not in skipped], cfg.samples, thinking)
+    result.update({
+        "source": spec.source, "answer_type": spec.answer_type, "skipped_questions": skipped, "file": path.name,
+        "this_run": {"completions": len(requests), "tokens": tokens, "seconds": round(seconds, 3),
+                     "tokens_per_second": round(tokens / seconds, 2) if requests and seconds > 0 else None},
+    })
+    return result
 
-        progress = _Progress(len(requests), cfg.progress, "student")
-        progress.bar.set_description(f"eval [{name}]")
-        engine.on_step = progress.step
-        tokens, started = 0, time.perf_counter()
-        try:
-            with TraceWriter(path) as writer:
-                for fin in engine.run(requests):
-                    item, sample = by_handle[fin.handle]
-                    ids = fin.token_ids[:-1] if fin.token_ids and fin.token_ids[-1] in eos else fin.token_ids
-                    completion = tok.decode(ids, skip_special_tokens=False)
-                    verdict = grade_sample(completion, item.gold, item.answer_type, thinking, fin.finish_reason)
-                    tokens += len(fin.token_ids)
-                    record = {
-                        "id": record_id(item.id, sample), "benchmark": name, "question_id": item.id,
-                        "sample": sample, "question": item.question, "gold": item.gold,
-                        "extracted": verdict.extracted, "correct": verdict.correct, "completion": completion,
-                        "finish_reason": fin.finish_reason, "completion_tokens": len(fin.token_ids),
-                        "think_closed": verdict.think_closed, "truncated_before_answer": verdict.truncated_before_answer,
-                    }
-                    if item.choices is not None:
-                        record["choices"] = item.choices
-                    writer.write(record)
-                    records.append(record)
-                    progress.bar.update(1)
-        finally:
-            progress.close()
-        seconds = time.perf_counter() - started
-        total_tokens += tokens
-        total_seconds += seconds
-        results[name] = summarize(records, [it for it in items if it.id not in skipped], cfg.samples, thinking)
-        results[name].update({
-            "source": spec.source, "answer_type": spec.answer_type, "skipped_questions": skipped,
-            "file": path.name,
-            "this_run": {"completions": len(requests), "tokens": tokens, "seconds": round(seconds, 3),
-                         "tokens_per_second": round(tokens / seconds, 2) if requests and seconds > 0 else None},
-        })
 
-    summary = {
-        "model": model.name,
+def sample_record(benchmark: str, item: Item, sample_index: int, fin, tokenizer, eos: set[int],
+                  thinking: bool) -> dict[str, Any]:
+    """One graded sample, as a line of OUT/<benchmark>.jsonl."""
+    from ..data.traces import record_id
+    from ..sampling import completion_text
+
+    completion = completion_text(fin, tokenizer, eos)
+    verdict = grade_sample(completion, item.gold, item.answer_type, thinking, fin.finish_reason)
+    record = {
+        "id": record_id(item.id, sample_index), "benchmark": benchmark, "question_id": item.id,
+        "sample": sample_index, "question": item.question, "gold": item.gold,
+        "extracted": verdict.extracted, "correct": verdict.correct, "completion": completion,
+        "finish_reason": fin.finish_reason, "completion_tokens": len(fin.token_ids),
+        "think_closed": verdict.think_closed, "truncated_before_answer": verdict.truncated_before_answer,
+    }
+    if item.choices is not None:
+        record["choices"] = item.choices
+    return record
+
+
+def _summary(cfg: EvalConfig, model_name: str, prefill: str, thinking: bool, results: dict) -> dict[str, Any]:
+    tokens = sum(r["this_run"]["tokens"] for r in results.values())
+    seconds = sum(r["this_run"]["seconds"] for r in results.values())
+    return {
+        "model": model_name,
         "prefill": prefill,
         "thinking": thinking,
         "settings": {k: getattr(cfg, k) for k in ("samples", "temperature", "top_p", "top_k", "max_new_tokens",
@@ -389,15 +327,9 @@ def run_eval(cfg: EvalConfig, log=print) -> dict[str, Any]:
         "scores": "accuracy: mean over questions of per-question accuracy over samples; "
                   "stderr: standard error of that mean across questions",
         "benchmarks": results,
-        "this_run": {"tokens": total_tokens, "seconds": round(total_seconds, 3),
-                     "tokens_per_second": round(total_tokens / total_seconds, 2) if total_tokens else None},
+        "this_run": {"tokens": tokens, "seconds": round(seconds, 3),
+                     "tokens_per_second": round(tokens / seconds, 2) if tokens else None},
     }
-    write_json_atomic(out / "summary.json", summary)
-    with AtomicWriter(out / "summary.md") as f:  # a temporary file, renamed: never half a table
-        f.write(markdown(summary))
-    log(text_table(summary))
-    log(f"per-sample results and summary.json / summary.md in {out}")
-    return summary
 
 
 __all__ = ["EvalConfig", "Verdict", "grade_sample", "resolve_prefill", "run_eval", "summarize", "uses_thinking"]

@@ -42,6 +42,7 @@ from typing import Callable
 
 import torch
 
+from ..errors import UserError
 from ..models import quiet_progress_bars
 from . import pretrain, tasks
 from .pretrain import ModelSpec, TrainSpec
@@ -74,7 +75,7 @@ class WorldConfig:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
-class WorldError(RuntimeError):
+class WorldError(UserError, RuntimeError):
     pass
 
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from ..config import ExperimentError
 from ..data.traces import AtomicWriter, write_json_atomic
 from ..models import quiet_progress_bars
 from . import build
@@ -40,10 +41,6 @@ SETS = ("teacher", "rsd", "student")  # the trace sets, in the paper's order of 
 STUDENTS = ("base", "sft-teacher", "sft-rsd", "sft-student")
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 COLORS = {"base": "#888888", "teacher": "#d62728", "rsd": "#2ca02c", "student": "#1f77b4"}  # one per set, every plot
-
-
-class ExperimentError(ValueError):
-    """A setting of the experiment a user can fix."""
 
 
 @dataclass

@@ -1,0 +1,282 @@
+"""The life of an output directory, the same for every command: `RunDir`.
+
+One `RunDir` per run: it creates OUT (or refuses a file in the way, or a directory it
+cannot write), takes an exclusive lock on it for the run's life (the OS releases it
+when the process dies, so a killed run never blocks the next; a second run on the
+same OUT gets one line naming the first one's pid), and then, under the lock:
+
+- resumable commands (generate, eval, demo): a `run.json` with the same settings
+  resumes; other settings, an unreadable `run.json`, or the command's files without
+  one are refused with the same message, unless `--overwrite`;
+- the others (score, select, train): a finished result (its marker file) is refused
+  unless `--overwrite`; an unfinished one (a killed run) is started over.
+
+`--overwrite` moves the old run's files aside (`.replaced-<pid>/`) and deletes them
+only once the new run has started (`started()`: models loaded, inputs read); a run
+that fails before that puts them back, and a run killed before that finds them put
+back by the next one. `run.json` records the settings, versions, seed and command;
+the stats file marks a finished run (removed when a run starts writing, written
+last). Writes go through `AtomicWriter` (data/traces.py). It knows nothing of models
+or decoding. See docs/architecture.md ("Output directories").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from ..errors import OutputDirError
+from .traces import write_json_atomic
+
+PID_NAME = ".tracetailor.pid"  # who holds the lock on OUT
+REPLACED_PREFIX = ".replaced-"
+
+
+def versions(*extra: str) -> dict[str, str]:
+    """Versions of tracetailor, torch, transformers and Python (and of the `extra` modules installed)."""
+    import importlib
+
+    import torch
+    import transformers
+
+    from .. import __version__
+
+    found = {"tracetailor": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+             "python": platform.python_version()}
+    for name in extra:
+        try:
+            found[name] = importlib.import_module(name).__version__
+        except ImportError:
+            pass
+    return found
+
+
+def tokens_per_second(tokens: int, seconds: float) -> float | None:
+    return round(tokens / seconds, 2) if seconds > 0 else None
+
+
+class _Lock:
+    """An exclusive `flock` held for the run's life on OUT itself (a directory) or on a lock file beside an
+    output file; the OS releases it when the process dies. The holder's pid goes to a hidden file, for the
+    message a second run gets, and is removed on release (a killed run's stale pid file is harmless)."""
+
+    def __init__(self, target: Path, pid_file: Path, shown: str, flag: str):
+        import fcntl
+
+        self.pid_file = pid_file
+        try:
+            flags = os.O_RDONLY if target.is_dir() else os.O_RDWR | os.O_CREAT
+            self._fd = os.open(target, flags, 0o644)
+        except OSError as e:
+            raise OutputDirError(f"{flag} {shown}: cannot write there ({e.strerror}); choose another location") from e
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            try:
+                other = pid_file.read_text(encoding="ascii").strip() or "unknown"
+            except (OSError, UnicodeDecodeError):
+                other = "unknown"
+            raise OutputDirError(f"{flag} {shown} is in use by another tracetailor run (pid {other}); wait for it to "
+                                 f"end, or choose another {flag}") from None
+        try:
+            pid_file.write_text(f"{os.getpid()}\n", encoding="ascii")
+        except OSError:
+            pass  # the lock holds without it; only the message of a second run would lack the pid
+
+    def release(self) -> None:
+        if self._fd is not None:
+            try:
+                if self.pid_file.read_text(encoding="ascii").strip() == str(os.getpid()):
+                    self.pid_file.unlink()
+            except (OSError, UnicodeDecodeError):
+                pass
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+
+
+class RunDir:
+    """One command's output directory (or, with `file`, one output file and its companions) for one run.
+
+    owned: the names or glob patterns of the files a run of this command writes there (what
+    `--overwrite` replaces); marker: the file that says the run finished (stats.json, ...);
+    settings: what a resumed run must keep (resumable commands) -- compared with run.json's "config"."""
+
+    def __init__(self, out: str | Path, *, command: str, owned: Sequence[str], overwrite: bool = False,
+                 settings: dict[str, Any] | None = None, resumable: bool = True, marker: str | None = "stats.json",
+                 run_json: str | None = "run.json", what: str = "a run", owned_noun: str = "output files",
+                 file: str | None = None, flag: str = "--out"):
+        self.root = Path(out).expanduser() if file is None else Path(out).expanduser().parent
+        self.shown = str(out)
+        self.command, self.owned, self.overwrite = command, list(owned), overwrite
+        self.settings, self.resumable, self.marker, self.run_json_name = settings, resumable, marker, run_json
+        self.what, self.owned_noun, self.file, self.flag = what, owned_noun, file, flag
+        self.resuming = False
+        self.before: dict[str, Any] | None = None  # the run.json found, if any
+        self._lock: _Lock | None = None
+        self._aside: Path | None = None
+        self._started = False
+        self._created = False
+
+    # -- paths
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+    @property
+    def run_json(self) -> Path | None:
+        return self.path(self.run_json_name) if self.run_json_name else None
+
+    def owned_files(self) -> list[Path]:
+        found: dict[Path, None] = {}
+        for pattern in self.owned:
+            for p in sorted(self.root.glob(pattern)):
+                if p.is_file() and not p.name.startswith("."):
+                    found[p] = None
+        return list(found)
+
+    # -- opening
+    def __enter__(self) -> "RunDir":
+        return self if self._lock is not None else self.open()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        failed_early = exc_type is not None and not self._started
+        if failed_early:
+            self._put_back()
+        self.close()
+        if failed_early and self._created:  # a directory this run made and never used goes again
+            try:
+                self.root.rmdir()
+            except OSError:
+                pass
+
+    def open(self) -> "RunDir":
+        self._create()
+        if self.file is None:  # the directory itself is locked: nothing is left behind
+            self._lock = _Lock(self.root, self.path(PID_NAME), self.shown, self.flag)
+        else:  # one output file among others: a lock file of its own beside it
+            self._lock = _Lock(self.path(f".{self.file}.lock"), self.path(f".{self.file}.pid"), self.shown, self.flag)
+        try:
+            self._recover_stale_aside()
+            if self.overwrite:
+                self._move_aside()
+            elif self.resumable:
+                self._check_resumable()
+            else:
+                self._check_finished()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _create(self) -> None:
+        out = self.root if self.file is None else self.root / self.file
+        if self.file is None and out.exists() and not out.is_dir():
+            raise OutputDirError(f"{self.flag} {self.shown}: exists and is not a directory")
+        if self.file is not None and out.is_dir():
+            raise OutputDirError(f"{self.flag} {self.shown} is a directory; name a new .jsonl file")
+        probe = self.root / f".write-test-{os.getpid()}"
+        self._created = self.file is None and not self.root.exists()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)  # fails under a file or on a read-only disk
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            then = "choose another directory" if self.file is None else "name a file in a writable directory"
+            raise OutputDirError(f"{self.flag} {self.shown}: cannot write there ({e.strerror}); {then}") from e
+
+    def _check_resumable(self) -> None:
+        run_json = self.run_json
+        if run_json is not None and run_json.exists():
+            try:
+                self.before = json.loads(run_json.read_text(encoding="utf-8"))
+                before = self.before.get("config", {})
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+                raise OutputDirError(f"{run_json}: unreadable ({e}); pass --overwrite to start afresh") from e
+            from ..config import settings_changes
+
+            detail = settings_changes(before, self.settings or {})
+            if detail:
+                raise OutputDirError(
+                    f"{self.flag} {self.shown} holds {self.what} with another configuration ({detail}). "
+                    "Use a new --out directory, or pass --overwrite to replace that run.")
+            self.resuming = True
+        elif [p for p in self.owned_files() if p != run_json]:
+            raise OutputDirError(f"{self.flag} {self.shown} holds {self.owned_noun} but no {self.run_json_name}; "
+                                 "use a new --out directory or pass --overwrite")
+
+    def _check_finished(self) -> None:
+        markers = [m for m in ([self.marker] if isinstance(self.marker, str) else self.marker or [])
+                   if self.path(m).exists()]
+        if markers:
+            raise OutputDirError(f"{self.flag} {self.shown} already holds {self.what} ({', '.join(markers)}); "
+                                 f"choose a new {self.flag}, or pass --overwrite to replace it")
+
+    # -- --overwrite: aside first, deleted once the new run has started
+    def _move_aside(self) -> None:
+        files = self.owned_files()
+        if not files:
+            return
+        self._aside = self.path(f"{REPLACED_PREFIX}{os.getpid()}")
+        self._aside.mkdir(exist_ok=True)
+        for p in files:
+            os.replace(p, self._aside / p.name)
+
+    def _put_back(self) -> None:
+        """The new run failed before it started: the old run's files return (any new ones of the same names go)."""
+        if self._aside is None or not self._aside.exists():
+            return
+        for p in self.owned_files():
+            p.unlink(missing_ok=True)
+        for p in sorted(self._aside.iterdir()):
+            os.replace(p, self.path(p.name))
+        self._aside.rmdir()
+        self._aside = None
+
+    def _recover_stale_aside(self) -> None:
+        """A run killed between moving the old run aside and starting: put the old run back (we hold the lock)."""
+        for stale in sorted(self.root.glob(f"{REPLACED_PREFIX}*")):
+            if not stale.is_dir():
+                continue
+            if not any(p for p in self.owned_files()) and self.file is None:
+                for p in sorted(stale.iterdir()):
+                    os.replace(p, self.path(p.name))
+                stale.rmdir()
+            else:  # the killed run had started (it wrote its own files): the old one was to go
+                shutil.rmtree(stale, ignore_errors=True)
+
+    def started(self) -> None:
+        """The new run has started (models loaded, inputs read): the run it replaces can go now."""
+        self._started = True
+        if self._aside is not None:
+            shutil.rmtree(self._aside, ignore_errors=True)
+            self._aside = None
+
+    def close(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    # -- files
+    def write_run_json(self, config: dict[str, Any], seed: int | None = None, extra_versions: Iterable[str] = (),
+                       **info: Any) -> dict[str, Any]:
+        """run.json: the full config, what the command adds (`info`), versions, seed and the command line."""
+        data = {"config": config, **info, "versions": versions(*extra_versions), "seed": seed,
+                "command": " ".join(sys.argv), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        write_json_atomic(self.run_json, data)
+        return data
+
+    def begin(self) -> None:
+        """From here on the run writes: the marker of a finished run goes, so a stopped run never looks done."""
+        if isinstance(self.marker, str):
+            self.path(self.marker).unlink(missing_ok=True)
+
+    def finish(self, stats: dict[str, Any]) -> dict[str, Any]:
+        """Write the marker file (the stats): the run is complete."""
+        write_json_atomic(self.path(self.marker), stats)
+        return stats

@@ -1,0 +1,234 @@
+"""The one sampling path: prompts -> engine requests -> the engine (halving its batch when the device runs
+out of memory) -> finished sequences -> records.
+
+`generate` (in this process), its Ray workers (distributed.py) and `eval` all go through
+these functions: they load the models (`load_pair`), turn (prompt, sample) pairs into
+requests that fit the context (`build_requests`), build the engine from a config
+(`make_engine`), run it (`sample`) and turn each finished sequence into text
+(`completion_text`) or a trace record (`build_record`). The decoding itself is
+decoding/; the files are data/. See docs/architecture.md ("The sampling path").
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+from .config import GenerateConfig
+from .data.rundir import RunDir, tokens_per_second, versions
+from .data.traces import TRACE_GLOB, finished_ids, read_records, record_id, summarize, trace_files, write_json_atomic
+from .decoding.engine import DecodeSettings, Engine, Finished, Request, run_halving_on_oom
+from .decoding.rules import RSDParams, prompt_key
+from .errors import OutputDirError
+
+
+def stop_checker(tokenizer, stops: list[str]):
+    if not stops:
+        return None
+    # a stop string of n characters spans at most n tokens (+1 for a token that straddles its start)
+    window = max(len(s) for s in stops) + 1
+
+    def hit(ids: list[int]) -> bool:
+        text = tokenizer.decode(ids[-window:], skip_special_tokens=False)
+        return any(s in text for s in stops)
+
+    return hit
+
+
+class Progress:
+    """A tqdm bar over sequences with live tokens/s and acceptance rate."""
+
+    def __init__(self, total: int, enabled: bool, mode: str, desc: str | None = None):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, unit="seq", disable=not enabled, dynamic_ncols=True,
+                        desc=desc or f"generate [{mode}]")
+        self.start = time.perf_counter()
+        self.tokens = self.teacher = 0
+        self.mode = mode
+        self._last = 0.0
+
+    def step(self, tokens: int, teacher: int) -> None:
+        self.tokens += tokens
+        self.teacher += teacher
+        now = time.perf_counter()
+        if now - self._last > 0.5:
+            self._last = now
+            post = {"tok/s": f"{self.tokens / max(now - self.start, 1e-9):.0f}"}
+            if self.mode == "rsd" and self.tokens:
+                post["accept"] = f"{self.teacher / self.tokens:.1%}"
+            self.bar.set_postfix(post, refresh=True)
+
+    def close(self):
+        self.bar.close()
+
+
+# -- the steps of a run, shared by run_generate and the Ray workers (distributed.py) --------
+
+def load_pair(cfg: GenerateConfig, log=print):
+    """(student, teacher, bridge); teacher and bridge are None in mode student."""
+    from .models import load_model
+    from .vocab import build_bridge
+
+    student = load_model(cfg.student, gguf_file=cfg.student_gguf_file, device=cfg.device, dtype=cfg.dtype,
+                         trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle, role="student")
+    teacher = bridge = None
+    if cfg.mode != "student":
+        teacher = load_model(cfg.teacher, gguf_file=cfg.teacher_gguf_file, device=cfg.device, dtype=cfg.dtype,
+                             trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle, role="teacher",
+                             device_map=cfg.teacher_device_map)
+        bridge = build_bridge(student.tokenizer, teacher.tokenizer, student.vocab_size, teacher.vocab_size)
+        if not bridge.identity:
+            log(f"vocabulary bridge: {bridge.shared_fraction:.2%} of the student's tokens have a teacher counterpart")
+    return student, teacher, bridge
+
+
+def load_prompt_set(cfg: GenerateConfig, tokenizer) -> list:
+    from .data.prompts import load_prompts
+
+    prompts = load_prompts(
+        cfg.prompts, tokenizer, split=cfg.split, prompt_field=cfg.prompt_field, id_field=cfg.id_field,
+        carry=cfg.carry, system_prompt=cfg.system_prompt, prefill=cfg.prefill, chat_template=cfg.chat_template,
+    )
+    return prompts[: cfg.limit] if cfg.limit else prompts
+
+
+def context_window(student, teacher) -> int | None:
+    contexts = [c for c in (student.context_length, teacher.context_length if teacher else None) if c]
+    return min(contexts) if contexts else None
+
+
+def build_requests(pairs, bridge, context: int | None, max_new_tokens: int):
+    """Engine requests for (prompt, sample) pairs: (requests, {handle: (prompt, sample)}, skipped prompt ids).
+    A prompt that leaves no room to generate under `context` is skipped, and named once."""
+    requests, handles, skipped = [], {}, []
+    seen: dict[int, tuple] = {}  # id(prompt) -> (teacher ids, room), or None when skipped
+    for p, s in pairs:
+        if id(p) not in seen:
+            teacher_ids = bridge.to_teacher(p.token_ids) if bridge is not None else None
+            longest = max(len(p.token_ids), len(teacher_ids or []))
+            if context is not None and longest >= context:
+                seen[id(p)] = None
+                skipped.append(p.prompt_id)
+            else:
+                seen[id(p)] = (teacher_ids, max_new_tokens if context is None else min(max_new_tokens, context - longest))
+        if seen[id(p)] is None:
+            continue
+        teacher_ids, room = seen[id(p)]
+        handle = len(handles)
+        handles[handle] = (p, s)
+        requests.append(Request(handle, prompt_key(p.prompt_id), s, p.token_ids, teacher_ids, room,
+                                label=f"prompt {p.prompt_id!r}, sample {s}"))
+    return requests, handles, skipped
+
+
+def warn_skipped(skipped: list[str], context: int | None) -> None:
+    if skipped:
+        names = ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else "")
+        warnings.warn(f"skipped {len(skipped)} prompt(s) longer than the context ({context} tokens): {names}",
+                      stacklevel=3)
+
+
+def make_engine(cfg: GenerateConfig, student, teacher, bridge, on_step=None) -> Engine:
+    settings = DecodeSettings(
+        mode=cfg.mode,
+        rsd=RSDParams(cfg.threshold, cfg.trials, cfg.top_k, cfg.teacher_temperature),
+        temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, seed=cfg.seed,
+    )
+    return Engine(
+        student.model, teacher.model if teacher else None, bridge, settings, eos_ids=set(student.eos_ids()),
+        batch_size=cfg.batch_size, stop_fn=stop_checker(student.tokenizer, cfg.stop), on_step=on_step,
+    )
+
+
+def run_info(student_name: str, teacher_name: str | None, bridge) -> dict[str, Any]:
+    """What generate's run.json holds beside the config, versions and seed (`RunDir.write_run_json`)."""
+    return {
+        "models": {"student": student_name, "teacher": teacher_name},
+        "bridge": None if bridge is None else {"identity": bridge.identity, "shared_fraction": bridge.shared_fraction},
+    }
+
+
+def build_record(prompt, sample: int, fin, tokenizer, eos: set[int], mode: str, with_teacher: bool) -> dict:
+    """One finished sequence as a trace record (docs/architecture.md, "The trace record")."""
+    n = len(fin.token_ids)
+    return {
+        "id": record_id(prompt.prompt_id, sample),
+        "prompt_id": prompt.prompt_id,
+        "sample": sample,
+        "prompt": prompt.text,
+        "completion": completion_text(fin, tokenizer, eos),
+        "prompt_token_ids": prompt.token_ids,
+        "completion_token_ids": fin.token_ids,
+        "origin": fin.origin,
+        "student_logprobs": fin.student_logprobs,
+        "teacher_logprobs": fin.teacher_logprobs if with_teacher else None,
+        "finish_reason": fin.finish_reason,
+        "fallback_rate": fin.origin.count("S") / n if n else 0.0,
+        "mode": mode,
+        **prompt.carry,
+    }
+
+
+def write_stats(out: Path, mode: str, *, prompts: int, skipped: list[str], sequences: int, tokens: int,
+                seconds: float, log=print, extra: dict | None = None) -> dict[str, Any]:
+    """Totals over every trace file in OUT plus this run's own counts, to OUT/stats.json; logs a summary."""
+    records = [r for path in trace_files(out) for r in read_records(path)]
+    stats = summarize(records)
+    stats.update({
+        "prompts": prompts,
+        "skipped_prompts": len(skipped),
+        "skipped_prompt_ids": skipped,
+        "this_run": {"sequences": sequences, "tokens": tokens, "seconds": round(seconds, 3),
+                     "tokens_per_second": tokens_per_second(tokens, seconds), **(extra or {})},
+    })
+    write_json_atomic(out / "stats.json", stats)
+    acc = stats["acceptance_rate"]
+    log(
+        f"{stats['sequences']} sequences, {stats['tokens']} tokens in {out}"
+        + (f"; teacher tokens accepted {acc:.1%}, student fallback {1 - acc:.1%}" if acc is not None and mode == "rsd" else "")
+        + f"; this run {tokens} tokens in {seconds:.1f}s ({stats['this_run']['tokens_per_second']} tok/s)"
+    )
+    return stats
+
+
+def completion_text(fin: Finished, tokenizer, eos: set[int]) -> str:
+    """The text of a finished sequence, without its final EOS token."""
+    ids = fin.token_ids[:-1] if fin.token_ids and fin.token_ids[-1] in eos else fin.token_ids
+    return tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def sample(engine: Engine, requests: Iterable[Request], log: Callable[[str], None] = print) -> Iterator[Finished]:
+    """Every request's finished sequence, in the order they finish; out of memory halves the batch and goes
+    on (`run_halving_on_oom`): nothing is lost or doubled."""
+    return run_halving_on_oom(engine, requests, log)
+
+
+# -- generate's output directory (this process or the Ray driver) ------------------------------
+
+def open_run_dir(cfg: GenerateConfig) -> RunDir:
+    """generate's OUT: its trace files, run.json and stats.json; resumed when the trace settings match."""
+    return RunDir(cfg.out, command="generate", owned=[TRACE_GLOB, "run.json", "stats.json"], overwrite=cfg.overwrite,
+                  settings=cfg.trace_settings(), what="a run", owned_noun="trace files")
+
+
+def finished_in(rundir: RunDir, prompt_texts: dict) -> set[str]:
+    """The record ids already in OUT (torn tails cut); `prompt_texts` filled as `finished_ids` does."""
+    return finished_ids(rundir.root, prompt_texts=prompt_texts)
+
+
+def check_prompts_unchanged(prompt_texts: dict, prompts: list) -> None:
+    """Refuse to resume when a finished trace's prompt text (from `finished_ids`) differs from the prompt of
+    the same id now (the prompts file was edited in place, or another one has the same ids): the run would
+    mix the two. Names the first such record in file order."""
+    now = {p.prompt_id: p.text for p in prompts}
+    changed = [(path, lineno, pid) for pid, texts in prompt_texts.items() if pid in now
+               for text, (path, lineno) in texts.items() if text != now[pid]]
+    if changed:
+        path, lineno, pid = min(changed)
+        raise OutputDirError(
+            f"{path}:{lineno}: prompt {pid!r} was generated from another text than the prompt of that id "
+            f"now; the prompts (or the system prompt, prefill or template) changed since. Use a new --out "
+            "directory, or pass --overwrite to replace that run.")
