@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .data.chat import is_hub_id
 from .errors import UserError
 
 
@@ -74,8 +75,8 @@ def _split_gguf(name: str, gguf_file: str | None) -> tuple[str, str | None]:
 
 
 def _looks_local(name: str) -> bool:
-    # a hub id is "name" or "org/name"; anything else is a path
-    return os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith(".gguf")
+    # a hub id is "name" or "org/name" (data/chat.is_hub_id); anything else is a path
+    return os.path.exists(name) or not is_hub_id(name) or name.endswith(".gguf")
 
 
 def load_model(

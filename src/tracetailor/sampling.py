@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from .config import GenerateConfig
 from .data.rundir import RunDir, tokens_per_second, versions
-from .data.traces import TRACE_GLOB, finished_ids, read_records, record_id, summarize, trace_files, write_json_atomic
+from .data.traces import TRACE_GLOB, TraceRecord, finished_ids, read_records, record_id, summarize, trace_files, write_json_atomic
 from .decoding.engine import DecodeSettings, Engine, Finished, Request, run_halving_on_oom
 from .decoding.rules import RSDParams, prompt_key
 from .errors import OutputDirError
@@ -70,7 +70,6 @@ class Progress:
 def load_pair(cfg: GenerateConfig, log=print):
     """(student, teacher, bridge); teacher and bridge are None in mode student."""
     from .models import load_model
-    from .vocab import build_bridge
 
     student = load_model(cfg.student, gguf_file=cfg.student_gguf_file, device=cfg.device, dtype=cfg.dtype,
                          trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle, role="student")
@@ -79,10 +78,18 @@ def load_pair(cfg: GenerateConfig, log=print):
         teacher = load_model(cfg.teacher, gguf_file=cfg.teacher_gguf_file, device=cfg.device, dtype=cfg.dtype,
                              trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle, role="teacher",
                              device_map=cfg.teacher_device_map)
-        bridge = build_bridge(student.tokenizer, teacher.tokenizer, student.vocab_size, teacher.vocab_size)
-        if not bridge.identity:
-            log(f"vocabulary bridge: {bridge.shared_fraction:.2%} of the student's tokens have a teacher counterpart")
+        bridge = make_bridge(student, teacher, log)
     return student, teacher, bridge
+
+
+def make_bridge(student, teacher, log=print):
+    """The vocabulary bridge from the student's tokens to the teacher's (identity for one tokenizer)."""
+    from .vocab import build_bridge
+
+    bridge = build_bridge(student.tokenizer, teacher.tokenizer, student.vocab_size, teacher.vocab_size)
+    if not bridge.identity:
+        log(f"vocabulary bridge: {bridge.shared_fraction:.2%} of the student's tokens have a teacher counterpart")
+    return bridge
 
 
 def load_prompt_set(cfg: GenerateConfig, tokenizer) -> list:
@@ -152,24 +159,15 @@ def run_info(student_name: str, teacher_name: str | None, bridge) -> dict[str, A
 
 
 def build_record(prompt, sample: int, fin, tokenizer, eos: set[int], mode: str, with_teacher: bool) -> dict:
-    """One finished sequence as a trace record (docs/architecture.md, "The trace record")."""
+    """One finished sequence as a trace record's JSON object (docs/architecture.md, "The trace record")."""
     n = len(fin.token_ids)
-    return {
-        "id": record_id(prompt.prompt_id, sample),
-        "prompt_id": prompt.prompt_id,
-        "sample": sample,
-        "prompt": prompt.text,
-        "completion": completion_text(fin, tokenizer, eos),
-        "prompt_token_ids": prompt.token_ids,
-        "completion_token_ids": fin.token_ids,
-        "origin": fin.origin,
-        "student_logprobs": fin.student_logprobs,
-        "teacher_logprobs": fin.teacher_logprobs if with_teacher else None,
-        "finish_reason": fin.finish_reason,
-        "fallback_rate": fin.origin.count("S") / n if n else 0.0,
-        "mode": mode,
-        **prompt.carry,
-    }
+    return TraceRecord(
+        prompt_id=prompt.prompt_id, sample=sample, prompt=prompt.text, completion=completion_text(fin, tokenizer, eos),
+        prompt_token_ids=prompt.token_ids, completion_token_ids=fin.token_ids, origin=fin.origin,
+        student_logprobs=fin.student_logprobs, teacher_logprobs=fin.teacher_logprobs if with_teacher else None,
+        finish_reason=fin.finish_reason, fallback_rate=fin.origin.count("S") / n if n else 0.0, mode=mode,
+        extra=dict(prompt.carry),
+    ).to_json()
 
 
 def write_stats(out: Path, mode: str, *, prompts: int, skipped: list[str], sequences: int, tokens: int,

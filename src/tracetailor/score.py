@@ -181,13 +181,6 @@ def _text(row: dict, name: str, at: str, flag: str) -> str:
     return value
 
 
-def _token_ids(row: dict, name: str, at: str) -> list[int]:
-    ids = _need(row, name, at, None)
-    if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
-        raise ScoreInputError(f"{at}: field {name!r} should be a list of token ids (non-negative integers)")
-    return ids
-
-
 def read_dataset(source: str, index: int, cfg: ScoreConfig, tokenizer) -> tuple[str, list[Example]]:
     """The examples of one dataset, in source order, and its format."""
     rows, where = _load_source(source, cfg.split)
@@ -200,15 +193,17 @@ def read_dataset(source: str, index: int, cfg: ScoreConfig, tokenizer) -> tuple[
 
 
 def _trace_example(row: dict, at: str, index: int, i: int, tokenizer) -> Example:
-    prompt_ids = _token_ids(row, "prompt_token_ids", at)
-    completion_ids = _token_ids(row, "completion_token_ids", at)
+    from .data.traces import TraceRecord
+
+    record = TraceRecord.from_json(row, at, error=ScoreInputError)
+    prompt_ids, completion_ids = record.prompt_token_ids, record.completion_token_ids
     if not prompt_ids:
         raise ScoreInputError(f"{at}: empty prompt (prompt_token_ids is []); the first token needs a context")
     if not completion_ids:
         raise ScoreInputError(f"{at}: empty completion (completion_token_ids is []): nothing to score")
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
-    prompt = row["prompt"] if isinstance(row.get("prompt"), str) else decode(prompt_ids)
-    completion = row["completion"] if isinstance(row.get("completion"), str) else decode(completion_ids)
+    prompt = record.prompt if record.prompt is not None else decode(prompt_ids)
+    completion = record.completion if record.completion is not None else decode(completion_ids)
     skip = {"id", "prompt", "completion", "prompt_token_ids", "completion_token_ids", "student_logprobs"}
     extra = {k: v for k, v in row.items() if k not in skip}
     return Example(index, str(row.get("id", i)), at, prompt, completion, prompt_ids, completion_ids, extra)

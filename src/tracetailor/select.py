@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from .config import PICKS, SelectConfig, SelectError  # noqa: F401  (SelectError: raised here too)
-from .data.traces import AtomicWriter, OutputWriteError, read_numbered_records, resolve_trace_paths, write_json_atomic
+from .data.traces import AtomicWriter, OutputWriteError, TraceRecord, read_numbered_records, resolve_trace_paths, write_json_atomic
 from .evaluate.answers import extract_answer, gold_answers, is_correct, require_math_verify
 
 THINK_START, THINK_END = "<think>", "</think>"
@@ -97,34 +97,24 @@ class Trace:
         return self.prefill + self.record["completion"]
 
 
-_REQUIRED = {"prompt_id": (str, int), "prompt": str, "completion": str, "finish_reason": str,
-             "prompt_token_ids": list, "completion_token_ids": list}
+_REQUIRED = ("prompt_id", "prompt", "completion", "finish_reason", "prompt_token_ids", "completion_token_ids")
 
 
 def read_trace(rec: dict, where: str, cfg: SelectConfig) -> Trace:
     """Check a record's fields (naming file:line and the field at fault) and derive the rest."""
-    for name, kind in _REQUIRED.items():
-        if name not in rec:
-            raise SelectError(f"{where}: no field {name!r} (fields: {', '.join(rec) or 'none'}); "
-                              "is this a trace file written by `tracetailor generate`?")
-        if not isinstance(rec[name], kind) or isinstance(rec[name], bool):
-            raise SelectError(f"{where}: field {name!r} holds {type(rec[name]).__name__}, "
-                              f"expected {getattr(kind, '__name__', 'a string or number')}")
+    record = TraceRecord.from_json(rec, where, required=_REQUIRED, error=SelectError)
     if cfg.correct_only and cfg.answer_field is not None and cfg.answer_field not in rec:
         raise SelectError(
             f"{where}: no field {cfg.answer_field!r} with the gold answer (fields: {', '.join(rec)}); "
             f"name the field with --answer-field, carry it into the traces with `generate --carry {cfg.answer_field}`, "
             "or pass --no-correct-only"
         )
-    sample = rec.get("sample", 0)
-    if not isinstance(sample, int) or isinstance(sample, bool):
-        raise SelectError(f"{where}: field 'sample' holds {sample!r}, expected an integer")
+    sample = record.sample
     turns, prefill = split_chat_prompt(rec["prompt"])
     text = prefill + rec["completion"]
     thinking = cfg.require_think if cfg.require_think is not None else (THINK_START in text or THINK_END in text)
-    prompt_id = str(rec["prompt_id"])
-    return Trace(where, rec, prompt_id, sample, str(rec.get("id", f"{prompt_id}/{sample}")),
-                 len(rec["completion_token_ids"]), prefill, turns, thinking)
+    return Trace(where, rec, record.prompt_id, sample, record.id, len(record.completion_token_ids), prefill, turns,
+                 thinking)
 
 
 def fallback_rate(trace: Trace) -> float:
@@ -251,7 +241,7 @@ def run_select(cfg: SelectConfig, log: Callable[[str], None] = print) -> dict:
         # previous `out` (or none), never a part of one; with --overwrite the previous one comes back if the
         # inputs fail to read
         with AtomicWriter(out) as sink:
-            funnel = _stream(cfg, paths, Picker(cfg.pick, cfg.seed, sink), log)
+            funnel = _stream(cfg, records_of(paths), [str(p) for p in paths], Picker(cfg.pick, cfg.seed, sink), log)
             rundir.started()
             write_json_atomic(funnel_path(out), funnel)
     log(format_funnel(funnel))
@@ -262,25 +252,31 @@ def funnel_path(out: Path | str) -> Path:
     return Path(f"{out}.funnel.json")
 
 
-def _stream(cfg: SelectConfig, paths: list[Path], picker: Picker, log) -> dict:
+def records_of(paths: list[Path]) -> Iterable[tuple[str, dict]]:
+    """("file:line", record) of every line of the trace files, in order."""
+    for path in paths:
+        for lineno, rec in read_numbered_records(path):
+            yield f"{path}:{lineno}", rec
+
+
+def _stream(cfg: SelectConfig, records: Iterable[tuple[str, dict]], inputs: list[str], picker: Picker, log) -> dict:
     removed = {key: 0 for key, _ in STEPS}
     prompts: dict[str, int] = {}  # prompt id -> traces that passed the filters, in first-seen order
     read = no_answer = kept_unverifiable = 0
-    for path in paths:
-        for lineno, rec in read_numbered_records(path):
-            trace = read_trace(rec, f"{path}:{lineno}", cfg)
-            read += 1
-            prompts.setdefault(trace.prompt_id, 0)
-            reason, predicted = judge(trace, cfg)
-            if reason == "empty" and removed["empty"] < 5:
-                log(f"warning: {trace.where}: empty completion (counted as malformed)")
-            if reason in removed:
-                removed[reason] += 1
-                no_answer += reason == "incorrect" and predicted is None
-                continue
-            kept_unverifiable += reason == "kept_unverifiable"
-            prompts[trace.prompt_id] += 1
-            picker.offer(trace, sft_row(trace, predicted, cfg), read)
+    for where, rec in records:
+        trace = read_trace(rec, where, cfg)
+        read += 1
+        prompts.setdefault(trace.prompt_id, 0)
+        reason, predicted = judge(trace, cfg)
+        if reason == "empty" and removed["empty"] < 5:
+            log(f"warning: {trace.where}: empty completion (counted as malformed)")
+        if reason in removed:
+            removed[reason] += 1
+            no_answer += reason == "incorrect" and predicted is None
+            continue
+        kept_unverifiable += reason == "kept_unverifiable"
+        prompts[trace.prompt_id] += 1
+        picker.offer(trace, sft_row(trace, predicted, cfg), read)
     picker.finish(prompts)
     removed["not_picked"] = picker.offered - picker.written
     with_trace = sum(1 for n in prompts.values() if n)
@@ -294,7 +290,7 @@ def _stream(cfg: SelectConfig, paths: list[Path], picker: Picker, log) -> dict:
         "prompts_with_a_trace": with_trace,
         "prompts_left_with_none": len(prompts) - with_trace,
         "out": str(cfg.out),
-        "inputs": [str(p) for p in paths],
+        "inputs": inputs,
         "settings": asdict(cfg),
     }
 

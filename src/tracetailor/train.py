@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -50,10 +49,10 @@ from typing import Any, Callable, Sequence
 
 from .config import SAVE_STRATEGIES, TrainConfig
 from .errors import UserError
+from .data.chat import is_hub_id
 from .data.lengths import fit_to_length
 
 IGNORE = -100  # the label that the loss skips
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 _CHECKPOINT_FILES = ("config.json", "adapter_config.json", "train.json")
 
 
@@ -78,7 +77,7 @@ def read_examples(cfg: TrainConfig, tokenizer) -> list[Example]:
     from .data.prompts import DataError, load_rows
 
     path = Path(cfg.data).expanduser()
-    if not path.exists() and (path.suffix or not _HUB_ID.match(cfg.data)):
+    if not path.exists() and (path.suffix or not is_hub_id(cfg.data)):
         raise TrainError(f"data file not found: {cfg.data} (give select's output, e.g. sft.jsonl)")
     try:
         rows, where = load_rows(cfg.data, split=cfg.split)
@@ -94,7 +93,10 @@ def read_examples(cfg: TrainConfig, tokenizer) -> list[Example]:
 
 def row_example(row: dict, at: str, tokenizer, template: "_Template") -> Example:
     if "prompt_token_ids" in row or "completion_token_ids" in row:
-        example = Example(at, _token_ids(row, "prompt_token_ids", at), _token_ids(row, "completion_token_ids", at))
+        from .data.traces import TraceRecord
+
+        record = TraceRecord.from_json(row, at, error=TrainError)  # select's rows: trained on exactly these ids
+        example = Example(at, record.prompt_token_ids, record.completion_token_ids)
         if not example.prompt_ids:
             raise TrainError(f"{at}: empty prompt (prompt_token_ids is []); the first completion token needs a context")
     elif isinstance(row.get("messages"), list):
@@ -116,14 +118,6 @@ def row_example(row: dict, at: str, tokenizer, template: "_Template") -> Example
     if not example.completion_ids:
         raise TrainError(f"{at}: empty completion: nothing to train on")
     return example
-
-
-def _token_ids(row: dict, name: str, at: str) -> list[int]:
-    ids = row.get(name)
-    if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
-        found = "missing" if name not in row else f"a {type(ids).__name__}"
-        raise TrainError(f"{at}: field {name!r} should be a list of token ids (non-negative integers), found {found}")
-    return ids
 
 
 def _message(message: Any, k: int, at: str, field: str) -> dict:
@@ -165,26 +159,14 @@ class _Template:
     """Prompt text -> ids through the tokenizer's chat template (the generation prompt appended)."""
 
     def __init__(self, tokenizer):
+        from .data.chat import generation_header
+
         self.tokenizer = tokenizer
-        self.header = self._generation_header() if getattr(tokenizer, "chat_template", None) else None
-
-    def _generation_header(self) -> str | None:
-        """What the template puts after a user's text, e.g. "<|im_end|>\\n<|im_start|>assistant\\n"."""
-        marker = "\x00tracetailor\x00"
-        try:
-            text = self._render([{"role": "user", "content": marker}])
-        except Exception:
-            return None
-        tail = text.split(marker, 1)[1].strip() if marker in text else ""
-        return tail or None
-
-    def _render(self, messages: list[dict]) -> str:
-        rendered = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        if not isinstance(rendered, str):  # some 5.x releases return a one-item list or a mapping
-            rendered = rendered[0] if isinstance(rendered, (list, tuple)) else rendered["text"]
-        return rendered
+        self.header = generation_header(tokenizer)
 
     def prompt_ids(self, prompt: str | list[dict], at: str) -> list[int]:
+        from .data.chat import render_chat
+
         if isinstance(prompt, str) and (self.header is None or self.header in prompt):
             text = prompt  # already templated (or no template to apply): the text as the student saw it
         else:
@@ -192,10 +174,7 @@ class _Template:
             if not getattr(self.tokenizer, "chat_template", None):
                 raise TrainError(f"{at}: the prompt is a list of messages but the tokenizer has no chat template; "
                                  "give the prompt as text, or token ids")
-            try:
-                text = self._render(messages)
-            except Exception as e:  # jinja errors, a template's raise_exception
-                raise TrainError(f"{at}: the chat template failed on this prompt: {e}") from e
+            text = render_chat(self.tokenizer, messages, at, error=TrainError, whose="the")
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 

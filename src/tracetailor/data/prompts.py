@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from .chat import is_hub_id, render_chat
 
 Where = Callable[[int], str]
 
@@ -38,7 +39,6 @@ FILE_FORMATS = (".jsonl", ".json", ".parquet", ".csv")
 # Suffixes that say "the user meant a file", even ones we cannot read: a typo in
 # a file name should fail as "not found", not as a hub lookup.
 _FILE_LIKE_SUFFIXES = FILE_FORMATS + (".ndjson", ".txt", ".tsv", ".gz", ".zst", ".arrow", ".xlsx", ".yaml", ".yml")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 _PANDAS_INDEX_COLUMN = re.compile(r"^__index_level_\d+__$")
 _JSON_SPACE = re.compile(r"[ \t\n\r]*")
 
@@ -86,7 +86,7 @@ def load_rows(source: str | os.PathLike, split: str = "train") -> tuple[list[dic
 
 def _looks_like_path(source: str) -> bool:
     """A source that is not an existing path is a hub id unless it looks like a path."""
-    if Path(source).suffix.lower() in _FILE_LIKE_SUFFIXES or not _HUB_ID.match(source):
+    if Path(source).suffix.lower() in _FILE_LIKE_SUFFIXES or not is_hub_id(source):
         return True
     # "data/prompts" where ./data exists is a missing file, not the hub's data/prompts.
     return "/" in source and Path(source.split("/")[0]).is_dir()
@@ -441,34 +441,4 @@ def _raw_text(messages: list[dict]) -> str:
 
 
 def _render(tokenizer: Any, messages: list[dict], at: str) -> str:
-    try:
-        rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    except Exception as e:  # jinja's TemplateError (raise_exception in the template), ValueError, ...
-        raise DataError(f"{at}: the student's chat template failed on this prompt: {e}") from e
-    return _as_text(rendered, tokenizer)
-
-
-def _as_text(rendered: Any, tokenizer: Any) -> str:
-    """The text of apply_chat_template(..., tokenize=False).
-
-    transformers 5.24 returns a str; some 5.x releases returned a dict-like
-    BatchEncoding instead, so accept that too rather than tie us to one release.
-    """
-    if isinstance(rendered, str):
-        return rendered
-    if isinstance(rendered, (list, tuple)) and len(rendered) == 1 and isinstance(rendered[0], str):
-        return rendered[0]
-    if isinstance(rendered, Mapping):
-        for key in ("text", "prompt"):
-            if isinstance(rendered.get(key), str):
-                return rendered[key]
-        ids = rendered.get("input_ids")
-        if ids is not None:
-            ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
-            if ids and isinstance(ids[0], list):  # a batch of one
-                ids = ids[0]
-            return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-    raise DataError(
-        f"apply_chat_template(tokenize=False) returned {type(rendered).__name__}, not text; "
-        "this transformers version is not supported here"
-    )
+    return render_chat(tokenizer, messages, at, error=DataError)

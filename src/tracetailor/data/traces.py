@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -37,6 +38,94 @@ def _write_failed(path: Path, e: OSError, done: str) -> OutputWriteError:
 
 def record_id(prompt_id: str, sample: int) -> str:
     return f"{prompt_id}/{sample}"
+
+
+# The fields of a trace record with the type each must hold (docs/architecture.md, "The trace record").
+TRACE_FIELDS = {"id": "id", "prompt_id": "id", "sample": "int", "prompt": "str", "completion": "str",
+                "prompt_token_ids": "ids", "completion_token_ids": "ids", "origin": "str",
+                "student_logprobs": "floats", "teacher_logprobs": "floats", "finish_reason": "str",
+                "fallback_rate": "number", "mode": "str"}
+_KINDS = {"id": "a string or number", "int": "an integer", "str": "str", "number": "a number",
+          "floats": "a list of numbers", "ids": "a list of token ids (non-negative integers)"}
+
+
+def _holds(value: Any, kind: str) -> bool:
+    if isinstance(value, bool):
+        return False
+    if kind == "id":
+        return isinstance(value, (str, int))
+    if kind == "int":
+        return isinstance(value, int)
+    if kind == "str":
+        return isinstance(value, str)
+    if kind == "number":
+        return isinstance(value, (int, float))
+    if kind == "ids":
+        return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value)
+    return isinstance(value, list)  # floats: the log-probs, None where a model did not score a token
+
+
+@dataclass
+class TraceRecord:
+    """One generated sequence, as `generate` writes it and select, score and train read it.
+
+    `extra` holds every other field of the line (the carried source fields such as `answer`)."""
+
+    prompt_id: str
+    prompt_token_ids: list[int]
+    completion_token_ids: list[int]
+    prompt: str | None = None
+    completion: str | None = None
+    sample: int = 0
+    id: str | None = None
+    origin: str | None = None
+    student_logprobs: list | None = None
+    teacher_logprobs: list | None = None
+    finish_reason: str | None = None
+    fallback_rate: float | None = None
+    mode: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.id is None:
+            self.id = record_id(self.prompt_id, self.sample)
+
+    @classmethod
+    def from_json(cls, data: Any, where: str, required: Iterable[str] = ("prompt_token_ids", "completion_token_ids"),
+                  error: type[Exception] = TraceFileError) -> "TraceRecord":
+        """The record of one parsed JSON line; a missing `required` field or a field of the wrong type is one
+        `error` naming `where` (file:line) and the field."""
+        if not isinstance(data, dict):
+            raise error(f"{where}: expected a JSON object, got {type(data).__name__}")
+        for name in required:
+            if name not in data:
+                raise error(f"{where}: no field {name!r} (fields: {', '.join(map(str, data)) or 'none'}); "
+                            "is this a trace file written by `tracetailor generate`?")
+        for name, kind in TRACE_FIELDS.items():
+            value = data.get(name)
+            if name in data and (value is not None or name in required) and not _holds(value, kind):
+                if kind == "ids":
+                    found = "missing" if name not in data else f"a {type(value).__name__}"
+                    raise error(f"{where}: field {name!r} should be {_KINDS[kind]}, found {found}")
+                raise error(f"{where}: field {name!r} holds {type(value).__name__}, expected {_KINDS[kind]}")
+        known = {k: data[k] for k in TRACE_FIELDS if k in data}
+        prompt_id = known.pop("prompt_id", None)
+        prompt_id = str(prompt_id if prompt_id is not None else known.get("id", ""))
+        for name in ("prompt_token_ids", "completion_token_ids"):
+            known.setdefault(name, [])
+        if known.get("id") is not None:
+            known["id"] = str(known["id"])
+        known["sample"] = known.get("sample") if known.get("sample") is not None else 0
+        return cls(prompt_id=prompt_id, extra={k: v for k, v in data.items() if k not in TRACE_FIELDS}, **known)
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object of one line: the fields in the documented order, then the carried ones."""
+        out = {"id": self.id, "prompt_id": self.prompt_id, "sample": self.sample, "prompt": self.prompt,
+               "completion": self.completion, "prompt_token_ids": self.prompt_token_ids,
+               "completion_token_ids": self.completion_token_ids, "origin": self.origin,
+               "student_logprobs": self.student_logprobs, "teacher_logprobs": self.teacher_logprobs,
+               "finish_reason": self.finish_reason, "fallback_rate": self.fallback_rate, "mode": self.mode}
+        return {**out, **self.extra}
 
 
 class AtomicWriter:
