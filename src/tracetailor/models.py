@@ -2,6 +2,7 @@
 
 Resolves device and dtype, and turns the usual failures (a missing path, a model
 that is not a causal LM) into messages that say what to do. It does not decode.
+The design as a whole: docs/architecture.md.
 """
 
 from __future__ import annotations

@@ -36,6 +36,7 @@ writing, so a stopped run never leaves a half file or a stats.json that looks do
 Not its job: no generation, no teacher, no filtering of datasets (that is
 `select`), no HTML (that is viewer.py). Examples longer than --max-length are cut
 (the prompt kept whole), never dropped silently.
+The design as a whole: docs/architecture.md.
 """
 
 from __future__ import annotations

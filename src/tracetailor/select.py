@@ -1,6 +1,6 @@
 """From generated traces to an SFT set: keep the well-formed, correct ones, one per prompt.
 
-`run_select` streams the records of `generate` (DESIGN.md, "Records") and applies,
+`run_select` streams the records of `generate` (docs/architecture.md, "The trace record") and applies,
 in order, the paper's filters, each a setting of `SelectConfig`:
 
 1. well-formed: finished by EOS (`finish_reason == "stop"`), not empty, and,

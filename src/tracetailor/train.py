@@ -36,6 +36,7 @@ here picks a device; the Trainer places the model and shards the data.
 
 Not its job: no generation, no evaluation, no resuming of an interrupted run,
 no data filtering (that is `select`).
+The design as a whole: docs/architecture.md.
 """
 
 from __future__ import annotations

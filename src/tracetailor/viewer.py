@@ -9,7 +9,7 @@ correctness and fallback rate. It renders lazily (the first 50 matches, then
 "show more"), so files of thousands of traces stay responsive.
 
 It does not compute log-probs, check answers or load models: it shows what the
-records hold (fields: DESIGN.md, "Records"). The only model-side piece is
+records hold (fields: docs/architecture.md, "The trace record"). The only model-side piece is
 `load_tokenizer`, which finds the student's tokenizer for the `view` command.
 """
 

@@ -16,6 +16,7 @@ tokenizers' vocabularies:
 
 This module loads no models and decodes nothing: it is tokenizers in, index
 tables out. The decoding rules and the engine use the tables.
+The design as a whole: docs/architecture.md.
 """
 
 from __future__ import annotations

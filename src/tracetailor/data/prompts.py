@@ -16,6 +16,7 @@ Bad data fails early with a `DataError` that names the file and line (or row),
 the field, and what to do about it.  Lines are 1-based (as an editor shows
 them); "row N" is the 0-based row index, the same number as the default
 prompt id.
+The design as a whole: docs/architecture.md.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Trace records out, and resume.
 
 One JSON object per line in `OUT/traces.jsonl`, written and flushed as each
-sequence finishes (fields: DESIGN.md, "Records"). A restarted run reads what is
+sequence finishes (fields: docs/architecture.md, "The trace record"). A restarted run reads what is
 there, cuts a torn last line, and skips the (prompt_id, sample) pairs already done.
 `run.json` and `stats.json` are written to a temporary name and renamed, so a kill
 never leaves them half-written (`AtomicWriter`, which score, select, eval and the

@@ -14,6 +14,7 @@ reference answer is a short closed form, shipped by ``champ-dataset``).
 
 Not its job: prompts as the model sees them (chat template: data/prompts.py),
 decoding, grading (answers.py, run.py).
+The design as a whole: docs/architecture.md.
 """
 
 from __future__ import annotations

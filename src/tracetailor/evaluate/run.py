@@ -23,6 +23,7 @@ Resume: a run restarted on the same OUT with the same settings skips the samples
 already in `OUT/<benchmark>.jsonl` (a torn last line is cut); `samples`, `limit`,
 `benchmark`, `batch_size`, `device` may change between runs. The summary
 counts only the current questions and samples.
+The design as a whole: docs/architecture.md.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ Stages (each one is the real command's Python API, with its own progress bar):
 Every stage writes under OUT (``traces/<set>``, ``sft/<set>.jsonl``, ``ckpt/<set>``,
 ``eval/<student>``, ``score/``). The world's settings never looked at the test split;
 `eval_split="validation"` is what a tuning run uses.
+The design as a whole: docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -229,7 +230,8 @@ def _select(name: str, out: Path, cfg: ExperimentConfig, log) -> dict:
 
     (out / "sft").mkdir(exist_ok=True)
     path = out / "sft" / (f"{name}.all.jsonl" if cfg.equal_sizes else f"{name}.jsonl")
-    return run_select(SelectConfig(traces=[str(out / "traces" / name)], out=str(path), seed=cfg.seed),
+    # a resumed demo selects again from the (resumed) traces: the previous set is the demo's own
+    return run_select(SelectConfig(traces=[str(out / "traces" / name)], out=str(path), seed=cfg.seed, overwrite=True),
                       log=lambda m: log(f"select {name}: {m}"))
 
 
@@ -292,7 +294,7 @@ def _score(world: Path, out: Path, cfg: ExperimentConfig, sizes: dict, log) -> d
         return None
     scfg = ScoreConfig(student=str(world / "student"), data=[str(out / "sft" / f"{n}.jsonl") for n in names],
                        name=names, out=str(out / "score"), max_length=256, batch_size=64, device="cpu",
-                       dtype="float32", progress=cfg.progress)
+                       dtype="float32", progress=cfg.progress, overwrite=True)  # rescored on resume
     return run_score(scfg, log=lambda m: log(f"score: {m}"))
 
 
