@@ -97,7 +97,7 @@ def load_model(
     code when loaded, are refused unless `allow_pickle`. `device_map` (e.g. "auto")
     hands placement to accelerate, which may spread the layers over several GPUs;
     `device` then only picks the dtype."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     name, gguf_file = _split_gguf(os.path.expanduser(name), gguf_file)
     if _looks_local(name) and not os.path.exists(name):
@@ -105,12 +105,27 @@ def load_model(
     if gguf_file and os.path.isdir(name) and not os.path.isfile(os.path.join(name, gguf_file)):
         raise ModelError(f"{role}: no GGUF file {gguf_file!r} in {name}")
     dev = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, dev)
     kwargs = {"trust_remote_code": trust_remote_code}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
+    config = _read_config(name, role, kwargs)
+    model = _load_weights(name, role, config, resolve_dtype(dtype, dev), kwargs,
+                          safetensors_only=not (gguf_file or allow_pickle), device_map=device_map)
     try:
-        config = AutoConfig.from_pretrained(name, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{role} {name!r}: cannot load its tokenizer ({e})") from e
+    if not device_map:  # a mapped model is placed by accelerate already
+        model.to(dev)
+    model.eval()
+    return LoadedModel(name=name if not gguf_file else os.path.join(name, gguf_file), model=model, tokenizer=tokenizer)
+
+
+def _read_config(name: str, role: str, kwargs: dict):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(name, **kwargs)
     except OSError as e:
         raise ModelError(f"{role} {name!r}: cannot read its config ({e}); is it a model directory or hub id?") from e
     except ValueError as e:
@@ -118,10 +133,16 @@ def load_model(
             raise
         raise ModelError(f"{role} {name!r} ships its own model code, which is not run by default; read it, and "
                          "pass --trust-remote-code only if you trust its source") from e
-    weights = {} if gguf_file or allow_pickle else {"use_safetensors": True}
+
+
+def _load_weights(name: str, role: str, config, torch_dtype, kwargs: dict, *, safetensors_only: bool, device_map):
+    """The causal LM's weights, each usual failure turned into a message that says what to do."""
+    from transformers import AutoModelForCausalLM
+
+    weights = {"use_safetensors": True} if safetensors_only else {}
     placement = {"device_map": device_map} if device_map else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, **weights, **placement, **kwargs)
+        return AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, **weights, **placement, **kwargs)
     except ImportError as e:
         if placement:
             raise ModelError(f"{role} {name!r}: a device map needs accelerate ({e}); pip install accelerate") from e
@@ -141,14 +162,6 @@ def load_model(
                 "tracetailor needs decoder-only LMs such as Qwen3 or Llama"
             ) from e
         raise
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
-    except (OSError, ValueError) as e:
-        raise ModelError(f"{role} {name!r}: cannot load its tokenizer ({e})") from e
-    if not placement:  # a mapped model is placed by accelerate already
-        model.to(dev)
-    model.eval()
-    return LoadedModel(name=name if not gguf_file else os.path.join(name, gguf_file), model=model, tokenizer=tokenizer)
 
 
 def load_tokenizer(name: str, *, gguf_file: str | None = None, trust_remote_code: bool = False, role: str = "model"):

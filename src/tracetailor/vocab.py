@@ -161,18 +161,7 @@ def build_bridge(
             shared_fraction=1.0,
         )
 
-    # Exact string matches: one pass over the student's vocabulary.
-    n_shared = 0
-    matched: dict[int, int] = {}  # student id -> teacher id
-    unmatched: list[tuple[int, str]] = []  # (student id, token string)
-    for tok, sid in s_vocab.items():
-        tid = t_vocab.get(tok)
-        if tid is None:
-            unmatched.append((sid, tok))
-        else:
-            n_shared += 1
-            matched[sid] = tid
-    shared_fraction = n_shared / len(s_vocab)
+    matched, unmatched, shared_fraction = _match_strings(s_vocab, t_vocab)
     if shared_fraction < min_shared:
         raise BridgeError(
             f"teacher and student tokenizers share only {100 * shared_fraction:.1f}% of the student's "
@@ -180,7 +169,36 @@ def build_bridge(
             "covers the student's, e.g. models of one family (Qwen2.5 and Qwen3, Llama 3.x and Llama 3.y). "
             "Pick such a pair, or lower min_shared if you know the tokenizers are compatible."
         )
+    student_to_teacher = _student_to_teacher(student_tokenizer, teacher_tokenizer, s_vocab, matched, unmatched,
+                                             teacher_vocab_size)
+    t2s, s2t_single = _id_tensors(matched, student_to_teacher, student_vocab_size, teacher_vocab_size)
+    return Bridge(
+        identity=False,
+        teacher_to_student=t2s,
+        student_to_teacher=student_to_teacher,
+        student_to_teacher_single=s2t_single,
+        shared_fraction=shared_fraction,
+    )
 
+
+def _match_strings(s_vocab: dict[str, int], t_vocab: dict[str, int]
+                   ) -> tuple[dict[int, int], list[tuple[int, str]], float]:
+    """Exact string matches in one pass over the student's vocabulary: ({student id: teacher id},
+    [(student id, token) the teacher lacks], the shared share of the student's vocabulary)."""
+    matched: dict[int, int] = {}
+    unmatched: list[tuple[int, str]] = []
+    for tok, sid in s_vocab.items():
+        tid = t_vocab.get(tok)
+        if tid is None:
+            unmatched.append((sid, tok))
+        else:
+            matched[sid] = tid
+    return matched, unmatched, len(matched) / len(s_vocab)
+
+
+def _student_to_teacher(student_tokenizer, teacher_tokenizer, s_vocab: dict[str, int], matched: dict[int, int],
+                        unmatched: list[tuple[int, str]], teacher_vocab_size: int) -> list[tuple[int, ...]]:
+    """For every student id, the teacher ids that feed the teacher the same text (() when none can)."""
     # Student tokens the teacher lacks: feed the teacher their text.
     specials = _special_contents(student_tokenizer)
     texts: list[str] = []
@@ -202,8 +220,12 @@ def build_bridge(
     for (sid, _tok), ids in zip(unmatched, encoded):
         if ids and all(0 <= t < teacher_vocab_size for t in ids):
             student_to_teacher[sid] = tuple(ids)
+    return student_to_teacher
 
-    # Tensors, built from flat index lists in one go.
+
+def _id_tensors(matched: dict[int, int], student_to_teacher: list[tuple[int, ...]], student_vocab_size: int,
+                teacher_vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(teacher id -> student id, student id -> its one teacher id), -1 where none; built in one go each."""
     t2s = torch.full((teacher_vocab_size,), -1, dtype=torch.int64)
     t_to_s: dict[int, int] = {}
     for sid, tid in sorted(matched.items()):
@@ -218,11 +240,4 @@ def build_bridge(
     if singles:
         s_idx, t_idx = zip(*singles)
         s2t_single[torch.tensor(s_idx, dtype=torch.int64)] = torch.tensor(t_idx, dtype=torch.int64)
-
-    return Bridge(
-        identity=False,
-        teacher_to_student=t2s,
-        student_to_teacher=student_to_teacher,
-        student_to_teacher_single=s2t_single,
-        shared_fraction=shared_fraction,
-    )
+    return t2s, s2t_single
