@@ -5,13 +5,11 @@ package has no import cycle."""
 from __future__ import annotations
 
 import ast
-import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest

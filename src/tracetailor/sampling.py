@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from .config import GenerateConfig
 from .data.rundir import RunDir, tokens_per_second, versions
-from .data.traces import TRACE_GLOB, TraceRecord, finished_ids, read_records, record_id, summarize, trace_files, write_json_atomic
+from .data.traces import TRACE_GLOB, TraceRecord, finished_ids, read_records, summarize, trace_files, write_json_atomic
 from .decoding.engine import DecodeSettings, Engine, Finished, Request, run_halving_on_oom
 from .decoding.rules import RSDParams, prompt_key
 from .errors import OutputDirError

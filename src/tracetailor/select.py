@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from .config import PICKS, SelectConfig, SelectError  # noqa: F401  (SelectError: raised here too)
-from .data.traces import AtomicWriter, OutputWriteError, TraceRecord, read_numbered_records, resolve_trace_paths, write_json_atomic
+from .data.traces import AtomicWriter, TraceRecord, read_numbered_records, resolve_trace_paths, write_json_atomic
 from .evaluate.answers import extract_answer, gold_answers, is_correct, require_math_verify
 
 THINK_START, THINK_END = "<think>", "</think>"

@@ -37,11 +37,16 @@ from ..config import ExperimentError
 from ..data.traces import AtomicWriter, write_json_atomic
 from ..models import quiet_progress_bars
 from . import build
+from .report import (  # noqa: F401  (confidence_interval, paired_differences: part of this module's API)
+    SETS,
+    STUDENTS,
+    confidence_interval,
+    make_report,
+    paired_differences,
+    summary_lines,
+    write_report,
+)
 
-SETS = ("teacher", "rsd", "student")  # the trace sets, in the paper's order of discussion
-STUDENTS = ("base", "sft-teacher", "sft-rsd", "sft-student")
-Z95 = 1.959963984540054  # two-sided 95% normal quantile
-COLORS = {"base": "#888888", "teacher": "#d62728", "rsd": "#2ca02c", "student": "#1f77b4"}  # one per set, every plot
 
 
 @dataclass
@@ -144,9 +149,7 @@ def _run(cfg: ExperimentConfig, out: Path, log: Callable[[str], None]) -> dict[s
         report = make_report(cfg, world, out, gen, funnels, sizes, trained, evals, scored, stage.seconds)
     report["stages_s"]["report"] = stage.seconds["report"]
     report["total_s"] = round(time.perf_counter() - started, 1)
-    write_json_atomic(out / "report.json", report)
-    (out / "report.md").write_text(report_markdown(report), encoding="utf-8")
-    plot_stages(report, out / "stages.png")
+    write_report(report, out)  # report.json last: it marks a finished demo, with every file it links
     log("\n" + summary_lines(report))
     log(f"\nreport: {out / 'report.md'} (figures in report.json, plots *.png) - {report['total_s']:.0f}s in all")
     return report
@@ -296,246 +299,3 @@ def _score(world: Path, out: Path, cfg: ExperimentConfig, sizes: dict, log) -> d
                        name=names, out=str(out / "score"), max_length=256, batch_size=64, device="cpu",
                        dtype="float32", progress=cfg.progress, overwrite=True)  # rescored on resume
     return run_score(scfg, log=lambda m: log(f"score: {m}"))
-
-
-# ---------------------------------------------------------------- the report
-
-
-def make_report(cfg: ExperimentConfig, world: Path, out: Path, gen: dict, funnels: dict, sizes: dict,
-                trained: dict, evals: dict, scored: dict | None, seconds: dict) -> dict[str, Any]:
-    """Every figure of the report, each beside the file it was read from (paths relative to OUT)."""
-    world_meta = json.loads((world / "world.json").read_text(encoding="utf-8"))
-    report: dict[str, Any] = {
-        "config": dataclasses.asdict(cfg),
-        "world": {"path": str(world), "seed": world_meta.get("seed"), "validation": world_meta.get("validation")},
-        "students": {}, "trace_sets": {}, "stages_s": dict(seconds),
-    }
-    for name in STUDENTS:
-        if name not in evals:
-            report["students"][name] = None
-            continue
-        (_, b), = evals[name]["benchmarks"].items()
-        report["students"][name] = {
-            "accuracy": b["accuracy"], "stderr": b["stderr"], "ci95": list(confidence_interval(b["accuracy"], b["stderr"])),
-            "questions": b["questions"], "samples_per_question": b["samples_per_question"],
-            "truncated": b["truncated"], "mean_completion_tokens": b["mean_completion_tokens"],
-            "source": f"eval/{name}/summary.json",
-        }
-        if name != "base" and trained.get(name.removeprefix("sft-")):
-            t = trained[name.removeprefix("sft-")]
-            report["students"][name]["train"] = {"examples": t["examples"], "steps": t["steps"],
-                                                 "first_loss": t["first_loss"], "last_loss": t["last_loss"],
-                                                 "source": f"ckpt/{name.removeprefix('sft-')}/train.json"}
-    for name in SETS:
-        g, f = gen[name], funnels[name]
-        entry = {
-            "traces": g["sequences"], "tokens": g["tokens"],
-            "acceptance_rate": g.get("acceptance_rate") if name == "rsd" else None,
-            "fallback_rate": (1 - g["acceptance_rate"]) if name == "rsd" and g.get("acceptance_rate") is not None else None,
-            "passed_share": _passed_share(f), "passed_select": f.get("kept"), "selected": sizes[name], "funnel": f,
-            "source": f"traces/{name}/stats.json",
-            "funnel_source": f"sft/{name}{'.all' if cfg.equal_sizes else ''}.jsonl.funnel.json",
-        }
-        if scored and name in scored["datasets"]:
-            s = scored["datasets"][name]
-            entry["student_view"] = {k: s[k] for k in s if k.startswith("share_below_") or k in ("nll", "tokens", "examples")}
-            entry["student_view"]["source"] = "score/stats.json"
-        report["trace_sets"][name] = entry
-    acc = {k: v["accuracy"] for k, v in report["students"].items() if v}
-    report["differences"] = paired_differences(out, evals, cfg.eval_samples)
-    report["ordering"] = " < ".join(sorted(acc, key=acc.get))
-    report["paper_ordering_seen"] = (all(k in acc for k in ("sft-teacher", "base", "sft-rsd"))
-                                     and acc["sft-teacher"] < acc["base"] < acc["sft-rsd"])
-    plot_accuracy(report, out / "accuracy.png")
-    plot_token_shares(report, out / "token_shares.png")
-    plot_rsd_rates(out / "traces" / "rsd", out / "rsd_rates.png")
-    if (out / "score" / "logprob_hist.png").exists():
-        shutil.copyfile(out / "score" / "logprob_hist.png", out / "logprob_hist.png")
-    return report
-
-
-PAIRS = (("sft-rsd", "base"), ("sft-teacher", "base"), ("sft-student", "base"), ("sft-rsd", "sft-student"),
-         ("sft-rsd", "sft-teacher"))
-
-
-def paired_differences(out: Path, evals: dict, samples: int) -> dict[str, dict]:
-    """For each pair of students, the mean over questions of (accuracy of a - accuracy of b), its standard
-    error over questions and 95% interval: paired on the question, so narrower than two separate intervals."""
-    from ..data.traces import read_records
-    from ..evaluate.run import mean_stderr, per_question_accuracy, samples_file_name
-
-    per_q = {}
-    for name, summary in evals.items():
-        (bench, _), = summary["benchmarks"].items()
-        per_q[name] = per_question_accuracy(read_records(out / "eval" / name / samples_file_name(bench)), samples)
-    result = {}
-    for a, b in PAIRS:
-        if a not in per_q or b not in per_q:
-            continue
-        diffs = [per_q[a][q] - per_q[b][q] for q in sorted(per_q[a].keys() & per_q[b].keys())]
-        if not diffs:
-            continue
-        mean, se = mean_stderr(diffs)
-        result[f"{a} - {b}"] = {"mean": mean, "stderr": se, "ci95": list(confidence_interval(mean, se)),
-                                "questions": len(diffs)}
-    return result
-
-
-def _passed_share(funnel: dict) -> float | None:
-    """Share of the traces that passed every filter of select (finished, well-formed, correct and, for RSD,
-    at most half student-written): the ones offered to the one-per-problem pick."""
-    read = funnel.get("traces_read") or 0
-    return (funnel["kept"] + funnel["removed"]["not_picked"]) / read if read else None
-
-
-def summary_lines(report: dict) -> str:
-    lines = ["student        accuracy (95% interval)"]
-    for name, s in report["students"].items():
-        lines.append(f"{name:<14} " + ("no SFT data" if s is None else
-                                       f"{100 * s['accuracy']:5.1f}%  [{100 * s['ci95'][0]:.1f}, {100 * s['ci95'][1]:.1f}]"))
-    rsd = report["trace_sets"]["rsd"]
-    if rsd["acceptance_rate"] is not None:
-        lines.append(f"RSD: teacher tokens accepted {rsd['acceptance_rate']:.1%}, student fallback {rsd['fallback_rate']:.1%}")
-    for name, t in report["trace_sets"].items():
-        view = t.get("student_view")
-        if view:
-            lines.append(f"{name} SFT set: {t['selected']} traces, {view['share_below_0.01']:.2%} of tokens at p < 0.01 "
-                         "under the base student")
-    lines.append(f"ordering: {report['ordering']} (paper: sft-teacher < base < sft-rsd: "
-                 f"{'seen' if report['paper_ordering_seen'] else 'not seen'})")
-    return "\n".join(lines)
-
-
-def report_markdown(report: dict) -> str:
-    cfg = report["config"]
-    v = report["world"]["validation"] or {}
-    lines = [
-        "# The miniature experiment",
-        "",
-        f"World seed {report['world']['seed']} ({report['world']['path']}); experiment seed {cfg['seed']}. "
-        f"Traces: {cfg['samples']} per problem on {cfg['train_problems']} training problems; "
-        f"eval: {cfg['eval_samples']} samples per problem on the {cfg['eval_split']} split, T=0.7, top-p 0.95. "
-        f"SFT: lr {cfg['learning_rate']:g}, {cfg['num_train_epochs']:g} epochs, batch {cfg['batch_size']}"
-        + (", every SFT set cut to the smallest one's size (--equal-sizes)." if cfg.get("equal_sizes") else "."),
-        "",
-    ]
-    if v:
-        lines += [f"World (validation split, greedy): student {v['student']['accuracy_greedy']:.0%}, "
-                  f"teacher {v['teacher']['accuracy_greedy']:.0%}.", ""]
-    lines += ["## Accuracy", "", "| student | accuracy % | 95% interval | SFT examples | source |", "|---|---:|---:|---:|---|"]
-    for name, s in report["students"].items():
-        if s is None:
-            lines.append(f"| {name} | - | - | 0 | no SFT data |")
-            continue
-        n = s.get("train", {}).get("examples", "-")
-        lines.append(f"| {name} | {100 * s['accuracy']:.1f} | {100 * s['ci95'][0]:.1f} to {100 * s['ci95'][1]:.1f} "
-                     f"| {n} | {s['source']} |")
-    lines += ["", f"Ordering: {report['ordering']}. The paper's (sft-teacher < base < sft-rsd): "
-              f"{'seen' if report['paper_ordering_seen'] else 'not seen'}.", "", "![accuracy](accuracy.png)", ""]
-    if report.get("differences"):
-        lines += ["Paired differences (per question, then averaged; points):", "",
-                  "| difference | mean | 95% interval |", "|---|---:|---:|"]
-        lines += [f"| {k} | {100 * d['mean']:+.1f} | {100 * d['ci95'][0]:+.1f} to {100 * d['ci95'][1]:+.1f} |"
-                  for k, d in report["differences"].items()]
-        lines.append("")
-    lines += ["## Trace sets", "",
-              "| set | traces | passed % | SFT examples | RSD accepted % | tokens p<0.001 % | p<0.01 % | p<0.1 % | NLL/token |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, t in report["trace_sets"].items():
-        view = t.get("student_view") or {}
-        pct = lambda x: "-" if x is None else f"{100 * x:.1f}"  # noqa: E731
-        lines.append(f"| {name} | {t['traces']} | {pct(t['passed_share'])} | {t['selected']} | "
-                     f"{pct(t['acceptance_rate'])} | {pct(view.get('share_below_0.001'))} | "
-                     f"{pct(view.get('share_below_0.01'))} | {pct(view.get('share_below_0.1'))} | "
-                     f"{pct(None) if view.get('nll') is None else format(view['nll'], '.3f')} |")
-    lines += ["", "Passed: finished, well-formed and correct (RSD: and at most half student-written), before one per "
-              "problem is picked. Token shares and NLL: the SFT sets scored under the base student (score/stats.json).",
-              "",
-              "![token shares](token_shares.png)", "", "![log-prob histogram](logprob_hist.png)", "",
-              "![RSD rates](rsd_rates.png)", "", "## Stage times", "", "| stage | seconds |", "|---|---:|"]
-    lines += [f"| {k} | {s:.1f} |" for k, s in report["stages_s"].items()]
-    lines += [f"| total | {report.get('total_s', 0):.1f} |", "", "![stage times](stages.png)", ""]
-    return "\n".join(lines)
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_accuracy(report: dict, path: Path) -> None:
-    plt = _pyplot()
-    names = [n for n, s in report["students"].items() if s]
-    acc = [100 * report["students"][n]["accuracy"] for n in names]
-    err = [100 * (report["students"][n]["accuracy"] - report["students"][n]["ci95"][0]) for n in names]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.bar(names, acc, yerr=err, capsize=6, color=[COLORS[n.removeprefix("sft-")] for n in names])
-    ax.set_ylabel(f"{report['config']['eval_split']} accuracy % (95% CI)")
-    ax.set_title("The base student and its three fine-tunes")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_token_shares(report: dict, path: Path) -> None:
-    plt = _pyplot()
-    sets = [n for n, t in report["trace_sets"].items() if t.get("student_view")]
-    thresholds = ("0.001", "0.01", "0.1")
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    width = 0.8 / max(1, len(sets))
-    for k, name in enumerate(sets):
-        view = report["trace_sets"][name]["student_view"]
-        ax.bar([i + k * width for i in range(len(thresholds))], [100 * view[f"share_below_{t}"] for t in thresholds],
-               width, label=name, color=COLORS[name])
-    ax.set_xticks([i + width * (len(sets) - 1) / 2 for i in range(len(thresholds))], [f"p < {t}" for t in thresholds])
-    ax.set_ylabel("% of SFT tokens")
-    ax.set_title("How improbable each SFT set is to the base student")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_rsd_rates(traces: Path, path: Path) -> None:
-    """The student's fallback share of RSD tokens, overall and by problem difficulty, from the records."""
-    from ..data.traces import read_records, trace_files
-
-    by: dict[str, list[int]] = {}
-    for file in trace_files(traces):
-        for r in read_records(file):
-            counts = by.setdefault(f"{r.get('difficulty', '?')} ops", [0, 0])
-            counts[0] += r["origin"].count("S")
-            counts[1] += len(r["origin"])
-    keys = sorted(by)
-    rows = [[sum(by[k][0] for k in keys), sum(by[k][1] for k in keys)], *(by[k] for k in keys)]
-    fallback = [100 * s / max(1, n) for s, n in rows]
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.bar(["all", *keys], fallback, color=["#555555", *[COLORS["rsd"]] * len(keys)])
-    ax.set_ylabel("student fallback, % of RSD tokens")
-    ax.set_title(f"RSD: the student wrote {fallback[0]:.1f}% of the tokens, accepted {100 - fallback[0]:.1f}%")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_stages(report: dict, path: Path) -> None:
-    plt = _pyplot()
-    stages = report["stages_s"]
-    fig, ax = plt.subplots(figsize=(6, 3))
-    ax.barh(list(stages)[::-1], list(stages.values())[::-1], color="#555")
-    ax.set_xlabel("seconds")
-    ax.set_title(f"Stage times ({report.get('total_s', 0):.0f}s in all)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def confidence_interval(mean: float, stderr: float | None) -> tuple[float, float]:
-    """mean +- 1.96 standard errors (normal approximation over questions)."""
-    se = stderr or 0.0
-    return mean - Z95 * se, mean + Z95 * se
