@@ -101,6 +101,12 @@ class _Lock:
             self._fd = None
 
 
+def lock_directory(directory: Path, pid_file: Path, shown: str, flag: str = "--out") -> _Lock:
+    """An exclusive lock on an existing directory for a run that keeps its own layout (the demo);
+    `.release()` it at the end (the OS does if the process dies)."""
+    return _Lock(directory, pid_file, shown, flag)
+
+
 class RunDir:
     """One command's output directory (or, with `file`, one output file and its companions) for one run.
 

@@ -134,7 +134,7 @@ class AtomicWriter:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self._tmp = self.path.with_name(f".{self.path.name}.tmp")
+        self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")  # one per process
         try:
             self._f = open(self._tmp, "w", encoding="utf-8")
         except OSError as e:

@@ -118,9 +118,26 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] | None = No
     """Run every stage; return the report (also OUT/report.json)."""
     cfg.validate()
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
-    out = _prepare_out(cfg, log)
-    with quiet_progress_bars():  # our stages show their own progress; not transformers' weight loading
-        return _run(cfg, out, log)
+    lock = _lock(cfg)  # one demo per OUT at a time; the check of what OUT holds happens under the lock
+    try:
+        out = _prepare_out(cfg, log)
+        with quiet_progress_bars():  # our stages show their own progress; not transformers' weight loading
+            return _run(cfg, out, log)
+    finally:
+        lock.release()
+
+
+def _lock(cfg: ExperimentConfig):
+    from ..data.rundir import PID_NAME, lock_directory
+
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ExperimentError(f"--out {out} is a file; choose a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ExperimentError(f"--out {out}: cannot write there ({e.strerror}); choose another directory") from e
+    return lock_directory(out, out / PID_NAME, str(out))
 
 
 def _run(cfg: ExperimentConfig, out: Path, log: Callable[[str], None]) -> dict[str, Any]:
@@ -162,18 +179,21 @@ def _prepare_out(cfg: ExperimentConfig, log) -> Path:
     """Create OUT, or resume the stopped run of the same settings in it (generate and eval pick up
     where they stopped, a finished fine-tune is kept; select and score rerun, in seconds)."""
     from ..config import settings_changes
+    from ..data.rundir import PID_NAME
 
     out = Path(cfg.out)
     marker = out / "experiment.json"
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE}
     if out.exists() and not out.is_dir():
         raise ExperimentError(f"--out {out} is a file; choose a directory")
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and any(p.name != PID_NAME for p in out.iterdir()):
         if cfg.overwrite:
             if not marker.exists():
                 raise ExperimentError(f"--out {out} holds files that are not a tracetailor demo's; --overwrite "
                                       "only replaces a demo. Choose an empty directory")
-            shutil.rmtree(out)
+            for p in out.iterdir():  # not OUT itself: this run holds its lock
+                if p.name != PID_NAME:
+                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
         elif not marker.exists():
             raise ExperimentError(f"--out {out} holds files that are not a tracetailor demo's; choose an empty "
                                   "directory")
