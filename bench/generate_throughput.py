@@ -398,7 +398,7 @@ def profile_rsd(spec: dict) -> None:
         ("row removal (KVBatch.select)", cum("kv.py", "select")),
         ("Engine.run own Python (per-row bookkeeping)", cum("engine.py", "run", own=True)),
         ("Tensor.tolist (device->host of step results)", cum("", "<method 'tolist' of 'torch._C.TensorBase' objects>")),
-        ("progress callback (_Progress.step)", cum("generate.py", "step")),
+        ("progress callback (Progress.step)", cum("sampling.py", "step")),
         ("record writing (TraceWriter.write + decode)", cum("traces.py", "write") + cum("tokenization_utils_base.py", "decode")),
     ]
     print(f"\nprofile of one rsd run (cProfile; decode part {decode:.2f}s as run_generate times it, "
