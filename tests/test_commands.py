@@ -329,3 +329,35 @@ def test_trace_record_reads_checks_and_writes_one_line():
         TraceRecord.from_json({**line, "sample": True}, "t.jsonl:3")
     with pytest.raises(ConfigError, match=r"^t.jsonl:3: no field 'prompt_token_ids'"):
         TraceRecord.from_json({"prompt_id": "q"}, "t.jsonl:3", error=ConfigError)
+
+
+def test_commands_on_the_cli_refuse_a_finished_output_and_overwrite_safely(tiny_pair, tmp_path):
+    """End to end: a failed --overwrite start (a typo in the student) keeps the previous traces; score and
+    select refuse a finished output unless --overwrite, as train and eval do."""
+    def cli(*args):
+        result = CliRunner().invoke(app, [str(a) for a in args])
+        return result.exit_code, result.stderr
+
+    gen = tmp_path / "gen"
+    args = ["generate", "--student", tiny_pair["student"], "--teacher", tiny_pair["teacher"], "--prompts",
+            tiny_pair["prompts"], "--prompt-field", "question", "--id-field", "qid", "--limit", "2",
+            "--max-new-tokens", "4", "--out", gen, "--no-progress"]
+    assert cli(*args)[0] == 0
+    before = {p.name: p.read_bytes() for p in gen.iterdir() if p.is_file()}
+    code, err = cli(*[tmp_path / "no-such-student" if a == tiny_pair["student"] else a for a in args], "--overwrite")
+    assert code == 2 and "no-such-student" in err
+    assert {p.name: p.read_bytes() for p in gen.iterdir() if p.is_file()} == before  # nothing lost
+    code, err = cli(*args, "--seed", "1")
+    assert code == 2 and "holds a run with another configuration (seed: 0 -> 1)" in err
+
+    score = ["score", "--model", tiny_pair["student"], "--data", gen, "--out", tmp_path / "s", "--no-progress"]
+    assert cli(*score)[0] == 0
+    code, err = cli(*score)
+    assert code == 2 and f"--out {tmp_path / 's'} already holds a score (stats.json); choose a new --out, or pass " \
+                         "--overwrite to replace it" in err
+    assert cli(*score, "--overwrite")[0] == 0
+    select = ["select", gen, "--out", tmp_path / "sft.jsonl", "--no-correct-only", "--max-fallback-rate", "1"]
+    assert cli(*select)[0] == 0
+    code, err = cli(*select)
+    assert code == 2 and "already holds an SFT set" in err
+    assert cli(*select, "--overwrite")[0] == 0
