@@ -328,3 +328,32 @@ def test_cli_eval(tiny_pair, tmp_path):
     assert ok.exit_code == 0, ok.output
     assert "mine" in ok.output and (out / "mine.jsonl").exists()
     assert json.loads((out / "run.json").read_text())["prefill"] == ""
+
+
+def test_eval_goes_through_the_sampling_path_and_halves_its_batch_on_out_of_memory(tiny_pair, tmp_path, monkeypatch):
+    """eval samples through sampling.sample, as generate does: out of memory halves the batch, and the graded
+    samples equal those of a run that had memory enough."""
+    import functools
+
+    import torch
+    from transformers import Qwen3ForCausalLM
+
+    whole = run_eval(_cfg(tiny_pair, tmp_path / "whole", batch_size=6, prefill=""), log=lambda m: None)
+    original = Qwen3ForCausalLM.forward
+
+    @functools.wraps(original)  # the engine reads the signature (the cache argument's name)
+    def forward(self, *args, **kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None and ids.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Qwen3ForCausalLM, "forward", forward)
+    logs: list[str] = []
+    short = run_eval(_cfg(tiny_pair, tmp_path / "short", batch_size=6, prefill=""), log=logs.append)
+    assert any("out of memory at batch size 6; retrying with 3" in m for m in logs), logs
+    assert any("out of memory at batch size 3; retrying with 1" in m for m in logs), logs
+    (name,) = whole["benchmarks"]
+    a = sorted((r["id"], r["completion"]) for r in _samples(tmp_path / "whole" / whole["benchmarks"][name]["file"]))
+    b = sorted((r["id"], r["completion"]) for r in _samples(tmp_path / "short" / short["benchmarks"][name]["file"]))
+    assert a == b and len(a) == 6
