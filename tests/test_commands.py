@@ -361,3 +361,21 @@ def test_commands_on_the_cli_refuse_a_finished_output_and_overwrite_safely(tiny_
     code, err = cli(*select)
     assert code == 2 and "already holds an SFT set" in err
     assert cli(*select, "--overwrite")[0] == 0
+
+
+def test_a_select_killed_while_its_old_set_was_aside_gets_it_back(tmp_path):
+    from tracetailor.data.rundir import RunDir
+
+    def open_sft():
+        return RunDir(tmp_path / "sft.jsonl", command="select", file="sft.jsonl",
+                      owned=["sft.jsonl", "sft.jsonl.funnel.json"], resumable=False, marker=["sft.jsonl"],
+                      run_json=None, what="an SFT set")
+
+    aside = tmp_path / ".replaced-sft.jsonl-99999"  # a select killed after moving the old set aside
+    aside.mkdir()
+    (aside / "sft.jsonl").write_text("old set\n")
+    (tmp_path / ".replaced-12345").mkdir()  # another run's, in the same folder: not touched
+    with pytest.raises(OutputDirError, match="already holds an SFT set"):
+        open_sft().open()
+    assert (tmp_path / "sft.jsonl").read_text() == "old set\n" and not aside.exists()
+    assert (tmp_path / ".replaced-12345").is_dir()

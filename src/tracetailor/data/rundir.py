@@ -228,7 +228,7 @@ class RunDir:
         files = self.owned_files()
         if not files:
             return
-        self._aside = self.path(f"{REPLACED_PREFIX}{os.getpid()}")
+        self._aside = self.path(f"{self._aside_prefix()}{os.getpid()}")
         self._aside.mkdir(exist_ok=True)
         for p in files:
             os.replace(p, self._aside / p.name)
@@ -244,12 +244,16 @@ class RunDir:
         self._aside.rmdir()
         self._aside = None
 
+    def _aside_prefix(self) -> str:
+        return REPLACED_PREFIX if self.file is None else f"{REPLACED_PREFIX}{self.file}-"
+
     def _recover_stale_aside(self) -> None:
         """A run killed between moving the old run aside and starting: put the old run back (we hold the lock)."""
-        for stale in sorted(self.root.glob(f"{REPLACED_PREFIX}*")):
+        pattern = f"{REPLACED_PREFIX}[0-9]*" if self.file is None else f"{self._aside_prefix()}[0-9]*"
+        for stale in sorted(self.root.glob(pattern)):
             if not stale.is_dir():
                 continue
-            if not any(p for p in self.owned_files()) and self.file is None:
+            if not self.owned_files():
                 for p in sorted(stale.iterdir()):
                     os.replace(p, self.path(p.name))
                 stale.rmdir()
