@@ -25,6 +25,7 @@ from .errors import OutputDirError
 
 
 def stop_checker(tokenizer, stops: list[str]):
+    """A callable over token ids that says whether the decoded tail holds one of `stops` (None for none)."""
     if not stops:
         return None
     # a stop string of n characters spans at most n tokens (+1 for a token that straddles its start)

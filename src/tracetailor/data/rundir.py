@@ -1,17 +1,19 @@
 """The life of an output directory, the same for every command: `RunDir`.
 
 One `RunDir` per run: it creates OUT (or refuses a file in the way, or a directory it
-cannot write), takes an exclusive lock on it for the run's life (the OS releases it
-when the process dies, so a killed run never blocks the next; a second run on the
-same OUT gets one line naming the first one's pid), and then, under the lock:
+cannot write), takes an exclusive `flock` on the directory itself for the run's life
+(on `.<file>.lock` beside an output file, for select) -- the OS releases it when the
+process dies, so a killed run never blocks the next, and a second run on the same OUT
+gets one line naming the first one's pid (kept in `.tracetailor.pid` while the run
+holds the lock) -- and then, under the lock:
 
-- resumable commands (generate, eval, demo): a `run.json` with the same settings
+- resumable commands (generate, eval): a `run.json` with the same settings
   resumes; other settings, an unreadable `run.json`, or the command's files without
   one are refused with the same message, unless `--overwrite`;
 - the others (score, select, train): a finished result (its marker file) is refused
   unless `--overwrite`; an unfinished one (a killed run) is started over.
 
-`--overwrite` moves the old run's files aside (`.replaced-<pid>/`) and deletes them
+`--overwrite` moves the old run's files aside (`.replaced-[<file>-]<pid>/`) and deletes them
 only once the new run has started (`started()`: models loaded, inputs read); a run
 that fails before that puts them back, and a run killed before that finds them put
 back by the next one. `run.json` records the settings, versions, seed and command;
