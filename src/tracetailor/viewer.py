@@ -196,14 +196,17 @@ def load_tokenizer(name: str, gguf_file: str | None = None, trust_remote_code: b
 def view_traces(paths: list[str], out, tokenizer: str | None = None, limit: int | None = None,
                 title: str | None = None) -> Path:
     """The `view` command: read trace files (or run dirs), find the student's tokenizer, write the page."""
-    from .data.traces import read_records, resolve_trace_paths
+    from .data.traces import TraceRecord, read_numbered_records, resolve_trace_paths
 
     files = resolve_trace_paths(paths, ViewerError)
     records: list[dict] = []
     for f in files:
-        for rec in read_records(f):
+        for lineno, rec in read_numbered_records(f):
             if limit is not None and len(records) >= limit:
                 break
+            # the record's fields checked (one line naming file:line and the field), nothing required: the page
+            # also shows eval's samples and score's tokens_*.jsonl
+            TraceRecord.from_json(rec, f"{f}:{lineno}", required=(), error=ViewerError)
             records.append(rec)
     if tokenizer:
         source = (tokenizer, None)
