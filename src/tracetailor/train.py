@@ -50,7 +50,7 @@ from typing import Any, Callable, Sequence
 
 from .config import SAVE_STRATEGIES, TrainConfig
 from .errors import UserError
-from .data.chat import is_hub_id
+from .data.chat import check_message, is_hub_id
 from .data.lengths import fit_to_length
 
 IGNORE = -100  # the label that the loss skips
@@ -122,10 +122,7 @@ def row_example(row: dict, at: str, tokenizer, template: "_Template") -> Example
 
 
 def _message(message: Any, k: int, at: str, field: str) -> dict:
-    if not (isinstance(message, dict) and isinstance(message.get("role"), str)
-            and isinstance(message.get("content"), str)):
-        raise TrainError(f"{at}: message {k} in {field!r} should be {{'role': str, 'content': str}}, got {str(message)[:80]}")
-    return message
+    return check_message(message, k, at, field, error=TrainError)
 
 
 def _prompt(value: Any, at: str) -> str | list[dict]:

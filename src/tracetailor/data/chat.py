@@ -22,6 +22,16 @@ def is_hub_id(name: str) -> bool:
     return bool(_HUB_ID.match(name))
 
 
+def check_message(message: Any, k: int, at: str, field: str, error: type[Exception] = ValueError) -> dict:
+    """Message `k` of the list in `field` as a dict, or one `error` naming `at` when it is not
+    {"role": str, "content": str} (extra keys are kept: some templates read them)."""
+    if not (isinstance(message, Mapping) and isinstance(message.get("role"), str)
+            and isinstance(message.get("content"), str)):
+        raise error(f"{at}: message {k} in field {field!r} should be {{'role': str, 'content': str}}, "
+                    f"got {str(message)[:80]}")
+    return dict(message)
+
+
 def render_chat(tokenizer: Any, messages: list[dict], at: str, error: type[Exception] = ValueError,
                 whose: str = "the student's") -> str:
     """The text of `messages` through the tokenizer's chat template, with the generation prompt appended;

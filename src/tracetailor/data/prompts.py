@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from .chat import is_hub_id, render_chat
+from .chat import check_message, is_hub_id, render_chat
 
 Where = Callable[[int], str]
 
@@ -413,16 +413,7 @@ def _prompt_messages(row: Mapping, at: str, prompt_field: str) -> list[dict]:
 
 
 def _message(message: Any, k: int, at: str, prompt_field: str) -> dict:
-    if not (
-        isinstance(message, Mapping)
-        and isinstance(message.get("role"), str)
-        and isinstance(message.get("content"), str)
-    ):
-        raise DataError(
-            f"{at}: message {k} in field {prompt_field!r} should be {{'role': str, 'content': str}}, "
-            f"got {str(message)[:80]}"
-        )
-    return dict(message)  # keep extra keys: some templates read them
+    return check_message(message, k, at, prompt_field, error=DataError)
 
 
 def _with_system(messages: list[dict], system_prompt: str | None, at: str, prompt_field: str) -> list[dict]:
