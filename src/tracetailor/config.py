@@ -451,6 +451,50 @@ class TrainConfig(Settings):
         return names[0] if names == ["all-linear"] else names
 
 
+# ---------------------------------------------------------------- demo (the miniature experiment)
+
+
+@dataclass
+class ExperimentConfig(Settings):
+    """Everything `tracetailor demo` needs: the paper's experiment in the miniature world (toyworld/)."""
+
+    seed: int = option(0, "Seed of the sampling and the fine-tuning.", low=0)
+    world_seed: int = option(0, "Which miniature world (seed 0 ships with tracetailor; others build in minutes).", low=0)
+    world: str | None = option(None, "A built world's directory (default: the world_seed's, built or reused).")
+    out: str = option("demo-out", "Where the experiment writes its stages and report.md.", resumable=True)
+    train_problems: int = option(1000, "Training problems traces are generated for.", low=1)
+    samples: int = option(4, "Traces per problem in each set.", low=1)
+    eval_split: str = option("test", "Held-out problems to evaluate on: test, or validation while tuning.",
+                             choices=("test", "validation"))
+    eval_problems: int | None = option(None, "Held-out problems to evaluate on (default: the whole split).", low=1)
+    eval_samples: int = option(16, "Samples per held-out problem.", low=1)
+    max_new_tokens: int = option(96, "Token limit per completion (seed 0's longest reference solution is 46).", low=1)
+    threshold: float = option(0.01, "RSD acceptance threshold (the paper's).", low=0.0, high=1.0)
+    trials: int = option(5, "RSD teacher draws before the student writes.", low=0)
+    top_k: int = option(20, "Top-k of both sides.", low=0)
+    temperature: float = option(1.0, "Temperature of the trace sets (RSD proposes at the teacher's T=1).", above=0.0)
+    learning_rate: float = option(1e-4, "SFT learning rate (chosen on validation; s1 uses 1e-5 on 7B+).", above=0.0)
+    num_train_epochs: float = option(5.0, "SFT epochs (s1's).", above=0.0)
+    batch_size: int = option(16, "SFT per-device batch (no gradient accumulation).", low=1)
+    equal_sizes: bool = option(False, "Cut every SFT set to the smallest one's size (a seeded random subset).")
+    progress: bool = option(True, "Progress bars.", cli=False, resumable=True)
+    overwrite: bool = option(False, "Replace a demo already in OUT (a stopped one resumes without it).",
+                             resumable=True)
+
+    @classmethod
+    def quick(cls, **changes) -> "ExperimentConfig":
+        """The CI-sized run: every stage on a fifth of the problems (about 15 s on 2 cores)."""
+        base = dict(train_problems=200, samples=2, eval_problems=100, eval_samples=2, num_train_epochs=2)
+        return cls(**{**base, **changes})
+
+    def validate(self) -> "ExperimentConfig":
+        try:
+            check_fields(self)
+        except ConfigError as e:
+            raise ExperimentError(str(e)) from None
+        return self
+
+
 # ---------------------------------------------------------------- YAML and flags
 
 

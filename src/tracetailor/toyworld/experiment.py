@@ -29,11 +29,10 @@ import shutil
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ..config import ExperimentError
+from ..config import ExperimentConfig, ExperimentError
 from ..data.traces import AtomicWriter, write_json_atomic
 from ..models import quiet_progress_bars
 from . import build
@@ -49,49 +48,7 @@ from .report import (  # noqa: F401  (confidence_interval, paired_differences: p
 
 
 
-@dataclass
-class ExperimentConfig:
-    seed: int = 0  # sampling and training seed of the experiment
-    world_seed: int = 0  # which world (seed 0 ships with the package; others build in minutes)
-    world: str | None = None  # a built world's directory (default: build or reuse the world_seed's)
-    out: str = "demo-out"
-    train_problems: int = 1000  # training problems traces are generated for
-    samples: int = 4  # traces per problem and trace set
-    eval_split: str = "test"  # test, or validation while tuning
-    eval_problems: int | None = None  # None: the whole split
-    eval_samples: int = 16
-    max_new_tokens: int = 96  # the longest reference solution of seed 0 is 46 tokens
-    threshold: float = 0.01  # RSD acceptance threshold (the paper's)
-    trials: int = 5
-    top_k: int = 20
-    temperature: float = 1.0  # of the trace sets (RSD proposes at the teacher's T=1)
-    learning_rate: float = 1e-4  # s1 uses 1e-5 on pretrained 7B+; chosen on validation (1e-4, 3e-4, 3e-5 all agreed)
-    num_train_epochs: float = 5  # s1's
-    batch_size: int = 16  # SFT per-device batch (no gradient accumulation)
-    equal_sizes: bool = False  # cut every SFT set to the smallest one's size (a seeded random subset)
-    progress: bool = True
-    overwrite: bool = False
-
-    @classmethod
-    def quick(cls, **changes) -> "ExperimentConfig":
-        """The CI-sized run: every stage on a fifth of the problems (about 15 s on 2 cores)."""
-        base = dict(train_problems=200, samples=2, eval_problems=100, eval_samples=2, num_train_epochs=2)
-        return cls(**{**base, **changes})
-
-    def validate(self) -> "ExperimentConfig":
-        def bad(name, why):
-            raise ExperimentError(f"{name}: {why}")
-
-        for name in ("train_problems", "samples", "eval_samples", "max_new_tokens", "batch_size"):
-            if getattr(self, name) < 1:
-                bad(name, "must be >= 1")
-        if self.eval_problems is not None and self.eval_problems < 1:
-            bad("eval_problems", "must be >= 1 (or left out for the whole split)")
-        if self.eval_split not in ("test", "validation"):
-            bad("eval_split", f"{self.eval_split!r} is not test or validation (the training split is what SFT sees)")
-        if not self.learning_rate > 0 or not self.num_train_epochs > 0:
-            bad("learning_rate" if not self.learning_rate > 0 else "num_train_epochs", "must be > 0")
-        return self
+RESUMABLE = tuple(f.name for f in dataclasses.fields(ExperimentConfig) if f.metadata.get("resumable"))
 
 
 # ---------------------------------------------------------------- the run
@@ -170,9 +127,6 @@ def _run(cfg: ExperimentConfig, out: Path, log: Callable[[str], None]) -> dict[s
     log("\n" + summary_lines(report))
     log(f"\nreport: {out / 'report.md'} (figures in report.json, plots *.png) - {report['total_s']:.0f}s in all")
     return report
-
-
-RESUMABLE = ("out", "progress", "overwrite")  # settings a stopped run may resume with other values of
 
 
 def _prepare_out(cfg: ExperimentConfig, log) -> Path:
