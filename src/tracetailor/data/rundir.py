@@ -204,6 +204,8 @@ class RunDir:
             try:
                 self.before = json.loads(run_json.read_text(encoding="utf-8"))
                 before = self.before.get("config", {})
+                if not isinstance(before, dict):
+                    raise AttributeError(f"its config is a {type(before).__name__}, not a mapping")
             except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
                 raise OutputDirError(f"{run_json}: unreadable ({e}); pass --overwrite to start afresh") from e
             from ..config import settings_changes
