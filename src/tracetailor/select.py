@@ -4,11 +4,15 @@
 in order, the paper's filters, each a setting of `SelectConfig`:
 
 1. well-formed: finished by EOS (`finish_reason == "stop"`), not empty, and,
-   when thinking is used, exactly one `</think>` in the assistant's text;
+   when thinking is used, exactly one `</think>` in the assistant's text; with
+   `tokenizer` set (the paper's way, thinking.py) counted by token id instead:
+   the chat-end id (`<|im_end|>`) among the ids, exactly one special `</think>` id,
+   and a `</think>` spelled out in ordinary tokens counted in its own funnel row;
 2. fallback rate: at most `max_fallback_rate` of the tokens written by the student
    (RSD traces only: a `mode` of teacher or student means one model wrote it all);
-3. correct: the final answer (`evaluate.answers.extract_answer`) equals the gold
-   answer in `answer_field` (`is_correct`: exact, numeric, then math-verify);
+3. correct: the final answer equals the gold answer in `answer_field`, checked
+   in `answer_mode` (`evaluate.answers.check_answer`; by default extract_answer
+   then exact, numeric, then math-verify; "strict-boxed" is the paper's);
    a trace whose gold is empty or null is kept only with `keep_unverifiable`;
 4. one per prompt: the shortest in completion tokens (ties: lower sample index),
    a seeded random one, or all.
@@ -42,7 +46,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from .data.traces import AtomicWriter, OutputWriteError, read_numbered_records, resolve_trace_paths, write_json_atomic
-from .evaluate.answers import extract_answer, gold_answers, is_correct, require_math_verify
+from .evaluate.answers import ANSWER_MODES, check_answer, gold_answers, require_math_verify
+from .thinking import ThinkIds, count_think_marks, text_after_think_end
 
 PICKS = ("shortest", "random", "all")
 THINK_START, THINK_END = "<think>", "</think>"
@@ -65,6 +70,10 @@ class SelectConfig:
     keep_unverifiable: bool = False  # traces whose gold answer is empty/null: keep them?
     pick: str = "shortest"  # shortest | random | all
     seed: int = 0  # for pick=random
+    # count </think> and <|im_end|> by token id with this tokenizer (hub id or dir; "auto": the student in the
+    # traces' run.json), as the paper does; None: count </think> in the text
+    tokenizer: str | None = None
+    answer_mode: str = "math-verify"  # evaluate.answers.ANSWER_MODES: math-verify | strict-boxed | strict-math-verify
 
     def validate(self) -> "SelectConfig":
         def bad(name, why):
@@ -80,6 +89,8 @@ class SelectConfig:
             bad("pick", f"{self.pick!r} is not one of {', '.join(PICKS)}")
         if not 0.0 <= self.max_fallback_rate <= 1.0:
             bad("max_fallback_rate", f"{self.max_fallback_rate} is not a share in [0, 1]")
+        if self.answer_mode not in ANSWER_MODES:
+            bad("answer_mode", f"{self.answer_mode!r} is not one of {', '.join(ANSWER_MODES)}")
         if self.answer_field == "":
             self.answer_field = None
         if self.correct_only and self.answer_field is None and not self.keep_unverifiable:
@@ -178,25 +189,40 @@ def fallback_rate(trace: Trace) -> float:
     return float(rate)
 
 
-def judge(trace: Trace, cfg: SelectConfig) -> tuple[str | None, str | None]:
-    """(the first filter the trace fails, None if it passes, or "kept_unverifiable"; the answer extracted from it)."""
+def judge(trace: Trace, cfg: SelectConfig, by_id: tuple[Any, ThinkIds] | None = None) -> tuple[str | None, str | None]:
+    """(the first filter the trace fails, None if it passes, or "kept_unverifiable"; the answer extracted from it).
+
+    `by_id` (tokenizer, its ThinkIds): count `</think>` and the chat end by token id (see thinking.py)."""
     rec = trace.record
     if rec["finish_reason"] != "stop":
         return "not_stopped", None
     if not rec["completion"].strip():
         return "empty", None
-    if trace.thinking and trace.assistant_text.count(THINK_END) != 1:
+    answer_text, thinking = trace.assistant_text, trace.thinking
+    if by_id is not None:
+        marks = count_think_marks(rec["completion_token_ids"], *by_id)
+        if not marks.chat_end:
+            return "no_chat_end", None
+        closed = marks.special + trace.prefill.count(THINK_END)  # a prefill's </think> is the template's special id
+        if trace.thinking and closed == 0 and marks.spelled:
+            return "think_spelled", None
+        if trace.thinking and closed != 1:
+            return "think_tags", None
+        if trace.thinking and marks.special:  # the answer follows the special id, whatever text precedes it
+            answer_text, thinking = text_after_think_end(rec["completion_token_ids"], *by_id), False
+    elif trace.thinking and trace.assistant_text.count(THINK_END) != 1:
         return "think_tags", None
     if (cfg.max_fallback_rate < 1.0 and rec.get("mode", "rsd") == "rsd"
             and fallback_rate(trace) > cfg.max_fallback_rate):
         return "fallback_rate", None
-    predicted = extract_answer(trace.assistant_text, thinking=trace.thinking)
-    if not cfg.correct_only:
-        return None, predicted
     golds = gold_answers(rec.get(cfg.answer_field)) if cfg.answer_field else []
-    if not golds:
+    if not cfg.correct_only or not golds:
+        predicted = check_answer(answer_text, None, cfg.answer_mode, thinking=thinking).extracted
+        if not cfg.correct_only:
+            return None, predicted
         return ("kept_unverifiable" if cfg.keep_unverifiable else "unverifiable"), predicted
-    return (None if is_correct(predicted, golds) else "incorrect"), predicted
+    verdict = check_answer(answer_text, golds, cfg.answer_mode, thinking=thinking)
+    return (None if verdict.correct else "incorrect"), verdict.extracted
 
 
 def sft_row(trace: Trace, predicted: str | None, cfg: SelectConfig) -> dict:
@@ -263,6 +289,8 @@ class Picker:
 STEPS = (  # funnel key, label
     ("not_stopped", "not finished by EOS (finish_reason != stop)"),
     ("empty", "empty completion"),
+    ("no_chat_end", "stopped without the chat-end token id (<|im_end|>)"),
+    ("think_spelled", "</think> only spelled out in ordinary tokens"),
     ("think_tags", "thinking without exactly one </think>"),
     ("fallback_rate", "fallback rate > {max_fallback_rate}"),
     ("incorrect", "wrong answer (or none found)"),
@@ -278,7 +306,7 @@ def run_select(cfg: SelectConfig, log: Callable[[str], None] = print) -> dict:
     out = Path(cfg.out)
     if out.is_dir() or any(out.resolve() == p.resolve() for p in paths):
         raise SelectError(f"out: {out} is a directory or one of the input trace files; name a new .jsonl file")
-    if cfg.correct_only:
+    if cfg.correct_only and cfg.answer_mode != "strict-boxed":
         require_math_verify()
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -299,7 +327,26 @@ def funnel_path(out: Path | str) -> Path:
     return Path(f"{out}.funnel.json")
 
 
+def _think_ids(cfg: SelectConfig, paths: list[Path]) -> tuple[Any, ThinkIds] | None:
+    """The tokenizer (and its ThinkIds) that counts by token id, or None to count by text."""
+    if cfg.tokenizer is None:
+        return None
+    from .models import load_tokenizer
+    from .thinking import ThinkIdsError, student_of_traces
+
+    try:
+        name = student_of_traces(paths[0]) if cfg.tokenizer == "auto" else cfg.tokenizer
+    except ThinkIdsError as e:
+        raise SelectError(str(e)) from None
+    tokenizer = load_tokenizer(name, role="tokenizer")
+    ids = ThinkIds.of(tokenizer)
+    if ids.think_end is None:
+        raise SelectError(f"tokenizer: {name} has no </think> token; count by text (no --tokenizer) instead")
+    return tokenizer, ids
+
+
 def _stream(cfg: SelectConfig, paths: list[Path], picker: Picker, log) -> dict:
+    by_id = _think_ids(cfg, paths)
     removed = {key: 0 for key, _ in STEPS}
     prompts: dict[str, int] = {}  # prompt id -> traces that passed the filters, in first-seen order
     read = no_answer = kept_unverifiable = 0
@@ -308,7 +355,7 @@ def _stream(cfg: SelectConfig, paths: list[Path], picker: Picker, log) -> dict:
             trace = read_trace(rec, f"{path}:{lineno}", cfg)
             read += 1
             prompts.setdefault(trace.prompt_id, 0)
-            reason, predicted = judge(trace, cfg)
+            reason, predicted = judge(trace, cfg, by_id)
             if reason == "empty" and removed["empty"] < 5:
                 log(f"warning: {trace.where}: empty completion (counted as malformed)")
             if reason in removed:
