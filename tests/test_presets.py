@@ -19,7 +19,7 @@ SYSTEM = ("You are Qwen, created by Alibaba Cloud. You are a helpful assistant.\
           "Then, provide a clear and direct response based on your reasoning, with the final answer enclosed in \\boxed{}.")
 
 # Preset fields that no config has yet: the command layer adds them (docs/paper.md, "Not wired yet").
-NOT_WIRED = {"generate": {"max_length"}, "eval": {"max_length", "answer_mode"}, "train": {"prefill_in_loss"}}
+NOT_WIRED = {"generate": {"max_length"}, "eval": {"max_length", "answer_mode"}}
 CONFIGS = {"generate": GenerateConfig, "select": SelectConfig, "train": TrainConfig, "eval": EvalConfig}
 
 
