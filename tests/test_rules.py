@@ -37,6 +37,7 @@ from tracetailor.decoding.rules import (
     rsd_choose,
     sample_choose,
     sample_index,
+    top_k_set,
 )
 
 DELTA = 1e-9
@@ -76,11 +77,16 @@ def l1(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().sum().item()
 
 
-def top_set(p: torch.Tensor, k: int) -> torch.Tensor:
-    """Bool mask of the k largest entries; asserts no tie at the k-th place."""
+def top_set(p: torch.Tensor, k: int, ties: str | None = None) -> torch.Tensor:
+    """Bool mask of the k largest entries. ties=None asserts no tie at the k-th place;
+    "lowest" / "highest" break ties at the k-th place by the lowest / highest id."""
     v = p.shape[-1]
     if not 0 < k < v:
         return torch.ones(v, dtype=torch.bool)
+    if ties is not None:
+        sign = 1 if ties == "lowest" else -1
+        chosen = sorted(range(v), key=lambda i: (-p[i].item(), sign * i))[:k]
+        return torch.isin(torch.arange(v), torch.tensor(chosen))
     s = p.sort(descending=True).values
     assert s[k - 1] > s[k], "hand-made numbers must not tie at the k-th place"
     return p >= s[k - 1]
@@ -95,6 +101,7 @@ def exact_rsd(
     k: int,
     temperature: float = 1.0,
     mutant: str | None = None,
+    ties: str | None = None,
 ) -> torch.Tensor:
     """Exact law of (origin, token) as a [2V] vector: [teacher-origin part, student-origin part].
 
@@ -105,11 +112,15 @@ def exact_rsd(
     if mutant == "student_temperature":  # temperature wrongly applied to the student too
         p = normalise(p ** (1 / temperature))
     q = normalise(teacher_base.double() ** (1 / (1.0 if mutant == "ignore_temperature" else temperature)))
+    if mutant == "highest_id_ties":
+        ties = "highest"
     if mutant != "no_teacher_trunc":
-        q = normalise(q * top_set(q, k))
-    in_top = top_set(p, k)
+        q = normalise(q * top_set(q, k, ties))
+    in_top = top_set(p, k, ties)
     above = p >= threshold
-    if mutant == "ignore_topk":
+    if mutant == "value_membership":  # acceptance tests p(x) >= k-th largest p; the fallback keeps k ids
+        acc_set = (p >= p.sort(descending=True).values[k - 1]) & above
+    elif mutant == "ignore_topk":
         acc_set = above
     elif mutant == "ignore_threshold":
         acc_set = in_top
@@ -339,6 +350,58 @@ def test_exact_law_formula_sanity():
         e = exact_rsd(q, p, threshold=0.08, trials=n, k=6)
         assert e[:12].sum().item() == pytest.approx(1 - (1 - a) ** n)
     assert exact_rsd(q, p, threshold=0.08, trials=0, k=6)[:12].sum().item() == pytest.approx(1.0)
+
+
+# --------------------------------------------------------------------------- ties at the top-k boundary
+
+# k=3 of V=8. Student: id 1 leads, ids 2, 3, 4 tie at the k-th place: the top-3 is {1, 2, 3}.
+# Teacher: id 4 leads, ids 2, 3, 5 tie at its k-th place: its top-3 is {4, 2, 3}. The teacher's
+# favourite (id 4) ties into the student's top-k by value but not by the lowest-id rule.
+TIE_P = torch.tensor([0.05, 0.2, 0.15, 0.15, 0.15, 0.1, 0.1, 0.1])
+TIE_Q = torch.tensor([0.05, 0.05, 0.1, 0.1, 0.5, 0.1, 0.05, 0.05])
+
+
+def test_top_k_set_breaks_ties_by_lowest_id():
+    g = torch.Generator().manual_seed(3)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        for _ in range(20):
+            probs = torch.randint(0, 4, (5, 40), generator=g).to(dtype)  # many ties everywhere
+            for k in (1, 7, 20, 39):
+                vals, ids = top_k_set(probs, k)
+                for row in range(5):
+                    want = sorted(range(40), key=lambda i: (-probs[row, i].item(), i))[:k]
+                    assert ids[row].tolist() == want, (dtype, k, row)
+                    assert torch.equal(vals[row], probs[row, want])
+
+
+def test_top_k_set_without_ties_is_topk():
+    probs = torch.softmax(torch.randn(6, 500, generator=torch.Generator().manual_seed(1)), -1)
+    vals, ids = top_k_set(probs, 20)
+    ref = probs.topk(20, dim=-1)
+    assert torch.equal(ids, ref.indices) and torch.equal(vals, ref.values)
+
+
+def test_rsd_ties_at_the_kth_place_use_one_set():
+    params = RSDParams(threshold=0.01, trials=2, top_k=3)
+    n = 100_000
+    choice = run_rsd(TIE_Q, TIE_P, params, n)
+    # hard checks: acceptance and fallback draw from the same three ids {1, 2, 3}
+    assert set(choice.tokens[choice.from_teacher].tolist()) <= {2, 3}
+    assert set(choice.tokens[~choice.from_teacher].tolist()) <= {1, 2, 3}
+    kw = dict(threshold=0.01, trials=2, k=3, ties="lowest")
+    exact = exact_rsd(TIE_Q, TIE_P, **kw)
+    muts = {m: exact_rsd(TIE_Q, TIE_P, mutant=m, **kw) for m in ["value_membership", "highest_id_ties"]}
+    emp = empirical(choice.tokens, choice.from_teacher, 8)
+    check_against(emp, exact, muts, ["value_membership"], n)
+    # the teacher's top-3 is {2, 3, 4}, id 4 has 5/7 of it and is outside A: a = 2/7
+    assert exact[:8].sum().item() == pytest.approx(1 - (5 / 7) ** 2)
+
+
+def test_propose_ties_keep_the_lowest_ids():
+    logits = TIE_Q.log().expand(3, 8)
+    prop = propose(logits, top_k=3)
+    assert prop.ids.tolist() == [[4, 2, 3]] * 3
+    assert prop.probs[0].tolist() == pytest.approx([5 / 7, 1 / 7, 1 / 7])
 
 
 # --------------------------------------------------------------------------- batch independence

@@ -50,8 +50,8 @@ FIXTURE = [
     trace("p6", 0, "The answer is 3.", gold="3", prefill=""),  # no thinking used: kept
 ]
 
-EXPECTED_REMOVED = {"not_stopped": 1, "empty": 1, "think_tags": 2, "fallback_rate": 1, "incorrect": 1,
-                    "unverifiable": 1, "not_picked": 2}
+EXPECTED_REMOVED = {"not_stopped": 1, "empty": 1, "no_chat_end": 0, "think_spelled": 0, "think_tags": 2,
+                    "fallback_rate": 1, "incorrect": 1, "unverifiable": 1, "not_picked": 2}
 
 
 def write_jsonl(path: Path, records) -> Path:

@@ -201,6 +201,50 @@ def test_long_examples_are_cut_at_the_completion_end_with_one_warning(setup, tmp
                                                for room, r in zip(rooms, rows) if room >= 1)
 
 
+def _prefilled_rows(tok, prefill: str) -> list[dict]:
+    """select-style rows whose templated prompt ends in `prefill` (as generate's --prefill leaves it)."""
+    rows = []
+    for p, completion in zip(PROMPTS, COMPLETIONS):
+        prompt = _prompt_text(tok, p["question"]) + prefill
+        rows.append({"prompt": prompt, "completion": completion,
+                     "prompt_token_ids": tok(prompt, add_special_tokens=False)["input_ids"],
+                     "completion_token_ids": tok(completion, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]})
+    return rows
+
+
+@pytest.mark.parametrize("prefill", ["<think>", "<think>\n"])
+def test_prefill_in_loss_moves_the_prefill_into_the_completion(setup, tmp_path, prefill):
+    tok = setup["tok"]
+    rows = _prefilled_rows(tok, prefill)
+    data = _write_jsonl(tmp_path / "prefilled.jsonl", rows)
+    prefill_ids = tok(prefill, add_special_tokens=False)["input_ids"]
+    assert prefill_ids[0] == tok.convert_tokens_to_ids("<think>")
+    kept = read_examples(TrainConfig(model="m", data=data), tok)
+    moved = read_examples(TrainConfig(model="m", data=data, prefill_in_loss=True), tok)
+    for row, a, b in zip(rows, kept, moved):
+        assert (a.prompt_ids, a.completion_ids) == (row["prompt_token_ids"], row["completion_token_ids"])
+        assert b.prompt_ids == row["prompt_token_ids"][: -len(prefill_ids)]
+        assert b.completion_ids == prefill_ids + row["completion_token_ids"]
+        labels = CompletionCollator(tok.pad_token_id)([features(b)])["labels"][0]
+        assert labels[len(b.prompt_ids)].item() == prefill_ids[0]  # <think> is now inside the loss
+    # a prompt with no prefill is left as it is
+    plain = read_examples(TrainConfig(model="m", data=setup["sft"], prefill_in_loss=True), tok)
+    assert [(ex.prompt_ids, ex.completion_ids) for ex in plain] == [
+        (r["prompt_token_ids"], r["completion_token_ids"]) for r in setup["rows"]]
+
+
+def test_pure_bf16_training_keeps_bf16_weights(setup, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "bf16"
+    summary = run_train(_cfg(setup, out, dtype="bfloat16", bf16=False, num_train_epochs=4, prefill_in_loss=True),
+                        log=lambda s: None)
+    assert summary["last_loss"] < summary["first_loss"]
+    model = AutoModelForCausalLM.from_pretrained(out, dtype="auto")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert json.loads((out / "train.json").read_text())["config"]["prefill_in_loss"] is True
+
+
 # ---------------------------------------------------------------- bad input
 
 

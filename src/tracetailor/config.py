@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import OutputDirError, UserError  # noqa: F401  (re-exported: one place for the user errors)
+from .evaluate.answers import ANSWER_MODES
 
 
 class ConfigError(UserError, ValueError):
@@ -363,6 +364,11 @@ class SelectConfig(Settings):
                                      flags=("--keep-unverifiable/--drop-unverifiable",), shown="drop")
     pick: str = option("shortest", "One per prompt: shortest (the paper), random, or all.", choices=PICKS)
     seed: int = option(0, "Seed for --pick random.", low=0)
+    tokenizer: str | None = option(None, "Count </think> and <|im_end|> by token id with this tokenizer (hub id or "
+                                   'dir; "auto": the student named in the traces\' run.json), as the paper does.',
+                                   shown="none: count </think> in the text")
+    answer_mode: str = option("math-verify", "How answers are checked: math-verify, strict-boxed (the paper's "
+                              "extraction, exact match) or strict-math-verify.", choices=tuple(ANSWER_MODES))
     overwrite: bool = option(False, "Replace an SFT set already at --out.", resumable=True)
 
     def validate(self) -> "SelectConfig":
@@ -414,7 +420,10 @@ class TrainConfig(Settings):
     gradient_checkpointing: bool | None = option(
         None, "Recompute activations to save memory.", flags=("--gradient-checkpointing/--no-gradient-checkpointing",),
         shown="on with CUDA, off under FSDP activation checkpointing")
-    dtype: str = option("auto", "Weights while training: auto (float32), float32, bfloat16.", choices=DTYPES)
+    dtype: str = option("auto", "Weights while training: auto (float32), float32, bfloat16 (pure bf16, the "
+                        "paper's).", choices=DTYPES)
+    prefill_in_loss: bool = option(False, "Train the prefill that ends a templated prompt (e.g. <think>) as part of "
+                                   "the completion.", flags=("--prefill-in-loss/--no-prefill-in-loss",), shown="off")
     seed: int = option(0, "Seed of shuffling and initialisation.", low=0)
     logging_steps: int = option(1, "Log the loss every N optimizer steps.", low=1)
     save_strategy: str = option("end", "end (only the final model), epoch or steps (also OUT/checkpoint-*).",

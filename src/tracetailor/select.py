@@ -4,11 +4,15 @@
 in order, the paper's filters, each a setting of `SelectConfig`:
 
 1. well-formed: finished by EOS (`finish_reason == "stop"`), not empty, and,
-   when thinking is used, exactly one `</think>` in the assistant's text;
+   when thinking is used, exactly one `</think>` in the assistant's text; with
+   `tokenizer` set (the paper's way, thinking.py) counted by token id instead:
+   the chat-end id (`<|im_end|>`) among the ids, exactly one special `</think>` id,
+   and a `</think>` spelled out in ordinary tokens counted in its own funnel row;
 2. fallback rate: at most `max_fallback_rate` of the tokens written by the student
    (RSD traces only: a `mode` of teacher or student means one model wrote it all);
-3. correct: the final answer (`evaluate.answers.extract_answer`) equals the gold
-   answer in `answer_field` (`is_correct`: exact, numeric, then math-verify);
+3. correct: the final answer equals the gold answer in `answer_field`, checked
+   in `answer_mode` (`evaluate.answers.check_answer`; by default extract_answer
+   then exact, numeric, then math-verify; "strict-boxed" is the paper's);
    a trace whose gold is empty or null is kept only with `keep_unverifiable`;
 4. one per prompt: the shortest in completion tokens (ties: lower sample index),
    a seeded random one, or all.
@@ -43,7 +47,8 @@ from typing import Any, Callable, Iterable
 
 from .config import PICKS, SelectConfig, SelectError  # noqa: F401  (SelectError: raised here too)
 from .data.traces import AtomicWriter, TraceRecord, read_numbered_records, resolve_trace_paths, write_json_atomic
-from .evaluate.answers import extract_answer, gold_answers, is_correct, require_math_verify
+from .evaluate.answers import check_answer, gold_answers, require_math_verify
+from .thinking import ThinkIds, count_think_marks, text_after_think_end
 
 THINK_START, THINK_END = "<think>", "</think>"
 
@@ -128,25 +133,40 @@ def fallback_rate(trace: Trace) -> float:
     return float(rate)
 
 
-def judge(trace: Trace, cfg: SelectConfig) -> tuple[str | None, str | None]:
-    """(the first filter the trace fails, None if it passes, or "kept_unverifiable"; the answer extracted from it)."""
+def judge(trace: Trace, cfg: SelectConfig, by_id: tuple[Any, ThinkIds] | None = None) -> tuple[str | None, str | None]:
+    """(the first filter the trace fails, None if it passes, or "kept_unverifiable"; the answer extracted from it).
+
+    `by_id` (tokenizer, its ThinkIds): count `</think>` and the chat end by token id (see thinking.py)."""
     rec = trace.record
     if rec["finish_reason"] != "stop":
         return "not_stopped", None
     if not rec["completion"].strip():
         return "empty", None
-    if trace.thinking and trace.assistant_text.count(THINK_END) != 1:
+    answer_text, thinking = trace.assistant_text, trace.thinking
+    if by_id is not None:
+        marks = count_think_marks(rec["completion_token_ids"], *by_id)
+        if not marks.chat_end:
+            return "no_chat_end", None
+        closed = marks.special + trace.prefill.count(THINK_END)  # a prefill's </think> is the template's special id
+        if trace.thinking and closed == 0 and marks.spelled:
+            return "think_spelled", None
+        if trace.thinking and closed != 1:
+            return "think_tags", None
+        if trace.thinking and marks.special:  # the answer follows the special id, whatever text precedes it
+            answer_text, thinking = text_after_think_end(rec["completion_token_ids"], *by_id), False
+    elif trace.thinking and trace.assistant_text.count(THINK_END) != 1:
         return "think_tags", None
     if (cfg.max_fallback_rate < 1.0 and rec.get("mode", "rsd") == "rsd"
             and fallback_rate(trace) > cfg.max_fallback_rate):
         return "fallback_rate", None
-    predicted = extract_answer(trace.assistant_text, thinking=trace.thinking)
-    if not cfg.correct_only:
-        return None, predicted
     golds = gold_answers(rec.get(cfg.answer_field)) if cfg.answer_field else []
-    if not golds:
+    if not cfg.correct_only or not golds:
+        predicted = check_answer(answer_text, None, cfg.answer_mode, thinking=thinking).extracted
+        if not cfg.correct_only:
+            return None, predicted
         return ("kept_unverifiable" if cfg.keep_unverifiable else "unverifiable"), predicted
-    return (None if is_correct(predicted, golds) else "incorrect"), predicted
+    verdict = check_answer(answer_text, golds, cfg.answer_mode, thinking=thinking)
+    return (None if verdict.correct else "incorrect"), verdict.extracted
 
 
 def sft_row(trace: Trace, predicted: str | None, cfg: SelectConfig) -> dict:
@@ -213,6 +233,8 @@ class Picker:
 STEPS = (  # funnel key, label
     ("not_stopped", "not finished by EOS (finish_reason != stop)"),
     ("empty", "empty completion"),
+    ("no_chat_end", "stopped without the chat-end token id (<|im_end|>)"),
+    ("think_spelled", "</think> only spelled out in ordinary tokens"),
     ("think_tags", "thinking without exactly one </think>"),
     ("fallback_rate", "fallback rate > {max_fallback_rate}"),
     ("incorrect", "wrong answer (or none found)"),
@@ -230,7 +252,7 @@ def run_select(cfg: SelectConfig, log: Callable[[str], None] = print) -> dict:
     out = Path(cfg.out)
     if out.is_dir() or any(out.resolve() == p.resolve() for p in paths):
         raise SelectError(f"out: {out} is a directory or one of the input trace files; name a new .jsonl file")
-    if cfg.correct_only:
+    if cfg.correct_only and cfg.answer_mode != "strict-boxed":
         require_math_verify()
     # the set and its funnel are one unit: refused when finished (unless --overwrite), locked while written
     rundir = RunDir(out, command="select", file=out.name, owned=[out.name, funnel_path(out).name],
@@ -259,7 +281,26 @@ def records_of(paths: list[Path]) -> Iterable[tuple[str, dict]]:
             yield f"{path}:{lineno}", rec
 
 
+def _think_ids(cfg: SelectConfig, inputs: list[str]) -> tuple[Any, ThinkIds] | None:
+    """The tokenizer (and its ThinkIds) that counts by token id, or None to count by text."""
+    if cfg.tokenizer is None:
+        return None
+    from .models import load_tokenizer
+    from .thinking import ThinkIdsError, student_of_traces
+
+    try:
+        name = student_of_traces(Path(inputs[0])) if cfg.tokenizer == "auto" else cfg.tokenizer
+    except ThinkIdsError as e:
+        raise SelectError(str(e)) from None
+    tokenizer = load_tokenizer(name, role="tokenizer")
+    ids = ThinkIds.of(tokenizer)
+    if ids.think_end is None:
+        raise SelectError(f"tokenizer: {name} has no </think> token; count by text (no --tokenizer) instead")
+    return tokenizer, ids
+
+
 def _stream(cfg: SelectConfig, records: Iterable[tuple[str, dict]], inputs: list[str], picker: Picker, log) -> dict:
+    by_id = _think_ids(cfg, inputs)
     removed = {key: 0 for key, _ in STEPS}
     prompts: dict[str, int] = {}  # prompt id -> traces that passed the filters, in first-seen order
     read = no_answer = kept_unverifiable = 0
@@ -267,7 +308,7 @@ def _stream(cfg: SelectConfig, records: Iterable[tuple[str, dict]], inputs: list
         trace = read_trace(rec, where, cfg)
         read += 1
         prompts.setdefault(trace.prompt_id, 0)
-        reason, predicted = judge(trace, cfg)
+        reason, predicted = judge(trace, cfg, by_id)
         if reason == "empty" and removed["empty"] < 5:
             log(f"warning: {trace.where}: empty completion (counted as malformed)")
         if reason in removed:

@@ -23,7 +23,9 @@ and `CompletionCollator` pads the batch and builds the labels. TRL changed where
 it turns a completion mask into labels (the collator up to 1.x, dataset
 preparation since), so owning these twenty lines keeps the masking the same on
 every TRL release. Sequences over `max_length` lose completion tokens at the
-end (one warning counts them); the prompt is never cut.
+end (one warning counts them); the prompt is never cut. `prefill_in_loss` moves a
+prompt's trailing prefill (the `<think>` generate put after the generation header)
+into the completion, so the loss covers it (the paper preset does; docs/paper.md).
 
 Defaults are the recipe the paper used (s1's): lr 1e-5, 5 epochs, weight decay
 1e-4, AdamW betas (0.9, 0.95), 5% warm-up then cosine, batch 1 x 16 accumulated
@@ -89,7 +91,26 @@ def read_examples(cfg: TrainConfig, tokenizer) -> list[Example]:
     if cfg.limit:  # >= 1 (validate), and load_rows never returns no rows
         rows = rows[: cfg.limit]
     template = _Template(tokenizer)
-    return [row_example(row, where(i), tokenizer, template) for i, row in enumerate(rows)]
+    examples = [row_example(row, where(i), tokenizer, template) for i, row in enumerate(rows)]
+    return [prefill_into_completion(ex, tokenizer) for ex in examples] if cfg.prefill_in_loss else examples
+
+
+PREFILL_MAX_TOKENS = 16  # a prefill is a few tokens ("<think>", "<think>\n"); longer tails are not looked for
+
+
+def prefill_into_completion(ex: Example, tokenizer) -> Example:
+    """Move the prompt's trailing prefill (what follows the chat template's generation header, as select
+    finds it) to the front of the completion, so the loss covers it. The shortest tail of prompt ids that
+    decodes to the prefill moves; a prompt with no prefill, or none that its ids spell exactly, is left alone."""
+    from .select import split_chat_prompt
+
+    _, prefill = split_chat_prompt(tokenizer.decode(ex.prompt_ids, skip_special_tokens=False))
+    if not prefill:
+        return ex
+    for n in range(1, min(len(ex.prompt_ids) - 1, PREFILL_MAX_TOKENS) + 1):
+        if tokenizer.decode(ex.prompt_ids[-n:], skip_special_tokens=False) == prefill:
+            return Example(ex.at, ex.prompt_ids[:-n], ex.prompt_ids[-n:] + ex.completion_ids)
+    return ex
 
 
 def row_example(row: dict, at: str, tokenizer, template: "_Template") -> Example:

@@ -9,7 +9,7 @@ Random numbers come from `DrawKeys.uniform`, a counter-based generator keyed by
 depend on which batch it ran in or on what ran before it, so batch size 1 and
 batch size 8 give the same traces, and a resumed run repeats an uninterrupted one.
 
-The RSD rule (DESIGN.md, "The RSD step"):
+The RSD rule (docs/architecture.md, "The RSD rule"):
   1. proposal q: teacher softmax at `teacher_temperature`, truncated to the
      teacher's top-k, mapped to student ids (unmapped ids dropped), renormalised;
   2. acceptable set A: student top-k tokens x with p(x) >= threshold, where p is
@@ -17,6 +17,12 @@ The RSD rule (DESIGN.md, "The RSD step"):
   3. up to `trials` draws x ~ q; the first x in A is emitted (origin teacher);
   4. otherwise draw from p restricted to its top-k (origin student).
   `trials=0` is exact constrained sampling: x ~ q restricted to A when q(A) > 0.
+
+"Top-k" is one set everywhere (`top_k_set`): the k largest probabilities, ties
+broken by the lowest token id. torch.topk leaves the order of equal values
+unspecified (on CPU it returns id 4 before id 0 for [.1, .3, .1, .3, .1]), so a
+tie at the k-th place (likely with bf16 logits) would otherwise make the
+acceptable set and the fallback set disagree.
 """
 
 from __future__ import annotations
@@ -145,7 +151,7 @@ def propose(
     `id_map` (teacher id -> student id, -1 for none; None for identity), renormalised."""
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if 0 < top_k < probs.shape[-1]:
-        probs, ids = probs.topk(top_k, dim=-1)
+        probs, ids = top_k_set(probs, top_k)
         if top_p < 1.0:
             probs = probs / probs.sum(-1, keepdim=True)
     elif top_p < 1.0:
@@ -194,23 +200,46 @@ class Choice:
     from_teacher: torch.Tensor  # [B] bool: origin T (True) or S (False)
 
 
+def top_k_set(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest entries of each row of `probs` [B, V] as (values, ids) [B, k], ties at the
+    k-th place going to the lowest ids; ordered by descending value, equal values by ascending id.
+    A total order, so every caller and every device gets the same set in the same order.
+    Requires 0 < k < V. No host sync: about two topk passes over the vocabulary."""
+    v = probs.shape[-1]
+    vals, ids = probs.topk(k + 1, dim=-1)
+    kth = vals[..., k - 1 : k]
+    above = (vals[..., :k] > kth).sum(-1, keepdim=True)  # they fill the first `above` slots
+    id_rank = torch.arange(v, 0, -1, dtype=torch.int32, device=probs.device)  # larger for lower ids
+    lowest_tied = torch.where(probs == kth, id_rank, 0).topk(k, dim=-1).indices
+    slot = torch.arange(k, device=probs.device)
+    ids = torch.where(slot < above, ids[..., :k], lowest_tied.gather(-1, (slot - above).clamp(min=0)))
+    ids = ids.sort(dim=-1).values
+    order = probs.gather(-1, ids).sort(dim=-1, descending=True, stable=True).indices
+    ids = ids.gather(-1, order)
+    return probs.gather(-1, ids), ids
+
+
 def student_top_k(student_probs: torch.Tensor, k: int) -> Proposal:
-    """p restricted to the student's top-k, renormalised (k=0: the whole vocabulary)."""
+    """p restricted to the student's top-k (`top_k_set`), renormalised (k=0: the whole vocabulary)."""
     if 0 < k < student_probs.shape[-1]:
-        probs, ids = student_probs.topk(k, dim=-1)
+        probs, ids = top_k_set(student_probs, k)
     else:
         probs = student_probs
         ids = torch.arange(probs.shape[-1], device=probs.device).expand_as(probs)
     return Proposal(probs / probs.sum(-1, keepdim=True), ids)
 
 
-def accept_mask(proposal: Proposal, student_probs: torch.Tensor, kth_prob: torch.Tensor | float, threshold: float) -> torch.Tensor:
+def accept_mask(proposal: Proposal, student_probs: torch.Tensor, student_set: Proposal | None, threshold: float
+                ) -> torch.Tensor:
     """[B, K] bool: candidate is in A = {x in student top-k : p(x) >= threshold}.
 
-    Membership of the top-k is tested by value (p(x) >= the k-th largest p), which
-    differs from index membership only on exact ties at the k-th place."""
+    The top-k is `student_set` (the fallback's own set, from `student_top_k`; None for no
+    truncation), tested by id, so acceptance and fallback use the same k tokens even on ties."""
     p_x = student_probs.gather(-1, proposal.ids.clamp(min=0))
-    return (proposal.ids >= 0) & (proposal.probs > 0) & (p_x >= threshold) & (p_x >= kth_prob)
+    ok = (proposal.ids >= 0) & (proposal.probs > 0) & (p_x >= threshold)
+    if student_set is not None:
+        ok &= (proposal.ids.unsqueeze(-1) == student_set.ids.unsqueeze(-2)).any(-1)
+    return ok
 
 
 def rsd_choose(
@@ -223,9 +252,8 @@ def rsd_choose(
     """One RSD step for every row (see the module docstring)."""
     q = propose(teacher_logits, params.teacher_temperature, params.top_k, 1.0, teacher_to_student)
     fallback = student_top_k(student_probs, params.top_k)
-    # the k-th largest student probability (before renormalisation): top-k membership by value
-    kth = student_probs.gather(-1, fallback.ids[:, -1:]) if 0 < params.top_k < student_probs.shape[-1] else 0.0
-    in_a = accept_mask(q, student_probs, kth, params.threshold)
+    truncated = 0 < params.top_k < student_probs.shape[-1]
+    in_a = accept_mask(q, student_probs, fallback if truncated else None, params.threshold)
 
     # every draw of the step in one call: the trials (or the constrained draw), then the fallback
     u = keys.uniform(list(range(params.trials)) + [FALLBACK] if params.trials > 0 else [CONSTRAINED, FALLBACK])

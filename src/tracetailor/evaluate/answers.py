@@ -5,6 +5,10 @@ Extraction is plain text work: the last `\\boxed{}` after `</think>`, then a few
 phrasings ("#### 42", "the final answer is 42", "Answer: 42"). Grading first tries
 a cheap exact/numeric match, then math-verify (`pip install math-verify`), which
 parses both sides into sympy and compares them (`\\frac12` == `0.5` == `1/2`).
+`check_answer` names the whole procedure as a mode (ANSWER_MODES): today's
+lenient extraction + math-verify, or the paper's strict `\boxed{}` extraction with
+exact matching (and optionally math-verify), each optionally followed by an LLM
+judge (judge.py) when the offline checks say no.
 It knows nothing of files, records or models.
 
 math-verify bounds its parsing with `signal.alarm`, which only works in the main
@@ -21,7 +25,7 @@ import os
 import re
 import threading
 from fractions import Fraction
-from typing import Any, Iterable
+from typing import Any, Iterable, NamedTuple
 
 from ..errors import UserError
 
@@ -281,7 +285,59 @@ def grade(completion: str, gold: Any, thinking: bool = True) -> tuple[str | None
     return predicted, is_correct(predicted, gold)
 
 
+# ---------------------------------------------------------------- named checking modes
+
+ANSWER_MODES = {  # name -> (extraction, equivalence after the exact match)
+    "math-verify": ("lenient", "math-verify"),  # extract_answer + is_correct: the default, as before
+    "strict-boxed": ("strict", None),  # the paper's: last \boxed{} after </think>, exact string match
+    "strict-math-verify": ("strict", "math-verify"),  # the paper's extraction, then math-verify (offline)
+}
+
+
+class AnswerCheck(NamedTuple):
+    """One answer's verdict: `how` names what decided it: exact | math-verify | judge | no-answer | no-gold."""
+
+    correct: bool
+    extracted: str | None
+    how: str
+
+
+def strict_boxed_answer(completion: str, thinking: bool = True) -> str | None:
+    """The paper's extraction: the last `\\boxed{}` after the last `</think>`; no `</think>` (when
+    thinking) or no box there means no answer. No fallback phrasings."""
+    if thinking and THINK_END not in completion:
+        return None
+    boxed = last_boxed(answer_region(completion, thinking))
+    return boxed.strip() if boxed is not None and boxed.strip() else None
+
+
+def check_answer(completion: str, gold: Any, mode: str = "math-verify", judge=None,
+                 question: str | None = None, thinking: bool = True) -> AnswerCheck:
+    """Extract the answer of `completion` and grade it against `gold` in `mode` (see ANSWER_MODES).
+
+    Order: an exact string match with any gold answer; then, in the math-verify modes, `is_correct`;
+    then, when those fail and `judge` (an `evaluate.judge.LLMJudge`) is given, the judge, once per
+    gold answer until one says equivalent. No answer or no gold is never correct (the judge is not asked).
+    """
+    if mode not in ANSWER_MODES:
+        raise ValueError(f"answer mode {mode!r} is not one of {', '.join(ANSWER_MODES)}")
+    extraction, equivalence = ANSWER_MODES[mode]
+    extracted = (strict_boxed_answer if extraction == "strict" else extract_answer)(completion, thinking)
+    golds = gold_answers(gold)
+    if not golds:
+        return AnswerCheck(False, extracted, "no-gold")
+    if extracted is None:
+        return AnswerCheck(False, None, "no-answer")
+    if any(extracted == g.strip() for g in golds):
+        return AnswerCheck(True, extracted, "exact")
+    if equivalence == "math-verify" and is_correct(extracted, golds):
+        return AnswerCheck(True, extracted, "math-verify")
+    if judge is not None:
+        return AnswerCheck(any(judge.equivalent(g, extracted, question) for g in golds), extracted, "judge")
+    return AnswerCheck(False, extracted, equivalence or "exact")
+
+
 __all__: Iterable[str] = (
-    "MathVerifyMissing", "answer_region", "braced", "extract_answer", "gold_answers", "grade", "is_correct",
+    "ANSWER_MODES", "AnswerCheck", "MathVerifyMissing", "check_answer", "strict_boxed_answer", "answer_region", "braced", "extract_answer", "gold_answers", "grade", "is_correct",
     "last_boxed", "multiple_choice_letter", "normalize", "require_math_verify",
 )

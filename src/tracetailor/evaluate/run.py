@@ -40,7 +40,8 @@ from typing import Any, Iterable, Sequence
 
 from ..config import EvalConfig
 from ..data.traces import AtomicWriter
-from .answers import THINK_END, extract_answer, is_correct, multiple_choice_letter, require_math_verify
+from .answers import THINK_END, extract_answer, is_correct, multiple_choice_letter, normalize, require_math_verify
+from .metrics import majority_at_k, mean_over_questions, pass_at_k
 from .benchmarks import BenchmarkError, BenchmarkSpec, Item, load_benchmark, resolve_benchmark, split_benchmarks
 
 THINK_PREFILL = "<think>\n"
@@ -120,10 +121,24 @@ def summarize(records: list[dict], items: list[Item], samples: int, thinking: bo
         "truncated": sum(r["finish_reason"] == "length" for r in recs),
         "mean_completion_tokens": tokens / len(recs) if recs else None,
     }
+    out.update(vote_scores(recs, samples))
     if thinking:
         out["unclosed_think"] = sum(r.get("think_closed") is False for r in recs)
         out["truncated_before_answer"] = sum(bool(r.get("truncated_before_answer")) for r in recs)
     return out
+
+
+def vote_scores(recs: list[dict], k: int) -> dict[str, Any]:
+    """pass@k and majority@k (metrics.py) over the questions that have all k samples; answers vote normalized."""
+    by_question: dict[str, list[dict]] = {}
+    for r in sorted(recs, key=lambda r: r["sample"]):
+        by_question.setdefault(r["question_id"], []).append(r)
+    full = [g[:k] for g in by_question.values() if len(g) >= k]
+    votes = [[None if r["extracted"] is None else normalize(r["extracted"]) for r in g] for g in full]
+    grades = [[bool(r["correct"]) for r in g] for g in full]
+    return {"k": k, "questions_with_k_samples": len(full),
+            "pass_at_k": mean_over_questions([pass_at_k(k, sum(g), k) for g in grades]),
+            "majority_at_k": mean_over_questions([majority_at_k(v, g, k) for v, g in zip(votes, grades)])}
 
 
 def _pct(x: float | None) -> str:
@@ -131,14 +146,14 @@ def _pct(x: float | None) -> str:
 
 
 def table_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    header = ["benchmark", "questions", "samples", "accuracy %", "± SE", "truncated", "cut before </think>",
-              "no answer", "tok/s"]
+    header = ["benchmark", "questions", "samples", "accuracy %", "± SE", "pass@k %", "maj@k %", "truncated",
+              "cut before </think>", "no answer", "tok/s"]
     rows = []
     for name, b in summary["benchmarks"].items():
         tps = b.get("this_run", {}).get("tokens_per_second")
         rows.append([name, str(b["questions"]), str(b["samples_per_question"]), _pct(b["accuracy"]),
-                     _pct(b["stderr"]), str(b["truncated"]), str(b.get("truncated_before_answer", "-")),
-                     str(b["no_answer"]), "-" if tps is None else f"{tps:.0f}"])
+                     _pct(b["stderr"]), _pct(b.get("pass_at_k")), _pct(b.get("majority_at_k")), str(b["truncated"]),
+                     str(b.get("truncated_before_answer", "-")), str(b["no_answer"]), "-" if tps is None else f"{tps:.0f}"])
     return header, rows
 
 
@@ -158,7 +173,8 @@ def markdown(summary: dict[str, Any]) -> str:
         f"temperature {s['temperature']}, top-p {s['top_p']}, top-k {s['top_k'] or 'none'}, "
         f"max new tokens {s['max_new_tokens']}, prefill {summary['prefill']!r}, seed {s['seed']}.",
         "Accuracy: mean over questions of the per-question accuracy over samples; "
-        "± SE: its standard error across questions.",
+        "± SE: its standard error across questions. pass@k (unbiased estimator) and maj@k (majority vote of "
+        "the extracted answers) use k = the samples per question.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|",
