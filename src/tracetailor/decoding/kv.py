@@ -66,6 +66,9 @@ def _layers(cache: DynamicCache):
     return [layer for layer in cache.layers if getattr(layer, "keys", None) is not None and layer.keys.numel() > 0]
 
 
+COMPACT_SLACK = 16  # holes tolerated before `rollback` compacts (more: compaction copies the whole cache)
+
+
 class KVBatch:
     def __init__(self, model, cache: DynamicCache, mask: torch.Tensor, lengths: torch.Tensor):
         self.model = model
@@ -84,7 +87,7 @@ class KVBatch:
     def prefill(cls, model, seqs: list[list[int]]) -> tuple["KVBatch", torch.Tensor]:
         """Run the prompts through `model`; return the batch and each row's next-token logits."""
         device = model.device
-        width = max(len(s) for s in seqs)
+        width = max(1, max(len(s) for s in seqs))  # an empty sequence is all padding (its logits mean nothing)
         ids = torch.zeros(len(seqs), width, dtype=torch.long)
         mask = torch.zeros(len(seqs), width, dtype=torch.long)
         for i, s in enumerate(seqs):
@@ -95,8 +98,9 @@ class KVBatch:
         logits = batch._forward(ids, mask)
         return batch, logits
 
-    def _forward(self, ids: torch.Tensor, new_mask: torch.Tensor) -> torch.Tensor:
-        """Append `ids` [B, m] (left-padded per `new_mask`) to every row; return last logits [B, V]."""
+    def _forward(self, ids: torch.Tensor, new_mask: torch.Tensor, every: bool = False) -> torch.Tensor:
+        """Append `ids` [B, m] (left-padded per `new_mask`) to every row; return last logits [B, V]
+        (`every`: the logits at every new column, [B, m, V])."""
         m = ids.shape[1]
         # position of each new token = real tokens before it in its row; padding gets 0
         positions = self.lengths.unsqueeze(1) + new_mask.cumsum(1) - 1
@@ -110,10 +114,10 @@ class KVBatch:
             attention_mask=self.mask if self.padded else None,
             position_ids=positions,
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=0 if every else 1,
             **{self._kwarg: self.cache},
         )
-        return out.logits[:, -1, :]
+        return out.logits if every else out.logits[:, -1, :]
 
     @torch.inference_mode()
     def feed(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -122,15 +126,68 @@ class KVBatch:
         return self._forward(ids, torch.ones_like(ids))
 
     @torch.inference_mode()
-    def feed_chunks(self, chunks: list[list[int]]) -> torch.Tensor:
-        """A variable number of tokens per row (each >= 1), left-padded into one call."""
+    def feed_chunks(self, chunks: list[list[int]], every: bool = False) -> torch.Tensor:
+        """A variable number of tokens per row (each >= 1), left-padded into one call
+        (`every`: logits at every column, [B, width, V]; row i's chunk ends at the last column)."""
         width = max(len(c) for c in chunks)
         ids = torch.zeros(len(chunks), width, dtype=torch.long)
         mask = torch.zeros(len(chunks), width, dtype=torch.long)
         for i, c in enumerate(chunks):
             ids[i, width - len(c):] = torch.tensor(c, dtype=torch.long)
             mask[i, width - len(c):] = 1
-        return self._forward(ids.to(self.mask.device), mask.to(self.mask.device))
+        return self._forward(ids.to(self.mask.device), mask.to(self.mask.device), every)
+
+    @torch.inference_mode()
+    def feed_many(self, ids: torch.Tensor) -> torch.Tensor:
+        """The same number of tokens for every row ([B, m] long); returns the logits at each, [B, m, V]."""
+        ids = ids.to(self.mask.device)
+        return self._forward(ids, torch.ones_like(ids), every=True)
+
+    def rollback(self, drop: torch.Tensor) -> None:
+        """Forget the last `drop[i]` real tokens of row i ([B] long, each at most what the last feed appended).
+
+        Their columns become holes that the mask hides (positions come from `lengths`, so what is fed next
+        continues each row's positions); columns that are holes in every row are cut at once, and the cache
+        is compacted when holes make it wider than its longest row needs (see `compact`)."""
+        drop = drop.to(self.mask.device)
+        if not bool((drop > 0).any()):
+            return
+        real_from_right = self.mask.flip(1).cumsum(1).flip(1)  # real tokens at or right of each column
+        self.mask = self.mask * (real_from_right > drop.unsqueeze(1)).long()
+        self.lengths = self.lengths - drop
+        self.padded = True
+        tail = int((self.mask.flip(1).cumsum(1) == 0).all(0).sum())
+        if tail:
+            keep = self.mask.shape[1] - tail
+            self.mask = self.mask[:, :keep]
+            for layer in _layers(self.cache):
+                # a narrower view of the same buffer: SlackLayer keeps appending into its spare capacity
+                layer.keys, layer.values = layer.keys[:, :, :keep], layer.values[:, :, :keep]
+        width, longest = self.mask.shape[1], int(self.lengths.max())
+        if width - longest > max(COMPACT_SLACK, longest // 8):
+            self.compact()
+        else:
+            self._trim()
+
+    def compact(self) -> None:
+        """Move each row's real tokens together at the right end (order kept), dropping holes and the
+        padding no row needs: the cache becomes as wide as its longest row."""
+        width = int(self.lengths.max()) if self.rows else 0
+        # for each row, the columns of its real tokens in order, right-aligned into `width` slots
+        order = torch.argsort(self.mask, dim=1, stable=True)  # holes first, then real columns in order
+        src = order[:, order.shape[1] - width:]
+        new_mask = torch.arange(width, device=self.mask.device).unsqueeze(0) >= (width - self.lengths).unsqueeze(1)
+        for layer in _layers(self.cache):
+            at = src.to(layer.keys.device)
+            b, h, _, d = layer.keys.shape
+            layer.keys = layer.keys.gather(2, at[:, None, :, None].expand(b, h, width, d))
+            layer.values = layer.values.gather(2, at[:, None, :, None].expand(b, h, width, layer.values.shape[-1]))
+        self.mask = new_mask.long()
+        self.padded = bool((self.mask == 0).any())
+
+    def allocated_positions(self) -> int:
+        """Cache positions held per model layer (rows x columns), real or not: the numerator of KV waste."""
+        return self.mask.numel()
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep `rows` (indices, may repeat) in that order; trim all-padding columns."""
