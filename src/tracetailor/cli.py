@@ -115,6 +115,7 @@ def generate(
     workers: Optional[int] = typer.Option(None, help="Spread the run over N Ray workers (pip install 'tracetailor\\[ray]'): one GPU each, or a share of the CPU cores. [default: none, this process]"),
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster to join with --workers (as `ray start --head` prints). [default: $RAY_ADDRESS, else a local Ray]"),
     teacher_device_map: Optional[str] = typer.Option(None, help="accelerate device map for the teacher, e.g. auto: spread a teacher too large for one GPU over the GPUs (of each worker)."),
+    draft_tokens: Optional[int] = typer.Option(None, help="Modes rsd and teacher: the student guesses this many tokens and the teacher checks them in one pass; the traces are the same, with fewer teacher passes. 0 = one teacher pass per token. [default: 0]"),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
     config: Optional[str] = typer.Option(None, "--config", help="YAML file of options; flags override it."),
 ):

@@ -56,10 +56,11 @@ class GenerateConfig:
     workers: int | None = None  # N Ray actors (distributed.py); None: in this process
     ray_address: str | None = None  # an existing Ray cluster; default: RAY_ADDRESS, else a local one
     teacher_device_map: str | dict | None = None  # e.g. "auto": accelerate spreads the teacher over the GPUs
+    draft_tokens: int = 0  # student guesses per teacher pass (exact speculative RSD); 0 = lockstep
 
     # Fields that do not change which traces a run produces: a run may resume with other values.
     RESUMABLE = ("out", "batch_size", "device", "overwrite", "progress", "limit", "allow_pickle", "trust_remote_code",
-                 "workers", "ray_address", "teacher_device_map")
+                 "workers", "ray_address", "teacher_device_map", "draft_tokens")
 
     def validate(self) -> "GenerateConfig":
         def bad(name, why):
@@ -75,7 +76,7 @@ class GenerateConfig:
             bad("prompts", "required (a JSONL/Parquet/CSV file, a dataset dir or a hub dataset id)")
         if not 0.0 <= self.threshold <= 1.0:
             bad("threshold", f"{self.threshold} is not a probability in [0, 1]")
-        for name in ("trials", "top_k", "seed"):
+        for name in ("trials", "top_k", "seed", "draft_tokens"):
             if getattr(self, name) < 0:
                 bad(name, "must be >= 0")
         for name in ("samples", "max_new_tokens", "batch_size"):
