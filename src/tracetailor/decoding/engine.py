@@ -143,6 +143,7 @@ class Engine:
         batch_size: int = 32,
         stop_fn: Callable[[list[int]], bool] | None = None,
         on_step: Callable[[int, int], None] | None = None,
+        measure_kv: bool = False,
     ):
         self.settings = settings or DecodeSettings()
         if self.settings.mode not in MODES:
@@ -170,6 +171,18 @@ class Engine:
         self.draft_proposed = 0  # student guesses the teacher checked
         self.draft_accepted = 0  # ... that became output tokens
         self.accepted_lengths: Counter[int] = Counter()  # full drafts of K guesses: how many were accepted
+        # measure_kv: per model, cache positions held (rows x columns) and real tokens, summed over steps, and
+        # the most positions held at once (a device sync per step: for benchmarks)
+        self.kv_use: dict[str, list[int]] | None = {} if measure_kv else None
+
+    def _measure_kv(self, live: "_Live") -> None:
+        for name, batch in (("student", live.student), ("teacher", live.teacher)):
+            if batch is not None:
+                use = self.kv_use.setdefault(name, [0, 0, 0])
+                held = batch.allocated_positions()
+                use[0] += held
+                use[1] += int(batch.lengths.sum())
+                use[2] = max(use[2], held)
 
     @property
     def draft_tokens(self) -> int:
@@ -260,6 +273,8 @@ class Engine:
                 group = self._admit([queue.popleft() for _ in range(min(free, len(queue)))])
                 live = group if live is None else live.extend(group)
 
+            if self.kv_use is not None:
+                self._measure_kv(live)
             tokens, from_teacher, s_lp, t_lp = self._choose(live.s_logits, live.t_logits, live.keys)
             tok_list = tokens.tolist()
             keep, done = self._record(live.rows, tok_list, from_teacher.tolist(), s_lp.tolist(),
@@ -332,6 +347,8 @@ class Engine:
             if queue and (live is None or free >= self.admit_at):
                 group = self._admit_drafted([queue.popleft() for _ in range(min(free, len(queue)))])
                 live = group if live is None else live.extend(group)
+            if self.kv_use is not None:
+                self._measure_kv(live)
             keep, done = self._draft_step(live)
             yield from done
             if not keep:
