@@ -78,7 +78,12 @@ def main() -> None:
     world = Path(args.world) if args.world else build.build_world(0, log=lambda m: None)
     with tempfile.TemporaryDirectory() as tmp:
         prompts, _ = _write_problem_files(world, Path(tmp), ExperimentConfig(train_problems=args.problems))
-        runs = [run_once(world, prompts, k, args) for k in args.k]
+        runs = []
+        for k in args.k:
+            runs.append(run_once(world, prompts, k, args))
+            r = runs[-1]
+            print(f"K={k}: {r['passes'] / r['tokens']:.3f} teacher passes per token, {r['seconds']:.1f}s "
+                  f"(load {r['load']:.2f})", file=sys.stderr, flush=True)
     base = next((r for r in runs if r["k"] == 0), None)
     print(f"world {world.name}: {args.problems} problems x {args.samples} samples, {args.max_new_tokens} new tokens,"
           f" batch {args.batch_size}, {args.threads} thread(s)")

@@ -22,31 +22,42 @@ from transformers.cache_utils import DynamicLayer
 class SlackLayer(DynamicLayer):
     """A DynamicLayer that appends into spare capacity instead of re-copying the whole
     cache every step (DynamicLayer's torch.cat makes decoding quadratic in length).
-    `keys`/`values` stay ordinary tensors (views of the buffers), so code that replaces
-    them (row selection, merging, trimming) just makes the next append reallocate."""
+    `keys`/`values` stay ordinary tensors, views of the buffers; a view that starts further in
+    (leading columns trimmed) or ends earlier (columns rolled back) still appends in place.
+    Code that replaces them otherwise (row selection, merging) makes the next append reallocate."""
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         old = self.keys.shape[-2] if self.keys.dim() == 4 else 0
         new = old + key_states.shape[-2]
-        kbuf = getattr(self, "_kbuf", None)
-        fits = (
-            kbuf is not None and old > 0 and kbuf.shape[-2] >= new
-            and self.keys.data_ptr() == kbuf.data_ptr() and self.keys.shape[:2] == kbuf.shape[:2]
-        )
-        if not fits:
+        start = self._start_in_buffer() if old > 0 else None
+        if start is None or start + new > self._kbuf.shape[-2]:
             capacity = new + max(64, new // 4)
             shape = (*key_states.shape[:2], capacity, key_states.shape[-1])
-            self._kbuf = key_states.new_empty(shape)
-            self._vbuf = value_states.new_empty(shape[:-1] + (value_states.shape[-1],))
+            kbuf = key_states.new_empty(shape)
+            vbuf = value_states.new_empty(shape[:-1] + (value_states.shape[-1],))
             if old:
-                self._kbuf[:, :, :old] = self.keys
-                self._vbuf[:, :, :old] = self.values
-        self._kbuf[:, :, old:new] = key_states
-        self._vbuf[:, :, old:new] = value_states
-        self.keys, self.values = self._kbuf[:, :, :new], self._vbuf[:, :, :new]
+                kbuf[:, :, :old] = self.keys
+                vbuf[:, :, :old] = self.values
+            self._kbuf, self._vbuf, start = kbuf, vbuf, 0
+        self._kbuf[:, :, start + old:start + new] = key_states
+        self._vbuf[:, :, start + old:start + new] = value_states
+        self.keys, self.values = self._kbuf[:, :, start:start + new], self._vbuf[:, :, start:start + new]
         return self.keys, self.values
+
+    def _start_in_buffer(self) -> int | None:
+        """The column of the buffers where `keys`/`values` start, or None when they are not views of them."""
+        starts = set()
+        for view, buf in ((self.keys, getattr(self, "_kbuf", None)), (self.values, getattr(self, "_vbuf", None))):
+            if (buf is None or view.shape[:2] != buf.shape[:2] or view.stride() != buf.stride()
+                    or view.untyped_storage().data_ptr() != buf.untyped_storage().data_ptr()):
+                return None
+            offset, column = view.data_ptr() - buf.data_ptr(), buf.stride(2) * buf.element_size()
+            if offset < 0 or offset % column:
+                return None
+            starts.add(offset // column)
+        return starts.pop() if len(starts) == 1 else None
 
 
 def _new_cache(model) -> DynamicCache:
@@ -64,9 +75,6 @@ def _cache_kwarg(model) -> str:
 
 def _layers(cache: DynamicCache):
     return [layer for layer in cache.layers if getattr(layer, "keys", None) is not None and layer.keys.numel() > 0]
-
-
-COMPACT_SLACK = 16  # holes tolerated before `rollback` compacts (more: compaction copies the whole cache)
 
 
 class KVBatch:
@@ -144,46 +152,47 @@ class KVBatch:
         return self._forward(ids, torch.ones_like(ids), every=True)
 
     def rollback(self, drop: torch.Tensor) -> None:
-        """Forget the last `drop[i]` real tokens of row i ([B] long, each at most what the last feed appended).
-
-        Their columns become holes that the mask hides (positions come from `lengths`, so what is fed next
-        continues each row's positions); columns that are holes in every row are cut at once, and the cache
-        is compacted when holes make it wider than its longest row needs (see `compact`)."""
+        """Forget the last `drop[i]` real tokens of row i ([B] long, each at most what the last feed appended),
+        then `pack` the rows: what is fed next continues each row's positions (they come from `lengths`)."""
+        if any(not isinstance(layer, SlackLayer) for layer in self.cache.layers):
+            raise RuntimeError("rolling back needs plain full-attention cache layers; this model has others "
+                               "(e.g. sliding-window): decode it with --draft-tokens 0")
         drop = drop.to(self.mask.device)
-        if not bool((drop > 0).any()):
-            return
-        real_from_right = self.mask.flip(1).cumsum(1).flip(1)  # real tokens at or right of each column
-        self.mask = self.mask * (real_from_right > drop.unsqueeze(1)).long()
-        self.lengths = self.lengths - drop
-        self.padded = True
-        tail = int((self.mask.flip(1).cumsum(1) == 0).all(0).sum())
-        if tail:
-            keep = self.mask.shape[1] - tail
+        if bool((drop > 0).any()):
+            real_from_right = self.mask.flip(1).cumsum(1).flip(1)  # real tokens at or right of each column
+            self.mask = self.mask * (real_from_right > drop.unsqueeze(1)).long()
+            self.lengths = self.lengths - drop
+        self.pack()
+
+    @torch.inference_mode()
+    def pack(self) -> None:
+        """Make each row's real tokens fill its rightmost `lengths[i]` columns, so that the cache is no wider
+        than its longest row: a real token left of that span moves into a hole inside it.
+
+        Attention does not depend on the order of cached columns (each key carries its own position, rotated
+        in when it was computed, and the mask marks what is real); only tokens fed in one call need their
+        columns in order, and those are appended after all others. So a move costs one column per hole."""
+        width = self.mask.shape[1]
+        target = torch.arange(width, device=self.mask.device).unsqueeze(0) >= (width - self.lengths).unsqueeze(1)
+        real = self.mask.bool()
+        holes = target & ~real
+        if bool(holes.any()):
+            # per row there are as many strays as holes, and nonzero() lists them row by row: they pair up
+            dst_rows, dst_cols = holes.nonzero(as_tuple=True)
+            src_rows, src_cols = (real & ~target).nonzero(as_tuple=True)
+            for layer in _layers(self.cache):
+                dev = layer.keys.device
+                dr, dc, sr, sc = (t.to(dev) for t in (dst_rows, dst_cols, src_rows, src_cols))
+                layer.keys[dr, :, dc] = layer.keys[sr, :, sc]
+                layer.values[dr, :, dc] = layer.values[sr, :, sc]
+        self.mask = target.long()
+        tail = int((self.mask.flip(1).cumsum(1) == 0).all(0).sum()) if self.rows else 0
+        if tail:  # rows all shorter than the columns (rolled back everywhere): a narrower view, same buffer
+            keep = width - tail
             self.mask = self.mask[:, :keep]
             for layer in _layers(self.cache):
-                # a narrower view of the same buffer: SlackLayer keeps appending into its spare capacity
                 layer.keys, layer.values = layer.keys[:, :, :keep], layer.values[:, :, :keep]
-        width, longest = self.mask.shape[1], int(self.lengths.max())
-        if width - longest > max(COMPACT_SLACK, longest // 8):
-            self.compact()
-        else:
-            self._trim()
-
-    def compact(self) -> None:
-        """Move each row's real tokens together at the right end (order kept), dropping holes and the
-        padding no row needs: the cache becomes as wide as its longest row."""
-        width = int(self.lengths.max()) if self.rows else 0
-        # for each row, the columns of its real tokens in order, right-aligned into `width` slots
-        order = torch.argsort(self.mask, dim=1, stable=True)  # holes first, then real columns in order
-        src = order[:, order.shape[1] - width:]
-        new_mask = torch.arange(width, device=self.mask.device).unsqueeze(0) >= (width - self.lengths).unsqueeze(1)
-        for layer in _layers(self.cache):
-            at = src.to(layer.keys.device)
-            b, h, _, d = layer.keys.shape
-            layer.keys = layer.keys.gather(2, at[:, None, :, None].expand(b, h, width, d))
-            layer.values = layer.values.gather(2, at[:, None, :, None].expand(b, h, width, layer.values.shape[-1]))
-        self.mask = new_mask.long()
-        self.padded = bool((self.mask == 0).any())
+        self._trim()
 
     def allocated_positions(self) -> int:
         """Cache positions held per model layer (rows x columns), real or not: the numerator of KV waste."""
