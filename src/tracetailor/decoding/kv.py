@@ -5,6 +5,9 @@ count of real tokens. Rows are left-padded to a common cache length; the mask hi
 the padding and explicit position ids keep each row's positions its own, so a row
 computes the same thing whatever batch it sits in. Rows leave (`select`) and join
 (`extend`) between steps; columns that are padding for every row are trimmed.
+`rollback` forgets each row's last few tokens (drafted decoding) and `pack`s the rows
+so that no holes remain: the cache stays as wide as its longest row. What is left is
+the rectangle's own waste, the left padding of rows shorter than the longest.
 
 It knows nothing of sampling, of the other model, or of text.
 """
