@@ -165,3 +165,40 @@ def test_rollback_leaves_the_cache_of_a_fresh_prefill(pair):
     logits = batch.feed_many(torch.tensor([[70, 71]] * 3))[:, -1]
     for row, ids in enumerate(kept):
         assert torch.allclose(logits[row].float(), _next_logits_fresh(model, ids + [70, 71]), atol=1e-4), row
+
+
+def test_a_killed_drafted_run_resumes_to_the_lockstep_records(tiny_pair, tmp_path):
+    """Through the CLI: a drafted run killed twice and restarted gives the records of an uninterrupted lockstep
+    run, and stats.json reports the passes per token and the draft length (also for lockstep)."""
+    from test_generate import _cfg, _cli, _cli_args, _records
+
+    lockstep_out, killed_out = tmp_path / "lockstep", tmp_path / "killed"
+    # the settings of _cli_args, in this process
+    run_generate(_cfg(tiny_pair, lockstep_out, samples=4, max_new_tokens=40, batch_size=2, seed=3, draft_tokens=0),
+                 log=lambda m: None)
+    stats = json.loads((lockstep_out / "stats.json").read_text())
+    assert stats["draft_tokens"] == 0 and 0.8 < stats["teacher_passes_per_token"] <= 1.0
+    kills = 0
+    for wait_lines in (3, 9):
+        proc = subprocess.Popen([sys.executable, "-m", "tracetailor.cli",
+                                 *_cli_args(tiny_pair, killed_out, "--draft-tokens", "3")],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline, trace = time.time() + 120, killed_out / "traces.jsonl"
+        while time.time() < deadline and proc.poll() is None:
+            if trace.exists() and trace.read_bytes().count(b"\n") >= wait_lines:
+                os.kill(proc.pid, signal.SIGKILL)
+                kills += 1
+                break
+            time.sleep(0.01)
+        proc.wait()
+    assert kills >= 1, "the run finished before it could be killed"
+    rerun = _cli(*_cli_args(tiny_pair, killed_out, "--draft-tokens", "3"))
+    assert rerun.returncode == 0, rerun.stderr
+    stats = json.loads((killed_out / "stats.json").read_text())
+    assert stats["draft_tokens"] == 3 and stats["teacher_passes_per_token"] > 0
+    whole, resumed = _records(lockstep_out), _records(killed_out)
+    assert resumed.keys() == whole.keys()
+    for key in whole:
+        for name in ("completion_token_ids", "origin", "completion", "finish_reason"):
+            assert resumed[key][name] == whole[key][name], (key, name)
+        assert resumed[key]["student_logprobs"] == pytest.approx(whole[key]["student_logprobs"], abs=1e-4)
