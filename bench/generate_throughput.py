@@ -10,6 +10,10 @@ and token budget:
              (do_sample=True, top_k=20, temperature=1.0): the ceiling
   engine-teacher (optional, --sides) our engine in mode "teacher": separates
              engine overhead from the student's share
+  rsd-draft  (optional) rsd with --draft-tokens K (default 4): exact speculative RSD
+  self-draft (optional, --in-memory) rsd-draft with the student's weights as the teacher too:
+             every guess is likely accepted, the upper bound of drafting (random weights
+             accept few guesses of a different teacher)
 
 What is timed, equally on both sides: decoding only, prefill included, model
 loading excluded. For rsd that is the `this_run.seconds` that run_generate
@@ -59,7 +63,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SIDES = ("rsd", "reference", "engine-teacher")
+SIDES = ("rsd", "reference", "engine-teacher", "rsd-draft", "self-draft")
 REQUIRED, AIM = 0.8, 0.9
 
 # Model shapes. `arch` picks the transformers class; `init` is initializer_range
@@ -190,7 +194,7 @@ def _reset_gpu_peak(device: str) -> float | None:
     return torch.cuda.memory_allocated() / 2**20
 
 
-def _gen_config(spec: dict, prompts: str, out: Path, new_tokens: int, mode: str):
+def _gen_config(spec: dict, prompts: str, out: Path, new_tokens: int, mode: str, draft: int = 0):
     from tracetailor.config import GenerateConfig
 
     d = Path(spec["dir"])
@@ -198,20 +202,20 @@ def _gen_config(spec: dict, prompts: str, out: Path, new_tokens: int, mode: str)
         student=str(d / "student"), teacher=str(d / "teacher"), prompts=prompts, out=str(out), mode=mode,
         max_new_tokens=new_tokens, batch_size=spec["batch"], seed=spec["seed"], top_k=20, temperature=1.0,
         teacher_temperature=1.0, chat_template=False, device=spec["device"], dtype=spec["dtype"],
-        overwrite=True, progress=False,
+        overwrite=True, progress=False, draft_tokens=draft,
     )
 
 
-def side_run_generate(spec: dict, mode: str) -> dict:
+def side_run_generate(spec: dict, mode: str, draft: int = 0) -> dict:
     """rsd (or engine-teacher) through the product path: run_generate, models loaded from disk."""
     from tracetailor.generate import run_generate
 
     d = Path(spec["dir"])
     work = Path(tempfile.mkdtemp(prefix=f"out-{mode}-", dir=d))
-    run_generate(_gen_config(spec, str(d / "warmup.jsonl"), work / "warm", spec["warmup_tokens"], mode),
+    run_generate(_gen_config(spec, str(d / "warmup.jsonl"), work / "warm", spec["warmup_tokens"], mode, draft),
                  log=lambda m: None)
     t0 = time.perf_counter()
-    stats = run_generate(_gen_config(spec, str(d / "prompts.jsonl"), work / "run", spec["new_tokens"], mode),
+    stats = run_generate(_gen_config(spec, str(d / "prompts.jsonl"), work / "run", spec["new_tokens"], mode, draft),
                          log=lambda m: None)
     e2e = time.perf_counter() - t0
     lengths = [len(json.loads(line)["completion_token_ids"]) for line in open(work / "run" / "traces.jsonl")]
@@ -219,6 +223,7 @@ def side_run_generate(spec: dict, mode: str) -> dict:
         "tokens": stats["this_run"]["tokens"], "seconds": stats["this_run"]["seconds"], "e2e_seconds": e2e,
         "lengths": sorted(set(lengths)), "sequences": len(lengths),
         "acceptance_rate": stats.get("acceptance_rate") if mode == "rsd" else None,
+        "teacher_passes_per_token": stats.get("teacher_passes_per_token"),
         "timed": "run_generate this_run.seconds (prefill + decode + record writing; loading excluded)",
     }
 
@@ -241,7 +246,7 @@ def _memory_bridge(student_vocab: int, teacher_vocab: int):
                   student_to_teacher_single=s2t, shared_fraction=n / student_vocab)
 
 
-def side_engine(spec: dict, mode: str) -> dict:
+def side_engine(spec: dict, mode: str, draft: int = 0, self_draft: bool = False) -> dict:
     """rsd (or engine-teacher) in memory: models from configs, Engine called directly, no files."""
     import torch
 
@@ -251,17 +256,18 @@ def side_engine(spec: dict, mode: str) -> dict:
     dev, dtype = spec["device"], resolve_dtype(spec["dtype"])
     t_load = time.perf_counter()
     student = build_model(spec["student"], spec["seed"] + 1, dev, dtype)
-    teacher = build_model(spec["teacher"], spec["seed"] + 2, dev, dtype)
+    teacher = student if self_draft else build_model(spec["teacher"], spec["seed"] + 2, dev, dtype)
     _sync(dev)
     load = time.perf_counter() - t_load
-    bridge = _memory_bridge(spec["student"]["vocab"], spec["teacher"]["vocab"])
+    bridge = None if self_draft else _memory_bridge(spec["student"]["vocab"], spec["teacher"]["vocab"])
     settings = DecodeSettings(mode=mode, rsd=RSDParams(0.01, 5, 20, 1.0), temperature=1.0, top_k=20,
-                              seed=spec["seed"])
+                              seed=spec["seed"], draft_tokens=draft)
+    engines = []
 
     def generate(new_tokens: int, prompts: list[list[int]]):
-        engine = Engine(student, teacher, bridge, settings, eos_ids=(), batch_size=spec["batch"])
+        engines.append(Engine(student, teacher, bridge, settings, eos_ids=(), batch_size=spec["batch"]))
         reqs = [Request(i, prompt_key(str(i)), 0, ids, ids, new_tokens) for i, ids in enumerate(prompts)]
-        return list(engine.run(reqs))
+        return list(engines[-1].run(reqs))
 
     generate(spec["warmup_tokens"], spec["prompt_ids"][: spec["batch"]])
     _sync(dev)
@@ -277,6 +283,7 @@ def side_engine(spec: dict, mode: str) -> dict:
         "lengths": sorted(set(lengths)), "sequences": len(lengths),
         "acceptance_rate": origin.count("T") / len(origin) if mode == "rsd" and origin else None,
         "gpu_weights_mb": weights_mb,
+        "teacher_passes_per_token": engines[-1].counters()["teacher_passes_per_token"],
         "timed": "Engine.run (prefill + decode; in-memory: no run_generate, no record writing)",
     }
 
@@ -340,8 +347,12 @@ def worker(spec_path: str, side: str, result_path: str) -> None:
     if side == "reference":
         res = side_reference(spec)
     else:
-        mode = "rsd" if side == "rsd" else "teacher"
-        res = side_engine(spec, mode) if spec["in_memory"] else side_run_generate(spec, mode)
+        mode = "teacher" if side == "engine-teacher" else "rsd"
+        draft = spec["draft_tokens"] if side in ("rsd-draft", "self-draft") else 0
+        if side == "self-draft" and not spec["in_memory"]:
+            raise SystemExit("side self-draft needs --in-memory")
+        res = (side_engine(spec, mode, draft, side == "self-draft") if spec["in_memory"]
+               else side_run_generate(spec, mode, draft))
     res.update(
         side=side, tokens_per_s=res["tokens"] / res["seconds"],
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
@@ -443,7 +454,8 @@ def summarize(spec: dict, runs: list[dict], sides: list[str]) -> dict:
             "peak_rss_mb": max(r["peak_rss_mb"] for r in mine),
             "gpu_peak_mb": max((r.get("gpu_peak_mb") or 0 for r in mine), default=0) or None,
             "gpu_weights_mb": max((r.get("gpu_weights_mb") or 0 for r in mine), default=0) or None,
-            "acceptance_rate": mine[-1]["acceptance_rate"], "lengths": sorted({x for r in mine for x in r["lengths"]}),
+            "acceptance_rate": mine[-1]["acceptance_rate"],
+            "teacher_passes_per_token": mine[-1].get("teacher_passes_per_token"), "lengths": sorted({x for r in mine for x in r["lengths"]}),
             "timed": mine[0]["timed"],
         }
     ratio, paired = None, []
@@ -454,7 +466,9 @@ def summarize(spec: dict, runs: list[dict], sides: list[str]) -> dict:
             pair = {r["side"]: r["tokens_per_s"] for r in runs if r["repeat"] == rep}
             if "rsd" in pair and "reference" in pair:
                 paired.append(round(pair["rsd"] / pair["reference"], 3))
-    return {"table": table, "ratio": ratio, "paired_ratios": paired}
+    ratios = {side: row["tokens_per_s"] / table["reference"]["tokens_per_s"] for side, row in table.items()
+              if "reference" in table and side != "reference"}
+    return {"table": table, "ratio": ratio, "paired_ratios": paired, "ratios_to_reference": ratios}
 
 
 def render(spec: dict, summary: dict, info: dict) -> str:
@@ -474,6 +488,9 @@ def render(spec: dict, summary: dict, info: dict) -> str:
         out += f"\nratio rsd/reference: {r:.3f} (required >= {REQUIRED}, aim {AIM}): {verdict}\n"
         if len(summary["paired_ratios"]) > 1:
             out += f"ratio per repeat (adjacent runs): {', '.join(map(str, summary['paired_ratios']))}\n"
+    for side, r in summary.get("ratios_to_reference", {}).items():
+        ppt = summary["table"][side].get("teacher_passes_per_token")
+        out += f"{side}/reference: {r:.3f}" + (f" (teacher passes per token {ppt})" if ppt is not None else "") + "\n"
     acc = summary["table"].get("rsd", {}).get("acceptance_rate")
     if acc is not None:
         out += f"rsd acceptance rate (teacher tokens kept): {acc:.1%}\n"
@@ -494,6 +511,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="ROLE.KEY=VALUE",
                     help="override a model shape, e.g. teacher.layers=4 (keys: " + ", ".join(SCALES["toy"]["teacher"]) + ")")
     ap.add_argument("--sides", default="rsd,reference", help=f"comma list of {', '.join(SIDES)}")
+    ap.add_argument("--draft-tokens", type=int, default=4, help="K of the rsd-draft and self-draft sides")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default=None, help="float32 (CPU default) | bfloat16 (CUDA default) | float16")
     ap.add_argument("--in-memory", action="store_true", help="build models on the device, call the Engine directly")
@@ -540,7 +558,7 @@ def main() -> None:
         "prompt_ids": [[rng.randrange(low) for _ in range(length)] for _ in range(n)],
         "new_tokens": a.new_tokens or preset["new_tokens"], "batch": a.batch or preset["batch"],
         "warmup_tokens": a.warmup_tokens or preset["warmup_tokens"], "device": a.device, "dtype": dtype,
-        "in_memory": a.in_memory or a.smoke, "seed": a.seed, "threads": a.threads,
+        "in_memory": a.in_memory or a.smoke, "seed": a.seed, "threads": a.threads, "draft_tokens": a.draft_tokens,
     }
     if a.threads:
         torch.set_num_threads(a.threads)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# RSD vs plain teacher sampling at the paper's scale, on a lent GPU box.
+# RSD (lockstep and drafted, --draft-tokens K) vs plain teacher sampling at the paper's scale, on a lent GPU box.
 #
 #   bash bench/gpu.sh            # on the GPU box: writes $OUT/gpu_bench.md and $OUT/gpu_bench.json
 #   bash bench/gpu.sh --smoke    # anywhere, CPU, seconds: checks this script and the Python path
@@ -54,8 +54,10 @@ fi
 echo "gpu: $GPU"
 
 # 400 s: no side run starts unless it should end by then; the hard stop keeps the whole under 8 minutes.
-timeout 450 "$PY" bench/generate_throughput.py "${ARGS[@]}" --sides rsd,reference,engine-teacher \
-  --deadline 400 --json "$OUT/gpu_bench.json" --markdown "$OUT/gpu_bench.table.md" || status=$?
+# rsd-draft: --draft-tokens K (K = DRAFT, default 4); self-draft: the same with teacher = student weights,
+# the upper bound of drafting (random weights of two different models accept few guesses)
+timeout 450 "$PY" bench/generate_throughput.py "${ARGS[@]}" --sides rsd,reference,rsd-draft,self-draft,engine-teacher \
+  --draft-tokens "${DRAFT:-4}" --deadline 400 --json "$OUT/gpu_bench.json" --markdown "$OUT/gpu_bench.table.md" || status=$?
 
 {
   echo "# generate throughput: RSD vs plain teacher sampling"

@@ -56,3 +56,30 @@ def test_rsd_on_real_text(smol):
             assert p_tok[i] >= kth[i] * (1 - 1e-4)
             if origin == "T":
                 assert p_tok[i] >= 0.01 * (1 - 1e-4)
+
+
+def test_drafting_on_real_text_gives_the_lockstep_traces(smol):
+    """--draft-tokens 4 on the real pair: the same traces as lockstep (ids, origins; log-probs within 1e-4),
+    with fewer teacher passes per token."""
+    from tracetailor.config import GenerateConfig
+    from tracetailor.generate import run_generate
+
+    runs = {}
+    for k in (0, 4):
+        out = smol["root"] / f"draft{k}"
+        stats = run_generate(GenerateConfig(
+            student=smol["student"], teacher=smol["teacher"], prompts=smol["prompts"], prompt_field="question",
+            id_field="id", out=str(out), max_new_tokens=64, batch_size=10, progress=False, draft_tokens=k,
+        ), log=lambda m: None)
+        assert stats["draft_tokens"] == k
+        runs[k] = (stats, {r["id"]: r for r in map(json.loads, open(out / "traces.jsonl", encoding="utf-8"))})
+    (lock_stats, lock), (draft_stats, drafted) = runs[0], runs[4]
+    assert lock.keys() == drafted.keys()
+    for key, rec in lock.items():
+        other = drafted[key]
+        assert other["completion_token_ids"] == rec["completion_token_ids"], key
+        assert other["origin"] == rec["origin"] and other["finish_reason"] == rec["finish_reason"], key
+        assert other["student_logprobs"] == pytest.approx(rec["student_logprobs"], abs=1e-4)
+        assert [t or 0.0 for t in other["teacher_logprobs"]] == pytest.approx(
+            [t or 0.0 for t in rec["teacher_logprobs"]], abs=1e-4)
+    assert draft_stats["teacher_passes_per_token"] < lock_stats["teacher_passes_per_token"]

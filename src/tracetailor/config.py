@@ -224,6 +224,9 @@ class GenerateConfig(Settings):
     teacher_device_map: str | dict | None = option(
         None, "accelerate device map for the teacher, e.g. auto: spread a teacher too large for one GPU over the "
         "GPUs (of each worker).", resumable=True)
+    draft_tokens: int = option(0, "Modes rsd and teacher: the student guesses this many tokens and the teacher checks "
+                               "them in one pass; the traces are the same, with fewer teacher passes. 0 = one teacher "
+                               "pass per token.", low=0, resumable=True)
 
     def validate(self) -> "GenerateConfig":
         check_fields(self)

@@ -121,6 +121,7 @@ class GenerateWorker:
         from .sampling import build_record, build_requests, sample
 
         started = time.perf_counter()
+        passes_before, emitted_before = self.engine.teacher_passes, self.engine.tokens_emitted
         requests, handles, skipped = build_requests(((prompts[i], s) for i, s in pairs), self.bridge, self.context,
                                                     self.cfg.max_new_tokens)
         sequences = tokens = 0
@@ -136,7 +137,9 @@ class GenerateWorker:
                 sequences += 1
                 tokens += len(fin.token_ids)
         return {"sequences": sequences, "tokens": tokens, "skipped": skipped, "context": self.context,
-                "seconds": time.perf_counter() - started}
+                "seconds": time.perf_counter() - started,
+                "teacher_passes": self.engine.teacher_passes - passes_before,
+                "tokens_emitted": self.engine.tokens_emitted - emitted_before}
 
     def _die_mid_write(self, record: dict) -> None:
         import json
@@ -261,8 +264,11 @@ def _drive(ray, cfg: GenerateConfig, rundir, log) -> dict[str, Any]:
         write_run_json(driver.infos)
         extra = {"workers": driver.n, "worker_deaths": totals["deaths"], "shards": len(shards),
                  "worker_seconds": round(totals["worker_seconds"], 3)}
+        emitted = totals["tokens_emitted"]  # of the shards that finished (a dead worker's count is lost)
+        draft = {"teacher_passes_per_token": round(totals["teacher_passes"] / emitted, 4) if emitted else None,
+                 "draft_tokens": cfg.draft_tokens if cfg.mode != "student" else 0}
         return write_stats(out, cfg.mode, prompts=len(prompts), skipped=skipped, sequences=totals["sequences"],
-                           tokens=totals["tokens"], seconds=seconds, log=log, extra=extra)
+                           tokens=totals["tokens"], seconds=seconds, log=log, extra=extra, draft=draft)
     finally:
         if driver is not None:
             driver.stop()
@@ -290,7 +296,8 @@ class _Driver:
         self.actors: dict[int, Any] = {}  # worker number -> actor handle, live ones
         self.queue, self.futures, self.idle = deque(shards), {}, []
         self.infos: dict[int, dict] = {}
-        self.totals = {"sequences": 0, "tokens": 0, "deaths": 0, "setup_deaths": 0, "worker_seconds": 0.0}
+        self.totals = {"sequences": 0, "tokens": 0, "deaths": 0, "setup_deaths": 0, "worker_seconds": 0.0,
+                       "teacher_passes": 0, "tokens_emitted": 0}
         self.skipped: list[str] = []
         self.context = None
         self.next_index = 0
@@ -352,6 +359,8 @@ class _Driver:
         self.totals["sequences"] += result["sequences"]
         self.totals["tokens"] += result["tokens"]
         self.totals["worker_seconds"] += result["seconds"]
+        self.totals["teacher_passes"] += result["teacher_passes"]
+        self.totals["tokens_emitted"] += result["tokens_emitted"]
         self.skipped += [p for p in result["skipped"] if p not in self.skipped]
         self.context = result["context"]
         self.bar.update(result["sequences"]

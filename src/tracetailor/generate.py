@@ -71,6 +71,7 @@ def _run_here(cfg: GenerateConfig, rundir: RunDir, log) -> dict[str, Any]:
     progress = Progress(len(requests), cfg.progress, cfg.mode)
     eos = set(student.eos_ids())
     engine = make_engine(cfg, student, teacher, bridge, on_step=progress.step)
+    progress.engine = engine
     started = time.perf_counter()
     new_tokens = 0
     try:
@@ -84,7 +85,7 @@ def _run_here(cfg: GenerateConfig, rundir: RunDir, log) -> dict[str, Any]:
         progress.close()
     elapsed = time.perf_counter() - started
     return write_stats(out, cfg.mode, prompts=len(prompts), skipped=skipped, sequences=len(requests),
-                       tokens=new_tokens, seconds=elapsed, log=log)
+                       tokens=new_tokens, seconds=elapsed, log=log, draft=engine.counters())
 
 
 __all__ = ["run_generate", "open_run_dir", "check_prompts_unchanged", "OutputDirError", "ConfigError"]

@@ -50,6 +50,7 @@ class Progress:
         self.tokens = self.teacher = 0
         self.mode = mode
         self._last = 0.0
+        self.engine = None  # set once the engine exists: its draft counters show in the bar
 
     def step(self, tokens: int, teacher: int) -> None:
         self.tokens += tokens
@@ -60,6 +61,9 @@ class Progress:
             post = {"tok/s": f"{self.tokens / max(now - self.start, 1e-9):.0f}"}
             if self.mode == "rsd" and self.tokens:
                 post["accept"] = f"{self.teacher / self.tokens:.1%}"
+            if self.engine is not None and self.engine.draft_proposed:
+                post["draft"] = f"{self.engine.draft_accepted / self.engine.draft_proposed:.0%}"
+                post["passes/tok"] = f"{self.engine.teacher_passes / max(self.engine.tokens_emitted, 1):.2f}"
             self.bar.set_postfix(post, refresh=True)
 
     def close(self):
@@ -144,6 +148,7 @@ def make_engine(cfg: GenerateConfig, student, teacher, bridge, on_step=None) -> 
         mode=cfg.mode,
         rsd=RSDParams(cfg.threshold, cfg.trials, cfg.top_k, cfg.teacher_temperature),
         temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, seed=cfg.seed,
+        draft_tokens=cfg.draft_tokens if cfg.mode != "student" else 0,
     )
     return Engine(
         student.model, teacher.model if teacher else None, bridge, settings, eos_ids=set(student.eos_ids()),
@@ -172,14 +177,18 @@ def build_record(prompt, sample: int, fin, tokenizer, eos: set[int], mode: str, 
 
 
 def write_stats(out: Path, mode: str, *, prompts: int, skipped: list[str], sequences: int, tokens: int,
-                seconds: float, log=print, extra: dict | None = None) -> dict[str, Any]:
-    """Totals over every trace file in OUT plus this run's own counts, to OUT/stats.json; logs a summary."""
+                seconds: float, log=print, extra: dict | None = None, draft: dict | None = None) -> dict[str, Any]:
+    """Totals over every trace file in OUT plus this run's own counts, to OUT/stats.json; logs a summary.
+    `draft` is `Engine.counters()` (or the workers' sum): its `teacher_passes_per_token` and `draft_tokens`
+    (this run's) are always written, None where unknown (e.g. nothing generated)."""
     records = [r for path in trace_files(out) for r in read_records(path)]
     stats = summarize(records)
     stats.update({
         "prompts": prompts,
         "skipped_prompts": len(skipped),
         "skipped_prompt_ids": skipped,
+        "teacher_passes_per_token": (draft or {}).get("teacher_passes_per_token"),
+        "draft_tokens": (draft or {}).get("draft_tokens"),
         "this_run": {"sequences": sequences, "tokens": tokens, "seconds": round(seconds, 3),
                      "tokens_per_second": tokens_per_second(tokens, seconds), **(extra or {})},
     })

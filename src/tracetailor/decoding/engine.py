@@ -1,10 +1,19 @@
-"""The lockstep batched decoder.
+"""The batched decoder: lockstep, or drafted (exact speculative decoding).
 
-Both models prefill a group of prompts; then, each step, a rule turns the two
-next-token distributions into one token per live row and both models consume
-that token through their KV caches. A token is never rejected after the fact,
-so nothing is rolled back. Finished rows leave the batch and waiting prompts join
-it, so compute follows live rows.
+Both models prefill a group of prompts. In lockstep (`draft_tokens=0`), each step a
+rule turns the two next-token distributions into one token per live row and both
+models consume that token through their KV caches. Finished rows leave the batch
+and waiting prompts join it, so compute follows live rows.
+
+Drafted (`draft_tokens=K`, modes rsd and teacher): the student guesses K tokens
+ahead (greedy), the teacher reads them all in one pass, and the rule runs at each
+position in order with that position's keyed draws, exactly as in lockstep. While
+the rule's token equals the guess the next position's distributions are the ones
+lockstep would have seen, so go on; the first differing token (or the one after a
+fully accepted draft) is emitted and the rest of the draft is rolled back in both
+caches, row by row. The tokens are therefore lockstep's tokens; only the number
+of teacher passes changes. Each row keeps one "pending" token: emitted (or the
+prompt's last) but not yet read by the models, fed at the head of the next pass.
 
 The engine knows nothing of files or text: token ids in, token ids and per-token
 facts (origin, student and teacher log-probs) out. Stop strings reach it as a
@@ -14,7 +23,7 @@ callable over token ids. It needs only torch and transformers.
 from __future__ import annotations
 
 import math
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
@@ -62,6 +71,7 @@ class DecodeSettings:
     top_p: float = 1.0  # plain modes
     top_k: int = 20  # plain modes
     seed: int = 0
+    draft_tokens: int = 0  # K > 0: exact speculative decoding with K student guesses per teacher pass (rsd, teacher)
 
 
 @dataclass
@@ -71,6 +81,8 @@ class _Row:
     origin: list[str] = field(default_factory=list)
     student_lp: list[float] = field(default_factory=list)
     teacher_lp: list[float | None] = field(default_factory=list)
+    pending: int = -1  # drafted decoding: the student id the models read first in the next pass
+    pending_teacher: list[int] = field(default_factory=list)  # ... and the teacher ids that spell it
 
     def finish(self, reason: str) -> Finished:
         return Finished(self.request.handle, self.tokens, "".join(self.origin), self.student_lp, self.teacher_lp, reason)
@@ -89,22 +101,26 @@ class _Live:
 
     def keep(self, idx: list[int]) -> None:
         """Keep rows `idx` (in that order; repeats allowed)."""
-        rows = torch.tensor(idx, dtype=torch.long, device=self.s_logits.device)
+        rows = torch.tensor(idx, dtype=torch.long, device=self.keys.positions.device)
         self.rows = [self.rows[i] for i in idx]
         self.student.select(rows)
-        self.s_logits = self.s_logits[rows]
+        if self.s_logits is not None:  # drafted decoding holds no logits between passes
+            self.s_logits = self.s_logits[rows]
         if self.teacher is not None:
             self.teacher.select(rows)
-            self.t_logits = self.t_logits[rows]
+            if self.t_logits is not None:
+                self.t_logits = self.t_logits[rows]
         self.keys = self.keys.select(rows)
 
     def extend(self, other: "_Live") -> "_Live":
         self.rows += other.rows
         self.student.extend(other.student)
-        self.s_logits = torch.cat([self.s_logits, other.s_logits])
+        if self.s_logits is not None:
+            self.s_logits = torch.cat([self.s_logits, other.s_logits])
         if self.teacher is not None:
             self.teacher.extend(other.teacher)
-            self.t_logits = torch.cat([self.t_logits, other.t_logits])
+            if self.t_logits is not None:
+                self.t_logits = torch.cat([self.t_logits, other.t_logits])
         self.keys = self.keys.cat(other.keys)
         return self
 
@@ -127,12 +143,15 @@ class Engine:
         batch_size: int = 32,
         stop_fn: Callable[[list[int]], bool] | None = None,
         on_step: Callable[[int, int], None] | None = None,
+        measure_kv: bool = False,
     ):
         self.settings = settings or DecodeSettings()
         if self.settings.mode not in MODES:
             raise ValueError(f"unknown mode {self.settings.mode!r}; choose one of {', '.join(MODES)}")
         if self.settings.mode != "student" and teacher is None:
             raise ValueError(f"mode {self.settings.mode!r} needs a teacher model")
+        if self.settings.draft_tokens < 0:
+            raise ValueError(f"draft_tokens must be 0 (lockstep) or more, not {self.settings.draft_tokens}")
         self.student = student
         self.teacher = teacher if self.settings.mode != "student" else None
         self.bridge = bridge
@@ -146,6 +165,39 @@ class Engine:
         # student ids the teacher reads as several tokens (or none): rare, checked on the host
         self._multi_token = set() if self._s2t_single is None else set(
             (bridge.student_to_teacher_single < 0).nonzero().flatten().tolist())
+        # what the command layer reports (stats.json, progress bar); cumulative over calls to run()
+        self.teacher_passes = 0  # teacher forward passes per row, prefill excluded (lockstep: one per token)
+        self.tokens_emitted = 0
+        self.draft_proposed = 0  # student guesses the teacher checked
+        self.draft_accepted = 0  # ... that became output tokens
+        self.accepted_lengths: Counter[int] = Counter()  # full drafts of K guesses: how many were accepted
+        # measure_kv: per model, cache positions held (rows x columns) and real tokens, summed over steps, and
+        # the most positions held at once (a device sync per step: for benchmarks)
+        self.kv_use: dict[str, list[int]] | None = {} if measure_kv else None
+
+    def _measure_kv(self, live: "_Live") -> None:
+        for name, batch in (("student", live.student), ("teacher", live.teacher)):
+            if batch is not None:
+                use = self.kv_use.setdefault(name, [0, 0, 0])
+                held = batch.allocated_positions()
+                use[0] += held
+                use[1] += int(batch.lengths.sum())
+                use[2] = max(use[2], held)
+
+    @property
+    def draft_tokens(self) -> int:
+        """Guesses per teacher pass in effect: 0 in lockstep (also in mode student, which has no teacher)."""
+        return self.settings.draft_tokens if self.teacher is not None else 0
+
+    def counters(self) -> dict:
+        """`teacher_passes_per_token` (None before any token), `draft_tokens` and the draft acceptance."""
+        return {
+            "teacher_passes_per_token": (round(self.teacher_passes / self.tokens_emitted, 4)
+                                         if self.tokens_emitted else None),
+            "draft_tokens": self.draft_tokens,
+            "draft_acceptance": (round(self.draft_accepted / self.draft_proposed, 4)
+                                 if self.draft_proposed else None),
+        }
 
     @property
     def admit_at(self) -> int:
@@ -209,6 +261,9 @@ class Engine:
 
     def run(self, requests: Iterable[Request]) -> Iterator[Finished]:
         """Yield each request's result as soon as it finishes (not in input order)."""
+        if self.draft_tokens > 0:
+            yield from self._run_drafted(requests)
+            return
         # longest prompts first: similar lengths share a batch, and the long tail starts early
         queue = deque(sorted(requests, key=lambda r: -len(r.student_ids)))
         live: _Live | None = None
@@ -218,6 +273,8 @@ class Engine:
                 group = self._admit([queue.popleft() for _ in range(min(free, len(queue)))])
                 live = group if live is None else live.extend(group)
 
+            if self.kv_use is not None:
+                self._measure_kv(live)
             tokens, from_teacher, s_lp, t_lp = self._choose(live.s_logits, live.t_logits, live.keys)
             tok_list = tokens.tolist()
             keep, done = self._record(live.rows, tok_list, from_teacher.tolist(), s_lp.tolist(),
@@ -232,33 +289,180 @@ class Engine:
             live.keys.advance()
             live.s_logits = live.student.feed(tokens)
             if live.teacher is not None:
+                self.teacher_passes += len(keep)
                 live.t_logits = self._feed_teacher(live.teacher, tokens, [tok_list[i] for i in keep]).to(self.device)
 
     def _record(self, rows, tokens, teacher_flags, student_lps, teacher_lps):
         """Append one step's facts to each row; return (indices of rows that go on, Finished rows)."""
         if self.on_step is not None:
             self.on_step(len(tokens), sum(teacher_flags))
+        self.tokens_emitted += len(tokens)
         keep, done = [], []
         for i, row in enumerate(rows):
-            lp = student_lps[i]
-            tl = None if teacher_lps is None else teacher_lps[i]
-            if not math.isfinite(lp) or tl == math.inf:
-                raise EngineError(f"the {'student' if not math.isfinite(lp) else 'teacher'} produced non-finite "
-                                  f"logits ({lp if not math.isfinite(lp) else 'NaN or inf'}) for "
-                                  f"{row.request.label or f'request {row.request.handle}'} at completion "
-                                  f"position {len(row.tokens)}; check the model's weights and --dtype")
-            tok = tokens[i]
-            row.tokens.append(tok)
-            row.origin.append("T" if teacher_flags[i] else "S")
-            row.student_lp.append(lp)
-            row.teacher_lp.append(None if tl is None or math.isnan(tl) else tl)
-            if tok in self.eos_ids or (self.stop_fn is not None and self.stop_fn(row.tokens)):
-                done.append(row.finish("stop"))
-            elif len(row.tokens) >= row.request.max_new_tokens:
-                done.append(row.finish("length"))
-            else:
+            reason = self._append(row, tokens[i], teacher_flags[i], student_lps[i],
+                                  None if teacher_lps is None else teacher_lps[i])
+            if reason is None:
                 keep.append(i)
+            else:
+                done.append(row.finish(reason))
         return keep, done
+
+    def _append(self, row: _Row, tok: int, from_teacher: bool, lp: float, tl: float | None) -> str | None:
+        """Append one token's facts to `row`; return its finish reason ("stop", "length") or None."""
+        if not math.isfinite(lp) or tl == math.inf:
+            raise EngineError(f"the {'student' if not math.isfinite(lp) else 'teacher'} produced non-finite "
+                              f"logits ({lp if not math.isfinite(lp) else 'NaN or inf'}) for "
+                              f"{row.request.label or f'request {row.request.handle}'} at completion "
+                              f"position {len(row.tokens)}; check the model's weights and --dtype")
+        row.tokens.append(tok)
+        row.origin.append("T" if from_teacher else "S")
+        row.student_lp.append(lp)
+        row.teacher_lp.append(None if tl is None or math.isnan(tl) else tl)
+        if tok in self.eos_ids or (self.stop_fn is not None and self.stop_fn(row.tokens)):
+            return "stop"
+        if len(row.tokens) >= row.request.max_new_tokens:
+            return "length"
+        return None
+
+    # -- drafted decoding ----------------------------------------------------------
+    def _admit_drafted(self, group: list[Request]) -> "_Live":
+        """Like `_admit`, but the models read each prompt but its last token, which becomes the row's pending
+        token: every pass then starts from a token the models have not read, for new and old rows alike."""
+        for r in group:
+            if not r.student_ids or (self.teacher is not None and not r.teacher_ids):
+                raise EngineError(f"{r.label or f'request {r.handle}'} has an empty prompt; drafted decoding "
+                                  "needs at least one prompt token (use --draft-tokens 0)")
+        heads = [Request(r.handle, r.prompt_key, r.sample, r.student_ids[:-1],
+                         None if r.teacher_ids is None else r.teacher_ids[:-1]) for r in group]
+        live = self._admit(heads)
+        live.s_logits = live.t_logits = None
+        live.rows = [_Row(r, pending=r.student_ids[-1], pending_teacher=[r.teacher_ids[-1]]) for r in group]
+        return live
+
+    def _run_drafted(self, requests: Iterable[Request]) -> Iterator[Finished]:
+        queue = deque(sorted(requests, key=lambda r: -len(r.student_ids)))
+        live: _Live | None = None
+        while queue or live is not None:
+            free = self.batch_size - (len(live.rows) if live else 0)
+            if queue and (live is None or free >= self.admit_at):
+                group = self._admit_drafted([queue.popleft() for _ in range(min(free, len(queue)))])
+                live = group if live is None else live.extend(group)
+            if self.kv_use is not None:
+                self._measure_kv(live)
+            keep, done = self._draft_step(live)
+            yield from done
+            if not keep:
+                live = None
+            elif len(keep) < len(live.rows):
+                live.keep(keep)
+
+    def _draft_step(self, live: "_Live") -> tuple[list[int], list[Finished]]:
+        """One teacher pass: draft, verify, record, roll back. Returns (rows that go on, Finished rows)."""
+        rows, K = live.rows, self.settings.draft_tokens
+        # a row with n tokens of budget left can use at most n - 1 guesses (its last token is the rule's own)
+        budgets = [min(K, r.request.max_new_tokens - len(r.tokens) - 1) for r in rows]
+        k = max(budgets)
+        s_logits, guesses = self._draft(live.student, [r.pending for r in rows], k)
+        guess_list = guesses.tolist()
+        usable, t_logits, t_fed, t_ends = self._verify(live.teacher, rows, guesses, guess_list, budgets, k)
+        self.teacher_passes += len(rows)
+
+        # the rule at every drafted position, with that position's keyed draws, in one batched call
+        b, width = len(rows), k + 1
+        flat = torch.arange(b, device=self.device).repeat_interleave(width)
+        keys = live.keys.select(flat)
+        keys.positions = keys.positions + torch.arange(width, device=self.device).repeat(b)
+        tokens, from_teacher, s_lp, t_lp = self._choose(s_logits.flatten(0, 1), t_logits.flatten(0, 1), keys)
+        tokens = tokens.view(b, width)
+        matched = (tokens[:, :k] == guesses).long().cumprod(1).sum(1).tolist() if k else [0] * b
+        tok_list, flags, s_lps = tokens.tolist(), from_teacher.view(b, width).tolist(), s_lp.view(b, width).tolist()
+        t_lps = t_lp.view(b, width).tolist()
+
+        keep, done, emitted, teacher_tokens = [], [], [], 0
+        for i, row in enumerate(rows):
+            accepted = min(matched[i], usable[i])
+            n = accepted + 1  # tokens this pass gives the row: the accepted guesses, then the rule's own
+            if usable[i] == K:
+                self.accepted_lengths[accepted] += 1
+            self.draft_proposed += usable[i]
+            reason = None
+            for j in range(n):
+                reason = self._append(row, tok_list[i][j], flags[i][j], s_lps[i][j], t_lps[i][j])
+                teacher_tokens += flags[i][j]
+                if reason is not None:
+                    n = j + 1
+                    break
+            self.draft_accepted += min(accepted, n)
+            emitted.append(n)
+            if reason is not None:
+                done.append(row.finish(reason))
+                continue
+            keep.append(i)
+            row.pending = tok_list[i][n - 1]
+            row.pending_teacher = self._spell(row.pending, row)
+        self.tokens_emitted += sum(emitted)
+        if self.on_step is not None:
+            self.on_step(sum(emitted), teacher_tokens)
+
+        # both caches forget what was read past each row's last kept guess; the new pending token is unread
+        n_t = torch.tensor(emitted, device=self.device)
+        live.student.rollback(width - n_t)
+        live.teacher.rollback(torch.tensor([fed - ends[m - 1] for fed, ends, m in zip(t_fed, t_ends, emitted)]))
+        live.keys.positions = live.keys.positions + n_t
+        return keep, done
+
+    def _draft(self, student: KVBatch, pending: list[int], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The student reads each row's pending token and then guesses `k` tokens greedily, reading each.
+        Returns its logits at the k + 1 positions [B, k+1, V] and the guesses [B, k]."""
+        x = torch.tensor(pending, dtype=torch.long, device=self.device)
+        logits, guesses = [], []
+        for j in range(k + 1):
+            logits.append(student.feed(x))
+            if j < k:
+                x = logits[-1].argmax(-1)
+                guesses.append(x)
+        stacked = torch.stack(guesses, 1) if guesses else x.new_zeros(len(pending), 0)
+        return torch.stack(logits, 1), stacked
+
+    def _verify(self, teacher: KVBatch, rows, guesses, guess_list, budgets, k):
+        """The teacher reads each row's pending token and its guesses in one pass.
+
+        Returns (usable guesses per row, teacher logits at the k + 1 positions [B, k+1, V], teacher tokens
+        read per row, and per row the teacher tokens read up to and including each student position)."""
+        spells = [[row.pending_teacher] + [self._spell(g, None) for g in guess_list[i]] for i, row in enumerate(rows)]
+        # a row uses at most its budget of guesses; a guess the teacher cannot read ends that row's draft
+        usable = [min(budget, next((j for j, sp in enumerate(sp_row[1:]) if not sp), k))
+                  for budget, sp_row in zip(budgets, spells)]
+        if all(len(sp) == 1 for sp_row in spells for sp in sp_row):
+            # one teacher id per student token: every row reads all k guesses, no padding (a row's guesses
+            # past its budget are read and rolled back, never used)
+            ids = torch.tensor([[sp[0] for sp in sp_row] for sp_row in spells], dtype=torch.long, device=self.device)
+            logits = teacher.feed_many(ids).to(self.device)
+            return usable, logits, [k + 1] * len(rows), [list(range(1, k + 2))] * len(rows)
+        chunks, ends = [], []
+        for sp_row, n in zip(spells, usable):
+            chunk, row_ends = [], []
+            for sp in sp_row[: n + 1]:
+                chunk += sp
+                row_ends.append(len(chunk))
+            chunks.append(chunk)
+            ends.append(row_ends)
+        logits = teacher.feed_chunks(chunks, every=True).to(self.device)
+        width = logits.shape[1]
+        # column of student position j in row i: its last teacher token (chunks are left-padded)
+        cols = [[width - len(c) + e - 1 for e in row_ends] + [width - 1] * (k + 1 - len(row_ends))
+                for c, row_ends in zip(chunks, ends)]
+        at = torch.tensor(cols, dtype=torch.long, device=self.device)
+        picked = logits.gather(1, at.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+        return usable, picked, [len(c) for c in chunks], ends
+
+    def _spell(self, student_id: int, row: _Row | None) -> list[int]:
+        """The teacher ids for one student id (empty: none). A pending token must have some."""
+        ids = [student_id] if self.bridge is None or self.bridge.identity else list(self.bridge.expansion(student_id))
+        if row is not None and not ids:
+            raise EngineError(f"{row.request.label or f'request {row.request.handle}'}: token id {student_id} "
+                              "has no teacher spelling, so the teacher cannot read it; use --draft-tokens 0")
+        return ids
 
     def _feed_teacher(self, teacher: KVBatch, tokens: torch.Tensor, token_list: list[int]) -> torch.Tensor:
         if self._s2t_single is None:

@@ -5,6 +5,9 @@ count of real tokens. Rows are left-padded to a common cache length; the mask hi
 the padding and explicit position ids keep each row's positions its own, so a row
 computes the same thing whatever batch it sits in. Rows leave (`select`) and join
 (`extend`) between steps; columns that are padding for every row are trimmed.
+`rollback` forgets each row's last few tokens (drafted decoding) and `pack`s the rows
+so that no holes remain: the cache stays as wide as its longest row. What is left is
+the rectangle's own waste, the left padding of rows shorter than the longest.
 
 It knows nothing of sampling, of the other model, or of text.
 """
@@ -22,31 +25,42 @@ from transformers.cache_utils import DynamicLayer
 class SlackLayer(DynamicLayer):
     """A DynamicLayer that appends into spare capacity instead of re-copying the whole
     cache every step (DynamicLayer's torch.cat makes decoding quadratic in length).
-    `keys`/`values` stay ordinary tensors (views of the buffers), so code that replaces
-    them (row selection, merging, trimming) just makes the next append reallocate."""
+    `keys`/`values` stay ordinary tensors, views of the buffers; a view that starts further in
+    (leading columns trimmed) or ends earlier (columns rolled back) still appends in place.
+    Code that replaces them otherwise (row selection, merging) makes the next append reallocate."""
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         old = self.keys.shape[-2] if self.keys.dim() == 4 else 0
         new = old + key_states.shape[-2]
-        kbuf = getattr(self, "_kbuf", None)
-        fits = (
-            kbuf is not None and old > 0 and kbuf.shape[-2] >= new
-            and self.keys.data_ptr() == kbuf.data_ptr() and self.keys.shape[:2] == kbuf.shape[:2]
-        )
-        if not fits:
+        start = self._start_in_buffer() if old > 0 else None
+        if start is None or start + new > self._kbuf.shape[-2]:
             capacity = new + max(64, new // 4)
             shape = (*key_states.shape[:2], capacity, key_states.shape[-1])
-            self._kbuf = key_states.new_empty(shape)
-            self._vbuf = value_states.new_empty(shape[:-1] + (value_states.shape[-1],))
+            kbuf = key_states.new_empty(shape)
+            vbuf = value_states.new_empty(shape[:-1] + (value_states.shape[-1],))
             if old:
-                self._kbuf[:, :, :old] = self.keys
-                self._vbuf[:, :, :old] = self.values
-        self._kbuf[:, :, old:new] = key_states
-        self._vbuf[:, :, old:new] = value_states
-        self.keys, self.values = self._kbuf[:, :, :new], self._vbuf[:, :, :new]
+                kbuf[:, :, :old] = self.keys
+                vbuf[:, :, :old] = self.values
+            self._kbuf, self._vbuf, start = kbuf, vbuf, 0
+        self._kbuf[:, :, start + old:start + new] = key_states
+        self._vbuf[:, :, start + old:start + new] = value_states
+        self.keys, self.values = self._kbuf[:, :, start:start + new], self._vbuf[:, :, start:start + new]
         return self.keys, self.values
+
+    def _start_in_buffer(self) -> int | None:
+        """The column of the buffers where `keys`/`values` start, or None when they are not views of them."""
+        starts = set()
+        for view, buf in ((self.keys, getattr(self, "_kbuf", None)), (self.values, getattr(self, "_vbuf", None))):
+            if (buf is None or view.shape[:2] != buf.shape[:2] or view.stride() != buf.stride()
+                    or view.untyped_storage().data_ptr() != buf.untyped_storage().data_ptr()):
+                return None
+            offset, column = view.data_ptr() - buf.data_ptr(), buf.stride(2) * buf.element_size()
+            if offset < 0 or offset % column:
+                return None
+            starts.add(offset // column)
+        return starts.pop() if len(starts) == 1 else None
 
 
 def _new_cache(model) -> DynamicCache:
@@ -84,7 +98,7 @@ class KVBatch:
     def prefill(cls, model, seqs: list[list[int]]) -> tuple["KVBatch", torch.Tensor]:
         """Run the prompts through `model`; return the batch and each row's next-token logits."""
         device = model.device
-        width = max(len(s) for s in seqs)
+        width = max(1, max(len(s) for s in seqs))  # an empty sequence is all padding (its logits mean nothing)
         ids = torch.zeros(len(seqs), width, dtype=torch.long)
         mask = torch.zeros(len(seqs), width, dtype=torch.long)
         for i, s in enumerate(seqs):
@@ -95,8 +109,9 @@ class KVBatch:
         logits = batch._forward(ids, mask)
         return batch, logits
 
-    def _forward(self, ids: torch.Tensor, new_mask: torch.Tensor) -> torch.Tensor:
-        """Append `ids` [B, m] (left-padded per `new_mask`) to every row; return last logits [B, V]."""
+    def _forward(self, ids: torch.Tensor, new_mask: torch.Tensor, every: bool = False) -> torch.Tensor:
+        """Append `ids` [B, m] (left-padded per `new_mask`) to every row; return last logits [B, V]
+        (`every`: the logits at every new column, [B, m, V])."""
         m = ids.shape[1]
         # position of each new token = real tokens before it in its row; padding gets 0
         positions = self.lengths.unsqueeze(1) + new_mask.cumsum(1) - 1
@@ -110,10 +125,10 @@ class KVBatch:
             attention_mask=self.mask if self.padded else None,
             position_ids=positions,
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=0 if every else 1,
             **{self._kwarg: self.cache},
         )
-        return out.logits[:, -1, :]
+        return out.logits if every else out.logits[:, -1, :]
 
     @torch.inference_mode()
     def feed(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -122,15 +137,69 @@ class KVBatch:
         return self._forward(ids, torch.ones_like(ids))
 
     @torch.inference_mode()
-    def feed_chunks(self, chunks: list[list[int]]) -> torch.Tensor:
-        """A variable number of tokens per row (each >= 1), left-padded into one call."""
+    def feed_chunks(self, chunks: list[list[int]], every: bool = False) -> torch.Tensor:
+        """A variable number of tokens per row (each >= 1), left-padded into one call
+        (`every`: logits at every column, [B, width, V]; row i's chunk ends at the last column)."""
         width = max(len(c) for c in chunks)
         ids = torch.zeros(len(chunks), width, dtype=torch.long)
         mask = torch.zeros(len(chunks), width, dtype=torch.long)
         for i, c in enumerate(chunks):
             ids[i, width - len(c):] = torch.tensor(c, dtype=torch.long)
             mask[i, width - len(c):] = 1
-        return self._forward(ids.to(self.mask.device), mask.to(self.mask.device))
+        return self._forward(ids.to(self.mask.device), mask.to(self.mask.device), every)
+
+    @torch.inference_mode()
+    def feed_many(self, ids: torch.Tensor) -> torch.Tensor:
+        """The same number of tokens for every row ([B, m] long); returns the logits at each, [B, m, V]."""
+        ids = ids.to(self.mask.device)
+        return self._forward(ids, torch.ones_like(ids), every=True)
+
+    def rollback(self, drop: torch.Tensor) -> None:
+        """Forget the last `drop[i]` real tokens of row i ([B] long, each at most what the last feed appended),
+        then `pack` the rows: what is fed next continues each row's positions (they come from `lengths`)."""
+        if any(not isinstance(layer, SlackLayer) for layer in self.cache.layers):
+            raise RuntimeError("rolling back needs plain full-attention cache layers; this model has others "
+                               "(e.g. sliding-window): decode it with --draft-tokens 0")
+        drop = drop.to(self.mask.device)
+        if bool((drop > 0).any()):
+            real_from_right = self.mask.flip(1).cumsum(1).flip(1)  # real tokens at or right of each column
+            self.mask = self.mask * (real_from_right > drop.unsqueeze(1)).long()
+            self.lengths = self.lengths - drop
+        self.pack()
+
+    @torch.inference_mode()
+    def pack(self) -> None:
+        """Make each row's real tokens fill its rightmost `lengths[i]` columns, so that the cache is no wider
+        than its longest row: a real token left of that span moves into a hole inside it.
+
+        Attention does not depend on the order of cached columns (each key carries its own position, rotated
+        in when it was computed, and the mask marks what is real); only tokens fed in one call need their
+        columns in order, and those are appended after all others. So a move costs one column per hole."""
+        width = self.mask.shape[1]
+        target = torch.arange(width, device=self.mask.device).unsqueeze(0) >= (width - self.lengths).unsqueeze(1)
+        real = self.mask.bool()
+        holes = target & ~real
+        if bool(holes.any()):
+            # per row there are as many strays as holes, and nonzero() lists them row by row: they pair up
+            dst_rows, dst_cols = holes.nonzero(as_tuple=True)
+            src_rows, src_cols = (real & ~target).nonzero(as_tuple=True)
+            for layer in _layers(self.cache):
+                dev = layer.keys.device
+                dr, dc, sr, sc = (t.to(dev) for t in (dst_rows, dst_cols, src_rows, src_cols))
+                layer.keys[dr, :, dc] = layer.keys[sr, :, sc]
+                layer.values[dr, :, dc] = layer.values[sr, :, sc]
+        self.mask = target.long()
+        tail = int((self.mask.flip(1).cumsum(1) == 0).all(0).sum()) if self.rows else 0
+        if tail:  # rows all shorter than the columns (rolled back everywhere): a narrower view, same buffer
+            keep = width - tail
+            self.mask = self.mask[:, :keep]
+            for layer in _layers(self.cache):
+                layer.keys, layer.values = layer.keys[:, :, :keep], layer.values[:, :, :keep]
+        self._trim()
+
+    def allocated_positions(self) -> int:
+        """Cache positions held per model layer (rows x columns), real or not: the numerator of KV waste."""
+        return self.mask.numel()
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep `rows` (indices, may repeat) in that order; trim all-padding columns."""
