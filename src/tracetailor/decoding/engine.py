@@ -364,7 +364,7 @@ class Engine:
         k = max(budgets)
         s_logits, guesses = self._draft(live.student, [r.pending for r in rows], k)
         guess_list = guesses.tolist()
-        usable, t_logits, t_fed, t_ends = self._verify(live.teacher, rows, guesses, guess_list, budgets, k)
+        usable, t_logits, t_fed, t_ends = self._verify(live.teacher, rows, guess_list, budgets, k)
         self.teacher_passes += len(rows)
 
         # the rule at every drafted position, with that position's keyed draws, in one batched call
@@ -424,7 +424,7 @@ class Engine:
         stacked = torch.stack(guesses, 1) if guesses else x.new_zeros(len(pending), 0)
         return torch.stack(logits, 1), stacked
 
-    def _verify(self, teacher: KVBatch, rows, guesses, guess_list, budgets, k):
+    def _verify(self, teacher: KVBatch, rows, guess_list, budgets, k):
         """The teacher reads each row's pending token and its guesses in one pass.
 
         Returns (usable guesses per row, teacher logits at the k + 1 positions [B, k+1, V], teacher tokens
