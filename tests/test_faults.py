@@ -257,7 +257,7 @@ def test_select_killed_at_seeded_points_leaves_the_previous_output(tmp_path):
     previous = out.read_bytes()
     code, err = _cli("select", traces, "--out", tmp_path / "want.jsonl", "--no-correct-only", "--pick", "all")
     assert code == 0, err
-    args = ["select", str(traces), "--out", str(out), "--no-correct-only", "--pick", "all"]
+    args = ["select", str(traces), "--out", str(out), "--no-correct-only", "--pick", "all", "--overwrite"]
     rng = random.Random(9)
     plan = [
         ("tracetailor.data.traces:AtomicWriter.write", rng.randint(1, 18), "torn"),  # a row half-written
