@@ -228,8 +228,9 @@ def test_score_killed_at_seeded_points_never_leaves_a_half_file(tiny_pair, ref, 
     code, err = _cli(*args)
     assert code == 0, err
     _same_score_outputs(out, score_ref, with_stats=True)
-    # killed again over a finished run: its stats.json goes first, so nothing claims to be finished
-    _killed(args, "tracetailor.data.traces:AtomicWriter.write", rng.randint(1, lines), "torn")
+    # killed again over a finished run (--overwrite: a finished score is refused without it): its stats.json
+    # goes first, so nothing claims to be finished
+    _killed(args + ["--overwrite"], "tracetailor.data.traces:AtomicWriter.write", rng.randint(1, lines), "torn")
     _same_score_outputs(out, score_ref, with_stats=False)
 
 
