@@ -228,8 +228,9 @@ def test_score_killed_at_seeded_points_never_leaves_a_half_file(tiny_pair, ref, 
     code, err = _cli(*args)
     assert code == 0, err
     _same_score_outputs(out, score_ref, with_stats=True)
-    # killed again over a finished run: its stats.json goes first, so nothing claims to be finished
-    _killed(args, "tracetailor.data.traces:AtomicWriter.write", rng.randint(1, lines), "torn")
+    # killed again over a finished run (--overwrite: a finished score is refused without it): its stats.json
+    # goes first, so nothing claims to be finished
+    _killed(args + ["--overwrite"], "tracetailor.data.traces:AtomicWriter.write", rng.randint(1, lines), "torn")
     _same_score_outputs(out, score_ref, with_stats=False)
 
 
@@ -257,7 +258,7 @@ def test_select_killed_at_seeded_points_leaves_the_previous_output(tmp_path):
     previous = out.read_bytes()
     code, err = _cli("select", traces, "--out", tmp_path / "want.jsonl", "--no-correct-only", "--pick", "all")
     assert code == 0, err
-    args = ["select", str(traces), "--out", str(out), "--no-correct-only", "--pick", "all"]
+    args = ["select", str(traces), "--out", str(out), "--no-correct-only", "--pick", "all", "--overwrite"]
     rng = random.Random(9)
     plan = [
         ("tracetailor.data.traces:AtomicWriter.write", rng.randint(1, 18), "torn"),  # a row half-written

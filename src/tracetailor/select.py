@@ -254,8 +254,9 @@ def run_select(cfg: SelectConfig, log: Callable[[str], None] = print) -> dict:
         raise SelectError(f"out: {out} is a directory or one of the input trace files; name a new .jsonl file")
     if cfg.correct_only and cfg.answer_mode != "strict-boxed":
         require_math_verify()
-    # the set and its funnel are one unit: refused when finished (unless --overwrite), locked while written
-    rundir = RunDir(out, command="select", file=out.name, owned=[out.name, funnel_path(out).name],
+    # the set and its funnel: refused when finished (unless --overwrite), locked while written. Nothing is moved
+    # aside on --overwrite: the new set replaces the old one by one rename, so a stop anywhere leaves the old set
+    rundir = RunDir(out, command="select", file=out.name, owned=[],
                     overwrite=cfg.overwrite, resumable=False, marker=[out.name, funnel_path(out).name],
                     run_json=None, what="an SFT set")
     with rundir:
