@@ -222,6 +222,22 @@ def run_distributed(cfg: GenerateConfig, log=print) -> dict[str, Any]:
         return _drive(ray, cfg, rundir, log)
 
 
+def _student_context(cfg: GenerateConfig) -> int | None:
+    """The student's context length from its config alone (the driver loads no weights), for the prompts'
+    length cap; None when the config cannot say (the workers still skip by tokens)."""
+    if cfg.student_gguf_file:
+        return None
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(cfg.student, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError):
+        return None
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n = getattr(config, "max_position_embeddings", None)
+    return int(n) if n else None
+
+
 def _drive(ray, cfg: GenerateConfig, rundir, log) -> dict[str, Any]:
     from .models import load_tokenizer
     from .sampling import check_prompts_unchanged, finished_in, load_prompt_set, run_info, warn_skipped, write_stats
@@ -231,7 +247,7 @@ def _drive(ray, cfg: GenerateConfig, rundir, log) -> dict[str, Any]:
     out = rundir.root
     tokenizer = load_tokenizer(cfg.student, gguf_file=cfg.student_gguf_file,
                                trust_remote_code=cfg.trust_remote_code, role="student")
-    prompts = load_prompt_set(cfg, tokenizer)
+    prompts = load_prompt_set(cfg, tokenizer, _student_context(cfg))
     check_prompts_unchanged(prompt_texts, prompts)
     pending = [(i, s) for i, p in enumerate(prompts) for s in range(cfg.samples)
                if record_id(p.prompt_id, s) not in done]

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from .config import PICKS, SelectConfig, SelectError  # noqa: F401  (SelectError: raised here too)
-from .data.traces import AtomicWriter, TraceRecord, read_numbered_records, resolve_trace_paths, write_json_atomic
+from .data.traces import AtomicWriter, TraceRecord, read_numbered_records, resolve_trace_paths
 from .evaluate.answers import extract_answer, gold_answers, is_correct, require_math_verify
 
 THINK_START, THINK_END = "<think>", "</think>"
@@ -233,17 +233,20 @@ def run_select(cfg: SelectConfig, log: Callable[[str], None] = print) -> dict:
     if cfg.correct_only:
         require_math_verify()
     # the set and its funnel are one unit: refused when finished (unless --overwrite), locked while written
+    # the funnel marks a finished set: a set without its funnel is a stopped run's, started over
     rundir = RunDir(out, command="select", file=out.name, owned=[out.name, funnel_path(out).name],
-                    overwrite=cfg.overwrite, resumable=False, marker=[out.name, funnel_path(out).name],
-                    run_json=None, what="an SFT set")
+                    overwrite=cfg.overwrite, resumable=False, marker=funnel_path(out).name,
+                    run_json=None, what="an SFT set", owned_noun="an SFT set", partial=f".{out.name}.partial")
     with rundir:
-        # the set goes to a temporary file, renamed over `out` last (after the funnel): a stopped run leaves the
-        # previous `out` (or none), never a part of one; with --overwrite the previous one comes back if the
-        # inputs fail to read
+        # the set goes to a temporary file, renamed over `out` once whole; the old funnel goes just before and
+        # the new one comes after: a stopped run leaves the previous pair, or a set without a funnel (unfinished),
+        # never a part of a set nor one run's funnel beside another's set. With --overwrite the previous pair
+        # comes back if the inputs fail to read
         with AtomicWriter(out) as sink:
             funnel = _stream(cfg, records_of(paths), [str(p) for p in paths], Picker(cfg.pick, cfg.seed, sink), log)
             rundir.started()
-            write_json_atomic(funnel_path(out), funnel)
+            rundir.begin()
+        rundir.finish(funnel)
     log(format_funnel(funnel))
     return funnel
 
