@@ -232,6 +232,10 @@ def run_select(cfg: SelectConfig, log: Callable[[str], None] = print) -> dict:
         raise SelectError(f"out: {out} is a directory or one of the input trace files; name a new .jsonl file")
     if cfg.correct_only:
         require_math_verify()
+    unfinished = unfinished_runs(paths)
+    for folder in unfinished:
+        log(f"warning: {folder} holds a generate run that did not finish (run.json but no stats.json): the set "
+            "covers only the traces written so far; run the same generate command again to finish it first")
     # the set and its funnel are one unit: refused when finished (unless --overwrite), locked while written
     # the funnel marks a finished set: a set without its funnel is a stopped run's, started over
     rundir = RunDir(out, command="select", file=out.name, owned=[out.name, funnel_path(out).name],
@@ -246,9 +250,16 @@ def run_select(cfg: SelectConfig, log: Callable[[str], None] = print) -> dict:
             funnel = _stream(cfg, records_of(paths), [str(p) for p in paths], Picker(cfg.pick, cfg.seed, sink), log)
             rundir.started()
             rundir.begin()
+        funnel["unfinished_runs"] = [str(f) for f in unfinished]
         rundir.finish(funnel)
     log(format_funnel(funnel))
     return funnel
+
+
+def unfinished_runs(paths: list[Path]) -> list[Path]:
+    """The generate directories among the trace files' folders that hold a run that did not finish."""
+    folders = dict.fromkeys(p.parent for p in paths)
+    return [f for f in folders if (f / "run.json").exists() and not (f / "stats.json").exists()]
 
 
 def funnel_path(out: Path | str) -> Path:
