@@ -175,6 +175,16 @@ def identity_changes(before: dict[str, Any], now: dict[str, Any]) -> str | None:
     return "; ".join(changes) if changes else None
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def lock_directory(directory: Path, pid_file: Path, shown: str, flag: str = "--out") -> _Lock:
     """An exclusive lock on an existing directory for a run that keeps its own layout (the demo);
     `.release()` it at the end (the OS does if the process dies)."""
@@ -255,6 +265,7 @@ class RunDir:
         else:  # one output file among others: a lock file of its own beside it
             self._lock = _Lock(self.path(f".{self.file}.lock"), self.path(f".{self.file}.pid"), self.shown, self.flag)
         try:
+            self._remove_dead_temporaries()
             self._recover_stale_aside()
             if self.overwrite:
                 self._move_aside()
@@ -346,6 +357,13 @@ class RunDir:
 
     def _aside_prefix(self) -> str:
         return REPLACED_PREFIX if self.file is None else f"{REPLACED_PREFIX}{self.file}-"
+
+    def _remove_dead_temporaries(self) -> None:
+        """Temporary files (`.NAME.PID.tmp`, data/traces.AtomicWriter) that a killed process left behind."""
+        for tmp in self.root.glob(".*.tmp"):
+            pid = tmp.name.rsplit(".", 2)[-2]
+            if pid.isdigit() and not _alive(int(pid)):
+                tmp.unlink(missing_ok=True)
 
     def _recover_stale_aside(self) -> None:
         """A run killed between moving the old run aside and starting: put the old run back (we hold the lock)."""
