@@ -83,9 +83,11 @@ class GenerateWorker:
     """One actor: a student, a teacher and an Engine, loaded once and run over each shard
     it is handed. Ray wraps this class (`ray.remote`) in `run_distributed`."""
 
-    def __init__(self, cfg: dict, index: int, threads: int | None = None, exit_after: int | None = None):
+    def __init__(self, cfg: dict, index: int, threads: int | None = None, exit_after: int | None = None,
+                 driver: tuple[str, int] | None = None):
         self.cfg = GenerateConfig(**cfg)
         self.index = index
+        self.driver = driver  # (host, pid) of the driver: a worker on its host stops once the driver is gone
         self.threads = threads
         self.exit_after = exit_after
         self.written = 0
@@ -98,6 +100,7 @@ class GenerateWorker:
 
         if self.threads:  # N workers on one machine's cores must not each take all of them
             torch.set_num_threads(self.threads)
+        self._watch_driver()
         out = Path(self.cfg.out)
         if not (out / "run.json").is_file():
             raise DistributedError(
@@ -131,12 +134,38 @@ class GenerateWorker:
                                       self.teacher is not None)
                 if self.exit_after is not None and self.written >= self.exit_after:
                     self._die_mid_write(record)
+                if self._driver_gone():
+                    os._exit(1)  # killed driver: write no more (Ray alone takes seconds to notice)
                 writer.write(record)
                 self.written += 1
                 sequences += 1
                 tokens += len(fin.token_ids)
         return {"sequences": sequences, "tokens": tokens, "skipped": skipped, "context": self.context,
                 "seconds": time.perf_counter() - started}
+
+    def _driver_gone(self) -> bool:
+        if self.driver is None or self.driver[0] != socket.gethostname():
+            return False
+        try:
+            os.kill(self.driver[1], 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+    def _watch_driver(self, every_s: float = 0.2) -> None:
+        """A daemon thread that ends this worker process when the driver on this host dies (kill -9 included):
+        Ray ends a dead driver's actors only once it has noticed, seconds later, and an idle one may linger."""
+        import threading
+
+        def watch() -> None:
+            while not self._driver_gone():
+                time.sleep(every_s)
+            os._exit(1)
+
+        if self.driver is not None and self.driver[0] == socket.gethostname():
+            threading.Thread(target=watch, name="driver-watch", daemon=True).start()
 
     def _die_mid_write(self, record: dict) -> None:
         import json
@@ -166,6 +195,9 @@ def _connect(ray, cfg: GenerateConfig, log) -> bool:
 
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    # this Ray lives only as long as this process: once its GCS is gone (a kill -9 of ours takes it along),
+    # its agents give up reconnecting after seconds instead of the default minute and more
+    os.environ.setdefault("RAY_gcs_rpc_server_reconnect_timeout_s", "5")
     ray.init(num_cpus=cpus, num_gpus=gpus, include_dashboard=False, **quiet)
     return True
 
@@ -318,7 +350,8 @@ class _Driver:
     def start_worker(self) -> None:
         index, self.next_index = self.next_index, self.next_index + 1
         fault = int(self.exit_after) if self.exit_after is not None and index < self.n else None
-        self.actors[index] = self.worker_cls.remote(self.cfg_dict, index, self.threads, fault)
+        self.actors[index] = self.worker_cls.remote(self.cfg_dict, index, self.threads, fault,
+                                                    (socket.gethostname(), os.getpid()))
         self.futures[self.actors[index].setup.remote()] = (index, None)
 
     def run(self) -> tuple[dict, list[str], int | None, float]:
