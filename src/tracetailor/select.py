@@ -15,7 +15,8 @@ in order, the paper's filters, each a setting of `SelectConfig`:
 
 Each trace counts under the first filter it fails; the counts, and how many
 prompts are left with no trace, make the funnel that is printed and written to
-`<out>.funnel.json`. The output is TRL-ready JSONL, written atomically: a
+`<out>.funnel.json`, the mark of a finished set (written after the set; a set without it is a
+stopped run's, started over). The output is TRL-ready JSONL, written atomically: a
 `messages` conversation (the turns recovered from the templated prompt, then the
 assistant's text), and the exact training text as `prompt`/`completion` and
 `prompt_token_ids`/`completion_token_ids` (train on these; a re-tokenised
