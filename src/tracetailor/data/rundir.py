@@ -13,6 +13,12 @@ holds the lock) -- and then, under the lock:
 - the others (score, select, train): a finished result (its marker file) is refused
   unless `--overwrite`; an unfinished one (a killed run) is started over.
 
+Results are committed as one unit: the marker (the file that says a run finished) goes first,
+then the files that come with it (`begin`, also called by `write_run_json`), and is written last
+(`finish`); run.json records each input's identity (normalised path, a fingerprint of model
+weights: `input_identity`) and a resume compares those. Temporary files of killed processes are
+removed on opening.
+
 `--overwrite` moves the old run's files aside (`.replaced-[<file>-]<pid>/`) and deletes them
 only once the new run has started (`started()`: models loaded, inputs read); a run
 that fails before that puts them back, and a run killed before that finds them put
