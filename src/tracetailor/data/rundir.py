@@ -165,7 +165,7 @@ def file_fingerprint(path: Path) -> str:
 
 
 def identity_changes(before: dict[str, Any], now: dict[str, Any]) -> str | None:
-    """``"student: the weights at PATH changed (model.safetensors)"`` etc. for the inputs that differ, or None."""
+    """``"student: the files at PATH changed since (model.safetensors)"`` etc. for the inputs that differ, or None."""
     changes = []
     for key in sorted(now):
         old, new = before.get(key), now[key]
@@ -204,7 +204,8 @@ class RunDir:
     `--overwrite` replaces); marker: the file that says the run finished (stats.json, ...);
     settings: what a resumed run must keep (resumable commands) -- compared with run.json's "config";
     results: files of a finished result besides the marker (summary.md beside summary.json): a run that
-    starts writing removes the marker, then them (`begin`), and writes them again before the marker (`finish`);
+    starts writing removes the marker, then them (`begin`); the command writes them again before `finish`
+    writes the marker;
     partial: a hidden file that `begin` creates and `finish` removes (non-resumable commands): the command's
     files without the marker are a stopped run's, started over, only when it is there; without it they are
     someone else's, refused unless --overwrite;
