@@ -66,7 +66,7 @@ def _openers(tmp_path):
         ("eval", eval_, ["b.jsonl"], True, {"seed": 1}),
         ("score", score, ["stats.json", "per_example.jsonl"], False, None),
         ("select", select, ["sft.jsonl"], False, None),
-        ("train", train, ["config.json", "model.safetensors"], False, None),
+        ("train", train, ["config.json", "model.safetensors", "train.json"], False, None),
     ]
 
 

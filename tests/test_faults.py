@@ -250,27 +250,38 @@ def _select_traces(path: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_select_killed_at_seeded_points_leaves_the_previous_output(tmp_path):
+def test_select_killed_at_seeded_points_never_leaves_a_part_or_a_mismatched_pair(tmp_path):
+    """Killed while replacing a finished set (--overwrite): before it started, the previous set and funnel come
+    back on the next run; after, OUT holds no set, or the new set without a funnel (unfinished, started over by
+    a plain rerun); never a part of a set, nor one run's funnel beside another run's set."""
     traces = _select_traces(tmp_path / "traces.jsonl")
     out = tmp_path / "sft.jsonl"
+    funnel = tmp_path / "sft.jsonl.funnel.json"
     code, err = _cli("select", traces, "--out", out, "--no-correct-only")  # the previous, finished output
     assert code == 0, err
-    previous = out.read_bytes()
+    previous = (out.read_bytes(), funnel.read_bytes())
     code, err = _cli("select", traces, "--out", tmp_path / "want.jsonl", "--no-correct-only", "--pick", "all")
     assert code == 0, err
+    want = (tmp_path / "want.jsonl").read_bytes()
     args = ["select", str(traces), "--out", str(out), "--no-correct-only", "--pick", "all", "--overwrite"]
     rng = random.Random(9)
-    plan = [
-        ("tracetailor.data.traces:AtomicWriter.write", rng.randint(1, 18), "torn"),  # a row half-written
-        ("tracetailor.select:write_json_atomic", 1, "after"),  # the funnel written, the set not yet renamed
-        ("tracetailor.data.traces:AtomicWriter.__exit__", 2, "before"),  # the set complete in its temporary file
+    plan = [  # (kill point, what OUT shows right after it: "previous", "none" or "new set only")
+        ("tracetailor.data.traces:AtomicWriter.write", rng.randint(1, 18), "torn", "none"),  # old pair aside
+        ("tracetailor.data.rundir:RunDir.begin", 1, "after", "none"),  # started: the old pair gone, the set not in
+        ("tracetailor.data.traces:AtomicWriter.__exit__", 1, "after", "new set only"),  # the funnel not yet
     ]
-    for target, n, mode in plan:
+    for target, n, mode, shows in plan:
         _killed(args, target, n, mode, timeout=120)
-        assert out.read_bytes() == previous, "a killed select changed (or truncated) the previous output"
-    code, err = _cli(*args)
+        state = (out.read_bytes() if out.exists() else None, funnel.read_bytes() if funnel.exists() else None)
+        assert state == {"none": (None, None), "new set only": (want, None)}[shows], target
+        if target.endswith("AtomicWriter.write"):  # the next run puts the previous pair back before anything
+            code, err = _cli("select", traces, "--out", out, "--no-correct-only")
+            assert code == 2 and "already holds an SFT set" in err
+            assert (out.read_bytes(), funnel.read_bytes()) == previous
+    code, err = _cli(*args[:-1])  # no --overwrite: the set without a funnel was a stopped run's
     assert code == 0, err
-    assert out.read_bytes() == (tmp_path / "want.jsonl").read_bytes()
+    assert out.read_bytes() == want and json.loads(funnel.read_text())["kept"] == len(want.splitlines())
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # the killed runs' temporaries went
 
 
 # ------------------------------------------------------------------------------ disk full, not writable

@@ -14,6 +14,7 @@ from __future__ import annotations
 import enum
 import inspect
 import logging
+import signal
 import sys
 import typing
 from contextlib import contextmanager
@@ -95,10 +96,29 @@ def user_errors_as_one_line(out: str | None = None, resumable: bool = True):
             raise
         _fail(f"{e.filename or 'writing output'}: {e.strerror}; free space or fix the permissions, "
               "then run the same command again")
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # ^C, and SIGTERM or SIGHUP (`Stopped`, raised by their handler)
         then = "run the same command to resume" if resumable else "a new run starts over"
-        typer.echo(f"\ninterrupted: finished work is saved in {out or 'the output directory'}; {then}.", err=True)
-        raise typer.Exit(130)
+        by = f" by {e.signal_name}" if isinstance(e, Stopped) else ""
+        typer.echo(f"\ninterrupted{by}: finished work is saved in {out or 'the output directory'}; {then}.", err=True)
+        raise typer.Exit(128 + (e.signum if isinstance(e, Stopped) else signal.SIGINT))
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, turned into what ^C raises: the run stops the same way and says how to resume."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum, self.signal_name = signum, signal.Signals(signum).name
+
+
+def _stop_on(signum: int, frame) -> None:
+    raise Stopped(signum)
+
+
+def stop_like_ctrl_c() -> None:
+    """SIGTERM and SIGHUP (a scheduler's cancel, a closed terminal) stop a run as ^C does."""
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _stop_on)
 
 
 def _run_with_config(cls, run, flags: dict, config: str | None, no_progress: bool = False, log=None,
@@ -230,7 +250,7 @@ _register()
 
 @app.command()
 def demo(
-    out: str = typer.Option("demo-out", help="Where the experiment writes its stages and report.md."),
+    out: Optional[str] = typer.Option(None, help="Where the experiment writes its stages and report.md [default: demo-out; with --smollm2: demo-smollm2-out]."),
     quick: bool = typer.Option(False, "--quick", help="A small run of every stage (about 15 seconds on 2 cores; what CI runs)."),
     seed: int = typer.Option(0, help="Seed of the sampling and the fine-tuning."),
     world_seed: int = typer.Option(0, help="Which miniature world (seed 0 ships with tracetailor; others build in minutes)."),
@@ -248,6 +268,7 @@ def demo(
 ):
     """The paper's experiment in the built-in miniature world, on a CPU: teacher, RSD and student traces,
     select, fine-tune the student on each, evaluate the four students, score the traces, write report.md."""
+    out = out or ("demo-smollm2-out" if smollm2 else "demo-out")  # two experiments, two directories
     with user_errors_as_one_line(out):
         if smollm2:
             from .demo import run_demo
@@ -302,6 +323,7 @@ def world_build(
 
 def main() -> None:
     _setup_logging(logging.INFO)
+    stop_like_ctrl_c()
     app()
 
 

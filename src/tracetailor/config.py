@@ -162,6 +162,18 @@ class Settings:
         return {k: v for k, v in dataclasses.asdict(self).items() if k in keep}
 
 
+MIN_TEMPERATURE = 1e-3
+
+
+def _check_temperature(name: str, value: float) -> None:
+    """Refuse a temperature so near zero that the logits divided by it overflow: the sampler's
+    probabilities become NaN or one-hot by accident (RSD then accepts no teacher token at all)."""
+    if value < MIN_TEMPERATURE:
+        raise ConfigError(f"{name}: {value:g} is below {MIN_TEMPERATURE:g}: the logits divided by it overflow and "
+                          "sampling breaks down (RSD would accept no teacher token); use 0.001 or more (0.001 is "
+                          "already greedy in effect)")
+
+
 def _required(name: str, what: str, value) -> None:
     if not value:
         raise ConfigError(f"{name}: required ({what})")
@@ -236,6 +248,8 @@ class GenerateConfig(Settings):
         _required("prompts", "a JSONL/Parquet/CSV file, a dataset dir or a hub dataset id", self.prompts)
         if any(s == "" for s in self.stop):
             raise ConfigError("stop: an empty stop string would stop every completion at once; remove it")
+        _check_temperature("teacher_temperature", self.teacher_temperature)
+        _check_temperature("temperature", self.temperature)
         return self
 
     def trace_settings(self) -> dict[str, Any]:
@@ -284,6 +298,7 @@ class EvalConfig(Settings):
         _required("model", MODEL_HELP, self.model)
         if not split_benchmarks(self.benchmark or ""):
             raise ConfigError("benchmark: required (e.g. aime24,math500, or a JSONL/Parquet file)")
+        _check_temperature("temperature", self.temperature)
         return self
 
     def settings(self) -> dict[str, Any]:
@@ -502,6 +517,7 @@ class ExperimentConfig(Settings):
     def validate(self) -> "ExperimentConfig":
         try:
             check_fields(self)
+            _check_temperature("temperature", self.temperature)
         except ConfigError as e:
             raise ExperimentError(str(e)) from None
         return self

@@ -17,6 +17,7 @@ from pathlib import Path
 from . import assets
 from .config import GenerateConfig
 from .data.traces import read_records
+from .errors import OutputDirError
 from .generate import run_generate
 
 INSTRUCTION = "Solve the problem step by step, then give the final answer in \\boxed{}."
@@ -33,8 +34,11 @@ def render_trace(tokenizer, record: dict, color: bool) -> str:
     return "".join(pieces)
 
 
-def run_demo(out: str = "demo-out", questions: int = 4, max_new_tokens: int = 48) -> dict:
+def run_demo(out: str = "demo-smollm2-out", questions: int = 4, max_new_tokens: int = 48) -> dict:
     out_dir = Path(out)
+    if (out_dir / "experiment.json").exists():
+        raise OutputDirError(f"--out {out} holds the miniature demo's stages (experiment.json); the SmolLM2 demo "
+                             "writes elsewhere: leave out --out (demo-smollm2-out) or choose another directory")
     out_dir.mkdir(parents=True, exist_ok=True)
     print("tracetailor demo: RSD with SmolLM2-135M-Instruct (teacher) and a student made of its first 16 and "
           f"last 6 of 30 layers, on {questions} GSM8K questions, offline.", file=sys.stderr)

@@ -83,9 +83,11 @@ class GenerateWorker:
     """One actor: a student, a teacher and an Engine, loaded once and run over each shard
     it is handed. Ray wraps this class (`ray.remote`) in `run_distributed`."""
 
-    def __init__(self, cfg: dict, index: int, threads: int | None = None, exit_after: int | None = None):
+    def __init__(self, cfg: dict, index: int, threads: int | None = None, exit_after: int | None = None,
+                 driver: tuple[str, int] | None = None):
         self.cfg = GenerateConfig(**cfg)
         self.index = index
+        self.driver = driver  # (host, pid) of the driver: a worker on its host stops once the driver is gone
         self.threads = threads
         self.exit_after = exit_after
         self.written = 0
@@ -98,6 +100,7 @@ class GenerateWorker:
 
         if self.threads:  # N workers on one machine's cores must not each take all of them
             torch.set_num_threads(self.threads)
+        self._watch_driver()
         out = Path(self.cfg.out)
         if not (out / "run.json").is_file():
             raise DistributedError(
@@ -132,6 +135,8 @@ class GenerateWorker:
                                       self.teacher is not None)
                 if self.exit_after is not None and self.written >= self.exit_after:
                     self._die_mid_write(record)
+                if self._driver_gone():
+                    os._exit(1)  # killed driver: write no more (Ray alone takes seconds to notice)
                 writer.write(record)
                 self.written += 1
                 sequences += 1
@@ -140,6 +145,30 @@ class GenerateWorker:
                 "seconds": time.perf_counter() - started,
                 "teacher_passes": self.engine.teacher_passes - passes_before,
                 "tokens_emitted": self.engine.tokens_emitted - emitted_before}
+
+    def _driver_gone(self) -> bool:
+        if self.driver is None or self.driver[0] != socket.gethostname():
+            return False
+        try:
+            os.kill(self.driver[1], 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+    def _watch_driver(self, every_s: float = 0.2) -> None:
+        """A daemon thread that ends this worker process when the driver on this host dies (kill -9 included):
+        Ray ends a dead driver's actors only once it has noticed, seconds later, and an idle one may linger."""
+        import threading
+
+        def watch() -> None:
+            while not self._driver_gone():
+                time.sleep(every_s)
+            os._exit(1)
+
+        if self.driver is not None and self.driver[0] == socket.gethostname():
+            threading.Thread(target=watch, name="driver-watch", daemon=True).start()
 
     def _die_mid_write(self, record: dict) -> None:
         import json
@@ -169,6 +198,9 @@ def _connect(ray, cfg: GenerateConfig, log) -> bool:
 
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    # this Ray lives only as long as this process: once its GCS is gone (a kill -9 of ours takes it along),
+    # its agents give up reconnecting after seconds instead of the default minute and more
+    os.environ.setdefault("RAY_gcs_rpc_server_reconnect_timeout_s", "5")
     ray.init(num_cpus=cpus, num_gpus=gpus, include_dashboard=False, **quiet)
     return True
 
@@ -225,6 +257,22 @@ def run_distributed(cfg: GenerateConfig, log=print) -> dict[str, Any]:
         return _drive(ray, cfg, rundir, log)
 
 
+def _student_context(cfg: GenerateConfig) -> int | None:
+    """The student's context length from its config alone (the driver loads no weights), for the prompts'
+    length cap; None when the config cannot say (the workers still skip by tokens)."""
+    if cfg.student_gguf_file:
+        return None
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(cfg.student, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError):
+        return None
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n = getattr(config, "max_position_embeddings", None)
+    return int(n) if n else None
+
+
 def _drive(ray, cfg: GenerateConfig, rundir, log) -> dict[str, Any]:
     from .models import load_tokenizer
     from .sampling import check_prompts_unchanged, finished_in, load_prompt_set, run_info, warn_skipped, write_stats
@@ -234,7 +282,7 @@ def _drive(ray, cfg: GenerateConfig, rundir, log) -> dict[str, Any]:
     out = rundir.root
     tokenizer = load_tokenizer(cfg.student, gguf_file=cfg.student_gguf_file,
                                trust_remote_code=cfg.trust_remote_code, role="student")
-    prompts = load_prompt_set(cfg, tokenizer)
+    prompts = load_prompt_set(cfg, tokenizer, _student_context(cfg))
     check_prompts_unchanged(prompt_texts, prompts)
     pending = [(i, s) for i, p in enumerate(prompts) for s in range(cfg.samples)
                if record_id(p.prompt_id, s) not in done]
@@ -309,7 +357,8 @@ class _Driver:
     def start_worker(self) -> None:
         index, self.next_index = self.next_index, self.next_index + 1
         fault = int(self.exit_after) if self.exit_after is not None and index < self.n else None
-        self.actors[index] = self.worker_cls.remote(self.cfg_dict, index, self.threads, fault)
+        self.actors[index] = self.worker_cls.remote(self.cfg_dict, index, self.threads, fault,
+                                                    (socket.gethostname(), os.getpid()))
         self.futures[self.actors[index].setup.remote()] = (index, None)
 
     def run(self) -> tuple[dict, list[str], int | None, float]:

@@ -52,11 +52,11 @@ def _run_here(cfg: GenerateConfig, rundir: RunDir, log) -> dict[str, Any]:
     done = finished_in(rundir, prompt_texts)
     out = rundir.root
     student, teacher, bridge = load_pair(cfg, log)
-    prompts = load_prompt_set(cfg, student.tokenizer)
+    context = context_window(student, teacher)
+    prompts = load_prompt_set(cfg, student.tokenizer, context)
     check_prompts_unchanged(prompt_texts, prompts)
 
     # prompts that leave no room to generate are skipped, counted and named
-    context = context_window(student, teacher)
     pending = ((p, s) for p in prompts for s in range(cfg.samples) if record_id(p.prompt_id, s) not in done)
     requests, handles, skipped = build_requests(pending, bridge, context, cfg.max_new_tokens)
     warn_skipped(skipped, context)

@@ -130,7 +130,9 @@ def _read_config(name: str, role: str, kwargs: dict):
         raise ModelError(f"{role} {name!r}: cannot read its config ({e}); is it a model directory or hub id?") from e
     except ValueError as e:
         if "trust_remote_code" not in str(e):
-            raise
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelError(f"{role} {name!r} is not a model: {first} Give a model directory (config.json and "
+                             "weights), a .gguf file or a hub id such as Qwen/Qwen3-0.6B") from e
         raise ModelError(f"{role} {name!r} ships its own model code, which is not run by default; read it, and "
                          "pass --trust-remote-code only if you trust its source") from e
 

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from .config import GenerateConfig
 from .data.rundir import RunDir, tokens_per_second, versions
-from .data.traces import TRACE_GLOB, TraceRecord, finished_ids, read_records, summarize, trace_files, write_json_atomic
+from .data.traces import TRACE_GLOBS, TraceRecord, finished_ids, read_records, summarize, trace_files, write_json_atomic
 from .decoding.engine import DecodeSettings, Engine, Finished, Request, run_halving_on_oom
 from .decoding.rules import RSDParams, prompt_key
 from .errors import OutputDirError
@@ -97,12 +97,15 @@ def make_bridge(student, teacher, log=print):
     return bridge
 
 
-def load_prompt_set(cfg: GenerateConfig, tokenizer) -> list:
-    from .data.prompts import load_prompts
+def load_prompt_set(cfg: GenerateConfig, tokenizer, context: int | None = None) -> list:
+    """The prompts of `cfg`; with the `context` (tokens), those that cannot fit are marked `over_cap` by
+    their length in characters, before tokenising (`data.prompts.char_cap`), and later skipped."""
+    from .data.prompts import char_cap, load_prompts
 
     prompts = load_prompts(
         cfg.prompts, tokenizer, split=cfg.split, prompt_field=cfg.prompt_field, id_field=cfg.id_field,
         carry=cfg.carry, system_prompt=cfg.system_prompt, prefill=cfg.prefill, chat_template=cfg.chat_template,
+        max_chars=char_cap(tokenizer, context),
     )
     return prompts[: cfg.limit] if cfg.limit else prompts
 
@@ -121,7 +124,7 @@ def build_requests(pairs, bridge, context: int | None, max_new_tokens: int):
         if id(p) not in seen:
             teacher_ids = bridge.to_teacher(p.token_ids) if bridge is not None else None
             longest = max(len(p.token_ids), len(teacher_ids or []))
-            if context is not None and longest >= context:
+            if context is not None and (getattr(p, "over_cap", False) or longest >= context):
                 seen[id(p)] = None
                 skipped.append(p.prompt_id)
             else:
@@ -218,8 +221,10 @@ def sample(engine: Engine, requests: Iterable[Request], log: Callable[[str], Non
 
 def open_run_dir(cfg: GenerateConfig) -> RunDir:
     """generate's OUT: its trace files, run.json and stats.json; resumed when the trace settings match."""
-    return RunDir(cfg.out, command="generate", owned=[TRACE_GLOB, "run.json", "stats.json"], overwrite=cfg.overwrite,
-                  settings=cfg.trace_settings(), what="a run", owned_noun="trace files")
+    return RunDir(cfg.out, command="generate", owned=[*TRACE_GLOBS, "run.json", "stats.json"], overwrite=cfg.overwrite,
+                  settings=cfg.trace_settings(), what="a run", owned_noun="trace files",
+                  inputs={"student": cfg.student, "teacher": cfg.teacher, "prompts": cfg.prompts},
+                  models=("student", "teacher"))
 
 
 def finished_in(rundir: RunDir, prompt_texts: dict) -> set[str]:
@@ -231,7 +236,7 @@ def check_prompts_unchanged(prompt_texts: dict, prompts: list) -> None:
     """Refuse to resume when a finished trace's prompt text (from `finished_ids`) differs from the prompt of
     the same id now (the prompts file was edited in place, or another one has the same ids): the run would
     mix the two. Names the first such record in file order."""
-    now = {p.prompt_id: p.text for p in prompts}
+    now = {p.prompt_id: p.text for p in prompts if not getattr(p, "over_cap", False)}
     changed = [(path, lineno, pid) for pid, texts in prompt_texts.items() if pid in now
                for text, (path, lineno) in texts.items() if text != now[pid]]
     if changed:

@@ -19,7 +19,8 @@ in order, the paper's filters, each a setting of `SelectConfig`:
 
 Each trace counts under the first filter it fails; the counts, and how many
 prompts are left with no trace, make the funnel that is printed and written to
-`<out>.funnel.json`. The output is TRL-ready JSONL, written atomically: a
+`<out>.funnel.json`, the mark of a finished set (written after the set; a set without it is a
+stopped run's, started over). The output is TRL-ready JSONL, written atomically: a
 `messages` conversation (the turns recovered from the templated prompt, then the
 assistant's text), and the exact training text as `prompt`/`completion` and
 `prompt_token_ids`/`completion_token_ids` (train on these; a re-tokenised
@@ -254,21 +255,34 @@ def run_select(cfg: SelectConfig, log: Callable[[str], None] = print) -> dict:
         raise SelectError(f"out: {out} is a directory or one of the input trace files; name a new .jsonl file")
     if cfg.correct_only and cfg.answer_mode != "strict-boxed":
         require_math_verify()
-    # the set and its funnel: refused when finished (unless --overwrite), locked while written. Nothing is moved
-    # aside on --overwrite: the new set replaces the old one by one rename, so a stop anywhere leaves the old set
-    rundir = RunDir(out, command="select", file=out.name, owned=[],
-                    overwrite=cfg.overwrite, resumable=False, marker=[out.name, funnel_path(out).name],
-                    run_json=None, what="an SFT set")
+    unfinished = unfinished_runs(paths)
+    for folder in unfinished:
+        log(f"warning: {folder} holds a generate run that did not finish (run.json but no stats.json): the set "
+            "covers only the traces written so far; run the same generate command again to finish it first")
+    # the set and its funnel are one unit: refused when finished (unless --overwrite), locked while written
+    # the funnel marks a finished set: a set without its funnel is a stopped run's, started over
+    rundir = RunDir(out, command="select", file=out.name, owned=[out.name, funnel_path(out).name],
+                    overwrite=cfg.overwrite, resumable=False, marker=funnel_path(out).name,
+                    run_json=None, what="an SFT set", owned_noun="an SFT set", partial=f".{out.name}.partial")
     with rundir:
-        # the set goes to a temporary file, renamed over `out` last (after the funnel): a stopped run leaves the
-        # previous `out` (or none), never a part of one; with --overwrite the previous one comes back if the
-        # inputs fail to read
+        # the set goes to a temporary file, renamed over `out` once whole; the old funnel goes just before and
+        # the new one comes after: a stopped run leaves the previous pair, or a set without a funnel (unfinished),
+        # never a part of a set nor one run's funnel beside another's set. With --overwrite the previous pair
+        # comes back if the inputs fail to read
         with AtomicWriter(out) as sink:
             funnel = _stream(cfg, records_of(paths), [str(p) for p in paths], Picker(cfg.pick, cfg.seed, sink), log)
             rundir.started()
-            write_json_atomic(funnel_path(out), funnel)
+            rundir.begin()
+        funnel["unfinished_runs"] = [str(f) for f in unfinished]
+        rundir.finish(funnel)
     log(format_funnel(funnel))
     return funnel
+
+
+def unfinished_runs(paths: list[Path]) -> list[Path]:
+    """The generate directories among the trace files' folders that hold a run that did not finish."""
+    folders = dict.fromkeys(p.parent for p in paths)
+    return [f for f in folders if (f / "run.json").exists() and not (f / "stats.json").exists()]
 
 
 def funnel_path(out: Path | str) -> Path:

@@ -56,7 +56,6 @@ from .data.chat import check_message, is_hub_id
 from .data.lengths import fit_to_length
 
 IGNORE = -100  # the label that the loss skips
-_CHECKPOINT_FILES = ("config.json", "adapter_config.json", "train.json")
 
 
 class TrainError(UserError, ValueError):
@@ -364,7 +363,8 @@ def open_run_dir(cfg: TrainConfig):
     if not _is_main():
         return nullcontext(None)
     return RunDir(cfg.out, command="train", owned=CHECKPOINT_GLOBS, overwrite=cfg.overwrite, resumable=False,
-                  marker=list(_CHECKPOINT_FILES), run_json=None, what="a checkpoint")
+                  marker="train.json", run_json=None, what="a checkpoint", owned_noun="model files",
+                  partial=".train-saving")  # train.json last: a run killed while saving is started over
 
 
 # ---------------------------------------------------------------- the run
@@ -418,11 +418,11 @@ def run_train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str,
         _check_vocab(examples, model)
         if rundir is not None:
             rundir.started()  # the model and the data are loaded: a checkpoint replaced by --overwrite can go
-        return _fit(cfg, out, tokenizer, examples, cut, dropped, model, say)
+        return _fit(cfg, out, tokenizer, examples, cut, dropped, model, say, rundir)
 
 
 def _fit(cfg: TrainConfig, out: Path, tokenizer, examples: list[Example], cut: int, dropped: int, model,
-         say: Callable[[str], None]) -> dict[str, Any]:
+         say: Callable[[str], None], rundir=None) -> dict[str, Any]:
     """Train `model` on `examples` with TRL and save the checkpoint; the run's summary."""
     use_cache = getattr(model.config, "use_cache", None)  # the Trainer turns it off; the checkpoint keeps it
     bf16, checkpointing = _auto_flags(cfg)
@@ -446,6 +446,8 @@ def _fit(cfg: TrainConfig, out: Path, tokenizer, examples: list[Example], cut: i
     runtime = time.time() - started
     if use_cache is not None:
         trainer.model.config.use_cache = use_cache
+    if rundir is not None:
+        rundir.begin()  # from here until train.json, OUT holds a checkpoint being saved (a rerun starts over)
     adapter_dir, merged = save_checkpoint(trainer, tokenizer, cfg, out)
 
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
@@ -462,8 +464,12 @@ def _fit(cfg: TrainConfig, out: Path, tokenizer, examples: list[Example], cut: i
         from .data.rundir import versions
         from .data.traces import write_json_atomic
 
-        write_json_atomic(out / "train.json", {"config": asdict(cfg), "versions": versions("trl", "peft"), "result": summary,
-                                               "log_history": trainer.state.log_history})
+        record = {"config": asdict(cfg), "versions": versions("trl", "peft"), "result": summary,
+                  "log_history": trainer.state.log_history}
+        if rundir is not None:
+            rundir.finish(record)  # train.json last: it marks a whole checkpoint
+        else:
+            write_json_atomic(out / "train.json", record)
         say(f"saved {'the merged model' if merged else 'the adapter' if cfg.lora else 'the model'} to {out}"
             f"  (loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}, {summary['steps']} steps, {runtime:.0f}s)")
     return summary

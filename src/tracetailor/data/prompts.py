@@ -60,6 +60,18 @@ class Prompt:
     token_ids: list[int]  # student tokenization of `text`, add_special_tokens=False
     carry: dict  # {field: value} for each carried field
     source_row: int  # 0-based row number in the source
+    over_cap: bool = False  # longer than `max_chars`: not tokenised (text and token_ids empty), to be skipped
+
+
+def char_cap(tokenizer: Any, context: int | None) -> int | None:
+    """The most characters a prompt of fewer than `context` tokens can have: `context` times the longest
+    token string in the vocabulary (no token stands for more characters than its string has). A longer prompt
+    cannot fit, so it is skipped before tokenising it, which keeps memory bounded whatever a file holds.
+    None without a context."""
+    if not context:
+        return None
+    longest = max((len(t) for t in tokenizer.get_vocab()), default=1)
+    return context * max(longest, 1)
 
 
 # ---------------------------------------------------------------------------
@@ -329,13 +341,15 @@ def build_prompts(
     system_prompt: str | None = None,
     prefill: str = "",
     chat_template: bool = True,
+    max_chars: int | None = None,
 ) -> list[Prompt]:
     """Turn rows into prompts as the student sees them; see the module docstring.
 
     ``rows[i][prompt_field]`` is a string (one user turn) or a list of
     ``{role, content}`` messages; a final assistant turn in such a list is the
     reference completion and is dropped.  ``prefill`` is appended after the
-    generation prompt (or after the raw text when ``chat_template`` is False).
+    generation prompt (or after the raw text when ``chat_template`` is False).  A prompt longer than
+    ``max_chars`` characters (`char_cap`) is not rendered nor tokenised: it comes back with ``over_cap``.
     """
     where = where or (lambda i: f"row {i}")
     carry = (carry,) if isinstance(carry, str) else tuple(carry)
@@ -354,14 +368,21 @@ def build_prompts(
             )
         first_row_of[prompt_id] = i
         messages = _with_system(_prompt_messages(row, at, prompt_field), system_prompt, at, prompt_field)
-        body = _render(tokenizer, messages, at) if chat_template else _raw_text(messages)
+        text = None
+        if max_chars is None or sum(len(m["content"]) for m in messages) <= max_chars:
+            text = (_render(tokenizer, messages, at) if chat_template else _raw_text(messages)) + prefill
+            if max_chars is not None and len(text) > max_chars:
+                text = None
         ids.append(prompt_id)
-        texts.append(body + prefill)
+        texts.append(text)  # None: over the cap
         carried.append({name: _field(row, name, at, "check the names given to --carry") for name in carry})
     # One batched call: fast tokenizers encode a batch in parallel.
-    token_ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    fitting = [t for t in texts if t is not None]
+    encoded = iter(tokenizer(fitting, add_special_tokens=False)["input_ids"] if fitting else [])
     return [
-        Prompt(prompt_id=ids[i], text=texts[i], token_ids=list(token_ids[i]), carry=carried[i], source_row=i)
+        Prompt(prompt_id=ids[i], text=texts[i], token_ids=list(next(encoded)), carry=carried[i], source_row=i)
+        if texts[i] is not None else
+        Prompt(prompt_id=ids[i], text="", token_ids=[], carry=carried[i], source_row=i, over_cap=True)
         for i in range(len(texts))
     ]
 

@@ -13,6 +13,12 @@ holds the lock) -- and then, under the lock:
 - the others (score, select, train): a finished result (its marker file) is refused
   unless `--overwrite`; an unfinished one (a killed run) is started over.
 
+Results are committed as one unit: the marker (the file that says a run finished) goes first,
+then the files that come with it (`begin`, also called by `write_run_json`), and is written last
+(`finish`); run.json records each input's identity (normalised path, a fingerprint of model
+weights: `input_identity`) and a resume compares those. Temporary files of killed processes are
+removed on opening.
+
 `--overwrite` moves the old run's files aside (`.replaced-[<file>-]<pid>/`) and deletes them
 only once the new run has started (`started()`: models loaded, inputs read); a run
 that fails before that puts them back, and a run killed before that finds them put
@@ -81,14 +87,12 @@ class _Lock:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self._fd)
-            try:
-                other = pid_file.read_text(encoding="ascii").strip() or "unknown"
-            except (OSError, UnicodeDecodeError):
-                other = "unknown"
-            raise OutputDirError(f"{flag} {shown} is in use by another tracetailor run (pid {other}); wait for it to "
-                                 f"end, or choose another {flag}") from None
-        try:
-            pid_file.write_text(f"{os.getpid()}\n", encoding="ascii")
+            raise OutputDirError(f"{flag} {shown} is in use by another tracetailor run (pid {_holder(pid_file)}); "
+                                 f"wait for it to end, or choose another {flag}") from None
+        try:  # through a rename: a second run never reads half a pid
+            tmp = pid_file.with_name(f"{pid_file.name}.{os.getpid()}.tmp")
+            tmp.write_text(f"{os.getpid()}\n", encoding="ascii")
+            os.replace(tmp, pid_file)
         except OSError:
             pass  # the lock holds without it; only the message of a second run would lack the pid
 
@@ -103,6 +107,90 @@ class _Lock:
             self._fd = None
 
 
+def _holder(pid_file: Path, wait_s: float = 2.0) -> str:
+    """The pid of the process holding a lock: the one in `pid_file` once it names a live process. The holder
+    writes it just after taking the lock (and a killed run may have left a stale one), so wait a moment."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            pid = int(pid_file.read_text(encoding="ascii").strip())
+            os.kill(pid, 0)
+            return str(pid)
+        except ProcessLookupError:
+            pass  # a stale file of a dead run: the holder has not written its own yet
+        except PermissionError:
+            return str(pid)  # alive, another user's
+        except (OSError, ValueError, UnicodeDecodeError):
+            pass
+        if time.monotonic() > deadline:
+            return "unknown"
+        time.sleep(0.02)
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+_EDGE = 1 << 20  # how much of each end of a weights file is hashed
+
+
+def input_identity(value: str | None, model: bool = False) -> dict[str, Any] | None:
+    """What names an input whatever its spelling: {"path": the normalised absolute path} of a local file or
+    directory (a hub id or anything else not on disk is kept as given), and for a local model
+    {"files": {name: fingerprint}} of its config and weights files (`file_fingerprint`), so weights replaced at
+    the same path are told apart. A fingerprint reads two MB per weights file, whatever its size."""
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    if not path.exists():
+        return {"path": value}
+    path = path.resolve()
+    found: dict[str, Any] = {"path": str(path)}
+    if model:
+        files = [path] if path.is_file() else sorted(
+            p for p in path.iterdir() if p.is_file() and (p.suffix in WEIGHT_SUFFIXES or p.name == "config.json"))
+        found["files"] = {p.name: file_fingerprint(p) for p in files}
+    return found
+
+
+def file_fingerprint(path: Path) -> str:
+    """``size:sha256`` of a file's first and last MB (all of it when it is smaller than 2 MB)."""
+    import hashlib
+
+    size = path.stat().st_size
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        digest.update(f.read(_EDGE))
+        if size > 2 * _EDGE:
+            f.seek(size - _EDGE)
+        digest.update(f.read())
+    return f"{size}:{digest.hexdigest()[:32]}"
+
+
+def identity_changes(before: dict[str, Any], now: dict[str, Any]) -> str | None:
+    """``"student: the files at PATH changed since (model.safetensors)"`` etc. for the inputs that differ, or None."""
+    changes = []
+    for key in sorted(now):
+        old, new = before.get(key), now[key]
+        if old == new:
+            continue
+        old_path, new_path = (old or {}).get("path"), (new or {}).get("path")
+        if old_path != new_path:
+            changes.append(f"{key}: {old_path!r} -> {new_path!r}")
+        else:
+            old_files, new_files = (old or {}).get("files") or {}, (new or {}).get("files") or {}
+            names = sorted(n for n in set(old_files) | set(new_files) if old_files.get(n) != new_files.get(n))
+            changes.append(f"{key}: the files at {new_path} changed since ({', '.join(names) or 'listing'})")
+    return "; ".join(changes) if changes else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def lock_directory(directory: Path, pid_file: Path, shown: str, flag: str = "--out") -> _Lock:
     """An exclusive lock on an existing directory for a run that keeps its own layout (the demo);
     `.release()` it at the end (the OS does if the process dies)."""
@@ -114,17 +202,31 @@ class RunDir:
 
     owned: the names or glob patterns of the files a run of this command writes there (what
     `--overwrite` replaces); marker: the file that says the run finished (stats.json, ...);
-    settings: what a resumed run must keep (resumable commands) -- compared with run.json's "config"."""
+    settings: what a resumed run must keep (resumable commands) -- compared with run.json's "config";
+    results: files of a finished result besides the marker (summary.md beside summary.json): a run that
+    starts writing removes the marker, then them (`begin`); the command writes them again before `finish`
+    writes the marker;
+    partial: a hidden file that `begin` creates and `finish` removes (non-resumable commands): the command's
+    files without the marker are a stopped run's, started over, only when it is there; without it they are
+    someone else's, refused unless --overwrite;
+    inputs: the settings that name an input (a path or a hub id), of which `models` are models: run.json
+    records each one's identity (`input_identity`) and a resume compares those, not the spelling of the path."""
 
     def __init__(self, out: str | Path, *, command: str, owned: Sequence[str], overwrite: bool = False,
                  settings: dict[str, Any] | None = None, resumable: bool = True, marker: str | None = "stats.json",
                  run_json: str | None = "run.json", what: str = "a run", owned_noun: str = "output files",
-                 file: str | None = None, flag: str = "--out"):
+                 file: str | None = None, flag: str = "--out", results: Sequence[str] = (),
+                 partial: str | None = None, inputs: dict[str, str | None] | None = None,
+                 models: Sequence[str] = ()):
         self.root = Path(out).expanduser() if file is None else Path(out).expanduser().parent
         self.shown = str(out)
         self.command, self.owned, self.overwrite = command, list(owned), overwrite
         self.settings, self.resumable, self.marker, self.run_json_name = settings, resumable, marker, run_json
         self.what, self.owned_noun, self.file, self.flag = what, owned_noun, file, flag
+        self.results = list(results)  # written with the marker, at the end; removed with it by begin()
+        self.partial = partial  # a hidden file present while a result is being written (begin() to finish())
+        self.inputs, self.models = dict(inputs or {}), set(models)
+        self._identities: dict[str, Any] | None = None
         self.resuming = False
         self.before: dict[str, Any] | None = None  # the run.json found, if any
         self._lock: _Lock | None = None
@@ -170,6 +272,7 @@ class RunDir:
         else:  # one output file among others: a lock file of its own beside it
             self._lock = _Lock(self.path(f".{self.file}.lock"), self.path(f".{self.file}.pid"), self.shown, self.flag)
         try:
+            self._remove_dead_temporaries()
             self._recover_stale_aside()
             if self.overwrite:
                 self._move_aside()
@@ -210,7 +313,14 @@ class RunDir:
                 raise OutputDirError(f"{run_json}: unreadable ({e}); pass --overwrite to start afresh") from e
             from ..config import settings_changes
 
-            detail = settings_changes(before, self.settings or {})
+            now = dict(self.settings or {})
+            recorded = self.before.get("inputs")
+            changed_inputs = None
+            if isinstance(recorded, dict):  # compared by identity, not by spelling
+                before = {k: v for k, v in before.items() if k not in self.inputs}
+                now = {k: v for k, v in now.items() if k not in self.inputs}
+                changed_inputs = identity_changes(recorded, self.identities())
+            detail = "; ".join(d for d in (changed_inputs, settings_changes(before, now)) if d)
             if detail:
                 raise OutputDirError(
                     f"{self.flag} {self.shown} holds {self.what} with another configuration ({detail}). "
@@ -226,6 +336,10 @@ class RunDir:
         if markers:
             raise OutputDirError(f"{self.flag} {self.shown} already holds {self.what} ({', '.join(markers)}); "
                                  f"choose a new {self.flag}, or pass --overwrite to replace it")
+        if self.partial and self.owned_files() and not self.path(self.partial).exists():
+            raise OutputDirError(f"{self.flag} {self.shown} holds {self.owned_noun} that no run of tracetailor "
+                                 f"{self.command} finished or was stopped writing; choose a new {self.flag}, or pass "
+                                 "--overwrite to replace them")
 
     # -- --overwrite: aside first, deleted once the new run has started
     def _move_aside(self) -> None:
@@ -250,6 +364,13 @@ class RunDir:
 
     def _aside_prefix(self) -> str:
         return REPLACED_PREFIX if self.file is None else f"{REPLACED_PREFIX}{self.file}-"
+
+    def _remove_dead_temporaries(self) -> None:
+        """Temporary files (`.NAME.PID.tmp`, data/traces.AtomicWriter) that a killed process left behind."""
+        for tmp in self.root.glob(".*.tmp"):
+            pid = tmp.name.rsplit(".", 2)[-2]
+            if pid.isdigit() and not _alive(int(pid)):
+                tmp.unlink(missing_ok=True)
 
     def _recover_stale_aside(self) -> None:
         """A run killed between moving the old run aside and starting: put the old run back (we hold the lock)."""
@@ -276,21 +397,37 @@ class RunDir:
             self._lock.release()
             self._lock = None
 
+    def identities(self) -> dict[str, Any]:
+        """{setting: its input's identity} for `inputs` (computed once per run)."""
+        if self._identities is None:
+            self._identities = {k: input_identity(v, k in self.models) for k, v in self.inputs.items()}
+        return self._identities
+
     # -- files
     def write_run_json(self, config: dict[str, Any], seed: int | None = None, extra_versions: Iterable[str] = (),
                        **info: Any) -> dict[str, Any]:
-        """run.json: the full config, what the command adds (`info`), versions, seed and the command line."""
-        data = {"config": config, **info, "versions": versions(*extra_versions), "seed": seed,
+        """run.json: the full config, what the command adds (`info`), versions, seed and the command line.
+        The previous run's result (marker first) goes before it: a new run.json never sits beside an old result."""
+        self.begin()
+        data = {"config": config, **info, **({"inputs": self.identities()} if self.inputs else {}),
+                "versions": versions(*extra_versions), "seed": seed,
                 "command": " ".join(sys.argv), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         write_json_atomic(self.run_json, data)
         return data
 
     def begin(self) -> None:
-        """From here on the run writes: the marker of a finished run goes, so a stopped run never looks done."""
+        """From here on the run writes: the marker of a finished run goes first, then the files that come with
+        it (`results`), so a stopped run never looks done and never shows an old result beside new files."""
         if isinstance(self.marker, str):
             self.path(self.marker).unlink(missing_ok=True)
+        for name in self.results:
+            self.path(name).unlink(missing_ok=True)
+        if self.partial:
+            self.path(self.partial).touch()
 
     def finish(self, stats: dict[str, Any]) -> dict[str, Any]:
         """Write the marker file (the stats): the run is complete."""
         write_json_atomic(self.path(self.marker), stats)
+        if self.partial:
+            self.path(self.partial).unlink(missing_ok=True)
         return stats

@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 from ..errors import UserError
 
-TRACE_GLOB = "traces*.jsonl"
+TRACE_GLOBS = ("traces.jsonl", "traces-w[0-9]*.jsonl")  # generate's own files: in this process, per Ray worker
+_TRACE_NAME = re.compile(r"traces(-w[0-9]+)?\.jsonl")
 
 
 class TraceFileError(UserError, ValueError):
@@ -219,7 +221,9 @@ def read_numbered_records(path: Path) -> Iterable[tuple[int, dict]]:
 
 
 def trace_files(out: Path) -> list[Path]:
-    return sorted(out.glob(TRACE_GLOB))
+    """generate's trace files in OUT (traces.jsonl, traces-w<N>.jsonl), and no other file: an SFT set that
+    select wrote beside them (traces-sft.jsonl, ...) is not a trace file of the run."""
+    return sorted(p for p in out.glob("traces*.jsonl") if _TRACE_NAME.fullmatch(p.name))
 
 
 def resolve_trace_paths(items: Iterable[str], error: type[Exception] = TraceFileError) -> list[Path]:
@@ -230,7 +234,7 @@ def resolve_trace_paths(items: Iterable[str], error: type[Exception] = TraceFile
         if p.is_dir():
             found = trace_files(p)
             if not found:
-                raise error(f"{p}: a directory with no traces*.jsonl in it")
+                raise error(f"{p}: a directory with no trace files (traces.jsonl, traces-w<N>.jsonl) in it")
             paths += found
         elif p.is_file():
             paths.append(p)
