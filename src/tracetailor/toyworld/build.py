@@ -21,6 +21,12 @@ default config of seed 0, a copy built by this very code ships in the package
 after every file's hash checks, since building takes minutes; `force=True`
 (``--force``) builds it anew instead. `ship(path)` makes that copy.
 
+Each model trains its first schedule, then on, 200 steps at a time up to a budget, while its
+greedy validation accuracy is short of its target (`STUDENT_TARGET`'s low end, `TEACHER_TARGET`);
+a world that still misses a target (or `LOW_PROB_TARGET`) is kept, and the build says so and
+records it (world.json `targets`). The teacher's share of student-style examples
+(`teacher_student_share`, default 0.2) is part of the config and of the directory name.
+
 Measurements use the validation split only; the test split is never looked at here.
 Not its job: the demo experiment (SFT, eval, report).
 """
