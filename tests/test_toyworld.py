@@ -29,11 +29,14 @@ def tokenizer(splits):
 
 @pytest.fixture(scope="module")
 def tiny_world(tmp_path_factory):
+    """Two builds of one tiny config whose models are given 2 steps more than their first schedule to
+    meet targets they cannot meet: the checks and the extension are part of what must repeat."""
     root = tmp_path_factory.mktemp("world")
-    config = build.tiny_config(seed=3)
-    first = build.build_world(3, root / "a", config=config, log=lambda m: None)
+    config = build.tiny_config(seed=3, extra_steps=2)
+    said = []
+    first = build.build_world(3, root / "a", config=config, log=said.append)
     second = build.build_world(3, root / "b", config=config, log=lambda m: None)
-    return config, first, second
+    return config, first, second, said
 
 
 # ---------------------------------------------------------------- problems
@@ -151,7 +154,7 @@ def test_tokenizer_specials_and_chat_template(tokenizer, tmp_path):
 
 
 def test_build_twice_gives_identical_files(tiny_world):
-    config, first, second = tiny_world
+    config, first, second, _ = tiny_world
     files = build._files(first)
     assert files == build._files(second)
     assert {"problems/train.jsonl", "problems/validation.jsonl", "problems/test.jsonl",
@@ -165,7 +168,7 @@ def test_build_twice_gives_identical_files(tiny_world):
 
 
 def test_world_json_records_the_world(tiny_world):
-    config, first, _ = tiny_world
+    config, first, _, _ = tiny_world
     meta = json.loads((first / "world.json").read_text())
     assert meta["seed"] == 3 and meta["sizes"] == config.sizes
     assert meta["parameters"]["teacher"] > meta["parameters"]["student"] > 0
@@ -180,7 +183,7 @@ def test_world_json_records_the_world(tiny_world):
 
 
 def test_built_world_is_reused_and_force_rebuilds(tiny_world, tmp_path):
-    config, first, _ = tiny_world
+    config, first, _, _ = tiny_world
     said = []
     assert build.build_world(3, first, config=config, log=said.append) == first
     assert "is built" in said[0]
@@ -191,7 +194,7 @@ def test_built_world_is_reused_and_force_rebuilds(tiny_world, tmp_path):
 def test_models_load_like_a_users_model_and_generate(tiny_world):
     from tracetailor.models import load_model
 
-    _, world, _ = tiny_world
+    _, world, _, _ = tiny_world
     for role in ("student", "teacher"):
         loaded = load_model(str(world / role), device="cpu", role=role)
         tok = loaded.tokenizer
@@ -213,8 +216,13 @@ def test_cli_world_build(monkeypatch, tmp_path):
     monkeypatch.setattr(build, "build_world", lambda **kw: calls.append(kw) or tmp_path)
     result = CliRunner().invoke(app, ["world", "build", "--seed", "2", "--out", str(tmp_path), "--force"])
     assert result.exit_code == 0, result.output
-    assert calls == [{"seed": 2, "out": str(tmp_path), "force": True}]
+    assert calls == [{"seed": 2, "out": str(tmp_path), "force": True, "teacher_student_share": 0.2}]
     assert str(tmp_path) in result.output
+    result = CliRunner().invoke(app, ["world", "build", "--teacher-student-share", "0"])
+    assert result.exit_code == 0, result.output
+    assert calls[-1] == {"seed": 0, "out": None, "force": False, "teacher_student_share": 0.0}
+    result = CliRunner().invoke(app, ["world", "build", "--teacher-student-share", "1.5"])
+    assert result.exit_code == 2 and len(calls) == 2
 
 
 def test_default_dir_follows_the_cache_variable(monkeypatch, tmp_path):
@@ -226,7 +234,7 @@ def test_default_dir_follows_the_cache_variable(monkeypatch, tmp_path):
 
 
 def test_a_shipped_world_is_copied_with_its_problems_regenerated(tiny_world, tmp_path, monkeypatch):
-    config, first, _ = tiny_world
+    config, first, _, _ = tiny_world
     monkeypatch.setattr(build, "SHIPPED", tmp_path / "data")
     shipped = build.ship(first)
     assert not (shipped / "problems").exists()
@@ -255,11 +263,15 @@ def test_the_shipped_seed0_world_copies_and_meets_its_targets(tmp_path, monkeypa
     assert path == tmp_path / f"world-seed0-{build.VERSION}" and "copying" in said[0]
     assert build.verify(path) == [] and build.is_built(path, build.WorldConfig(seed=0))
     meta = json.loads((path / "world.json").read_text())
+    assert meta["targets"] == {"met": True, "missed": []}
+    # seed 0 meets its targets after the first schedules: no extension, so its bytes are the pre-budget ones
+    assert [meta["training"][r]["steps"] for r in ("student", "teacher")] == [600, 800]
     student, teacher = meta["validation"]["student"], meta["validation"]["teacher"]
     low, high = build.STUDENT_TARGET
     assert low <= student["accuracy_greedy"] <= high and teacher["accuracy_greedy"] >= build.TEACHER_TARGET
     view = meta["validation"]["student_view"]
     assert view["teacher_samples"]["low_prob_share"] > 5 * view["student_samples"]["low_prob_share"]
+    assert view["teacher_samples"]["low_prob_share"] >= build.LOW_PROB_TARGET
 
 
 @pytest.mark.slow
@@ -275,3 +287,127 @@ def test_rebuilding_seed0_reproduces_the_shipped_world(tmp_path):
     assert [n for n in shipped_files if (path / n).read_bytes() != (_shipped() / n).read_bytes()] == []
     meta = json.loads((_shipped() / "world.json").read_text())
     assert build.verify(path) == [] and set(meta["files"]) == set(build._files(path))
+
+
+# ---------------------------------------------------------------- training towards the targets
+
+
+def test_a_world_that_misses_its_targets_says_so(tiny_world):
+    config, first, _, said = tiny_world
+    meta = json.loads((first / "world.json").read_text())
+    for role in ("student", "teacher"):  # short of the target at every check: trained to the budget
+        record = meta["training"][role]
+        assert record["steps"] == record["budget"] == 5
+        assert [c["steps"] for c in record["checks"]] == [3, 4]
+        assert all(0 <= c["accuracy_greedy"] <= 1 for c in record["checks"])
+    assert meta["targets"]["met"] is False
+    assert meta["targets"]["missed"] == config.missed_targets(meta["validation"])
+    assert any("teacher accuracy" in m for m in meta["targets"]["missed"])
+    warning = [m for m in said if "misses the default's targets" in m]
+    assert len(warning) == 1 and "teacher 5 of up to 5 steps" in warning[0]
+    # the student's two checks, both short (the teacher trains in a worker process that logs to stderr)
+    assert sum(m.startswith("  student: validation accuracy") and m.endswith("training on") for m in said) == 2
+
+
+def test_missed_targets_names_each_target():
+    config = build.WorldConfig()
+    def measures(student, teacher, low_prob):
+        return {"student": {"accuracy_greedy": student}, "teacher": {"accuracy_greedy": teacher},
+                "student_view": {"teacher_samples": {"low_prob_share": low_prob}}}
+    assert config.missed_targets(measures(0.275, 0.85, 0.18)) == []
+    assert config.missed_targets(measures(0.2, 0.8, 0.1)) == []  # the bounds are met
+    missed = config.missed_targets(measures(0.175, 0.79, 0.09))
+    assert len(missed) == 3 and "student accuracy 17.5%" in missed[0] and "teacher accuracy 79.0%" in missed[1]
+    assert "9.0%" in missed[2]
+    assert "outside" in config.missed_targets(measures(0.61, 0.9, 0.2))[0]  # too strong a student misses too
+
+
+def _tiny_model_and_data():
+    from transformers import AutoTokenizer
+
+    from tracetailor.toyworld import pretrain
+
+    tokenizer = AutoTokenizer.from_pretrained(build.SHIPPED / f"world-seed0-{build.VERSION}" / "tokenizer") \
+        if _shipped().is_dir() else None
+    if tokenizer is None:
+        pytest.skip("no shipped tokenizer in this checkout")
+    model = pretrain.new_model(pretrain.ModelSpec(hidden=16, layers=1, heads=2, kv_heads=1, intermediate=32),
+                               tokenizer, seed=1)
+    examples = pretrain.example_stream(tokenizer, tasks.pretraining_trees(0, set()), 0.0, seed=1)
+    return model, pretrain.batches(examples, 4, tokenizer.pad_token_id, bucket=2)
+
+
+@pytest.mark.parametrize("met_at, steps", [(None, 3), (4, 5), (99, 7)])
+def test_training_goes_on_until_the_check_passes_or_the_budget_ends(met_at, steps):
+    from tracetailor.toyworld import pretrain
+
+    model, data = _tiny_model_and_data()
+    seen = []
+    def check(m, at):
+        assert not m.training
+        seen.append(at)
+        return met_at is not None and at >= met_at
+    spec = pretrain.TrainSpec(steps=3, batch_size=4, max_steps=7, extend_steps=2)
+    losses = pretrain.train(model, data, spec, check=None if met_at is None else check)
+    assert len(losses) == steps and not model.training
+    assert seen == {None: [], 4: [3, 5], 99: [3, 5]}[met_at]  # no check once the budget is spent
+
+
+def test_lr_factor_keeps_the_first_schedule_and_restarts_per_extension():
+    import math
+
+    from tracetailor.toyworld import pretrain
+
+    spec = pretrain.TrainSpec(steps=100, max_steps=250, extend_steps=100, extend_lr_ratio=0.5)
+    plain = pretrain.TrainSpec(steps=100)
+    # the first schedule is the one a spec without a budget has: a world that meets its targets is unchanged
+    assert [pretrain.lr_factor(spec, s) for s in range(100)] == [pretrain.lr_factor(plain, s) for s in range(100)]
+    assert pretrain.lr_factor(spec, 4) == 1.0 and math.isclose(pretrain.lr_factor(spec, 99), 0.1, abs_tol=1e-3)
+    assert pretrain.lr_factor(spec, 100) == 0.5 / 5  # warm restart, 5 warm-up steps
+    assert pretrain.lr_factor(spec, 200) == 0.5 / 2  # the last extension is cut to 50 steps: 2 warm-up steps
+    assert pretrain.lr_factor(spec, 104) == 0.5
+    assert math.isclose(pretrain.lr_factor(spec, 199), 0.1, abs_tol=1e-3)
+    assert math.isclose(pretrain.lr_factor(spec, 249), 0.1, abs_tol=1e-3)
+    assert pretrain.lr_factor(spec, 202) == 0.5 and pretrain.lr_factor(plain, 100) == 0.1
+
+
+# ---------------------------------------------------------------- the teacher's share of student style
+
+
+def test_teacher_student_share_is_part_of_the_worlds_identity(tiny_world, monkeypatch, tmp_path):
+    config, first, _, _ = tiny_world
+    assert build.WorldConfig().teacher_student_share == build.TEACHER_STUDENT_SHARE == 0.2
+    unaware = config.with_teacher_student_share(0.0)
+    assert unaware.teacher_train.teacher_share == 1.0 and unaware.teacher_student_share == 0.0
+    assert unaware.student_train == config.student_train and unaware.to_json() != config.to_json()
+    assert not build.is_built(first, unaware) and build.is_built(first, config)
+    with pytest.raises(build.WorldError, match="within 0 and 1"):
+        config.with_teacher_student_share(1.2)
+    monkeypatch.setenv("TRACETAILOR_CACHE", str(tmp_path))
+    assert build.default_dir(0) == tmp_path / "world-seed0-v1"
+    assert build.default_dir(0, 0.0) == tmp_path / "world-seed0-teacher-student0pct-v1"
+    assert build.world_name(2, 0.5) == "world-seed2-teacher-student50pct-v1"
+    # the shipped seed-0 world is the default share's; asking for another share does not copy it
+    said = []
+    monkeypatch.setattr(build, "_build", lambda cfg, out, log: said.append((cfg, out)) or out)
+    build.build_world(0, teacher_student_share=0.0, log=lambda m: None)
+    assert said == [(build.WorldConfig().with_teacher_student_share(0.0), build.default_dir(0, 0.0))]
+
+
+@pytest.mark.parametrize("teacher_share", [1.0, 0.8])
+def test_a_teacher_share_of_one_means_no_student_style_example(tokenizer, teacher_share):
+    from tracetailor.toyworld import pretrain
+
+    trees = [t for _, t in zip(range(300), tasks.pretraining_trees(5, set()))]
+    stream = pretrain.example_stream(tokenizer, iter(trees), teacher_share, seed=7)
+    student_only = 0
+    for tree, (ids, start) in zip(trees, stream):
+        completion = tokenizer.decode(ids[start:-1])
+        teacher = tasks.completion(tasks.teacher_lines(tree), tree.value)
+        student = tasks.completion(tasks.student_lines(tree), tree.value)
+        assert completion in (teacher, student)
+        student_only += completion == student != teacher
+    if teacher_share == 1.0:
+        assert student_only == 0
+    else:  # a fifth in student style, of which most differ from the teacher's rendering
+        assert 20 <= student_only <= 80

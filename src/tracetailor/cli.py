@@ -312,12 +312,13 @@ def world_build(
     seed: int = typer.Option(0, help="Seed of the problems and the models."),
     out: Optional[str] = typer.Option(None, help="Where to put the world (default: world-seed{SEED}-v1 under $TRACETAILOR_CACHE, else ~/.cache/tracetailor)."),
     force: bool = typer.Option(False, "--force", help="Build anew even when OUT already holds this world (or a copy ships in the package)."),
+    teacher_student_share: float = typer.Option(0.2, min=0.0, max=1.0, help="Share of the teacher's training examples in the student's style (0: a teacher that never saw it); part of the world's identity."),
 ):
     """Make the miniature world deterministically from a seed (minutes on 2 cores), or reuse it if built."""
     from .toyworld.build import build_world
 
     with user_errors_as_one_line(out):
-        path = build_world(seed=seed, out=out, force=force)
+        path = build_world(seed=seed, out=out, force=force, teacher_student_share=teacher_student_share)
     typer.echo(str(path))
 
 

@@ -21,12 +21,19 @@ default config of seed 0, a copy built by this very code ships in the package
 after every file's hash checks, since building takes minutes; `force=True`
 (``--force``) builds it anew instead. `ship(path)` makes that copy.
 
+Each model trains its first schedule, then on, 200 steps at a time up to a budget, while its
+greedy validation accuracy is short of its target (`STUDENT_TARGET`'s low end, `TEACHER_TARGET`);
+a world that still misses a target (or `LOW_PROB_TARGET`) is kept, and the build says so and
+records it (world.json `targets`). The teacher's share of student-style examples
+(`teacher_student_share`, default 0.2) is part of the config and of the directory name.
+
 Measurements use the validation split only; the test split is never looked at here.
 Not its job: the demo experiment (SFT, eval, report).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -52,6 +59,11 @@ VERSION = "v1"
 SPLITS = ("train", "validation", "test")
 SHIPPED = Path(__file__).parent / "data"
 
+STUDENT_TARGET = (0.2, 0.6)  # validation accuracy (greedy) the default world aims its student at
+TEACHER_TARGET = 0.8  # ... and its teacher at least at
+LOW_PROB_TARGET = 0.1  # ... and the share of the teacher's sampled tokens the student gives p < 0.01, at least
+TEACHER_STUDENT_SHARE = 0.2  # the default share of the teacher's training examples in the student's style
+
 
 @dataclass(frozen=True)
 class WorldConfig:
@@ -65,38 +77,87 @@ class WorldConfig:
     # about 11x larger, wide and shallow: a deeper 1.3M model (6 x 128) had not learnt to copy
     # operands after 600 steps, this one is past 70% after 700-800
     teacher: ModelSpec = ModelSpec(hidden=192, layers=3, heads=6, kv_heads=6, intermediate=576)
-    student_train: TrainSpec = TrainSpec(steps=600, batch_size=64, lr=3e-3, teacher_share=0.0)
-    teacher_train: TrainSpec = TrainSpec(steps=800, batch_size=64, lr=2e-3, teacher_share=0.8)
+    # after their first schedule, a model short of its accuracy target on validation trains 200 steps
+    # more at a time, up to twice its steps (seed 0 meets both targets without: its build is unchanged)
+    student_train: TrainSpec = TrainSpec(steps=600, batch_size=64, lr=3e-3, teacher_share=0.0, max_steps=1200)
+    teacher_train: TrainSpec = TrainSpec(steps=800, batch_size=64, lr=2e-3, teacher_share=1 - TEACHER_STUDENT_SHARE,
+                                         max_steps=1600)
+    student_target: tuple[float, float] = STUDENT_TARGET
+    teacher_target: float = TEACHER_TARGET
+    low_prob_target: float = LOW_PROB_TARGET
     threads: int | None = None  # torch threads of the teacher's training; None: up to 2 (results do not depend on it)
     measure_limit: int | None = None  # validation problems used for the measurements (None: all)
+
+    @property
+    def teacher_student_share(self) -> float:
+        """The share of the teacher's training examples in the student's style."""
+        return round(1 - self.teacher_train.teacher_share, 6)
+
+    def with_teacher_student_share(self, share: float) -> "WorldConfig":
+        """This config with a teacher that sees `share` of its examples in the student's style (0: never)."""
+        if not 0 <= share <= 1:
+            raise WorldError(f"the teacher's student-style share must be within 0 and 1, not {share}")
+        train = dataclasses.replace(self.teacher_train, teacher_share=round(1 - share, 6))
+        return dataclasses.replace(self, teacher_train=train)
 
     def to_json(self) -> dict:
         """The config as world.json records it (JSON types: tuples become lists)."""
         return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def missed_targets(self, measures: dict) -> list[str]:
+        """What the measurements (`measure`'s result) miss of this config's targets, in words."""
+        student, teacher = measures["student"]["accuracy_greedy"], measures["teacher"]["accuracy_greedy"]
+        low_prob = measures["student_view"]["teacher_samples"]["low_prob_share"]
+        (low, high), missed = self.student_target, []
+        if student is None or not low <= student <= high:
+            missed.append(f"student accuracy {_pct(student)} is outside {low:.0%}-{high:.0%}")
+        if teacher is None or teacher < self.teacher_target:
+            missed.append(f"teacher accuracy {_pct(teacher)} is below {self.teacher_target:.0%}")
+        if low_prob < self.low_prob_target:
+            missed.append(f"the student gives p < 0.01 to {low_prob:.1%} of the teacher's sampled tokens, "
+                          f"under {self.low_prob_target:.0%}")
+        return missed
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1%}"
 
 
 class WorldError(UserError, RuntimeError):
     pass
 
 
-def default_dir(seed: int) -> Path:
+def world_name(seed: int, teacher_student_share: float = TEACHER_STUDENT_SHARE) -> str:
+    """The directory name of a world: ``world-seed{seed}-v1``, with the teacher's student-style share
+    in percent when it is not the default (``world-seed{seed}-teacher-student0pct-v1``)."""
+    if round(teacher_student_share, 6) == TEACHER_STUDENT_SHARE:
+        return f"world-seed{seed}-{VERSION}"
+    return f"world-seed{seed}-teacher-student{round(100 * teacher_student_share, 4):g}pct-{VERSION}"
+
+
+def default_dir(seed: int, teacher_student_share: float = TEACHER_STUDENT_SHARE) -> Path:
     root = Path(os.environ.get("TRACETAILOR_CACHE", Path.home() / ".cache" / "tracetailor"))
-    return root / f"world-seed{seed}-{VERSION}"
+    return root / world_name(seed, teacher_student_share)
 
 
 def build_world(seed: int = 0, out: str | os.PathLike | None = None, *, force: bool = False,
-                config: WorldConfig | None = None, log: Callable[[str], None] | None = None) -> Path:
+                config: WorldConfig | None = None, log: Callable[[str], None] | None = None,
+                teacher_student_share: float | None = None) -> Path:
     """The world's directory for `seed`: reused when already built with the same config, copied
-    from the package for the shipped config, else built (about 5 minutes on 2 cores).
+    from the package for the shipped config, else built (about 5 minutes on 2 cores, up to about
+    twice that when a model trains on to meet its target).
 
-    `config` replaces the default one (and brings its own seed); `out` defaults to
-    ``$TRACETAILOR_CACHE/world-seed{seed}-v1`` (``~/.cache/tracetailor/...``)."""
+    `config` replaces the default one (and brings its own seed); `teacher_student_share` replaces
+    its teacher's share of student-style examples (default 0.2); `out` defaults to
+    ``$TRACETAILOR_CACHE/`` + `world_name` (``~/.cache/tracetailor/...``)."""
     if config is None:
         config = WorldConfig(seed=seed)
     elif seed not in (0, config.seed):
         raise WorldError(f"seed {seed} disagrees with the config's seed {config.seed}")
+    if teacher_student_share is not None:
+        config = config.with_teacher_student_share(teacher_student_share)
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
-    out = Path(out).expanduser() if out else default_dir(config.seed)
+    out = Path(out).expanduser() if out else default_dir(config.seed, config.teacher_student_share)
     if not force and is_built(out, config):
         log(f"world: {out} is built (seed {config.seed}); --force rebuilds it")
         return out
@@ -165,16 +226,20 @@ def _build(config: WorldConfig, out: Path, log: Callable[[str], None]) -> Path:
                 log(f"  {len(tokenizer)} tokens")
             exclude = {p.expression for name in splits for p in splits[name]}
             with _stage("student and teacher", 3, timings, log):
-                models = _train_models(config, exclude, work, threads, log)
+                models, training = _train_models(config, exclude, work, threads, log)
             with _stage("measure", 4, timings, log):
                 measures = measure(models["student"], models["teacher"], tokenizer, splits["validation"],
                                    seed=config.seed, limit=config.measure_limit)
                 _log_measures(measures, log)
+                missed = config.missed_targets(measures)
+                _log_targets(config, training, missed, log)
         meta = {
             "version": VERSION, "seed": config.seed, "config": config.to_json(),
             "sizes": {name: len(rows) for name, rows in splits.items()},
             "vocab_size": len(tokenizer),
             "parameters": {role: pretrain.n_parameters(m) for role, m in models.items()},
+            "training": training,
+            "targets": {"met": not missed, "missed": missed},
             "validation": measures,
             "timing": {"stages": timings, "wall_s": round(sum(t["wall_s"] for t in timings.values()), 1),
                        "cpu_s": round(sum(t["cpu_s"] for t in timings.values()), 1),
@@ -192,8 +257,9 @@ def _build(config: WorldConfig, out: Path, log: Callable[[str], None]) -> Path:
     return out
 
 
-def _train_models(config: WorldConfig, exclude: set[str], work: Path, threads: int, log) -> dict:
-    """Train and save both models; return them loaded. With 2+ threads the teacher trains in a
+def _train_models(config: WorldConfig, exclude: set[str], work: Path, threads: int, log) -> tuple[dict, dict]:
+    """Train and save both models; return them loaded, and each one's training record (steps used,
+    accuracy at each check; `train_and_save`). With 2+ threads the teacher trains in a
     fresh process on `threads` threads while the student trains here on one (more threads do not
     speed up a model that small). The child's OpenMP threads sleep while they wait
     (OMP_WAIT_POLICY=PASSIVE): on a shared machine, spinning threads slow a loop down many times."""
@@ -201,8 +267,8 @@ def _train_models(config: WorldConfig, exclude: set[str], work: Path, threads: i
 
     for role in ("student", "teacher"):
         spec, train_spec = getattr(config, role), getattr(config, f"{role}_train")
-        log(f"  {role}: {spec}, {train_spec.steps} steps of {train_spec.batch_size} problems, "
-            f"{train_spec.teacher_share:.0%} in teacher style")
+        log(f"  {role}: {spec}, {train_spec.steps} steps (up to {train_spec.budget} to meet its target) of "
+            f"{train_spec.batch_size} problems, {train_spec.teacher_share:.0%} in teacher style")
     if threads > 1:
         teacher = _start_child(train_and_save, ("teacher", config, exclude, str(work), threads))
         train_and_save("student", config, exclude, str(work), 1, log=log)
@@ -213,17 +279,22 @@ def _train_models(config: WorldConfig, exclude: set[str], work: Path, threads: i
     else:
         for role in ("student", "teacher"):
             train_and_save(role, config, exclude, str(work), 1, log=log)
-    models = {}
+    models, training = {}, {}
     with quiet_progress_bars():
         for role in ("student", "teacher"):
             models[role] = AutoModelForCausalLM.from_pretrained(work / role, dtype=torch.float32).eval()
-            log(f"  {role}: {pretrain.n_parameters(models[role]):,} parameters")
-    return models
+            record = work / f"{role}.training.json"
+            training[role] = json.loads(record.read_text(encoding="utf-8"))
+            record.unlink()
+            log(f"  {role}: {pretrain.n_parameters(models[role]):,} parameters, {training[role]['steps']} steps")
+    return models, training
 
 
 def train_and_save(role: str, config: WorldConfig, exclude: set[str], work: str, threads: int,
                    log: Callable[[str], None] | None = None) -> None:
-    """One model of the world, from its seed: trained on fresh problems, saved to WORK/ROLE."""
+    """One model of the world, from its seed: trained on fresh problems (on past its first schedule
+    while its greedy validation accuracy is short of its target, `_accuracy_check`), saved to WORK/ROLE;
+    the steps it took and the accuracy at each check go to WORK/ROLE.training.json."""
     from transformers import AutoTokenizer
 
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
@@ -236,12 +307,40 @@ def train_and_save(role: str, config: WorldConfig, exclude: set[str], work: str,
         trees = tasks.pretraining_trees(config.seed, exclude)
         examples = pretrain.example_stream(tokenizer, trees, train_spec.teacher_share, model_seed)
         data = pretrain.batches(examples, train_spec.batch_size, tokenizer.pad_token_id)
-        pretrain.train(model, data, train_spec, log=lambda m: log(f"  {role}: {m}"),
-                       every=max(1, train_spec.steps // 6))
+        checks: list[dict] = []
+        check = _accuracy_check(role, config, tokenizer, work, checks, log) if train_spec.budget > train_spec.steps \
+            else None
+        losses = pretrain.train(model, data, train_spec, log=lambda m: log(f"  {role}: {m}"),
+                                every=max(1, train_spec.steps // 6), check=check)
         # stored in bfloat16, as Qwen3's own checkpoints are: half the bytes to ship, and the
         # measured accuracies of the rounded weights differed from float32's by under 1 point
         model.to(torch.bfloat16).save_pretrained(Path(work) / role)
         tokenizer.save_pretrained(Path(work) / role)
+    record = {"steps": len(losses), "budget": train_spec.budget, "checks": checks}
+    (Path(work) / f"{role}.training.json").write_text(json.dumps(record) + "\n", encoding="utf-8")
+
+
+def _accuracy_check(role: str, config: WorldConfig, tokenizer, work: str, checks: list, log):
+    """`pretrain.train`'s check for `role`: True once the model, rounded to bfloat16 as it is stored,
+    solves at least its target share of the validation problems greedily (the student: the low end of
+    its range). Records each check in `checks`. Torch's random state is left as it was."""
+    problems = load_problems(work, "validation")[:config.measure_limit or None]
+    questions = [p["question"] for p in problems]
+    target = config.student_target[0] if role == "student" else config.teacher_target
+
+    def check(model, steps: int) -> bool:
+        stored = copy.deepcopy(model).to(torch.bfloat16).to(torch.float32).eval()
+        with torch.random.fork_rng(devices=[]):
+            completions = pretrain.generate(stored, tokenizer, questions, sample=False)
+        accuracy = round(sum(pretrain.is_correct(c, p["answer"]) for c, p in zip(completions, problems))
+                         / max(1, len(problems)), 4)
+        checks.append({"steps": steps, "accuracy_greedy": accuracy})
+        met = accuracy >= target
+        log(f"  {role}: validation accuracy {accuracy:.1%} after {steps} steps (target {target:.0%}): "
+            + ("met" if met else "training on"))
+        return met
+
+    return check
 
 
 def _start_child(target, args):
@@ -304,8 +403,13 @@ def _accuracy(completions: list[str], problems: list[tasks.Problem]) -> float | 
     return round(sum(pretrain.is_correct(c, p.answer) for c, p in zip(completions, problems)) / len(problems), 4)
 
 
-STUDENT_TARGET = (0.2, 0.6)  # validation accuracy (greedy) the default world aims its student at
-TEACHER_TARGET = 0.7  # ... and its teacher at least at
+def _log_targets(config: WorldConfig, training: dict, missed: list[str], log) -> None:
+    steps = ", ".join(f"{role} {r['steps']} of up to {r['budget']} steps" for role, r in training.items())
+    if not missed:
+        log(f"  targets met ({steps})")
+        return
+    log(f"  WARNING: this world misses the default's targets after {steps}: " + "; ".join(missed)
+        + ". The demo still runs, with a smaller or odder capacity gap; another seed may meet them")
 
 
 def _log_measures(m: dict, log) -> None:
@@ -319,11 +423,6 @@ def _log_measures(m: dict, log) -> None:
     view = m["student_view"]
     log("  share of tokens the student gives p < 0.01: "
         + ", ".join(f"{name.replace('_', ' ')} {v['low_prob_share']:.1%}" for name, v in view.items()))
-    student, teacher = m["student"]["accuracy_greedy"], m["teacher"]["accuracy_greedy"]
-    if not (STUDENT_TARGET[0] <= student <= STUDENT_TARGET[1] and teacher >= TEACHER_TARGET):
-        log(f"  note: this world misses the default's targets (student {STUDENT_TARGET[0]:.0%}-{STUDENT_TARGET[1]:.0%}, "
-            f"teacher at least {TEACHER_TARGET:.0%}); the demo still runs, with a smaller or odder capacity gap "
-            "(docs/miniature.md shows seeds 1 and 2)")
 
 
 # ---------------------------------------------------------------- helpers
@@ -420,12 +519,16 @@ def ship(path: str | os.PathLike) -> Path:
     return target
 
 
-def tiny_config(seed: int = 0, student_steps: int = 3, teacher_steps: int = 3) -> WorldConfig:
-    """A world of a few problems and barely trained models: seconds to build, for tests and CI."""
+def tiny_config(seed: int = 0, student_steps: int = 3, teacher_steps: int = 3, extra_steps: int = 0
+                ) -> WorldConfig:
+    """A world of a few problems and barely trained models: seconds to build, for tests and CI.
+    `extra_steps`: how many more steps (one at a time) each model may train towards its target."""
     return WorldConfig(
         seed=seed, sizes={"train": 40, "validation": 12, "test": 12},
         student=ModelSpec(hidden=16, layers=1, heads=2, kv_heads=1, intermediate=32),
         teacher=ModelSpec(hidden=32, layers=2, heads=2, kv_heads=1, intermediate=64),
-        student_train=TrainSpec(steps=student_steps, batch_size=8),
-        teacher_train=TrainSpec(steps=teacher_steps, batch_size=8, teacher_share=0.8),
+        student_train=TrainSpec(steps=student_steps, batch_size=8, max_steps=student_steps + extra_steps,
+                                extend_steps=1),
+        teacher_train=TrainSpec(steps=teacher_steps, batch_size=8, teacher_share=1 - TEACHER_STUDENT_SHARE,
+                                max_steps=teacher_steps + extra_steps, extend_steps=1),
     )

@@ -53,7 +53,11 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class TrainSpec:
-    """How one model is trained. `teacher_share`: the share of examples in teacher style."""
+    """How one model is trained. `teacher_share`: the share of examples in teacher style.
+
+    `steps` with one warm-up-then-cosine schedule; then, while a check says the model is short
+    of its target, `extend_steps` more at a time (a warm restart to `extend_lr_ratio` x `lr`,
+    cosine back down), up to `max_steps` in all (None: exactly `steps`, no check)."""
 
     steps: int
     batch_size: int = 64
@@ -62,6 +66,14 @@ class TrainSpec:
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.01
     teacher_share: float = 0.0
+    max_steps: int | None = None
+    extend_steps: int = 200
+    extend_lr_ratio: float = 0.5
+
+    @property
+    def budget(self) -> int:
+        """The most steps this spec may train for."""
+        return max(self.steps, self.max_steps or 0)
 
 
 def new_model(spec: ModelSpec, tokenizer, seed: int):
@@ -131,41 +143,60 @@ def collate(rows: list[tuple[list[int], int]], pad_id: int):
 
 
 def train(model, data: Iterator, spec: TrainSpec, log: Callable[[str], None] | None = None,
-          every: int = 100) -> list[float]:
-    """AdamW, linear warm-up then cosine decay; returns the loss per step (the model ends in eval mode)."""
+          every: int = 100, check: Callable[[object, int], bool] | None = None) -> list[float]:
+    """AdamW, linear warm-up then cosine decay over `spec.steps`; then, while `check(model, steps_so_far)`
+    is False and `spec.budget` allows, `spec.extend_steps` more on a warm restart (`lr_factor`).
+    Returns the loss per step (the model ends in eval mode). `check` sees the model in eval mode
+    and must not change it; it is not called when the budget allows no extension."""
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": spec.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=spec.lr, betas=(0.9, 0.98), eps=1e-8)
-    warmup = max(1, int(spec.warmup * spec.steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(spec, step))
+    model.train()
+    losses, start, limit = [], time.perf_counter(), spec.steps
+    while True:
+        for step in range(len(losses), limit):
+            input_ids, attention, labels = next(data)
+            logits = model(input_ids=input_ids, attention_mask=attention).logits
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss.item())
+            if log and ((step + 1) % every == 0 or step + 1 == limit):
+                recent = losses[-every:]
+                log(f"step {step + 1}/{limit}  loss {sum(recent) / len(recent):.3f}  "
+                    f"{time.perf_counter() - start:.0f}s")
+        model.eval()
+        if check is None or limit >= spec.budget or check(model, limit):
+            return losses
+        limit = min(limit + spec.extend_steps, spec.budget)
+        model.train()
 
-    def lr_at(step: int) -> float:
+
+def lr_factor(spec: TrainSpec, step: int) -> float:
+    """The learning rate at `step` as a share of `spec.lr`: the main schedule over `spec.steps`, then
+    one warm restart per extension of `spec.extend_steps` (the last one cut at the budget)."""
+    if step < spec.steps:
+        warmup = max(1, int(spec.warmup * spec.steps))
         if step < warmup:
             return (step + 1) / warmup
         progress = (step - warmup) / max(1, spec.steps - warmup)
         return spec.min_lr_ratio + (1 - spec.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
-    model.train()
-    losses, start = [], time.perf_counter()
-    for step in range(spec.steps):
-        input_ids, attention, labels = next(data)
-        logits = model(input_ids=input_ids, attention_mask=attention).logits
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        losses.append(loss.item())
-        if log and ((step + 1) % every == 0 or step + 1 == spec.steps):
-            recent = losses[-every:]
-            log(f"step {step + 1}/{spec.steps}  loss {sum(recent) / len(recent):.3f}  "
-                f"{time.perf_counter() - start:.0f}s")
-    model.eval()
-    return losses
+    if spec.budget <= spec.steps:
+        return spec.min_lr_ratio
+    begin = spec.steps + (step - spec.steps) // spec.extend_steps * spec.extend_steps
+    length, at = max(1, min(spec.extend_steps, spec.budget - begin)), step - begin
+    warmup, peak = max(1, int(spec.warmup * length)), spec.extend_lr_ratio
+    if at < warmup:
+        return peak * (at + 1) / warmup
+    progress = min(1.0, (at - warmup) / max(1, length - warmup))
+    return spec.min_lr_ratio + (peak - spec.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 # ---------------------------------------------------------------- measuring
