@@ -18,8 +18,8 @@ SYSTEM = ("You are Qwen, created by Alibaba Cloud. You are a helpful assistant.\
           "First, provide a step-by-step logical exploration of the problem.\n"
           "Then, provide a clear and direct response based on your reasoning, with the final answer enclosed in \\boxed{}.")
 
-# Preset fields that no config has yet: the command layer adds them (docs/paper.md, "Not wired yet").
-NOT_WIRED = {"generate": {"max_length"}, "eval": {"max_length", "answer_mode"}}
+# Preset fields that no config has yet (docs/paper.md, "Not wired yet"): none.
+NOT_WIRED: dict[str, set] = {}
 CONFIGS = {"generate": GenerateConfig, "select": SelectConfig, "train": TrainConfig, "eval": EvalConfig}
 
 
@@ -72,3 +72,41 @@ def test_unknown_preset_or_command_is_one_line():
     first = load_preset("paper", "generate")
     first["samples"] = 1
     assert load_preset("paper", "generate")["samples"] == 16  # callers get a fresh dict
+
+
+# ---------------------------------------------------------------- applied by the command layer
+
+
+def test_preset_lies_under_the_file_and_the_flags(tmp_path):
+    from tracetailor.config import merge
+
+    given = {"student": "s", "teacher": "t", "prompts": "p.jsonl"}
+    cfg = merge(GenerateConfig, None, {**given, "preset": "paper"})
+    assert (cfg.samples, cfg.max_new_tokens, cfg.max_length, cfg.prefill) == (16, 7168, 8192, "<think>")
+    cfg = merge(GenerateConfig, {"preset": "paper", "samples": 4}, {**given, "max_new_tokens": 100})
+    assert (cfg.samples, cfg.max_new_tokens, cfg.preset) == (4, 100, "paper")  # file, then flags, win
+    assert merge(GenerateConfig, None, given).samples == 1  # no preset: the plain defaults
+    with pytest.raises(PresetError, match="^preset 'papr' is unknown"):
+        merge(GenerateConfig, None, {**given, "preset": "papr"})
+
+
+def test_cli_prints_the_preset_and_records_it(tiny_pair, tmp_path):
+    """`--preset paper` through the CLI: the resolved settings printed at start, `preset` in run.json, and
+    the total budget `max_length` (here set by a flag over the preset) binding before max_new_tokens."""
+    from typer.testing import CliRunner
+
+    from tracetailor.cli import app
+    from tracetailor.data.traces import read_records
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, [
+        "generate", "--preset", "paper", "--student", tiny_pair["student"], "--teacher", tiny_pair["teacher"],
+        "--prompts", tiny_pair["prompts"], "--prompt-field", "question", "--samples", "1", "--max-length", "60",
+        "--system-prompt", "", "--limit", "3", "--out", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "preset paper: mode='rsd'" in result.output and "max_length=60" in result.output
+    run = __import__("json").loads((out / "run.json").read_text())
+    assert run["config"]["preset"] == "paper" and run["config"]["max_length"] == 60
+    records = list(read_records(out / "traces.jsonl"))
+    assert records and all(len(r["prompt_token_ids"]) + len(r["completion_token_ids"]) <= 60 for r in records)
+    assert any(r["finish_reason"] == "length" for r in records)

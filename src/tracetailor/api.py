@@ -68,7 +68,8 @@ def rsd_generate(teacher: Any, student: Any, prompts: Sequence[str | dict | list
     stop, prefill, system_prompt, carry, batch_size, device, dtype, ...). With mode="student" the teacher
     may be None. The same seed and settings give the same traces as the command."""
     from .data.prompts import build_prompts
-    from .sampling import build_record, build_requests, context_window, make_bridge, make_engine, sample
+    from .sampling import (build_record, build_requests, context_window, make_bridge, make_engine, sample,
+                           token_budget)
 
     cfg = _config(GenerateConfig, settings, student=_IN_MEMORY, prompts=_IN_MEMORY,
                   teacher=_IN_MEMORY if teacher is not None else None)
@@ -83,7 +84,8 @@ def rsd_generate(teacher: Any, student: Any, prompts: Sequence[str | dict | list
                                 chat_template=cfg.chat_template)
     context = context_window(student_m, teacher_m)
     pairs = ((p, s) for p in prompt_list for s in range(cfg.samples))
-    requests, handles, _ = build_requests(pairs, bridge, context, cfg.max_new_tokens)
+    requests, handles, _ = build_requests(pairs, bridge, token_budget(context, cfg.max_length),
+                                          cfg.max_new_tokens)
     engine = make_engine(cfg, student_m, teacher_m, bridge)
     eos = set(student_m.eos_ids())
     order = {p.prompt_id: i for i, p in enumerate(prompt_list)}

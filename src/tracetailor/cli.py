@@ -136,10 +136,22 @@ def _run_with_config(cls, run, flags: dict, config: str | None, no_progress: boo
     holder = {}
     with user_errors_as_one_line(flags.get("out") or "the output directory", resumable):
         cfg = holder["cfg"] = merge(cls, load_yaml(config) if config else None, flags, source=config or "flags")
+        if getattr(cfg, "preset", None):
+            _say_preset(cfg, log or _say())
         if no_progress:
             with quiet_progress_bars():
                 return run(cfg, log=log or _say())
         return run(cfg, log=log or _say())
+
+
+def _say_preset(cfg, log) -> None:
+    """Print the preset's settings as this run resolved them (a flag or --config may have overridden some)."""
+    from .config import PRESET_COMMANDS
+    from .presets import load_preset
+
+    table = load_preset(cfg.preset, PRESET_COMMANDS[type(cfg).__name__])
+    shown = ", ".join(f"{k}={getattr(cfg, k)!r}" for k in table)
+    log(f"preset {cfg.preset}: {shown}")
 
 
 # ---------------------------------------------------------------- options made from the config fields

@@ -207,6 +207,8 @@ class GenerateConfig(Settings):
     out: str = option("traces", "Output directory for traces.jsonl, run.json, stats.json.", resumable=True)
     samples: int = option(1, "Samples per prompt.", low=1)
     max_new_tokens: int = option(1024, "Token limit per completion.", low=1)
+    max_length: int | None = option(None, "Most tokens in all, prompt included (binds before --max-new-tokens when "
+                                    "the prompt is long).", low=2, shown="none: the models' context")
     batch_size: int = option(32, "Sequences decoded together.", low=1, resumable=True)
     seed: int = option(0, "Seed of the counter-based sampler.", low=0)
     mode: str = option("rsd", "rsd (teacher proposes, student filters), teacher or student (plain sampling).",
@@ -239,6 +241,8 @@ class GenerateConfig(Settings):
     draft_tokens: int = option(0, "Modes rsd and teacher: the student guesses this many tokens and the teacher checks "
                                "them in one pass; the traces are the same, with fewer teacher passes. 0 = one teacher "
                                "pass per token.", low=0, resumable=True)
+    preset: str | None = option(None, "A named table of settings (paper: the paper's procedure, docs/paper.md) laid "
+                                "under --config and the flags, which override it.", resumable=True)
 
     def validate(self) -> "GenerateConfig":
         check_fields(self)
@@ -273,6 +277,8 @@ class EvalConfig(Settings):
     top_p: float = option(0.95, "Nucleus mass.", above=0.0, high=1.0)
     top_k: int = option(0, "Top-k; 0 = none.", low=0)
     max_new_tokens: int = option(8192, "Token limit per completion.", low=1)
+    max_length: int | None = option(None, "Most tokens in all, prompt included (binds before --max-new-tokens when "
+                                    "the prompt is long).", low=2, shown="none: the models' context")
     prefill: str | None = option(None, 'Text that starts every completion; "" for none.',
                                  shown='"<think>\\n" when the tokenizer has <think>, else none')
     system_prompt: str | None = option(None, "System message put before each question.")
@@ -290,6 +296,8 @@ class EvalConfig(Settings):
     trust_remote_code: bool = option(False, REMOTE_HELP)
     allow_pickle: bool = option(False, PICKLE_HELP, resumable=True)
     overwrite: bool = option(False, "Replace an earlier evaluation in --out instead of resuming it.", resumable=True)
+    preset: str | None = option(None, "A named table of settings (paper: the paper's procedure, docs/paper.md) laid "
+                                "under --config and the flags, which override it.", resumable=True)
 
     def validate(self) -> "EvalConfig":
         from .evaluate.benchmarks import split_benchmarks
@@ -388,6 +396,8 @@ class SelectConfig(Settings):
     answer_mode: str = option("math-verify", "How answers are checked: math-verify, strict-boxed (the paper's "
                               "extraction, exact match) or strict-math-verify.", choices=tuple(ANSWER_MODES))
     overwrite: bool = option(False, "Replace an SFT set already at --out.", resumable=True)
+    preset: str | None = option(None, "A named table of settings (paper: the paper's procedure, docs/paper.md) laid "
+                                "under --config and the flags, which override it.", resumable=True)
 
     def validate(self) -> "SelectConfig":
         try:
@@ -460,6 +470,8 @@ class TrainConfig(Settings):
     overwrite: bool = option(False, "Replace a checkpoint already in --out.", resumable=True)
     limit: int | None = option(None, "Only the first N examples.", low=1)
     progress: bool = option(True, "Progress bars.", cli=False, resumable=True)
+    preset: str | None = option(None, "A named table of settings (paper: the paper's procedure, docs/paper.md) laid "
+                                "under --config and the flags, which override it.", resumable=True)
 
     def validate(self) -> "TrainConfig":
         check_fields(self)
@@ -551,6 +563,10 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+# the command whose section of a preset table a config takes
+PRESET_COMMANDS = {"GenerateConfig": "generate", "SelectConfig": "select", "TrainConfig": "train",
+                   "EvalConfig": "eval"}
+
 # keys that were renamed, and what to use instead
 RENAMED = {"gguf_file": ("GenerateConfig", "teacher_gguf_file (the teacher's GGUF file; student_gguf_file is the "
                           "student's)")}
@@ -561,6 +577,11 @@ def merge(cls, file_values: dict[str, Any] | None, flag_values: dict[str, Any], 
     its field's type (a wrong type is one line naming `source` and the key)."""
     known = {f.name for f in fields(cls)}
     values: dict[str, Any] = {}
+    preset = flag_values.get("preset") or (file_values or {}).get("preset")
+    if preset and "preset" in known:  # the preset's table goes under the file and the flags
+        from .presets import load_preset
+
+        file_values = {**load_preset(str(preset), PRESET_COMMANDS[cls.__name__]), **(file_values or {})}
     for key, value in (file_values or {}).items():
         name = str(key).replace("-", "_")
         if name in RENAMED and RENAMED[name][0] == cls.__name__ and name not in known:

@@ -121,11 +121,12 @@ class GenerateWorker:
         }
 
     def run_shard(self, prompts: dict, pairs: list[tuple[int, int]]) -> dict:
-        from .sampling import build_record, build_requests, sample
+        from .sampling import build_record, build_requests, sample, token_budget
 
         started = time.perf_counter()
         passes_before, emitted_before = self.engine.teacher_passes, self.engine.tokens_emitted
-        requests, handles, skipped = build_requests(((prompts[i], s) for i, s in pairs), self.bridge, self.context,
+        requests, handles, skipped = build_requests(((prompts[i], s) for i, s in pairs), self.bridge,
+                                                    token_budget(self.context, self.cfg.max_length),
                                                     self.cfg.max_new_tokens)
         sequences = tokens = 0
         with TraceWriter(self.path) as writer:

@@ -31,6 +31,7 @@ from .sampling import (
     make_engine,
     run_info,
     sample,
+    token_budget,
     warn_skipped,
     write_stats,
 )
@@ -58,7 +59,8 @@ def _run_here(cfg: GenerateConfig, rundir: RunDir, log) -> dict[str, Any]:
 
     # prompts that leave no room to generate are skipped, counted and named
     pending = ((p, s) for p in prompts for s in range(cfg.samples) if record_id(p.prompt_id, s) not in done)
-    requests, handles, skipped = build_requests(pending, bridge, context, cfg.max_new_tokens)
+    requests, handles, skipped = build_requests(pending, bridge, token_budget(context, cfg.max_length),
+                                                cfg.max_new_tokens)
     warn_skipped(skipped, context)
 
     rundir.started()  # models loaded, prompts read: a run replaced by --overwrite can go

@@ -115,6 +115,12 @@ def context_window(student, teacher) -> int | None:
     return min(contexts) if contexts else None
 
 
+def token_budget(context: int | None, max_length: int | None) -> int | None:
+    """The most tokens a sequence may hold in all: the models' context, or `max_length` when smaller."""
+    limits = [n for n in (context, max_length) if n]
+    return min(limits) if limits else None
+
+
 def build_requests(pairs, bridge, context: int | None, max_new_tokens: int):
     """Engine requests for (prompt, sample) pairs: (requests, {handle: (prompt, sample)}, skipped prompt ids).
     A prompt that leaves no room to generate under `context` is skipped, and named once."""

@@ -270,7 +270,7 @@ def eval_benchmark(name: str, spec: BenchmarkSpec, items: list[Item], cfg: EvalC
     """Sample, grade and append the samples of one benchmark not yet in OUT; its scores over all of them."""
     from ..data.prompts import build_prompts
     from ..data.traces import TraceWriter, read_repaired
-    from ..sampling import Progress, build_requests, sample
+    from ..sampling import Progress, build_requests, sample, token_budget
 
     tok = model.tokenizer
     prompts = build_prompts([{"id": it.id, "prompt": it.prompt} for it in items], None, tok, prompt_field="prompt",
@@ -281,7 +281,8 @@ def eval_benchmark(name: str, spec: BenchmarkSpec, items: list[Item], cfg: EvalC
     done = {(r["question_id"], r["sample"]) for r in records}
     by_id = {it.id: it for it in items}
     pending = ((p, s) for p in prompts for s in range(cfg.samples) if (p.prompt_id, s) not in done)
-    requests, handles, skipped = build_requests(pending, None, model.context_length, cfg.max_new_tokens)
+    requests, handles, skipped = build_requests(pending, None, token_budget(model.context_length, cfg.max_length),
+                                                cfg.max_new_tokens)
     if skipped:
         warnings.warn(f"{name}: skipped {len(skipped)} question(s) longer than the context "
                       f"({model.context_length} tokens)", stacklevel=2)
