@@ -199,9 +199,6 @@ def _connect(ray, cfg: GenerateConfig, log) -> bool:
 
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    # this Ray lives only as long as this process: once its GCS is gone (a kill -9 of ours takes it along),
-    # its agents give up reconnecting after seconds instead of the default minute and more
-    os.environ.setdefault("RAY_gcs_rpc_server_reconnect_timeout_s", "5")
     ray.init(num_cpus=cpus, num_gpus=gpus, include_dashboard=False, **quiet)
     return True
 
