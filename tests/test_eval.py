@@ -357,3 +357,18 @@ def test_eval_goes_through_the_sampling_path_and_halves_its_batch_on_out_of_memo
     a = sorted((r["id"], r["completion"]) for r in _samples(tmp_path / "whole" / whole["benchmarks"][name]["file"]))
     b = sorted((r["id"], r["completion"]) for r in _samples(tmp_path / "short" / short["benchmarks"][name]["file"]))
     assert a == b and len(a) == 6
+
+
+def test_answer_mode_strict_needs_a_boxed_answer_after_think():
+    """eval's --answer-mode: math-verify (default) reads an unboxed final number; the paper's strict modes need
+    the last \\boxed{} after </think>, and strict-boxed compares exactly where math-verify allows equivalents."""
+    from tracetailor.evaluate.run import grade_sample
+
+    unboxed = "<think>\n2 + 3 = 5</think>\nThe answer is 5."
+    boxed_equiv = "<think>\nhalf</think>\n\\boxed{0.5}"
+    args = ("math", True, "stop")
+    assert grade_sample(unboxed, "5", *args).correct  # today's extraction takes the last number
+    assert not grade_sample(unboxed, "5", *args, answer_mode="strict-boxed").correct
+    assert grade_sample(unboxed, "5", *args, answer_mode="strict-math-verify").extracted is None
+    assert grade_sample(boxed_equiv, "1/2", *args, answer_mode="strict-math-verify").correct
+    assert not grade_sample(boxed_equiv, "1/2", *args, answer_mode="strict-boxed").correct

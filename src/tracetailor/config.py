@@ -282,6 +282,8 @@ class EvalConfig(Settings):
     prefill: str | None = option(None, 'Text that starts every completion; "" for none.',
                                  shown='"<think>\\n" when the tokenizer has <think>, else none')
     system_prompt: str | None = option(None, "System message put before each question.")
+    answer_mode: str = option("math-verify", "How math answers are checked: math-verify, strict-boxed (the paper's "
+                              "extraction, exact match) or strict-math-verify.", choices=tuple(ANSWER_MODES))
     chat_template: bool = option(True, "Apply the model's chat template.", flags=("--chat-template/--no-chat-template",),
                                  shown="on")
     batch_size: int = option(32, "Sequences decoded together.", low=1, resumable=True)

@@ -40,7 +40,8 @@ from typing import Any, Iterable, Sequence
 
 from ..config import EvalConfig
 from ..data.traces import AtomicWriter
-from .answers import THINK_END, extract_answer, is_correct, multiple_choice_letter, normalize, require_math_verify
+from .answers import (THINK_END, check_answer, extract_answer, is_correct, multiple_choice_letter, normalize,
+                      require_math_verify)
 from .metrics import majority_at_k, mean_over_questions, pass_at_k
 from .benchmarks import BenchmarkError, BenchmarkSpec, Item, load_benchmark, resolve_benchmark, split_benchmarks
 
@@ -58,14 +59,19 @@ class Verdict:
     truncated_before_answer: bool  # thinking runs: cut by the token limit before `</think>`
 
 
-def grade_sample(completion: str, gold: str, answer_type: str, thinking: bool, finish_reason: str) -> Verdict:
-    """Grade one completion: the last `\\boxed{}` after `</think>` (math, by math-verify) or the chosen letter."""
+def grade_sample(completion: str, gold: str, answer_type: str, thinking: bool, finish_reason: str,
+                 answer_mode: str = "math-verify") -> Verdict:
+    """Grade one completion: the last `\\boxed{}` after `</think>` (math, by math-verify; another `answer_mode`
+    goes through `check_answer`, e.g. the paper's strict-math-verify) or the chosen letter."""
     if thinking and THINK_END not in completion:
         return Verdict(None, False, False, finish_reason == "length")
     closed = True if thinking else None
     if answer_type == "choice":
         letter = multiple_choice_letter(completion, thinking)
         return Verdict(letter, letter is not None and letter.upper() == gold.strip().upper(), closed, False)
+    if answer_mode != "math-verify":
+        check = check_answer(completion, gold, answer_mode, thinking=thinking)
+        return Verdict(check.extracted, check.correct, closed, False)
     answer = extract_answer(completion, thinking)
     return Verdict(answer, is_correct(answer, gold), closed, False)
 
@@ -296,7 +302,7 @@ def eval_benchmark(name: str, spec: BenchmarkSpec, items: list[Item], cfg: EvalC
         with TraceWriter(path) as writer:
             for fin in sample(engine, requests, log):  # out of memory: half the batch, go on
                 prompt, s = handles[fin.handle]
-                record = sample_record(name, by_id[prompt.prompt_id], s, fin, tok, eos, thinking)
+                record = sample_record(name, by_id[prompt.prompt_id], s, fin, tok, eos, thinking, cfg.answer_mode)
                 tokens += len(fin.token_ids)
                 writer.write(record)
                 records.append(record)
@@ -314,13 +320,13 @@ def eval_benchmark(name: str, spec: BenchmarkSpec, items: list[Item], cfg: EvalC
 
 
 def sample_record(benchmark: str, item: Item, sample_index: int, fin, tokenizer, eos: set[int],
-                  thinking: bool) -> dict[str, Any]:
+                  thinking: bool, answer_mode: str = "math-verify") -> dict[str, Any]:
     """One graded sample, as a line of OUT/<benchmark>.jsonl."""
     from ..data.traces import record_id
     from ..sampling import completion_text
 
     completion = completion_text(fin, tokenizer, eos)
-    verdict = grade_sample(completion, item.gold, item.answer_type, thinking, fin.finish_reason)
+    verdict = grade_sample(completion, item.gold, item.answer_type, thinking, fin.finish_reason, answer_mode)
     record = {
         "id": record_id(item.id, sample_index), "benchmark": benchmark, "question_id": item.id,
         "sample": sample_index, "question": item.question, "gold": item.gold,
