@@ -170,7 +170,7 @@ def test_rollback_leaves_the_cache_of_a_fresh_prefill(pair):
 def test_a_killed_drafted_run_resumes_to_the_lockstep_records(tiny_pair, tmp_path):
     """Through the CLI: a drafted run killed twice and restarted gives the records of an uninterrupted lockstep
     run, and stats.json reports the passes per token and the draft length (also for lockstep)."""
-    from test_generate import _cfg, _cli, _cli_args, _records
+    from test_generate import _cfg, _cli, _cli_args, _kill_at_lines, _records
 
     lockstep_out, killed_out = tmp_path / "lockstep", tmp_path / "killed"
     # the settings of _cli_args, in this process
@@ -178,19 +178,7 @@ def test_a_killed_drafted_run_resumes_to_the_lockstep_records(tiny_pair, tmp_pat
                  log=lambda m: None)
     stats = json.loads((lockstep_out / "stats.json").read_text())
     assert stats["draft_tokens"] == 0 and 0.8 < stats["teacher_passes_per_token"] <= 1.0
-    kills = 0
-    for wait_lines in (3, 9):
-        proc = subprocess.Popen([sys.executable, "-m", "tracetailor.cli",
-                                 *_cli_args(tiny_pair, killed_out, "--draft-tokens", "3")],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline, trace = time.time() + 120, killed_out / "traces.jsonl"
-        while time.time() < deadline and proc.poll() is None:
-            if trace.exists() and trace.read_bytes().count(b"\n") >= wait_lines:
-                os.kill(proc.pid, signal.SIGKILL)
-                kills += 1
-                break
-            time.sleep(0.01)
-        proc.wait()
+    kills = _kill_at_lines(_cli_args(tiny_pair, killed_out, "--draft-tokens", "3"), killed_out)
     assert kills >= 1, "the run finished before it could be killed"
     rerun = _cli(*_cli_args(tiny_pair, killed_out, "--draft-tokens", "3"))
     assert rerun.returncode == 0, rerun.stderr

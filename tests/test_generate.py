@@ -169,17 +169,14 @@ def _cli_args(pair, out, *extra):
             "--samples", "4", "--max-new-tokens", "40", "--batch-size", "2", "--seed", "3", "--no-progress", *extra]
 
 
-def test_sigkill_then_restart_equals_uninterrupted_run(tiny_pair, tmp_path):
-    whole_out, killed_out = tmp_path / "whole", tmp_path / "killed"
-    done = _cli(*_cli_args(tiny_pair, whole_out))
-    assert done.returncode == 0, done.stderr
-    whole = _records(whole_out)
+def _kill_at_lines(args, out, waits=(3, 9)) -> int:
+    """Start `tracetailor ARGS` once per entry of `waits` and SIGKILL it when OUT/traces.jsonl holds that many
+    lines; the number of runs actually killed (a run may finish first)."""
     kills = 0
-    for wait_lines in (3, 9):  # kill twice, at different points
-        proc = subprocess.Popen([sys.executable, "-m", "tracetailor.cli", *_cli_args(tiny_pair, killed_out)],
+    for wait_lines in waits:
+        proc = subprocess.Popen([sys.executable, "-m", "tracetailor.cli", *args],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 120
-        trace = killed_out / "traces.jsonl"
+        deadline, trace = time.time() + 120, Path(out) / "traces.jsonl"
         while time.time() < deadline and proc.poll() is None:
             if trace.exists() and trace.read_bytes().count(b"\n") >= wait_lines:
                 os.kill(proc.pid, signal.SIGKILL)
@@ -187,6 +184,15 @@ def test_sigkill_then_restart_equals_uninterrupted_run(tiny_pair, tmp_path):
                 break
             time.sleep(0.01)
         proc.wait()
+    return kills
+
+
+def test_sigkill_then_restart_equals_uninterrupted_run(tiny_pair, tmp_path):
+    whole_out, killed_out = tmp_path / "whole", tmp_path / "killed"
+    done = _cli(*_cli_args(tiny_pair, whole_out))
+    assert done.returncode == 0, done.stderr
+    whole = _records(whole_out)
+    kills = _kill_at_lines(_cli_args(tiny_pair, killed_out), killed_out)  # kill twice, at different points
     assert kills >= 1, "the run finished before it could be killed"
     rerun = _cli(*_cli_args(tiny_pair, killed_out))
     assert rerun.returncode == 0, rerun.stderr
