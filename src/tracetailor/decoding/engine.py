@@ -259,6 +259,14 @@ class Engine:
         return DrawKeys(self.settings.seed, column([r.prompt_key for r in requests]),
                         column([r.sample for r in requests]), column([0] * len(requests)))
 
+    def _refill(self, queue: deque, live: "_Live | None", admit) -> "_Live":
+        """Admit waiting requests (through `admit`) once enough slots are free, or into an empty batch."""
+        free = self.batch_size - (len(live.rows) if live else 0)
+        if queue and (live is None or free >= self.admit_at):
+            group = admit([queue.popleft() for _ in range(min(free, len(queue)))])
+            live = group if live is None else live.extend(group)
+        return live
+
     def run(self, requests: Iterable[Request]) -> Iterator[Finished]:
         """Yield each request's result as soon as it finishes (not in input order)."""
         if self.draft_tokens > 0:
@@ -268,10 +276,7 @@ class Engine:
         queue = deque(sorted(requests, key=lambda r: -len(r.student_ids)))
         live: _Live | None = None
         while queue or live is not None:
-            free = self.batch_size - (len(live.rows) if live else 0)
-            if queue and (live is None or free >= self.admit_at):
-                group = self._admit([queue.popleft() for _ in range(min(free, len(queue)))])
-                live = group if live is None else live.extend(group)
+            live = self._refill(queue, live, self._admit)
 
             if self.kv_use is not None:
                 self._measure_kv(live)
@@ -343,10 +348,7 @@ class Engine:
         queue = deque(sorted(requests, key=lambda r: -len(r.student_ids)))
         live: _Live | None = None
         while queue or live is not None:
-            free = self.batch_size - (len(live.rows) if live else 0)
-            if queue and (live is None or free >= self.admit_at):
-                group = self._admit_drafted([queue.popleft() for _ in range(min(free, len(queue)))])
-                live = group if live is None else live.extend(group)
+            live = self._refill(queue, live, self._admit_drafted)
             if self.kv_use is not None:
                 self._measure_kv(live)
             keep, done = self._draft_step(live)
