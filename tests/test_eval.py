@@ -372,3 +372,34 @@ def test_answer_mode_strict_needs_a_boxed_answer_after_think():
     assert grade_sample(unboxed, "5", *args, answer_mode="strict-math-verify").extracted is None
     assert grade_sample(boxed_equiv, "1/2", *args, answer_mode="strict-math-verify").correct
     assert not grade_sample(boxed_equiv, "1/2", *args, answer_mode="strict-boxed").correct
+
+
+def test_no_instruction_sends_the_question_alone_and_the_judge_is_recorded(tiny_pair, tmp_path, monkeypatch):
+    """--no-instruction (the paper preset's): the user turn is the raw question; a choice question keeps its
+    lettered options. The judge's endpoint and model go into run.json and the summary."""
+    import tracetailor.data.prompts as prompts_module
+
+    seen: list[list[str]] = []
+    real = prompts_module.build_prompts
+
+    def spy(rows, *args, **kwargs):
+        rows = list(rows)
+        seen.append([r["prompt"] for r in rows])
+        return real(rows, *args, **kwargs)
+
+    monkeypatch.setattr(prompts_module, "build_prompts", spy)
+    local = _jsonl(tmp_path / "mine.jsonl", [{"question": "What is 2 + 3?", "answer": "5"}])
+    for instruction in (True, False):
+        out = tmp_path / f"out-{instruction}"
+        summary = run_eval(_cfg(tiny_pair, out, benchmark=str(local), samples=1, instruction=instruction,
+                                judge_url="http://127.0.0.1:9/v1", judge_model="jm"), log=lambda m: None)
+        assert summary["settings"]["instruction"] is instruction
+        assert summary["judge"]["model"] == "jm" and summary["judge"]["endpoint"].endswith("/v1/chat/completions")
+        assert json.loads((out / "run.json").read_text())["config"]["judge_url"] == "http://127.0.0.1:9/v1"
+    assert seen == [["What is 2 + 3?\n" + MATH_INSTRUCTION], ["What is 2 + 3?"]]
+
+
+def test_choice_items_keep_their_options_without_the_instruction(tmp_path):
+    for item in load_benchmark(BENCHMARKS["gpqa-diamond"], source=_parquet(tmp_path / "g.parquet", GPQA_ROWS)):
+        assert item.bare == item.prompt.rsplit("\n\n", 1)[0] and item.bare.startswith(item.question)
+        assert "\\boxed{}" in item.prompt and "\\boxed{}" not in item.bare and item.bare.count(") ") >= 4

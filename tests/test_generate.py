@@ -63,6 +63,7 @@ def test_records_have_the_design_fields(rsd_run):
         assert len(r["origin"]) == len(r["student_logprobs"]) == len(r["teacher_logprobs"]) == n
         assert set(r["origin"]) <= {"T", "S"}
         assert r["finish_reason"] in ("stop", "length")
+        assert (r["stopped_by"] is None) == (r["finish_reason"] == "length")  # the EOS token's text when stopped
         assert r["fallback_rate"] == pytest.approx(r["origin"].count("S") / n)
         assert r["id"] == f"{r['prompt_id']}/{r['sample']}" and "answer" in r
     run = json.loads((out / "run.json").read_text())
@@ -278,6 +279,28 @@ def test_stop_string_ends_a_completion(tiny_pair, rsd_run, tmp_path):
     assert stopped["finish_reason"] == "stop"
     assert stop in stopped["completion"] and len(stopped["completion_token_ids"]) <= 10
     assert stopped["completion_token_ids"] == ids[: len(stopped["completion_token_ids"])]
+    assert stopped["stopped_by"] == stop  # which stop ended it (an end token would be named by its text)
+
+
+def test_stopped_by_names_the_end_token_or_the_stop_string():
+    from types import SimpleNamespace
+
+    from tracetailor.sampling import stopped_by
+
+    class Tok:
+        def convert_ids_to_tokens(self, i):
+            return {7: "<|im_end|>", 8: "<|endoftext|>"}[i]
+
+        def decode(self, ids, skip_special_tokens=False):
+            return "".join({1: "a", 2: "</", 3: "think>"}.get(i, "?") for i in ids)
+
+    def fin(ids, reason="stop"):
+        return SimpleNamespace(token_ids=ids, finish_reason=reason)
+
+    assert stopped_by(fin([1, 7]), Tok(), {7, 8}) == "<|im_end|>"
+    assert stopped_by(fin([1, 8]), Tok(), {7, 8}) == "<|endoftext|>"
+    assert stopped_by(fin([1, 2, 3]), Tok(), {7, 8}, ["</think>"]) == "</think>"
+    assert stopped_by(fin([1, 7], "length"), Tok(), {7, 8}) is None
 
 
 def test_nan_logits_stop_the_run_naming_the_prompt(tiny_pair, tmp_path):

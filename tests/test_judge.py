@@ -193,3 +193,71 @@ def test_parse_and_endpoint_helpers():
     assert chat_endpoint("http://h:1/v1/chat/completions") == "http://h:1/v1/chat/completions"
     with pytest.raises(JudgeError, match="judge_url and judge_model"):
         LLMJudge("", "m")
+
+
+# ---------------------------------------------------------------- the commands' --judge-* options
+
+
+def test_judge_from_a_config_needs_url_and_model_together(tmp_path):
+    from types import SimpleNamespace
+
+    from tracetailor.evaluate.judge import judge_from
+
+    def cfg(url=None, model=None, cache=None):
+        return SimpleNamespace(judge_url=url, judge_model=model, judge_api_key_env="K", judge_cache=cache)
+
+    assert judge_from(cfg(), tmp_path / "c.jsonl") is None
+    from tracetailor.config import ConfigError
+    from tracetailor.evaluate.run import EvalConfig
+    from tracetailor.select import SelectConfig
+
+    with pytest.raises(ConfigError, match=r"^judge_model: given without --judge-url"):
+        SelectConfig(traces=["t.jsonl"], out="o.jsonl", answer_field="a", judge_model="m").validate()
+    with pytest.raises(ConfigError, match=r"^judge_url: given without --judge-model"):
+        EvalConfig(model="m", judge_url="http://127.0.0.1:9/v1").validate()
+    with pytest.raises(JudgeError, match="both judge_url and judge_model"):
+        judge_from(cfg(url="http://127.0.0.1:9/v1"), None)
+    made = judge_from(cfg("http://127.0.0.1:9/v1", "m"), tmp_path / "c.jsonl")
+    assert made.cache.path == tmp_path / "c.jsonl" and made.api_key_env == "K"
+    assert judge_from(cfg("http://127.0.0.1:9/v1", "m", str(tmp_path / "mine.jsonl")), None).cache.path.name == "mine.jsonl"
+
+
+def test_eval_grade_asks_the_judge_with_the_question(serve, tmp_path):
+    """eval --judge-url: a boxed answer the offline checks reject goes to the judge, with the question."""
+    from tracetailor.evaluate.run import grade_sample
+
+    server = serve(OK)
+    judge, _ = make_judge(server.url, tmp_path)
+    text = "<think>\nhalf</think>\n\\boxed{one half}"
+    assert not grade_sample(text, "1/2", "math", True, "stop", "strict-boxed").correct
+    assert grade_sample(text, "1/2", "math", True, "stop", "strict-boxed", judge, "What is 1/2?").correct
+    assert len(server.requests) == 1 and "What is 1/2?" in server.requests[0]["body"]["messages"][0]["content"]
+    # the default mode goes through the judge too once one is given; an exact match never asks
+    assert grade_sample("<think>x</think>\\boxed{1/2}", "1/2", "math", True, "stop", judge=judge).correct
+    assert len(server.requests) == 1
+
+
+def test_select_keeps_what_the_judge_accepts_and_caches_beside_the_set(serve, tmp_path):
+    pytest.importorskip("math_verify")
+    from tests.test_select import trace, write_jsonl
+    from tracetailor.select import SelectConfig, run_select
+
+    traces = write_jsonl(tmp_path / "traces.jsonl", [
+        trace("p1", 0, "hmm</think>\\boxed{one half}", gold="1/2"),  # offline: wrong; the judge: equivalent
+        trace("p2", 0, "hmm</think>\\boxed{7}", gold="7"),  # exact: the judge is not asked
+    ])
+    server = serve(OK)
+    out = tmp_path / "sft.jsonl"
+    funnel = run_select(SelectConfig(traces=[str(traces)], out=str(out), answer_mode="strict-boxed",
+                                     judge_url=server.url, judge_model="judge-model"), log=lambda m: None)
+    assert funnel["kept"] == 2 and funnel["removed"]["incorrect"] == 0
+    assert funnel["judge"]["requests"] == 1 and "Question p1?" in server.requests[0]["body"]["messages"][0]["content"]
+    assert (tmp_path / "sft.jsonl.judge-cache.jsonl").exists()
+    # a rerun over the same traces asks nothing (the cache answers)
+    again = run_select(SelectConfig(traces=[str(traces)], out=str(out), answer_mode="strict-boxed", overwrite=True,
+                                    judge_url=server.url, judge_model="judge-model"), log=lambda m: None)
+    assert again["kept"] == 2 and len(server.requests) == 1
+    # without the judge the same set loses the equivalent answer
+    plain = run_select(SelectConfig(traces=[str(traces)], out=str(tmp_path / "plain.jsonl"),
+                                    answer_mode="strict-boxed"), log=lambda m: None)
+    assert plain["kept"] == 1 and plain["judge"] is None

@@ -50,6 +50,7 @@ def test_eval_is_the_papers():
     assert e["benchmark"].split(",") == ["aime24", "aime25", "math500", "gpqa-diamond"]
     assert e["system_prompt"] == SYSTEM
     assert (e["temperature"], e["top_p"], e["top_k"], e["max_length"], e["samples"]) == (0.7, 0.95, 0, 8192, 16)
+    assert e["instruction"] is False and e["answer_mode"] == "strict-math-verify"
 
 
 @pytest.mark.parametrize("command", sorted(CONFIGS))

@@ -92,7 +92,7 @@ def rsd_generate(teacher: Any, student: Any, prompts: Sequence[str | dict | list
     records = []
     for fin in sample(engine, requests, log):
         prompt, s = handles[fin.handle]
-        data = build_record(prompt, s, fin, student_m.tokenizer, eos, cfg.mode, teacher_m is not None)
+        data = build_record(prompt, s, fin, student_m.tokenizer, eos, cfg.mode, teacher_m is not None, cfg.stop)
         records.append(TraceRecord.from_json(data, f"prompt {prompt.prompt_id!r}, sample {s}"))
     return sorted(records, key=lambda r: (order[r.prompt_id], r.sample))
 

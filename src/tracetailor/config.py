@@ -174,6 +174,15 @@ def _check_temperature(name: str, value: float) -> None:
                           "already greedy in effect)")
 
 
+def _check_judge(cfg) -> None:
+    """The LLM judge needs both its endpoint and its model, or neither."""
+    if cfg.judge_model and not cfg.judge_url:
+        raise ConfigError("judge_model: given without --judge-url; name the endpoint too (e.g. --judge-url "
+                          "http://localhost:8000/v1), or drop --judge-model")
+    if cfg.judge_url and not cfg.judge_model:
+        raise ConfigError("judge_url: given without --judge-model; name the judge's model at that endpoint")
+
+
 def _required(name: str, what: str, value) -> None:
     if not value:
         raise ConfigError(f"{name}: required ({what})")
@@ -185,6 +194,12 @@ DTYPES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
 DTYPE_HELP = "auto (bf16 on CUDA, fp32 elsewhere), float32, bfloat16, float16."
 REMOTE_HELP = "Allow model code from the hub (off by default)."
 PICKLE_HELP = "Load pickle .bin weights, which can run code (off: safetensors or GGUF only)."
+# the LLM judge's four fields, the same on select and eval (evaluate/judge.py `judge_from`)
+JUDGE_URL_HELP = ("An OpenAI-compatible endpoint (e.g. http://localhost:8000/v1) whose --judge-model is asked whether "
+                  "an answer equals the reference when the offline checks say no (the paper's LLM judge).")
+JUDGE_MODEL_HELP = "The judge's model name at --judge-url."
+JUDGE_KEY_HELP = "Environment variable holding the judge's API key (unset: no key is sent)."
+JUDGE_CACHE_HELP = "JSONL cache of the judge's replies: a rerun asks nothing twice."
 
 
 # ---------------------------------------------------------------- generate
@@ -282,8 +297,15 @@ class EvalConfig(Settings):
     prefill: str | None = option(None, 'Text that starts every completion; "" for none.',
                                  shown='"<think>\\n" when the tokenizer has <think>, else none')
     system_prompt: str | None = option(None, "System message put before each question.")
+    instruction: bool = option(True, "Append the answer-format instruction (reason step by step, \\boxed{}) to each "
+                               "question; --no-instruction sends the question alone, as the paper does.",
+                               flags=("--instruction/--no-instruction",), shown="on")
     answer_mode: str = option("math-verify", "How math answers are checked: math-verify, strict-boxed (the paper's "
                               "extraction, exact match) or strict-math-verify.", choices=tuple(ANSWER_MODES))
+    judge_url: str | None = option(None, JUDGE_URL_HELP, shown="none: offline checks only")
+    judge_model: str | None = option(None, JUDGE_MODEL_HELP)
+    judge_api_key_env: str = option("OPENAI_API_KEY", JUDGE_KEY_HELP, resumable=True)
+    judge_cache: str | None = option(None, JUDGE_CACHE_HELP, resumable=True, shown="OUT/judge-cache.jsonl")
     chat_template: bool = option(True, "Apply the model's chat template.", flags=("--chat-template/--no-chat-template",),
                                  shown="on")
     batch_size: int = option(32, "Sequences decoded together.", low=1, resumable=True)
@@ -305,6 +327,7 @@ class EvalConfig(Settings):
         from .evaluate.benchmarks import split_benchmarks
 
         check_fields(self)
+        _check_judge(self)
         _required("model", MODEL_HELP, self.model)
         if not split_benchmarks(self.benchmark or ""):
             raise ConfigError("benchmark: required (e.g. aime24,math500, or a JSONL/Parquet file)")
@@ -397,6 +420,10 @@ class SelectConfig(Settings):
                                    shown="none: count </think> in the text")
     answer_mode: str = option("math-verify", "How answers are checked: math-verify, strict-boxed (the paper's "
                               "extraction, exact match) or strict-math-verify.", choices=tuple(ANSWER_MODES))
+    judge_url: str | None = option(None, JUDGE_URL_HELP, shown="none: offline checks only")
+    judge_model: str | None = option(None, JUDGE_MODEL_HELP)
+    judge_api_key_env: str = option("OPENAI_API_KEY", JUDGE_KEY_HELP, resumable=True)
+    judge_cache: str | None = option(None, JUDGE_CACHE_HELP, resumable=True, shown="OUT.judge-cache.jsonl")
     overwrite: bool = option(False, "Replace an SFT set already at --out.", resumable=True)
     preset: str | None = option(None, "A named table of settings (paper: the paper's procedure, docs/paper.md) laid "
                                 "under --config and the flags, which override it.", resumable=True)
@@ -404,6 +431,7 @@ class SelectConfig(Settings):
     def validate(self) -> "SelectConfig":
         try:
             check_fields(self)
+            _check_judge(self)
             if not self.traces:
                 raise ConfigError("traces: give at least one trace file (or generate's output directory)")
             _required("out", "the SFT JSONL file to write", self.out)

@@ -133,7 +133,7 @@ class GenerateWorker:
             for fin in sample(self.engine, requests, log=print):  # print: to this worker's Ray log
                 prompt, sample = handles[fin.handle]
                 record = build_record(prompt, sample, fin, self.student.tokenizer, self.eos, self.cfg.mode,
-                                      self.teacher is not None)
+                                      self.teacher is not None, self.cfg.stop)
                 if self.exit_after is not None and self.written >= self.exit_after:
                     self._die_mid_write(record)
                 if self._driver_gone():

@@ -81,7 +81,8 @@ def _run_here(cfg: GenerateConfig, rundir: RunDir, log) -> dict[str, Any]:
             for fin in sample(engine, requests, log):  # out of memory: half the batch, go on
                 prompt, s = handles[fin.handle]
                 new_tokens += len(fin.token_ids)
-                writer.write(build_record(prompt, s, fin, student.tokenizer, eos, cfg.mode, teacher is not None))
+                writer.write(build_record(prompt, s, fin, student.tokenizer, eos, cfg.mode, teacher is not None,
+                                          cfg.stop))
                 progress.bar.update(1)
     finally:
         progress.close()

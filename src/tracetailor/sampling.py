@@ -173,15 +173,28 @@ def run_info(student_name: str, teacher_name: str | None, bridge) -> dict[str, A
     }
 
 
-def build_record(prompt, sample: int, fin, tokenizer, eos: set[int], mode: str, with_teacher: bool) -> dict:
-    """One finished sequence as a trace record's JSON object (docs/architecture.md, "The trace record")."""
+def stopped_by(fin: Finished, tokenizer, eos: set[int], stops: list[str] | tuple = ()) -> str | None:
+    """What ended a sequence that stopped: the text of its end-of-sequence token (e.g. `<|im_end|>`) or the stop
+    string in its tail; None when it ran out of tokens."""
+    if fin.finish_reason != "stop" or not fin.token_ids:
+        return None
+    if fin.token_ids[-1] in eos:
+        return tokenizer.convert_ids_to_tokens(fin.token_ids[-1])
+    tail = tokenizer.decode(fin.token_ids[-(max(map(len, stops), default=0) + 1):], skip_special_tokens=False)
+    return next((s for s in stops if s in tail), None)
+
+
+def build_record(prompt, sample: int, fin, tokenizer, eos: set[int], mode: str, with_teacher: bool,
+                 stops: list[str] | tuple = ()) -> dict:
+    """One finished sequence as a trace record's JSON object (docs/architecture.md, "The trace record");
+    `stops`: the run's stop strings (which one ended it goes in `stopped_by`)."""
     n = len(fin.token_ids)
     return TraceRecord(
         prompt_id=prompt.prompt_id, sample=sample, prompt=prompt.text, completion=completion_text(fin, tokenizer, eos),
         prompt_token_ids=prompt.token_ids, completion_token_ids=fin.token_ids, origin=fin.origin,
         student_logprobs=fin.student_logprobs, teacher_logprobs=fin.teacher_logprobs if with_teacher else None,
         finish_reason=fin.finish_reason, fallback_rate=fin.origin.count("S") / n if n else 0.0, mode=mode,
-        extra=dict(prompt.carry),
+        stopped_by=stopped_by(fin, tokenizer, eos, stops), extra=dict(prompt.carry),
     ).to_json()
 
 

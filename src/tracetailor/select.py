@@ -49,6 +49,7 @@ from typing import Any, Callable, Iterable
 from .config import PICKS, SelectConfig, SelectError  # noqa: F401  (SelectError: raised here too)
 from .data.traces import AtomicWriter, TraceRecord, read_numbered_records, resolve_trace_paths, write_json_atomic
 from .evaluate.answers import check_answer, gold_answers, require_math_verify
+from .evaluate.judge import judge_from
 from .thinking import ThinkIds, count_think_marks, text_after_think_end
 
 THINK_START, THINK_END = "<think>", "</think>"
@@ -134,10 +135,12 @@ def fallback_rate(trace: Trace) -> float:
     return float(rate)
 
 
-def judge(trace: Trace, cfg: SelectConfig, by_id: tuple[Any, ThinkIds] | None = None) -> tuple[str | None, str | None]:
+def screen(trace: Trace, cfg: SelectConfig, by_id: tuple[Any, ThinkIds] | None = None,
+           llm_judge=None) -> tuple[str | None, str | None]:
     """(the first filter the trace fails, None if it passes, or "kept_unverifiable"; the answer extracted from it).
 
-    `by_id` (tokenizer, its ThinkIds): count `</think>` and the chat end by token id (see thinking.py)."""
+    `by_id` (tokenizer, its ThinkIds): count `</think>` and the chat end by token id (see thinking.py).
+    `llm_judge` (evaluate.judge.LLMJudge): asked when the offline answer checks say no."""
     rec = trace.record
     if rec["finish_reason"] != "stop":
         return "not_stopped", None
@@ -166,8 +169,15 @@ def judge(trace: Trace, cfg: SelectConfig, by_id: tuple[Any, ThinkIds] | None = 
         if not cfg.correct_only:
             return None, predicted
         return ("kept_unverifiable" if cfg.keep_unverifiable else "unverifiable"), predicted
-    verdict = check_answer(answer_text, golds, cfg.answer_mode, thinking=thinking)
+    verdict = check_answer(answer_text, golds, cfg.answer_mode, judge=llm_judge, question=_question(trace),
+                           thinking=thinking)
     return (None if verdict.correct else "incorrect"), verdict.extracted
+
+
+def _question(trace: Trace) -> str | None:
+    """The user's last turn (what the judge is shown beside the two answers)."""
+    users = [t["content"] for t in trace.turns or [] if t.get("role") == "user" and isinstance(t.get("content"), str)]
+    return users[-1] if users else trace.record.get("prompt")
 
 
 def sft_row(trace: Trace, predicted: str | None, cfg: SelectConfig) -> dict:
@@ -270,7 +280,8 @@ def run_select(cfg: SelectConfig, log: Callable[[str], None] = print) -> dict:
         # never a part of a set nor one run's funnel beside another's set. With --overwrite the previous pair
         # comes back if the inputs fail to read
         with AtomicWriter(out) as sink:
-            funnel = _stream(cfg, records_of(paths), [str(p) for p in paths], Picker(cfg.pick, cfg.seed, sink), log)
+            funnel = _stream(cfg, records_of(paths), [str(p) for p in paths], Picker(cfg.pick, cfg.seed, sink), log,
+                             judge_cache=f"{out}.judge-cache.jsonl")
             rundir.started()
             rundir.begin()
         funnel["unfinished_runs"] = [str(f) for f in unfinished]
@@ -314,8 +325,12 @@ def _think_ids(cfg: SelectConfig, inputs: list[str]) -> tuple[Any, ThinkIds] | N
     return tokenizer, ids
 
 
-def _stream(cfg: SelectConfig, records: Iterable[tuple[str, dict]], inputs: list[str], picker: Picker, log) -> dict:
+def _stream(cfg: SelectConfig, records: Iterable[tuple[str, dict]], inputs: list[str], picker: Picker, log,
+            judge_cache: str | None = None) -> dict:
+    """Screen every record, offer the passing ones to `picker`; the funnel. `judge_cache`: the LLM judge's cache
+    unless --judge-cache names one."""
     by_id = _think_ids(cfg, inputs)
+    llm_judge = judge_from(cfg, judge_cache)
     removed = {key: 0 for key, _ in STEPS}
     prompts: dict[str, int] = {}  # prompt id -> traces that passed the filters, in first-seen order
     read = no_answer = kept_unverifiable = 0
@@ -323,7 +338,7 @@ def _stream(cfg: SelectConfig, records: Iterable[tuple[str, dict]], inputs: list
         trace = read_trace(rec, where, cfg)
         read += 1
         prompts.setdefault(trace.prompt_id, 0)
-        reason, predicted = judge(trace, cfg, by_id)
+        reason, predicted = screen(trace, cfg, by_id, llm_judge)
         if reason == "empty" and removed["empty"] < 5:
             log(f"warning: {trace.where}: empty completion (counted as malformed)")
         if reason in removed:
@@ -348,6 +363,8 @@ def _stream(cfg: SelectConfig, records: Iterable[tuple[str, dict]], inputs: list
         "out": str(cfg.out),
         "inputs": inputs,
         "settings": asdict(cfg),
+        "judge": None if llm_judge is None else {"model": llm_judge.model, "endpoint": llm_judge.endpoint,
+                                                 "requests": llm_judge.requests},
     }
 
 

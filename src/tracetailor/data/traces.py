@@ -46,7 +46,7 @@ def record_id(prompt_id: str, sample: int) -> str:
 TRACE_FIELDS = {"id": "id", "prompt_id": "id", "sample": "int", "prompt": "str", "completion": "str",
                 "prompt_token_ids": "ids", "completion_token_ids": "ids", "origin": "str",
                 "student_logprobs": "floats", "teacher_logprobs": "floats", "finish_reason": "str",
-                "fallback_rate": "number", "mode": "str"}
+                "fallback_rate": "number", "mode": "str", "stopped_by": "str"}
 _KINDS = {"id": "a string or number", "int": "an integer", "str": "str", "number": "a number",
           "floats": "a list of numbers", "ids": "a list of token ids (non-negative integers)"}
 
@@ -86,6 +86,7 @@ class TraceRecord:
     finish_reason: str | None = None
     fallback_rate: float | None = None
     mode: str | None = None
+    stopped_by: str | None = None  # what ended a "stop": the end token's text (e.g. <|im_end|>) or the stop string
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -126,7 +127,8 @@ class TraceRecord:
                "completion": self.completion, "prompt_token_ids": self.prompt_token_ids,
                "completion_token_ids": self.completion_token_ids, "origin": self.origin,
                "student_logprobs": self.student_logprobs, "teacher_logprobs": self.teacher_logprobs,
-               "finish_reason": self.finish_reason, "fallback_rate": self.fallback_rate, "mode": self.mode}
+               "finish_reason": self.finish_reason, "fallback_rate": self.fallback_rate, "mode": self.mode,
+               "stopped_by": self.stopped_by}
         return {**out, **self.extra}
 
 
@@ -307,6 +309,7 @@ def summarize(records: Iterable[dict]) -> dict[str, Any]:
     """Totals over records: counts, token shares by origin, finish reasons."""
     n = tokens = teacher = 0
     reasons: dict[str, int] = {}
+    stops: dict[str, int] = {}
     lp_sum = 0.0
     for rec in records:
         n += 1
@@ -314,6 +317,8 @@ def summarize(records: Iterable[dict]) -> dict[str, Any]:
         tokens += len(origin)
         teacher += origin.count("T")
         reasons[rec.get("finish_reason", "?")] = reasons.get(rec.get("finish_reason", "?"), 0) + 1
+        if rec.get("stopped_by"):
+            stops[rec["stopped_by"]] = stops.get(rec["stopped_by"], 0) + 1
         lp_sum += sum(rec.get("student_logprobs", []))
     return {
         "sequences": n,
@@ -324,4 +329,5 @@ def summarize(records: Iterable[dict]) -> dict[str, Any]:
         "fallback_rate": (tokens - teacher) / tokens if tokens else None,
         "mean_student_logprob": lp_sum / tokens if tokens else None,
         "finish_reasons": reasons,
+        "stopped_by": stops,
     }

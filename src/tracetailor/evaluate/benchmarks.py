@@ -86,6 +86,7 @@ class Item:
     gold: str  # math: the reference answer; choice: the correct letter
     answer_type: str
     choices: list[str] | None = None  # choice: the options in the order shown (A, B, ...)
+    bare: str = ""  # the user turn without the instruction (eval --no-instruction: the paper's raw question)
 
 
 # ---------------------------------------------------------------- offline rows
@@ -280,11 +281,11 @@ def _item(spec: BenchmarkSpec, row: Mapping, i: int, where: str, choice_seed: in
         listed = "\n".join(f"{letters[k]}) {c}" for k, c in enumerate(choices))
         instruction = CHOICE_INSTRUCTION.format(letters=", ".join(letters[:-1]) + " or " + letters[-1])
         return Item(item_id, question, f"{question}\n\n{listed}\n\n{instruction}", letters[order.index(0)],
-                    "choice", choices)
+                    "choice", choices, bare=f"{question}\n\n{listed}")
     golds = gold_answers(row[spec.answer_field])
     if not golds:
         raise BenchmarkError(f"{where}: field {spec.answer_field!r} holds no answer ({row[spec.answer_field]!r})")
-    return Item(item_id, question, f"{question}\n{MATH_INSTRUCTION}", golds[0], "math")
+    return Item(item_id, question, f"{question}\n{MATH_INSTRUCTION}", golds[0], "math", bare=question)
 
 
 def shuffle_seed(seed: int, item_id: str) -> int:

@@ -183,4 +183,14 @@ class LLMJudge:
         return content if isinstance(content, str) else ""
 
 
-__all__ = ["JudgeError", "JudgeUnavailable", "LLMJudge", "cache_key", "chat_endpoint", "parse_yes_no"]
+def judge_from(cfg, default_cache: str | Path | None) -> LLMJudge | None:
+    """The judge a command's config asks for (its judge_url, judge_model, judge_api_key_env, judge_cache
+    fields), or None when it names no endpoint. The cache defaults to `default_cache`. (The configs' validate()
+    has already refused a model without an endpoint and the reverse.)"""
+    if not cfg.judge_url:
+        return None
+    return LLMJudge(cfg.judge_url, cfg.judge_model or "", api_key_env=cfg.judge_api_key_env,
+                    cache_path=cfg.judge_cache or default_cache)
+
+
+__all__ = ["JudgeError", "JudgeUnavailable", "LLMJudge", "cache_key", "chat_endpoint", "judge_from", "parse_yes_no"]

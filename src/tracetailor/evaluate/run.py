@@ -40,6 +40,7 @@ from typing import Any, Iterable, Sequence
 
 from ..config import EvalConfig
 from ..data.traces import AtomicWriter
+from .judge import judge_from
 from .answers import (THINK_END, check_answer, extract_answer, is_correct, multiple_choice_letter, normalize,
                       require_math_verify)
 from .metrics import majority_at_k, mean_over_questions, pass_at_k
@@ -60,17 +61,17 @@ class Verdict:
 
 
 def grade_sample(completion: str, gold: str, answer_type: str, thinking: bool, finish_reason: str,
-                 answer_mode: str = "math-verify") -> Verdict:
+                 answer_mode: str = "math-verify", judge=None, question: str | None = None) -> Verdict:
     """Grade one completion: the last `\\boxed{}` after `</think>` (math, by math-verify; another `answer_mode`
-    goes through `check_answer`, e.g. the paper's strict-math-verify) or the chosen letter."""
+    or an LLM `judge` goes through `check_answer`, e.g. the paper's strict-math-verify) or the chosen letter."""
     if thinking and THINK_END not in completion:
         return Verdict(None, False, False, finish_reason == "length")
     closed = True if thinking else None
     if answer_type == "choice":
         letter = multiple_choice_letter(completion, thinking)
         return Verdict(letter, letter is not None and letter.upper() == gold.strip().upper(), closed, False)
-    if answer_mode != "math-verify":
-        check = check_answer(completion, gold, answer_mode, thinking=thinking)
+    if answer_mode != "math-verify" or judge is not None:
+        check = check_answer(completion, gold, answer_mode, judge=judge, question=question, thinking=thinking)
         return Verdict(check.extracted, check.correct, closed, False)
     answer = extract_answer(completion, thinking)
     return Verdict(answer, is_correct(answer, gold), closed, False)
@@ -252,9 +253,10 @@ def run_eval(cfg: EvalConfig, log=print) -> dict[str, Any]:
         rundir.begin()
         log(f"model {model.name}; prefill {prefill!r}" + (" (thinking: graded after </think>)" if thinking else ""))
         engine = _engine(cfg, model)
+        judge = judge_from(cfg, rundir.path("judge-cache.jsonl"))
         results = {name: eval_benchmark(name, specs[name], items, cfg, model, engine, prefill, thinking,
-                                        rundir.root, log) for name, items in benchmarks.items()}
-        summary = _summary(cfg, model.name, prefill, thinking, results)
+                                        rundir.root, log, judge=judge) for name, items in benchmarks.items()}
+        summary = _summary(cfg, model.name, prefill, thinking, results, judge)
         with AtomicWriter(rundir.path("summary.md")) as f:  # a temporary file, renamed: never half a table
             f.write(markdown(summary))
         rundir.finish(summary)  # summary.json last: it marks a finished evaluation
@@ -272,14 +274,16 @@ def _engine(cfg: EvalConfig, model):
 
 
 def eval_benchmark(name: str, spec: BenchmarkSpec, items: list[Item], cfg: EvalConfig, model, engine, prefill: str,
-                   thinking: bool, out: Path, log) -> dict[str, Any]:
-    """Sample, grade and append the samples of one benchmark not yet in OUT; its scores over all of them."""
+                   thinking: bool, out: Path, log, judge=None) -> dict[str, Any]:
+    """Sample, grade and append the samples of one benchmark not yet in OUT; its scores over all of them.
+    `judge` (an LLMJudge or None) grades the math answers the offline checks reject."""
     from ..data.prompts import build_prompts
     from ..data.traces import TraceWriter, read_repaired
     from ..sampling import Progress, build_requests, sample, token_budget
 
     tok = model.tokenizer
-    prompts = build_prompts([{"id": it.id, "prompt": it.prompt} for it in items], None, tok, prompt_field="prompt",
+    prompts = build_prompts([{"id": it.id, "prompt": it.prompt if cfg.instruction else it.bare} for it in items], None,
+                            tok, prompt_field="prompt",
                             id_field="id", system_prompt=cfg.system_prompt, prefill=prefill,
                             chat_template=cfg.chat_template)
     path = out / samples_file_name(name)
@@ -302,7 +306,8 @@ def eval_benchmark(name: str, spec: BenchmarkSpec, items: list[Item], cfg: EvalC
         with TraceWriter(path) as writer:
             for fin in sample(engine, requests, log):  # out of memory: half the batch, go on
                 prompt, s = handles[fin.handle]
-                record = sample_record(name, by_id[prompt.prompt_id], s, fin, tok, eos, thinking, cfg.answer_mode)
+                record = sample_record(name, by_id[prompt.prompt_id], s, fin, tok, eos, thinking, cfg.answer_mode,
+                                       judge)
                 tokens += len(fin.token_ids)
                 writer.write(record)
                 records.append(record)
@@ -320,13 +325,14 @@ def eval_benchmark(name: str, spec: BenchmarkSpec, items: list[Item], cfg: EvalC
 
 
 def sample_record(benchmark: str, item: Item, sample_index: int, fin, tokenizer, eos: set[int],
-                  thinking: bool, answer_mode: str = "math-verify") -> dict[str, Any]:
+                  thinking: bool, answer_mode: str = "math-verify", judge=None) -> dict[str, Any]:
     """One graded sample, as a line of OUT/<benchmark>.jsonl."""
     from ..data.traces import record_id
     from ..sampling import completion_text
 
     completion = completion_text(fin, tokenizer, eos)
-    verdict = grade_sample(completion, item.gold, item.answer_type, thinking, fin.finish_reason, answer_mode)
+    verdict = grade_sample(completion, item.gold, item.answer_type, thinking, fin.finish_reason, answer_mode, judge,
+                           item.question)
     record = {
         "id": record_id(item.id, sample_index), "benchmark": benchmark, "question_id": item.id,
         "sample": sample_index, "question": item.question, "gold": item.gold,
@@ -339,7 +345,8 @@ def sample_record(benchmark: str, item: Item, sample_index: int, fin, tokenizer,
     return record
 
 
-def _summary(cfg: EvalConfig, model_name: str, prefill: str, thinking: bool, results: dict) -> dict[str, Any]:
+def _summary(cfg: EvalConfig, model_name: str, prefill: str, thinking: bool, results: dict,
+             judge=None) -> dict[str, Any]:
     tokens = sum(r["this_run"]["tokens"] for r in results.values())
     seconds = sum(r["this_run"]["seconds"] for r in results.values())
     return {
@@ -347,7 +354,10 @@ def _summary(cfg: EvalConfig, model_name: str, prefill: str, thinking: bool, res
         "prefill": prefill,
         "thinking": thinking,
         "settings": {k: getattr(cfg, k) for k in ("samples", "temperature", "top_p", "top_k", "max_new_tokens",
-                                                   "seed", "system_prompt", "chat_template", "limit")},
+                                                   "max_length", "seed", "system_prompt", "instruction",
+                                                   "chat_template", "answer_mode", "limit")},
+        "judge": None if judge is None else {"model": judge.model, "endpoint": judge.endpoint,
+                                             "requests_this_run": judge.requests},
         "scores": "accuracy: mean over questions of per-question accuracy over samples; "
                   "stderr: standard error of that mean across questions",
         "benchmarks": results,
