@@ -200,3 +200,22 @@ def test_a_foreign_or_finished_out_dir_is_refused(tmp_path):
     with pytest.raises(ExperimentError, match="--overwrite"):
         run_experiment(ExperimentConfig(out=str(done), world=str(tmp_path / "none")))
     assert (done / "report.json").exists()
+
+
+def test_select_preset_paper_selects_with_the_papers_filters(tmp_path, monkeypatch):
+    """demo --select-preset paper: each SFT set goes through the preset's select table (strict extraction,
+    </think> by token id, fallback rate at most 50%); without it, select's defaults."""
+    import tracetailor.select as select_module
+    from tracetailor.presets import load_preset
+    from tracetailor.toyworld import experiment
+
+    seen = []
+    monkeypatch.setattr(select_module, "run_select", lambda cfg, log: seen.append(cfg) or {})
+    for preset in ("paper", None):
+        experiment._select("rsd", tmp_path, ExperimentConfig(select_preset=preset, seed=3), log=lambda m: None)
+    paper, plain = seen
+    for key, value in load_preset("paper", "select").items():
+        assert getattr(paper, key) == value, key
+    assert (paper.answer_mode, paper.tokenizer, paper.max_fallback_rate) == ("strict-math-verify", "auto", 0.5)
+    assert (plain.answer_mode, plain.tokenizer) == ("math-verify", None) and paper.seed == plain.seed == 3
+    assert paper.traces == [str(tmp_path / "traces" / "rsd")]

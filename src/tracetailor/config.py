@@ -546,6 +546,9 @@ class ExperimentConfig(Settings):
     num_train_epochs: float = option(5.0, "SFT epochs (s1's).", above=0.0)
     batch_size: int = option(16, "SFT per-device batch (no gradient accumulation).", low=1)
     equal_sizes: bool = option(False, "Cut every SFT set to the smallest one's size (a seeded random subset).")
+    select_preset: str | None = option(None, "Select the SFT sets with a preset's filters (paper: the last \\boxed{} "
+                                       "after the </think> token, exact match then math-verify, fallback rate at most "
+                                       "50%).", choices=("paper",), shown="none: select's defaults")
     progress: bool = option(True, "Progress bars.", cli=False, resumable=True)
     overwrite: bool = option(False, "Replace a demo already in OUT (a stopped one resumes without it).",
                              resumable=True)

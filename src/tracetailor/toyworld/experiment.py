@@ -204,13 +204,15 @@ def _generate(name: str, world: Path, prompts: Path, out: Path, cfg: ExperimentC
 
 
 def _select(name: str, out: Path, cfg: ExperimentConfig, log) -> dict:
+    from ..presets import load_preset
     from ..select import SelectConfig, run_select
 
     (out / "sft").mkdir(exist_ok=True)
     path = out / "sft" / (f"{name}.all.jsonl" if cfg.equal_sizes else f"{name}.jsonl")
     # a resumed demo selects again from the (resumed) traces: the previous set is the demo's own
-    return run_select(SelectConfig(traces=[str(out / "traces" / name)], out=str(path), seed=cfg.seed, overwrite=True),
-                      log=lambda m: log(f"select {name}: {m}"))
+    table = load_preset(cfg.select_preset, "select") if cfg.select_preset else {}
+    settings = {**table, "traces": [str(out / "traces" / name)], "out": str(path), "seed": cfg.seed, "overwrite": True}
+    return run_select(SelectConfig(**settings), log=lambda m: log(f"select {name}: {m}"))
 
 
 def equalise(folder: Path, seed: int, log=lambda m: None) -> dict[str, int]:
