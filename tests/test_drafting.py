@@ -133,6 +133,27 @@ def test_a_budget_smaller_than_the_draft(pair):
     assert [len(drafted[i].token_ids) for i in range(4)] == [1, 2, 3, 7]
 
 
+@pytest.mark.parametrize("mode", ["rsd", "teacher"])
+def test_drafts_at_the_end_of_an_absolute_position_table(mode):
+    """A model with learned absolute positions (GPT-2, 24 of them): rows whose budget ends at the context's last
+    position still read a full draft past it (rolled back, unused); that must not index past the table."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def gpt2(layers, seed):
+        torch.manual_seed(seed)
+        cfg = GPT2Config(vocab_size=50, n_positions=24, n_embd=32, n_layer=layers, n_head=2, bos_token_id=0,
+                         eos_token_id=0)
+        return GPT2LMHeadModel(cfg).eval()
+
+    student, teacher = gpt2(2, 1), gpt2(3, 2)
+    requests = [Request(i, prompt_key(f"g{i}"), 0, list(range(1, 4 + i)), list(range(1, 4 + i)),
+                        max_new_tokens=24 - (3 + i)) for i in range(4)]  # every row may fill the 24 positions
+    lockstep, _ = _run(student, teacher, requests, k=0, batch_size=4, mode=mode, eos={0})
+    drafted, _ = _run(student, teacher, requests, k=4, batch_size=4, mode=mode, eos={0})
+    _assert_same(lockstep, drafted)
+    assert any(len(f.token_ids) + 3 + h == 24 for h, f in drafted.items())  # some row reached the last position
+
+
 def _next_logits_fresh(model, ids):
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0, -1].float()

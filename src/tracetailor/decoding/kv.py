@@ -88,6 +88,10 @@ class KVBatch:
         self.lengths = lengths  # [B] long: real tokens per row (= next position id)
         self.padded = bool((mask == 0).any())
         self._kwarg = _cache_kwarg(model)
+        # drafted decoding reads guesses past a row's budget (then rolls them back, unused); at the end of the
+        # context their positions would fall off a table of absolute positions (GPT-2), so they are clamped.
+        # A kept token never sits there: the budgets keep every row within the context.
+        self.max_position = getattr(getattr(model, "config", None), "max_position_embeddings", None)
 
     @property
     def rows(self) -> int:
@@ -116,6 +120,8 @@ class KVBatch:
         # position of each new token = real tokens before it in its row; padding gets 0
         positions = self.lengths.unsqueeze(1) + new_mask.cumsum(1) - 1
         positions = positions.clamp_min(0) * new_mask
+        if isinstance(self.max_position, int) and self.max_position > 0:
+            positions = positions.clamp_max(self.max_position - 1)
         self.mask = torch.cat([self.mask, new_mask], dim=1)
         self.lengths = self.lengths + new_mask.sum(1)
         if m > 1 and not self.padded:
