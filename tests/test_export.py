@@ -138,6 +138,7 @@ def test_push_to_hub_creates_the_repo_and_uploads_the_card_and_data(trace_dir, t
 
     FakeApi.calls = []
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
     result = _export(trace_dir, tmp_path / "ds", push_to_hub="me/rsd-traces", private=True)
     (create, repo, create_kw), (upload, repo2, upload_kw) = FakeApi.calls
     assert (create, repo, upload, repo2) == ("create_repo", "me/rsd-traces", "upload_folder", "me/rsd-traces")
@@ -156,10 +157,19 @@ def test_a_failed_upload_is_one_line_that_says_what_to_do(trace_dir, tmp_path, m
             raise OSError("Invalid user token.\nmore detail")
 
     monkeypatch.setattr(huggingface_hub, "HfApi", NoToken)
+    monkeypatch.setenv("HF_TOKEN", "hf_revoked")
     with pytest.raises(HubError, match=r"me/x: the upload failed \(OSError: Invalid user token.\); log in") as e:
         _export(trace_dir, tmp_path / "ds", push_to_hub="me/x")
     assert "\n" not in str(e.value)
     assert (tmp_path / "ds" / "export.json").exists()  # the dataset is written; it can be uploaded later
+
+
+def test_without_a_token_the_push_fails_before_any_work(trace_dir, tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # no stored token either
+    with pytest.raises(HubError, match="me/x: no Hugging Face token found; log in with `hf auth login`"):
+        _export(trace_dir, tmp_path / "ds", push_to_hub="me/x")
+    assert not (tmp_path / "ds").exists()
 
 
 def test_cli_export_and_its_missing_extra(trace_dir, tmp_path, monkeypatch):

@@ -471,6 +471,10 @@ class TrainConfig(Settings):
     allow_pickle: bool = option(False, PICKLE_HELP, resumable=True)
     overwrite: bool = option(False, "Replace a checkpoint already in --out.", resumable=True)
     limit: int | None = option(None, "Only the first N examples.", low=1)
+    push_to_hub: str | None = option(None, "Upload OUT (model, tokenizer, README.md model card) to this Hub model "
+                                     "repo (org/name) at the end; the token is huggingface_hub's.", resumable=True)
+    private: bool = option(False, "With --push-to-hub: create the repo private.", flags=("--private/--public",),
+                           shown="public", resumable=True)
     progress: bool = option(True, "Progress bars.", cli=False, resumable=True)
     preset: str | None = option(None, "A named table of settings (paper: the paper's procedure, docs/paper.md) laid "
                                 "under --config and the flags, which override it.", resumable=True)

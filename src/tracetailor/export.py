@@ -22,7 +22,7 @@ from typing import Any, Callable
 from .config import ConfigError, Settings, check_fields, option
 from .data.traces import TRACE_GLOBS, read_records, trace_files
 from .errors import UserError
-from .hub import front_matter, hub_id_or_none, json_block, push_folder, settings_table
+from .hub import front_matter, hub_id_or_none, json_block, push_folder, require_token, settings_table
 
 PARQUET_NAME = "train-00000-of-00001.parquet"
 KINDS = {"traces": "reasoning traces from `tracetailor generate`", "sft": "an SFT set from `tracetailor select`",
@@ -229,6 +229,8 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = print) -> dict[st
     from .data.traces import AtomicWriter
 
     cfg.validate()
+    if cfg.push_to_hub:
+        require_token(cfg.push_to_hub)
     src = Path(cfg.src[0]).expanduser()
     kind = detect_kind(src)
     rows = read_rows(src, kind)

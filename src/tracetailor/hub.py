@@ -60,8 +60,18 @@ def hub_id_or_none(name: str | None) -> str | None:
     return name
 
 
+def require_token(repo_id: str) -> None:
+    """Fail before any work when no Hugging Face token is set up for `--push-to-hub repo_id`."""
+    from huggingface_hub import get_token
+
+    if not get_token():
+        raise HubError(f"--push-to-hub {repo_id}: no Hugging Face token found; log in with `hf auth login` or set "
+                       "HF_TOKEN, or leave out --push-to-hub")
+
+
 def push_folder(folder: Path, repo_id: str, *, repo_type: str, private: bool = False,
-                allow_patterns: list[str] | None = None, message: str = "Upload with tracetailor",
+                allow_patterns: list[str] | None = None, ignore_patterns: list[str] | None = None,
+                message: str = "Upload with tracetailor",
                 log: Callable[[str], None] = print) -> str:
     """Create `repo_id` (kept if it exists) and upload `folder` to it in one commit; the commit's URL."""
     from huggingface_hub import HfApi
@@ -70,7 +80,8 @@ def push_folder(folder: Path, repo_id: str, *, repo_type: str, private: bool = F
     try:
         api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
         commit = api.upload_folder(repo_id=repo_id, repo_type=repo_type, folder_path=str(folder),
-                                   allow_patterns=allow_patterns, commit_message=message)
+                                   allow_patterns=allow_patterns, ignore_patterns=ignore_patterns,
+                                   commit_message=message)
     except Exception as e:  # no token, no access, offline: one line, with what to do
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise HubError(f"--push-to-hub {repo_id}: the upload failed ({type(e).__name__}: {first}); log in with "
@@ -78,3 +89,34 @@ def push_folder(folder: Path, repo_id: str, *, repo_type: str, private: bool = F
     url = getattr(commit, "commit_url", None) or str(commit)
     log(f"pushed {folder} to https://huggingface.co/{'datasets/' if repo_type == 'dataset' else ''}{repo_id}")
     return url
+
+
+def push_checkpoint(out: Path, repo_id: str, private: bool, log: Callable[[str], None]) -> str:
+    """train --push-to-hub: the checkpoint in `out` with its card, without intermediate checkpoints or hidden files."""
+    return push_folder(out, repo_id, repo_type="model", private=private, log=log,
+                       ignore_patterns=["checkpoint-*", "checkpoint-*/**", ".*"], message="tracetailor train")
+
+
+def model_card(record: dict[str, Any]) -> str:
+    """README.md of a checkpoint from train.json's record: base model, data (and its select funnel), settings,
+    result, versions."""
+    import sys
+
+    cfg, result = record["config"], record["result"]
+    base, data = cfg.get("model", ""), cfg.get("data", "")
+    funnel = Path(f"{data}.funnel.json")
+    meta = {"base_model": hub_id_or_none(base), "library_name": "transformers", "pipeline_tag": "text-generation",
+            "tags": ["tracetailor", "sft", "trl"] + (["lora"] if cfg.get("lora") else []),
+            "datasets": [hub_id_or_none(data)] if hub_id_or_none(data) else None}
+    lines = [front_matter(meta), f"# {Path(cfg.get('out') or 'checkpoint').name}\n",
+             f"`{base}` fine-tuned by `tracetailor train` (TRL's SFTTrainer, loss on the completion tokens only) on "
+             f"`{data}`: {result['examples']} examples, {result['completion_tokens']} completion tokens, "
+             f"{result['steps']} steps, loss {result['first_loss']} -> {result['last_loss']}.\n",
+             f"Command: `{' '.join(sys.argv)}`\n"]
+    if funnel.is_file():
+        counts = {k: v for k, v in json.loads(funnel.read_text(encoding="utf-8")).items()
+                  if k not in ("settings", "inputs", "out")}
+        lines += ["## The SFT set's funnel (tracetailor select)\n", json_block(counts)]
+    lines += ["## Settings\n", settings_table(cfg), "## Result\n", json_block(result),
+              "## Versions\n", json_block(record.get("versions", {}))]
+    return "\n".join(lines)
