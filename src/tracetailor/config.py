@@ -201,6 +201,10 @@ class GenerateConfig(Settings):
                                            flags=("--gguf-file", "--student-gguf-file"))
     prompts: str = option("", "Prompts: JSONL, JSON, Parquet, CSV, a dataset dir, or a hub dataset id.")
     split: str = option("train", "Split of a hub or saved dataset.")
+    subset: str | None = option(None, "Subset (config name) of a hub dataset, e.g. main for openai/gsm8k.")
+    revision: str | None = option(None, "Revision of a hub dataset: a branch, tag or commit (pin it to reproduce).")
+    streaming: bool = option(False, "Stream a hub dataset instead of downloading the split: with --limit N only "
+                             "the first N rows are read.", resumable=True)
     prompt_field: str = option("prompt", "Field holding the prompt (a string or a messages list).")
     id_field: str | None = option(None, "Field holding a unique prompt id.", shown="the row number")
     carry: list[str] = option(factory=list, help="Source field to copy into every record (repeatable), e.g. --carry answer.")
