@@ -8,13 +8,18 @@ PYTHON=${PYTHON:-python3}
 VENV=${WHEEL_VENV:-build/wheel-venv}
 TORCH=${TORCH_SPEC:-torch==2.13.0}
 start=$(date +%s)
+stage() { echo "[$(( $(date +%s) - start ))s] $*"; }
 
 rm -rf build/wheel "$VENV"
+stage "building the wheel"
 "$PYTHON" -m pip wheel -q --no-deps -w build/wheel .
+stage "a fresh venv with $TORCH"
 "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q "$TORCH"
+stage "the wheel with its core dependencies"
 "$VENV/bin/python" -m pip install -q build/wheel/tracetailor-*.whl
 TT="$VENV/bin/tracetailor"
+stage "every --help"
 
 "$TT" --help >/dev/null
 "$TT" --version
@@ -31,6 +36,7 @@ expect_extra() {  # expect_extra EXTRA ARGS...: exit 2 and one line naming the e
   fi
   echo "ok: tracetailor $1 -> $err"
 }
+stage "the missing extras"
 expect_extra eval eval --model some/model --benchmark gsm8k-offline
 expect_extra train train --student some/model --data sft.jsonl
 expect_extra train demo --quick

@@ -84,10 +84,12 @@ def _fail(message: str) -> None:
 
 def require_extras(command: str, *extras: str) -> None:
     """Fail in one line, before any work, when an extra that `command` needs is not installed."""
-    from .extras import require
+    from .extras import MissingExtra, require
 
-    with user_errors_as_one_line():
+    try:
         require(command, *extras)
+    except MissingExtra as e:  # straight to the one line: the general handler would import torch first
+        _fail(str(e))
 
 
 @contextmanager
