@@ -298,7 +298,8 @@ def _parquet_rows(path: Path, label: str) -> tuple[list[dict], Where]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise DataError(f"{label}: reading Parquet needs pyarrow; pip install pandas pyarrow") from None
+        raise DataError(f"{label}: reading Parquet needs the 'data' extra: pip install 'tracetailor[data]' "
+                        "(or pip install pyarrow)") from None
     try:
         table = pq.read_table(path)
     except Exception as e:  # pyarrow raises several types for a damaged file
@@ -314,7 +315,8 @@ def _import_datasets(label: str):
     try:
         import datasets
     except ImportError:
-        raise DataError(f"{label}: reading it needs the `datasets` library; pip install datasets") from None
+        raise DataError(f"{label}: reading it needs the 'data' extra: pip install 'tracetailor[data]' "
+                        "(or pip install datasets)") from None
     return datasets
 
 
