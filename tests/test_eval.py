@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 import types
 from pathlib import Path
@@ -403,3 +404,43 @@ def test_choice_items_keep_their_options_without_the_instruction(tmp_path):
     for item in load_benchmark(BENCHMARKS["gpqa-diamond"], source=_parquet(tmp_path / "g.parquet", GPQA_ROWS)):
         assert item.bare == item.prompt.rsplit("\n\n", 1)[0] and item.bare.startswith(item.question)
         assert "\\boxed{}" in item.prompt and "\\boxed{}" not in item.bare and item.bare.count(") ") >= 4
+
+
+def test_results_and_details_in_lighteval_layout(tiny_pair, tmp_path):
+    """Beside summary.json: results/<model>/results_<date>.json with lighteval's keys and
+    details/<model>/<date>/details_<task>_<date>.parquet with its doc / model_response / metric columns."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    local = _jsonl(tmp_path / "mine.jsonl", [{"question": "What is 2 + 3?", "answer": "5"},
+                                             {"question": "What is 4 * 4?", "answer": "16"},
+                                             {"question": "What is 1 + 1?", "answer": "2"}])
+    out = tmp_path / "out"
+    summary = run_eval(_cfg(tiny_pair, out, benchmark=str(local), samples=3, prefill=""), log=lambda m: None)
+    model = Path(tiny_pair["student"]).name
+    (results_path,) = (out / "results" / model).glob("results_*.json")
+    date = results_path.stem.removeprefix("results_")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d-\d\d-\d\d\.\d+", date)
+    results = json.loads(results_path.read_text())
+    assert set(results) >= {"config_general", "results", "versions", "config_tasks", "summary_tasks", "summary_general"}
+    bench = summary["benchmarks"]["mine"]
+    task = "tracetailor|mine|0"
+    assert results["results"][task] == {"acc": bench["accuracy"], "acc_stderr": bench["stderr"],
+                                        "pass@3": bench["pass_at_k"], "maj@3": bench["majority_at_k"]}
+    assert results["results"]["all"]["acc"] == pytest.approx(bench["accuracy"])
+    assert results["versions"] == {task: 0, "all": 0}
+    assert results["config_general"]["model_name"] == summary["model"]
+    assert results["config_tasks"][task]["effective_num_docs"] == 3
+    assert results["summary_tasks"][task]["non_truncated"] + results["summary_tasks"][task]["truncated"] == 9
+    details = out / "details" / model / date / f"details_{task}_{date}.parquet"
+    table = pq.read_table(details)
+    assert table.column_names == ["doc", "model_response", "metric"] and table.num_rows == 3
+    samples = _samples(out / "mine.jsonl")
+    for row in table.to_pylist():
+        mine = sorted((r for r in samples if r["question_id"] == row["doc"]["specific"]["question_id"]),
+                      key=lambda r: r["sample"])
+        assert row["model_response"]["text"] == [r["completion"] for r in mine]
+        assert row["doc"]["choices"] == [mine[0]["gold"]] and row["doc"]["gold_index"] == 0
+        assert row["metric"]["acc"] == sum(r["correct"] for r in mine) / 3
+    mean = sum(r["metric"]["acc"] for r in table.to_pylist()) / 3
+    assert mean == pytest.approx(results["results"][task]["acc"])
+    run_eval(_cfg(tiny_pair, out, benchmark=str(local), samples=3, prefill=""), log=lambda m: None)  # a rerun
+    assert len(list((out / "results" / model).glob("results_*.json"))) == 1  # replaces, not piles up

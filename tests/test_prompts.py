@@ -435,3 +435,78 @@ def test_tiny_tokenizer_is_deterministic_and_covers_any_text():
     assert a.get_vocab() == b.get_vocab()
     text = "Ünïcödé ∑ 😀 ~`|{}"
     assert decode(a, a(text, add_special_tokens=False)["input_ids"]) == text
+
+
+# --- hub datasets: --subset, --revision, --streaming (load_dataset replaced; no network) ---------------------
+
+
+@pytest.fixture
+def load_dataset_calls(monkeypatch, tmp_path):
+    """datasets.load_dataset replaced: records its arguments and serves local Parquet rows through the real
+    `datasets` (an IterableDataset when streaming), counting the rows a stream hands out."""
+    datasets = pytest.importorskip("datasets")
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    data = tmp_path / "hub-cache" / "rows.parquet"
+    data.parent.mkdir()
+    pq.write_table(pa.Table.from_pylist([{"prompt": f"question {i}", "n": i} for i in range(50)]), data)
+    calls, real = [], datasets.load_dataset
+
+    def load_dataset(path, **kwargs):
+        calls.append((path, kwargs))
+        return real("parquet", data_files={kwargs["split"]: str(data)}, split=kwargs["split"],
+                    streaming=kwargs.get("streaming", False), cache_dir=str(tmp_path / "hub-cache" / "cache"))
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.chdir(tmp_path)
+    return calls
+
+
+def test_subset_and_revision_reach_load_dataset(load_dataset_calls):
+    from tracetailor.data.prompts import HubOptions
+
+    rows, where = load_rows("openai/gsm8k", split="test", hub=HubOptions(subset="main", revision="e53f048"))
+    assert load_dataset_calls == [("openai/gsm8k", {"split": "test", "name": "main", "revision": "e53f048"})]
+    assert len(rows) == 50 and rows[3] == {"prompt": "question 3", "n": 3}
+    assert where(3) == "hub:openai/gsm8k:main@e53f048[test] row 3"
+
+
+def test_streaming_reads_only_the_rows_asked_for(load_dataset_calls):
+    from tracetailor.data.prompts import HubOptions
+
+    rows, where = load_rows("org/huge", split="train", hub=HubOptions(streaming=True, limit=4))
+    assert load_dataset_calls == [("org/huge", {"split": "train", "streaming": True})]
+    assert rows == [{"prompt": f"question {i}", "n": i} for i in range(4)]
+    whole, _ = load_rows("org/huge", hub=HubOptions(streaming=True))  # no limit: the whole split, streamed
+    assert len(whole) == 50
+
+
+def test_generate_settings_carry_subset_revision_streaming_and_limit(load_dataset_calls):
+    from tracetailor.config import GenerateConfig
+    from tracetailor.sampling import load_prompt_set
+
+    cfg = GenerateConfig(student="s", teacher="t", prompts="openai/gsm8k", subset="main", revision="v1",
+                         streaming=True, limit=3, chat_template=False).validate()
+    prompts = load_prompt_set(cfg, tiny_tokenizer())
+    assert load_dataset_calls == [("openai/gsm8k", {"split": "train", "name": "main", "revision": "v1",
+                                                    "streaming": True})]
+    assert [p.text for p in prompts] == ["question 0", "question 1", "question 2"]
+
+
+def test_a_missing_subset_is_named_and_hub_options_on_a_local_file_are_refused(monkeypatch, tmp_path):
+    datasets = pytest.importorskip("datasets")
+
+    def load_dataset(path, **kwargs):
+        raise ValueError("Config name is missing.\nPlease pick one among the available configs: ['main', 'socratic']")
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=r"hub:openai/gsm8k\[train\]: .*Config name is missing.\); name one with "
+                                        r"--subset; it is not a local file"):
+        load_rows("openai/gsm8k")
+    from tracetailor.data.prompts import HubOptions
+
+    (tmp_path / "p.jsonl").write_text('{"prompt": "x"}\n')
+    with pytest.raises(DataError, match=r"p.jsonl: --subset, --streaming apply to hub datasets, and this is a local file"):
+        load_rows("p.jsonl", hub=HubOptions(subset="main", streaming=True))

@@ -278,6 +278,19 @@ def test_missing_matplotlib_skips_the_png_with_a_hint(tmp_path, monkeypatch):
     assert not (tmp_path / "h.png").exists()
 
 
+def test_a_run_without_matplotlib_does_not_claim_the_png(tiny_pair, traces, tmp_path, monkeypatch):
+    """The last line names the files written: no logprob_hist.png when matplotlib is missing (nor an old one left)."""
+    for mod in ("matplotlib", "matplotlib.figure", "matplotlib.backends", "matplotlib.backends.backend_agg"):
+        monkeypatch.setitem(sys.modules, mod, None)
+    (tmp_path / "logprob_hist.png").write_bytes(b"an earlier run's plot")
+    logs = []
+    with pytest.warns(UserWarning, match="pip install matplotlib"):
+        stats = run_score(_cfg(tiny_pair, tmp_path, [traces / "rsd"], overwrite=True), log=logs.append)
+    assert "logprob_hist.png" not in logs[-1] and "per_example.jsonl" in logs[-1]
+    assert not (tmp_path / "logprob_hist.png").exists() and "logprob_hist.png" not in stats["files"]
+    assert "viewer.html" in logs[-1] and (tmp_path / "viewer.html").exists()
+
+
 def test_long_examples_are_cut_with_one_counted_warning(tiny_pair, traces, tmp_path):
     logged = _jsonl(traces / "rsd" / "traces.jsonl")
     max_length = 40

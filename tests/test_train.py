@@ -162,6 +162,35 @@ def test_full_run_loss_falls_and_checkpoint_reloads_and_generates(setup, tmp_pat
     record = json.loads((out / "train.json").read_text())
     assert record["config"]["learning_rate"] == 1e-2 and record["versions"]["trl"]
     assert not list(out.glob("checkpoint-*"))  # save strategy "end": no intermediate checkpoints
+    from tracetailor.hub import read_card_meta
+
+    card, meta = (out / "README.md").read_text(), read_card_meta(out / "README.md")  # the model card
+    assert meta["library_name"] == "transformers" and "tracetailor" in meta["tags"] and "base_model" not in meta
+    assert f"`{setup['student']}` fine-tuned by `tracetailor train`" in card and "| learning_rate | `0.01` |" in card
+    assert f"{summary['steps']} steps" in card and '"trl"' in card
+
+
+def test_push_to_hub_uploads_the_checkpoint_with_its_card(setup, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    calls = []
+
+    class FakeApi:  # huggingface_hub.HfApi with the network calls replaced
+        def create_repo(self, repo_id, **kw):
+            calls.append(("create_repo", repo_id, kw))
+
+        def upload_folder(self, *, repo_id, folder_path, **kw):
+            held = sorted(p.name for p in Path(folder_path).iterdir())
+            calls.append(("upload_folder", repo_id, {**kw, "held": held}))
+            return type("Commit", (), {"commit_url": "https://huggingface.co/me/student/commit/1"})()
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
+    summary = run_train(_cfg(setup, tmp_path / "ckpt", max_steps=1, push_to_hub="me/student"), log=lambda m: None)
+    assert [c[:2] for c in calls] == [("create_repo", "me/student"), ("upload_folder", "me/student")]
+    assert calls[0][2] == {"repo_type": "model", "private": False, "exist_ok": True}
+    assert {"README.md", "model.safetensors", "config.json", "train.json"} <= set(calls[1][2]["held"])
+    assert "checkpoint-*" in calls[1][2]["ignore_patterns"] and summary["pushed"].endswith("/commit/1")
 
 
 def test_lora_run_saves_adapter_and_a_merged_checkpoint(setup, tmp_path):

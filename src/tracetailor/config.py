@@ -216,6 +216,10 @@ class GenerateConfig(Settings):
                                            flags=("--gguf-file", "--student-gguf-file"))
     prompts: str = option("", "Prompts: JSONL, JSON, Parquet, CSV, a dataset dir, or a hub dataset id.")
     split: str = option("train", "Split of a hub or saved dataset.")
+    subset: str | None = option(None, "Subset (config name) of a hub dataset, e.g. main for openai/gsm8k.")
+    revision: str | None = option(None, "Revision of a hub dataset: a branch, tag or commit (pin it to reproduce).")
+    streaming: bool = option(False, "Stream a hub dataset instead of downloading the split: with --limit N only "
+                             "the first N rows are read.", resumable=True)
     prompt_field: str = option("prompt", "Field holding the prompt (a string or a messages list).")
     id_field: str | None = option(None, "Field holding a unique prompt id.", shown="the row number")
     carry: list[str] = option(factory=list, help="Source field to copy into every record (repeatable), e.g. --carry answer.")
@@ -499,6 +503,10 @@ class TrainConfig(Settings):
     allow_pickle: bool = option(False, PICKLE_HELP, resumable=True)
     overwrite: bool = option(False, "Replace a checkpoint already in --out.", resumable=True)
     limit: int | None = option(None, "Only the first N examples.", low=1)
+    push_to_hub: str | None = option(None, "Upload OUT (model, tokenizer, README.md model card) to this Hub model "
+                                     "repo (org/name) at the end; the token is huggingface_hub's.", resumable=True)
+    private: bool = option(False, "With --push-to-hub: create the repo private.", flags=("--private/--public",),
+                           shown="public", resumable=True)
     progress: bool = option(True, "Progress bars.", cli=False, resumable=True)
     preset: str | None = option(None, "A named table of settings (paper: the paper's procedure, docs/paper.md) laid "
                                 "under --config and the flags, which override it.", resumable=True)

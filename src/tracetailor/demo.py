@@ -43,11 +43,12 @@ def run_demo(out: str = "demo-smollm2-out", questions: int = 4, max_new_tokens: 
     print("tracetailor demo: RSD with SmolLM2-135M-Instruct (teacher) and a student made of its first 16 and "
           f"last 6 of 30 layers, on {questions} GSM8K questions, offline.", file=sys.stderr)
     teacher = assets.smollm2_gguf()
+    rows = assets.gsm8k_questions(limit=questions)  # both assets checked before the student is built
     print("preparing the student (built once, then cached) ...", file=sys.stderr)
     student = assets.pruned_student(teacher)
     prompts = out_dir / "prompts.jsonl"
     with open(prompts, "w", encoding="utf-8") as f:
-        for row in assets.gsm8k_questions(limit=questions):
+        for row in rows:
             f.write(json.dumps({"id": row["id"], "prompt": f"{row['question']}\n\n{INSTRUCTION}",
                                 "answer": row["answer"]}) + "\n")
     cfg = GenerateConfig(

@@ -107,6 +107,9 @@ def load_model(
     dev = resolve_device(device)
     kwargs = {"trust_remote_code": trust_remote_code}
     if gguf_file:
+        from .extras import require
+
+        require(f"loading the GGUF {role}", "gguf")
         kwargs["gguf_file"] = gguf_file
     config = _read_config(name, role, kwargs)
     model = _load_weights(name, role, config, resolve_dtype(dtype, dev), kwargs,

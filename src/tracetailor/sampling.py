@@ -100,10 +100,11 @@ def make_bridge(student, teacher, log=print):
 def load_prompt_set(cfg: GenerateConfig, tokenizer, context: int | None = None) -> list:
     """The prompts of `cfg`; with the `context` (tokens), those that cannot fit are marked `over_cap` by
     their length in characters, before tokenising (`data.prompts.char_cap`), and later skipped."""
-    from .data.prompts import char_cap, load_prompts
+    from .data.prompts import HubOptions, char_cap, load_prompts
 
+    hub = HubOptions(subset=cfg.subset, revision=cfg.revision, streaming=cfg.streaming, limit=cfg.limit)
     prompts = load_prompts(
-        cfg.prompts, tokenizer, split=cfg.split, prompt_field=cfg.prompt_field, id_field=cfg.id_field,
+        cfg.prompts, tokenizer, split=cfg.split, hub=hub, prompt_field=cfg.prompt_field, id_field=cfg.id_field,
         carry=cfg.carry, system_prompt=cfg.system_prompt, prefill=cfg.prefill, chat_template=cfg.chat_template,
         max_chars=char_cap(tokenizer, context),
     )

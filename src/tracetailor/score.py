@@ -497,7 +497,9 @@ def run_score(cfg: ScoreConfig, log=print) -> dict[str, Any]:
     for name, s in stats["datasets"].items():
         shares = ", ".join(f"p<{t:g} {s[f'share_below_{t}']:.2%}" for t in THRESHOLDS if s["tokens"])
         log(f"{name}: {s['examples']} examples, {s['tokens']} tokens, NLL {s['nll'] or 0:.3f}/token; {shares}")
-    log(f"wrote {out}/stats.json, per_example.jsonl, tokens_*.jsonl, logprob_hist.png ({n_tokens} tokens in {seconds:.1f}s)")
+    written = ", ".join(["per_example.jsonl", "tokens_*.jsonl"] + [n for n in ("logprob_hist.png", "viewer.html")
+                                                                     if n in stats["files"]])
+    log(f"wrote {out}/stats.json, {written} ({n_tokens} tokens in {seconds:.1f}s)")
     return stats
 
 
@@ -556,9 +558,13 @@ def write_outputs(out: Path, names: list[str], cfg: ScoreConfig, formats: list[s
                                               "truncated": ex.truncated}) + "\n")
     plot_logprob_hist(pooled, out / ".logprob_hist.tmp.png")  # matplotlib picks the format from the suffix
     _write_viewer(records, tok, out / ".viewer.tmp.html", f"tracetailor score: {', '.join(names)}", log)
+    stats["files"] = []  # the optional outputs this run wrote (stats.json's readers and the last log line)
     for tmp, final in ((".logprob_hist.tmp.png", "logprob_hist.png"), (".viewer.tmp.html", "viewer.html")):
         if (out / tmp).exists():  # not written when matplotlib or the viewer is missing
             os.replace(out / tmp, out / final)
+            stats["files"].append(final)
+        else:
+            (out / final).unlink(missing_ok=True)  # an earlier run's plot would pass for this run's
 
 
 def _write_viewer(records: list[dict], tokenizer, path: Path, title: str, log) -> None:

@@ -350,7 +350,7 @@ def _require_trl(need_peft: bool) -> None:
             raise TrainError(f"training needs {module!r}: pip install 'tracetailor[train]'") from e
 
 
-CHECKPOINT_GLOBS = ("*.json", "*.safetensors", "*.bin", "*.jinja", "*.model", "*.txt", "*.pt")
+CHECKPOINT_GLOBS = ("*.json", "*.safetensors", "*.bin", "*.jinja", "*.model", "*.txt", "*.pt", "README.md")
 
 
 def open_run_dir(cfg: TrainConfig):
@@ -409,6 +409,10 @@ def run_train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str,
     """Fine-tune `cfg.model` on `cfg.data` and save the checkpoint in `cfg.out`; return the run's summary."""
     cfg.validate()
     _require_trl(cfg.lora)
+    if cfg.push_to_hub:
+        from .hub import require_token
+
+        require_token(cfg.push_to_hub)  # before the training, not after it
     say = log if _is_main() else (lambda message: None)
     with open_run_dir(cfg) as rundir:
         out = Path(cfg.out).expanduser()
@@ -463,15 +467,19 @@ def _fit(cfg: TrainConfig, out: Path, tokenizer, examples: list[Example], cut: i
     if trainer.is_world_process_zero():
         from .data.rundir import versions
         from .data.traces import write_json_atomic
+        from .hub import model_card, push_checkpoint
 
         record = {"config": asdict(cfg), "versions": versions("trl", "peft"), "result": summary,
                   "log_history": trainer.state.log_history}
+        (out / "README.md").write_text(model_card(record), encoding="utf-8")  # the model card, before the marker
         if rundir is not None:
             rundir.finish(record)  # train.json last: it marks a whole checkpoint
         else:
             write_json_atomic(out / "train.json", record)
         say(f"saved {'the merged model' if merged else 'the adapter' if cfg.lora else 'the model'} to {out}"
             f"  (loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}, {summary['steps']} steps, {runtime:.0f}s)")
+        if cfg.push_to_hub:
+            summary["pushed"] = push_checkpoint(out, cfg.push_to_hub, cfg.private, say)
     return summary
 
 

@@ -2,7 +2,8 @@
 exact prompts the student will see.
 
 Job: read a prompt dataset (JSONL, JSON, Parquet, CSV, a folder saved by
-`datasets`' ``save_to_disk``, or a hub dataset id), apply the student's chat
+`datasets`' ``save_to_disk``, or a hub dataset id, with its subset and revision, streamed
+when asked), apply the student's chat
 template (with an optional system prompt, and a prefill such as ``"<think>\\n"``
 appended after the generation prompt), tokenize the result with the student
 tokenizer, and return `Prompt`s, each with an id and the source fields the user
@@ -78,23 +79,42 @@ def char_cap(tokenizer: Any, context: int | None) -> int | None:
 # Rows in
 
 
-def load_rows(source: str | os.PathLike, split: str = "train") -> tuple[list[dict], Where]:
+@dataclass(frozen=True)
+class HubOptions:
+    """How to read a hub dataset: its subset (config name), its revision (branch, tag or commit) and whether to
+    stream it, reading only the first `limit` rows (None: all) instead of downloading the whole split."""
+
+    subset: str | None = None
+    revision: str | None = None
+    streaming: bool = False
+    limit: int | None = None
+
+    def given(self) -> list[str]:
+        return [flag for flag, value in (("--subset", self.subset), ("--revision", self.revision),
+                                         ("--streaming", self.streaming)) if value]
+
+
+def load_rows(source: str | os.PathLike, split: str = "train", hub: HubOptions | None = None) -> tuple[list[dict], Where]:
     """Read the rows of a prompt dataset.
 
     Returns the rows and ``where(i)``, which names row i's location for
     messages: ``"data.jsonl:17"`` (1-based line), ``"data.parquet row 17"`` or
     ``"hub:org/name[train] row 17"`` (0-based row).  An existing local file
-    or folder always wins over a hub id of the same name.
+    or folder always wins over a hub id of the same name.  `hub` applies to hub ids only.
     """
     source = os.fspath(source)
     path = Path(source).expanduser()
+    hub = hub or HubOptions()
+    if path.exists() and hub.given():
+        raise DataError(f"{source}: {', '.join(hub.given())} apply to hub datasets, and this is a local "
+                        f"{'folder' if path.is_dir() else 'file'}; leave them out")
     if path.is_dir():
         return _load_dir(path, source, split)
     if path.is_file():
         return _load_file(path, source)
     if _looks_like_path(source):
         raise DataError(f"prompts file not found: {source}")
-    return _load_hub(source, split)
+    return _load_hub(source, split, hub)
 
 
 def _looks_like_path(source: str) -> bool:
@@ -278,7 +298,8 @@ def _parquet_rows(path: Path, label: str) -> tuple[list[dict], Where]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise DataError(f"{label}: reading Parquet needs pyarrow; pip install pandas pyarrow") from None
+        raise DataError(f"{label}: reading Parquet needs the 'data' extra: pip install 'tracetailor[data]' "
+                        "(or pip install pyarrow)") from None
     try:
         table = pq.read_table(path)
     except Exception as e:  # pyarrow raises several types for a damaged file
@@ -294,7 +315,8 @@ def _import_datasets(label: str):
     try:
         import datasets
     except ImportError:
-        raise DataError(f"{label}: reading it needs the `datasets` library; pip install datasets") from None
+        raise DataError(f"{label}: reading it needs the 'data' extra: pip install 'tracetailor[data]' "
+                        "(or pip install datasets)") from None
     return datasets
 
 
@@ -307,17 +329,34 @@ def _saved_dataset_rows(path: Path, label: str, split: str) -> tuple[list[dict],
     return _dataset_rows(dataset, label)
 
 
-def _load_hub(source: str, split: str) -> tuple[list[dict], Where]:
-    label = f"hub:{source}[{split}]"
+def _load_hub(source: str, split: str, hub: HubOptions) -> tuple[list[dict], Where]:
+    label = f"hub:{source}" + (f":{hub.subset}" if hub.subset else "") + (f"@{hub.revision}" if hub.revision else "")
+    label += f"[{split}]"
     datasets = _import_datasets(label)
+    # only the options given: the call is the plain load_dataset(source, split=...) otherwise
+    options = {k: v for k, v in (("name", hub.subset), ("revision", hub.revision), ("streaming", hub.streaming)) if v}
     try:
-        dataset = datasets.load_dataset(source, split=split)
-    except Exception as e:  # not found, offline, unknown split, ...: all need the same context
+        dataset = datasets.load_dataset(source, split=split, **options)
+        if hub.streaming:  # an IterableDataset: read only the rows wanted (the stream is read here, errors too)
+            return _stream_rows(dataset, hub.limit, label)
+    except DataError:
+        raise
+    except Exception as e:  # not found, offline, unknown split or subset, ...: all need the same context
+        first = (str(e).strip().splitlines() or [""])[0]
+        hint = "; name one with --subset" if "config" in first.lower() and not hub.subset else ""
         raise DataError(
-            f"{label}: could not load it as a hub dataset ({type(e).__name__}: {e}); "
+            f"{label}: could not load it as a hub dataset ({type(e).__name__}: {first}){hint}; "
             f"it is not a local file or folder either"
         ) from e
     return _dataset_rows(dataset, label)
+
+
+def _stream_rows(dataset: Iterable, limit: int | None, label: str) -> tuple[list[dict], Where]:
+    import itertools
+
+    rows = [dict(row) for row in itertools.islice(dataset, limit)]
+    _require_rows(rows, label)
+    return rows, lambda i: f"{label} row {i}"
 
 
 def _dataset_rows(dataset: Any, label: str) -> tuple[list[dict], Where]:
@@ -387,9 +426,10 @@ def build_prompts(
     ]
 
 
-def load_prompts(source: str | os.PathLike, tokenizer: Any, *, split: str = "train", **kwargs: Any) -> list[Prompt]:
+def load_prompts(source: str | os.PathLike, tokenizer: Any, *, split: str = "train", hub: HubOptions | None = None,
+                 **kwargs: Any) -> list[Prompt]:
     """`load_rows` then `build_prompts`; ``kwargs`` are build_prompts' keyword arguments."""
-    rows, where = load_rows(source, split=split)
+    rows, where = load_rows(source, split=split, hub=hub)
     return build_prompts(rows, where, tokenizer, **kwargs)
 
 

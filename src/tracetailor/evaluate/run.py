@@ -4,7 +4,8 @@ Glue between the parts: resolves the benchmarks (benchmarks.py), loads the model
 builds the prompts (chat template + the benchmark's instruction + an optional
 thinking prefill, data/prompts.py), samples `samples` completions per question
 with the engine's plain student sampling (decoding/engine.py), grades each one
-(answers.py), and writes per-sample JSONL, `summary.json` and `summary.md`.
+(answers.py), and writes per-sample JSONL, `summary.json` and `summary.md`, and the same results in
+lighteval's layout (results/ and details/, lighteval_files.py).
 
 Scores. Per benchmark, `accuracy` is the mean over questions of each question's
 accuracy over its samples (with the same number of samples per question, this
@@ -43,6 +44,7 @@ from ..data.traces import AtomicWriter
 from .judge import judge_from
 from .answers import (THINK_END, check_answer, extract_answer, is_correct, multiple_choice_letter, normalize,
                       require_math_verify)
+from .lighteval_files import write_lighteval_files
 from .metrics import majority_at_k, mean_over_questions, pass_at_k
 from .benchmarks import BenchmarkError, BenchmarkSpec, Item, load_benchmark, resolve_benchmark, split_benchmarks
 
@@ -239,6 +241,7 @@ def run_eval(cfg: EvalConfig, log=print) -> dict[str, Any]:
     from ..models import load_model
 
     cfg.validate()
+    started = time.time()
     specs, benchmarks = load_specs(cfg)
     with open_run_dir(cfg, list(specs)) as rundir:
         model = load_model(cfg.model, gguf_file=cfg.gguf_file, device=cfg.device, dtype=cfg.dtype,
@@ -246,10 +249,10 @@ def run_eval(cfg: EvalConfig, log=print) -> dict[str, Any]:
         prefill = resolve_prefill(cfg.prefill, model.tokenizer)
         thinking = uses_thinking(prefill)
         rundir.started()
-        rundir.write_run_json(asdict(cfg), seed=cfg.seed, model=model.name, prefill=prefill, thinking=thinking,
-                              benchmarks={n: {"source": s.source, "question_field": s.question_field,
-                                              "answer_field": s.answer_field, "answer_type": s.answer_type,
-                                              "questions": len(benchmarks[n])} for n, s in specs.items()})
+        run = rundir.write_run_json(asdict(cfg), seed=cfg.seed, model=model.name, prefill=prefill, thinking=thinking,
+                                    benchmarks={n: {"source": s.source, "question_field": s.question_field,
+                                                    "answer_field": s.answer_field, "answer_type": s.answer_type,
+                                                    "questions": len(benchmarks[n])} for n, s in specs.items()})
         rundir.begin()
         log(f"model {model.name}; prefill {prefill!r}" + (" (thinking: graded after </think>)" if thinking else ""))
         engine = _engine(cfg, model)
@@ -259,9 +262,11 @@ def run_eval(cfg: EvalConfig, log=print) -> dict[str, Any]:
         summary = _summary(cfg, model.name, prefill, thinking, results, judge)
         with AtomicWriter(rundir.path("summary.md")) as f:  # a temporary file, renamed: never half a table
             f.write(markdown(summary))
+        questions = {n: {it.id for it in items} for n, items in benchmarks.items()}
+        write_lighteval_files(rundir.root, summary, run, started, questions, log)  # lighteval's layout too
         rundir.finish(summary)  # summary.json last: it marks a finished evaluation
     log(text_table(summary))
-    log(f"per-sample results and summary.json / summary.md in {rundir.root}")
+    log(f"per-sample results, summary.json / summary.md and lighteval's results/ and details/ in {rundir.root}")
     return summary
 
 

@@ -1,0 +1,256 @@
+"""`tracetailor export`: a trace dir, an SFT set or an eval dir as a Parquet dataset with a dataset card.
+
+What SRC is comes from the files our commands leave: generate's OUT holds traces.jsonl (or
+traces-w*.jsonl) and run.json; select's output is a .jsonl with its <set>.funnel.json beside it;
+eval's OUT holds summary.json and run.json naming its benchmarks. Each must be finished (stats.json,
+the funnel, summary.json): a stopped run is refused, as select refuses nothing less.
+The rows are written unchanged, one column per field (a field whose values mix types, which
+Parquet cannot hold in one column, is written as JSON text and the card says so), to
+OUT/data/train-00000-of-00001.parquet, the file name the Hub reads as the train split; then
+OUT/README.md, the card (hub.py), then OUT/export.json, which marks a finished export. `--push-to-hub REPO` uploads
+OUT as a dataset repository. Nothing here loads a model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .config import ConfigError, Settings, check_fields, option
+from .data.traces import TRACE_GLOBS, read_records, trace_files
+from .errors import UserError
+from .hub import front_matter, hub_id_or_none, json_block, push_folder, require_token, settings_table
+
+PARQUET_NAME = "train-00000-of-00001.parquet"
+KINDS = {"traces": "reasoning traces from `tracetailor generate`", "sft": "an SFT set from `tracetailor select`",
+         "eval": "graded samples from `tracetailor eval`"}
+
+
+class ExportError(UserError, ValueError):
+    """SRC is not something export knows, or not finished; the message says what it looked for."""
+
+
+@dataclass
+class ExportConfig(Settings):
+    """Everything `tracetailor export` needs."""
+
+    src: list[str] = option(factory=list, help="A trace dir (generate's --out), an SFT set (select's .jsonl) or an "
+                            "eval dir (eval's --out).")
+    out: str = option("", "Directory for the dataset: data/*.parquet and README.md (the dataset card).")
+    push_to_hub: str | None = option(None, "Upload OUT to this Hub dataset repo (org/name), created if missing; "
+                                     "the token is huggingface_hub's (hf auth login or $HF_TOKEN).")
+    private: bool = option(False, "With --push-to-hub: create the repo private.", flags=("--private/--public",),
+                           shown="public")
+    license: str = option("unknown", "License id for the card (e.g. apache-2.0, cc-by-4.0); check the licenses "
+                          "of the models and prompts it came from.")
+    overwrite: bool = option(False, "Replace an export already in OUT.")
+
+    def validate(self) -> "ExportConfig":
+        check_fields(self)
+        if len(self.src) != 1:
+            raise ConfigError(f"src: give one trace dir, SFT set or eval dir (got {len(self.src)})")
+        if not self.out:
+            raise ConfigError("out: required (the directory to write the dataset to)")
+        return self
+
+
+# ---------------------------------------------------------------- what SRC is
+
+
+def _json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ExportError(f"{path}: cannot read it as JSON ({e}); is the run that wrote it finished?") from e
+
+
+def detect_kind(src: Path) -> str:
+    """"traces", "sft" or "eval", or an ExportError saying what export looked for."""
+    if src.is_file() and src.suffix == ".jsonl":
+        if Path(f"{src}.funnel.json").is_file():
+            return "sft"
+        raise ExportError(f"{src}: no {src.name}.funnel.json beside it, so not a finished SFT set from "
+                          "`tracetailor select` (a trace dir or an eval dir is given as the directory)")
+    if src.is_dir() and (src / "run.json").is_file():
+        if (src / "summary.json").is_file() or "benchmarks" in _json(src / "run.json"):
+            if not (src / "summary.json").is_file():
+                raise ExportError(f"{src}: an evaluation that did not finish (no summary.json); run the same "
+                                  "`tracetailor eval` again to finish it")
+            return "eval"
+        if trace_files(src):
+            if not (src / "stats.json").is_file():
+                raise ExportError(f"{src}: a generate run that did not finish (no stats.json); run the same "
+                                  "`tracetailor generate` again to finish it")
+            return "traces"
+    if not src.exists():
+        raise ExportError(f"{src}: not found")
+    raise ExportError(f"{src}: not a trace dir ({' or '.join(TRACE_GLOBS)} with run.json), an SFT set (a .jsonl "
+                      "with its .funnel.json) or an eval dir (summary.json with run.json)")
+
+
+def read_rows(src: Path, kind: str) -> list[dict]:
+    if kind == "traces":
+        return [r for path in trace_files(src) for r in read_records(path)]
+    if kind == "sft":
+        return list(read_records(src))
+    summary = _json(src / "summary.json")
+    return [r for b in summary["benchmarks"].values() for r in read_records(src / b["file"])]
+
+
+def provenance(src: Path, kind: str) -> dict[str, Any]:
+    """What the card tells of how SRC was made: the run.json, stats/funnel/summary, and the generate runs
+    an SFT set came from."""
+    if kind == "traces":
+        return {"run": _json(src / "run.json"), "stats": _json(src / "stats.json")}
+    if kind == "eval":
+        return {"run": _json(src / "run.json"), "summary": _json(src / "summary.json")}
+    funnel = _json(Path(f"{src}.funnel.json"))
+    folders = sorted({Path(p).parent for p in funnel.get("inputs", [])})
+    return {"funnel": funnel, "sources": {str(f): _json(f / "run.json") for f in folders if (f / "run.json").is_file()}}
+
+
+# ---------------------------------------------------------------- Parquet
+
+
+def rows_table(rows: list[dict]):
+    """(a pyarrow Table of `rows`, the columns written as JSON text because their values mix types)."""
+    import pyarrow as pa
+
+    names = list(dict.fromkeys(k for row in rows for k in row))
+    columns, as_json = {}, []
+    for name in names:
+        values = [row.get(name) for row in rows]
+        try:
+            columns[name] = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+            columns[name] = pa.array([None if v is None else json.dumps(v, ensure_ascii=False) for v in values])
+            as_json.append(name)
+    return pa.table(columns), as_json
+
+
+def write_parquet(rows: list[dict], data_dir: Path) -> tuple[Path, list[str], Any]:
+    """data_dir/train-00000-of-00001.parquet, written to a temporary name and renamed; (path, JSON columns, schema)."""
+    import pyarrow.parquet as pq
+
+    table, as_json = rows_table(rows)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / PARQUET_NAME
+    tmp = data_dir / f".{PARQUET_NAME}.{os.getpid()}.tmp"
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, path)
+    return path, as_json, table.schema
+
+
+# ---------------------------------------------------------------- the card
+
+
+def size_category(n: int) -> str:
+    """The Hub's size_categories bucket for `n` rows."""
+    for limit, name in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M")):
+        if n < limit:
+            return name
+    return "1M<n<10M" if n < 10_000_000 else "n>10M"
+
+
+def models_of(kind: str, made: dict[str, Any]) -> dict[str, str]:
+    """{role: model} of the run(s) behind the data."""
+    if kind == "eval":
+        return {"model": made["run"].get("model") or made["run"]["config"].get("model")}
+    runs = [made["run"]] if kind == "traces" else list(made["sources"].values())
+    found: dict[str, str] = {}
+    for run in runs:
+        for role in ("student", "teacher"):
+            if run.get("config", {}).get(role):
+                found.setdefault(role, run["config"][role])
+    return found
+
+
+def _made_sections(kind: str, made: dict[str, Any]) -> list[str]:
+    """The body's "how it was made" sections for one kind of source."""
+    if kind == "sft":
+        funnel = made["funnel"]
+        counts = {k: v for k, v in funnel.items() if k not in ("settings", "inputs", "out")}
+        parts = ["## How it was made\n", "`tracetailor select` kept one well-formed, correct trace per prompt from "
+                 f"{len(funnel.get('inputs', []))} trace file(s).\n", "### Funnel\n", json_block(counts),
+                 "### select settings\n", settings_table(funnel.get("settings", {}))]
+        for folder, run in made["sources"].items():
+            parts += [f"### The generate run `{Path(folder).name}`\n", f"Command: `{run.get('command', '')}`\n",
+                      settings_table(run.get("config", {})), "Versions:\n", json_block(run.get("versions", {}))]
+        return parts
+    run = made["run"]
+    result = made.get("stats") if kind == "traces" else made["summary"]
+    title = "Statistics (stats.json)" if kind == "traces" else "Scores (summary.json)"
+    return ["## How it was made\n", f"Command: `{run.get('command', '')}`\n", "### Settings\n",
+            settings_table(run.get("config", {})), f"### {title}\n", json_block(result),
+            "### Versions\n", json_block(run.get("versions", {}))]
+
+
+def dataset_card(kind: str, made: dict[str, Any], rows: int, schema, as_json: list[str], license: str,
+                 repo: str | None) -> str:
+    """README.md: YAML front matter as the Hub reads it, then models, settings, funnel or scores, versions."""
+    from . import __version__
+
+    models = models_of(kind, made)
+    meta = {
+        "license": license, "pretty_name": f"tracetailor {kind}: "
+        + ", ".join(f"{r} {hub_id_or_none(m) or Path(m).name}" for r, m in models.items()),
+        "tags": ["tracetailor", "synthetic", "reasoning"] + (["rsd"] if _mode(kind, made) == "rsd" else []),
+        "task_categories": ["text-generation"], "size_categories": [size_category(rows)],
+        "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*"}]}],
+    }
+    load = repo or "path/to/this/folder"
+    lines = [front_matter(meta), f"# {meta['pretty_name']}\n", f"{KINDS[kind][0].upper()}{KINDS[kind][1:]}, "
+             f"exported by tracetailor {__version__}: {rows} rows, one per line of the source.\n",
+             "## Models\n", *[f"- {role}: `{m}`" + ("" if hub_id_or_none(m) else " (a local path when it ran)")
+                              for role, m in models.items()], "",
+             "## Columns\n", *[f"- `{f.name}`: {f.type}" + (" (JSON text: its values mix types)" if f.name in as_json
+                                                            else "") for f in schema], "",
+             "## Load it\n", f"```python\nfrom datasets import load_dataset\nrows = load_dataset({load!r}, "
+             "split=\"train\")\n```\n", *_made_sections(kind, made),
+             f"## License\n\n`{license}` as given to `tracetailor export --license`; the text was written by the "
+             "models above from the prompts of the source: their licenses apply too.\n"]
+    return "\n".join(lines)
+
+
+def _mode(kind: str, made: dict[str, Any]) -> str | None:
+    runs = [made["run"]] if kind == "traces" else list(made.get("sources", {}).values())
+    return next((r.get("config", {}).get("mode") for r in runs if r.get("config", {}).get("mode")), None)
+
+
+# ---------------------------------------------------------------- the command
+
+
+def run_export(cfg: ExportConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Write OUT/data/*.parquet and OUT/README.md from SRC (and push OUT with --push-to-hub); what was written."""
+    from .data.rundir import RunDir
+    from .data.traces import AtomicWriter
+
+    cfg.validate()
+    if cfg.push_to_hub:
+        require_token(cfg.push_to_hub)
+    src = Path(cfg.src[0]).expanduser()
+    kind = detect_kind(src)
+    rows = read_rows(src, kind)
+    if not rows:
+        raise ExportError(f"{src}: holds no rows; nothing to export")
+    made = provenance(src, kind)
+    rundir = RunDir(cfg.out, command="export", owned=["README.md", "export.json"], overwrite=cfg.overwrite,
+                    resumable=False, marker="export.json", results=["README.md"], run_json=None, what="a dataset",
+                    owned_noun="a dataset", partial=".export.partial")
+    with rundir:
+        rundir.started()
+        rundir.begin()
+        path, as_json, schema = write_parquet(rows, rundir.path("data"))
+        with AtomicWriter(rundir.path("README.md")) as f:
+            f.write(dataset_card(kind, made, len(rows), schema, as_json, cfg.license, cfg.push_to_hub))
+        result = rundir.finish({"src": str(src), "kind": kind, "rows": len(rows), "parquet": str(path),
+                                "json_columns": as_json, "settings": asdict(cfg)})  # export.json last: finished
+    log(f"exported {len(rows)} rows of {KINDS[kind]} to {path} with its card {rundir.path('README.md')}")
+    if cfg.push_to_hub:
+        result["pushed"] = push_folder(rundir.root, cfg.push_to_hub, repo_type="dataset", private=cfg.private,
+                                       allow_patterns=["README.md", "data/*.parquet"],
+                                       message=f"tracetailor export of {src.name}", log=log)
+    return result
