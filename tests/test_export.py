@@ -50,7 +50,9 @@ def test_a_trace_dir_round_trips_and_its_card_says_how_it_was_made(trace_dir, ti
                    "| threshold | `0.01` |"):
         assert needed in card, needed
     datasets = pytest.importorskip("datasets")  # the Hub's reader finds the split through the card's configs
-    assert datasets.load_dataset(str(tmp_path / "ds"), split="train").to_list() == source
+    # a cache of its own: the shared one keys a local folder by its name and files, and can serve a stale schema
+    loaded = datasets.load_dataset(str(tmp_path / "ds"), split="train", cache_dir=str(tmp_path / "hf-cache"))
+    assert loaded.to_list() == source
 
 
 def test_an_sft_set_keeps_its_rows_and_its_funnel(tmp_path):
