@@ -241,6 +241,9 @@ class GenerateConfig(Settings):
     draft_tokens: int = option(0, "Modes rsd and teacher: the student guesses this many tokens and the teacher checks "
                                "them in one pass; the traces are the same, with fewer teacher passes. 0 = one teacher "
                                "pass per token.", low=0, resumable=True)
+    save_teacher_topk: int = option(0, "Modes rsd and teacher: also store, per completion token, the teacher's K "
+                                    "likeliest tokens (student ids) and log-probs in OUT/teacher_topk/*.parquet, for "
+                                    "`train --loss kd`. 0 = off.", low=0)
     preset: str | None = option(None, "A named table of settings (paper: the paper's procedure, docs/paper.md) laid "
                                 "under --config and the flags, which override it.", resumable=True)
 
@@ -254,6 +257,8 @@ class GenerateConfig(Settings):
             raise ConfigError("stop: an empty stop string would stop every completion at once; remove it")
         _check_temperature("teacher_temperature", self.teacher_temperature)
         _check_temperature("temperature", self.temperature)
+        if self.save_teacher_topk and self.mode == "student":
+            raise ConfigError("save_teacher_topk: mode student runs no teacher; use --mode rsd or teacher, or 0")
         return self
 
     def trace_settings(self) -> dict[str, Any]:
