@@ -461,9 +461,19 @@ class TrainConfig(Settings):
                                    "the completion.", flags=("--prefill-in-loss/--no-prefill-in-loss",), shown="off")
     seed: int = option(0, "Seed of shuffling and initialisation.", low=0)
     logging_steps: int = option(1, "Log the loss every N optimizer steps.", low=1)
-    save_strategy: str = option("end", "end (only the final model), epoch or steps (also OUT/checkpoint-*).",
-                                choices=tuple(SAVE_STRATEGIES))
-    save_steps: int = option(500, "With --save-strategy steps: every N steps.", low=1)
+    save_strategy: str = option("end", "end (only the final model), epoch or steps (also OUT/checkpoint-*, with the "
+                                "optimizer's state, for --resume-from-checkpoint).", choices=tuple(SAVE_STRATEGIES))
+    save_steps: int | None = option(None, "Save OUT/checkpoint-N every N optimizer steps (sets --save-strategy steps).",
+                                    low=1, shown="500 with --save-strategy steps")
+    resume_from_checkpoint: str | None = option(
+        None, "Go on from a checkpoint that --save-steps wrote: its directory, or auto (the latest in --out; none "
+        "there: start afresh). The result equals an uninterrupted run's.")
+    report_to: str = option("none", "Where the Trainer also logs: none, tensorboard (OUT/runs) or wandb.",
+                            choices=("none", "tensorboard", "wandb"))
+    loss: str = option("sft", "sft (the trace's tokens) or kd (also the teacher's stored top-K, from generate "
+                       "--save-teacher-topk through select).", choices=("sft", "kd"))
+    kd_weight: float = option(0.5, "With --loss kd: loss = w * KD + (1 - w) * SFT, both per completion token.",
+                              low=0.0, high=1.0)
     lora: bool = option(False, "Train a LoRA adapter (PEFT) instead of all weights.", flags=("--lora/--no-lora",),
                         shown="off")
     lora_r: int = option(16, "LoRA rank.", low=1)
@@ -490,6 +500,8 @@ class TrainConfig(Settings):
         schedulers = [s.value for s in SchedulerType]
         if self.lr_scheduler not in schedulers:
             raise ConfigError(f"lr_scheduler: {self.lr_scheduler!r} is not one of {', '.join(schedulers)}")
+        if self.save_steps is not None and self.save_strategy == "end":
+            self.save_strategy = "steps"  # --save-steps N alone saves every N steps, as in TRL's scripts
         return self
 
     def target_modules(self) -> str | list[str]:
