@@ -274,6 +274,7 @@ def demo(
     learning_rate: Optional[float] = typer.Option(None, help="SFT learning rate [default: 1e-4]."),
     epochs: Optional[float] = typer.Option(None, help="SFT epochs [default: 5; --quick 2]."),
     equal_sizes: bool = typer.Option(False, "--equal-sizes", help="Cut every SFT set to the smallest one's size, so that the students differ only in what they learn from."),
+    kd_student: bool = typer.Option(False, "--kd-student", help="Also fine-tune sft-rsd-kd: the RSD set with the teacher's stored top-k (train --loss kd), reported beside the others."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a demo already in OUT (a stopped one resumes without it)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
     smollm2: bool = typer.Option(False, "--smollm2", help="Instead: RSD on real text with SmolLM2-135M-Instruct (teacher) and 22 of its 30 layers (student), printing each trace."),
@@ -294,7 +295,7 @@ def demo(
                                      ("eval_samples", eval_samples), ("learning_rate", learning_rate),
                                      ("num_train_epochs", epochs)) if v is not None}
         cfg = make(seed=seed, world_seed=world_seed, world=world, out=out, eval_split=eval_split, overwrite=overwrite,
-                   equal_sizes=equal_sizes, progress=not no_progress, **given)
+                   equal_sizes=equal_sizes, kd_student=kd_student, progress=not no_progress, **given)
         run_experiment(cfg)
 
 

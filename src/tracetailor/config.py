@@ -535,6 +535,9 @@ class ExperimentConfig(Settings):
     num_train_epochs: float = option(5.0, "SFT epochs (s1's).", above=0.0)
     batch_size: int = option(16, "SFT per-device batch (no gradient accumulation).", low=1)
     equal_sizes: bool = option(False, "Cut every SFT set to the smallest one's size (a seeded random subset).")
+    kd_student: bool = option(False, "Also fine-tune sft-rsd-kd: the RSD SFT set with the teacher's top-k stored by "
+                              "generate (train --loss kd).")
+    kd_weight: float = option(0.5, "sft-rsd-kd's loss: w * KD + (1 - w) * SFT.", low=0.0, high=1.0)
     progress: bool = option(True, "Progress bars.", cli=False, resumable=True)
     overwrite: bool = option(False, "Replace a demo already in OUT (a stopped one resumes without it).",
                              resumable=True)
