@@ -1,4 +1,4 @@
-"""`tracetailor train`: supervised fine-tuning of the student on an SFT set, with TRL.
+"""`tracetailor train`: supervised fine-tuning (or logit distillation) of the student on an SFT set, with TRL.
 
 Job: read `select`'s output (or any prompt/completion or messages data), turn
 every row into prompt ids + completion ids, and fine-tune the student with TRL's
@@ -33,11 +33,21 @@ steps, max length 8192; on CUDA, bf16 autocast over float32 weights and
 gradient checkpointing. `lora=True` trains a LoRA adapter through PEFT and, with
 `merge_lora`, also saves the merged full model.
 
+`loss="kd"` adds logit distillation from the teacher's top-K that generate stored
+(`--save-teacher-topk`) and select copied beside the SFT set (`<data>.topk.parquet`,
+data/topk.py): loss = kd_weight * KD + (1 - kd_weight) * SFT, where KD is the forward
+KL from the stored top-K, renormalised over its K ids, to the student's softmax at
+temperature 1, and both terms are means over the micro-batch's completion tokens
+(`kd_losses`). `save_steps` keeps `OUT/checkpoint-N` (weights, optimizer, scheduler, RNG
+and data position: the Trainer's own), and `resume_from_checkpoint` (a path, or auto for
+the latest) goes on from one: a killed run resumed so ends with the uninterrupted run's
+weights (tests/test_kd.py checks them bit for bit on CPU). `report_to` hands the logs to
+tensorboard or wandb too.
+
 Multi-GPU is `accelerate launch` (README, configs/accelerate_*.yaml): nothing
 here picks a device; the Trainer places the model and shards the data.
 
-Not its job: no generation, no evaluation, no resuming of an interrupted run,
-no data filtering (that is `select`).
+Not its job: no generation, no evaluation, no data filtering (that is `select`).
 The design as a whole: docs/architecture.md.
 """
 
