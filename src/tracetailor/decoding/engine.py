@@ -248,7 +248,7 @@ class Engine:
         """The teacher's K likeliest tokens with a student counterpart, per row: (student ids [B, K] int32,
         log-probs [B, K] float16, of the teacher's full distribution at temperature 1), moved to the host."""
         if self._t_unmapped is not None:
-            teacher_logp = teacher_logp.masked_fill(self._t_unmapped[: teacher_logp.shape[-1]], float("-inf"))
+            teacher_logp = teacher_logp.masked_fill(self._t_unmapped, float("-inf"))
         lp, ids = teacher_logp.topk(min(self.settings.teacher_topk, teacher_logp.shape[-1]), dim=-1)
         if self._t2s is not None:
             ids = self._t2s[ids]
