@@ -16,7 +16,7 @@ import torch
 from test_engine_bridge import bridged  # noqa: F401  (a module fixture: two tokenizers and a bridge)
 from test_generate import _cfg, _records
 from tracetailor.config import ConfigError
-from tracetailor.data.topk import SIDECAR_DIR, TopkError, part_files, read_sidecar, rows_table, write_parquet_atomic
+from tracetailor.data.topk import TopkError, part_files, read_sidecar, rows_table, write_parquet_atomic
 from tracetailor.decoding.engine import DecodeSettings, Engine, Request
 from tracetailor.decoding.rules import RSDParams, prompt_key
 from tracetailor.generate import run_generate
