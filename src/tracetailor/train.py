@@ -453,7 +453,7 @@ def resume_point(cfg: TrainConfig, out: Path, say: Callable[[str], None]) -> str
     """The checkpoint directory to resume from (None: start afresh). auto: the latest OUT/checkpoint-N."""
     if not cfg.resume_from_checkpoint:
         return None
-    if cfg.resume_from_checkpoint == "auto":
+    if cfg.resume_from_checkpoint in ("auto", "latest"):
         from transformers.trainer_utils import get_last_checkpoint
 
         last = get_last_checkpoint(str(out)) if out.is_dir() else None
