@@ -181,6 +181,31 @@ def test_equal_sizes_cuts_every_set_to_the_smallest(tmp_path):
     assert equalise(tmp_path, seed=0) == {"teacher": 5, "rsd": 5, "student": 0}
 
 
+def test_equal_sizes_carries_the_teacher_topk_of_the_kept_rows(tmp_path):
+    """--kd-student with --equal-sizes: the subset's top-k rows are the kept lines', renumbered."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tracetailor.data.topk import read_sidecar, rows_table, sft_sidecar_path, write_parquet_atomic
+    from tracetailor.toyworld.experiment import equalise
+
+    sizes = {"teacher": 3, "rsd": 6, "student": 4}
+    for name, n in sizes.items():
+        (tmp_path / f"{name}.all.jsonl").write_text("".join(json.dumps({"id": f"{name}{i}"}) + "\n" for i in range(n)))
+    topks = [(np.full((2, 3), i, np.int32), np.full((2, 3), -float(i), np.float32)) for i in range(6)]
+    write_parquet_atomic(sft_sidecar_path(tmp_path / "rsd.all.jsonl"),
+                         rows_table([f"rsd{i}" for i in range(6)], topks, extra={"row": pa.array(range(6), pa.int32())}))
+    equalise(tmp_path, seed=0)
+    kept = [r["id"] for r in _lines(tmp_path / "rsd.jsonl")]
+    side = sft_sidecar_path(tmp_path / "rsd.jsonl")
+    rows = pq.read_table(side, columns=["row", "id"]).to_pydict()
+    assert rows == {"row": [0, 1, 2], "id": kept}
+    for rid, (ids, _) in read_sidecar([side]).items():
+        assert (ids == int(rid.removeprefix("rsd"))).all()
+    assert not sft_sidecar_path(tmp_path / "teacher.jsonl").exists()
+
+
 def test_bad_settings_are_named(tmp_path):
     with pytest.raises(ExperimentError, match="eval_split"):
         run_experiment(ExperimentConfig(out=str(tmp_path / "o"), eval_split="train"))

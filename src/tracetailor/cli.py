@@ -293,6 +293,7 @@ def demo(
     epochs: Optional[float] = typer.Option(None, help="SFT epochs [default: 5; --quick 2]."),
     equal_sizes: bool = typer.Option(False, "--equal-sizes", help="Cut every SFT set to the smallest one's size, so that the students differ only in what they learn from."),
     select_preset: Optional[str] = typer.Option(None, help="Select the SFT sets with a preset's filters: paper (strict \\boxed{} after the </think> token, fallback rate at most 50%) [default: select's defaults]."),
+    kd_student: bool = typer.Option(False, "--kd-student", help="Also fine-tune sft-rsd-kd: the RSD set with the teacher's stored top-k (train --loss kd), reported beside the others."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a demo already in OUT (a stopped one resumes without it)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
     smollm2: bool = typer.Option(False, "--smollm2", help="Instead: RSD on real text with SmolLM2-135M-Instruct (teacher) and 22 of its 30 layers (student), printing each trace."),
@@ -314,7 +315,8 @@ def demo(
                                      ("eval_samples", eval_samples), ("learning_rate", learning_rate),
                                      ("num_train_epochs", epochs)) if v is not None}
         cfg = make(seed=seed, world_seed=world_seed, world=world, out=out, eval_split=eval_split, overwrite=overwrite,
-                   equal_sizes=equal_sizes, select_preset=select_preset, progress=not no_progress, **given)
+                   equal_sizes=equal_sizes, select_preset=select_preset, kd_student=kd_student,
+                   progress=not no_progress, **given)
         run_experiment(cfg)
 
 

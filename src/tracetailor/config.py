@@ -260,6 +260,9 @@ class GenerateConfig(Settings):
     draft_tokens: int = option(0, "Modes rsd and teacher: the student guesses this many tokens and the teacher checks "
                                "them in one pass; the traces are the same, with fewer teacher passes. 0 = one teacher "
                                "pass per token.", low=0, resumable=True)
+    save_teacher_topk: int = option(0, "Modes rsd and teacher: also store, per completion token, the teacher's K "
+                                    "likeliest tokens (student ids) and log-probs in OUT/teacher_topk/*.parquet, for "
+                                    "`train --loss kd`. 0 = off.", low=0)
     preset: str | None = option(None, "A named table of settings (paper: the paper's procedure, docs/paper.md) laid "
                                 "under --config and the flags, which override it.", resumable=True)
 
@@ -273,6 +276,8 @@ class GenerateConfig(Settings):
             raise ConfigError("stop: an empty stop string would stop every completion at once; remove it")
         _check_temperature("teacher_temperature", self.teacher_temperature)
         _check_temperature("temperature", self.temperature)
+        if self.save_teacher_topk and self.mode == "student":
+            raise ConfigError("save_teacher_topk: mode student runs no teacher; use --mode rsd or teacher, or 0")
         return self
 
     def trace_settings(self) -> dict[str, Any]:
@@ -488,9 +493,19 @@ class TrainConfig(Settings):
                                    "the completion.", flags=("--prefill-in-loss/--no-prefill-in-loss",), shown="off")
     seed: int = option(0, "Seed of shuffling and initialisation.", low=0)
     logging_steps: int = option(1, "Log the loss every N optimizer steps.", low=1)
-    save_strategy: str = option("end", "end (only the final model), epoch or steps (also OUT/checkpoint-*).",
-                                choices=tuple(SAVE_STRATEGIES))
-    save_steps: int = option(500, "With --save-strategy steps: every N steps.", low=1)
+    save_strategy: str = option("end", "end (only the final model), epoch or steps (also OUT/checkpoint-*, with the "
+                                "optimizer's state, for --resume-from-checkpoint).", choices=tuple(SAVE_STRATEGIES))
+    save_steps: int | None = option(None, "Save OUT/checkpoint-N every N optimizer steps (sets --save-strategy steps).",
+                                    low=1, shown="500 with --save-strategy steps")
+    resume_from_checkpoint: str | None = option(
+        None, "Go on from a checkpoint that --save-steps wrote: its directory, or auto / latest (the latest in --out; "
+        "none there: start afresh). The result equals an uninterrupted run's.")
+    report_to: str = option("none", "Where the Trainer also logs: none, tensorboard (OUT/runs) or wandb.",
+                            choices=("none", "tensorboard", "wandb"))
+    loss: str = option("sft", "sft (the trace's tokens) or kd (also the teacher's stored top-K, from generate "
+                       "--save-teacher-topk through select).", choices=("sft", "kd"))
+    kd_weight: float = option(0.5, "With --loss kd: loss = w * KD + (1 - w) * SFT, both per completion token.",
+                              low=0.0, high=1.0)
     lora: bool = option(False, "Train a LoRA adapter (PEFT) instead of all weights.", flags=("--lora/--no-lora",),
                         shown="off")
     lora_r: int = option(16, "LoRA rank.", low=1)
@@ -521,6 +536,8 @@ class TrainConfig(Settings):
         schedulers = [s.value for s in SchedulerType]
         if self.lr_scheduler not in schedulers:
             raise ConfigError(f"lr_scheduler: {self.lr_scheduler!r} is not one of {', '.join(schedulers)}")
+        if self.save_steps is not None and self.save_strategy == "end":
+            self.save_strategy = "steps"  # --save-steps N alone saves every N steps, as in TRL's scripts
         return self
 
     def target_modules(self) -> str | list[str]:
@@ -557,6 +574,9 @@ class ExperimentConfig(Settings):
     select_preset: str | None = option(None, "Select the SFT sets with a preset's filters (paper: the last \\boxed{} "
                                        "after the </think> token, exact match then math-verify, fallback rate at most "
                                        "50%).", choices=("paper",), shown="none: select's defaults")
+    kd_student: bool = option(False, "Also fine-tune sft-rsd-kd: the RSD SFT set with the teacher's top-k stored by "
+                              "generate (train --loss kd).")
+    kd_weight: float = option(0.5, "sft-rsd-kd's loss: w * KD + (1 - w) * SFT.", low=0.0, high=1.0)
     progress: bool = option(True, "Progress bars.", cli=False, resumable=True)
     overwrite: bool = option(False, "Replace a demo already in OUT (a stopped one resumes without it).",
                              resumable=True)

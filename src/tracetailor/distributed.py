@@ -38,7 +38,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from .config import GenerateConfig
-from .data.traces import TraceWriter, read_repaired, record_id
+from .data.traces import read_repaired, record_id
 from .errors import UserError
 
 # A shard that has been running on this many workers when they died stops the run:
@@ -121,7 +121,7 @@ class GenerateWorker:
         }
 
     def run_shard(self, prompts: dict, pairs: list[tuple[int, int]]) -> dict:
-        from .sampling import build_record, build_requests, sample, token_budget
+        from .sampling import build_record, build_requests, sample, token_budget, trace_writer
 
         started = time.perf_counter()
         passes_before, emitted_before = self.engine.teacher_passes, self.engine.tokens_emitted
@@ -129,7 +129,7 @@ class GenerateWorker:
                                                     token_budget(self.context, self.cfg.max_length),
                                                     self.cfg.max_new_tokens)
         sequences = tokens = 0
-        with TraceWriter(self.path) as writer:
+        with trace_writer(self.path, self.cfg) as writer:
             for fin in sample(self.engine, requests, log=print):  # print: to this worker's Ray log
                 prompt, sample = handles[fin.handle]
                 record = build_record(prompt, sample, fin, self.student.tokenizer, self.eos, self.cfg.mode,
@@ -138,7 +138,7 @@ class GenerateWorker:
                     self._die_mid_write(record)
                 if self._driver_gone():
                     os._exit(1)  # killed driver: write no more (Ray alone takes seconds to notice)
-                writer.write(record)
+                writer.write(record, fin.teacher_topk)
                 self.written += 1
                 sequences += 1
                 tokens += len(fin.token_ids)
@@ -273,7 +273,8 @@ def _student_context(cfg: GenerateConfig) -> int | None:
 
 def _drive(ray, cfg: GenerateConfig, rundir, log) -> dict[str, Any]:
     from .models import load_tokenizer
-    from .sampling import check_prompts_unchanged, finished_in, load_prompt_set, run_info, warn_skipped, write_stats
+    from .sampling import (check_prompts_unchanged, finished_in, load_prompt_set, run_info, sync_sidecar, warn_skipped,
+                           write_stats)
 
     prompt_texts: dict = {}
     done = finished_in(rundir, prompt_texts)  # reads (and repairs) every traces*.jsonl: any earlier worker count
@@ -285,6 +286,7 @@ def _drive(ray, cfg: GenerateConfig, rundir, log) -> dict[str, Any]:
     pending = [(i, s) for i, p in enumerate(prompts) for s in range(cfg.samples)
                if record_id(p.prompt_id, s) not in done]
     rundir.started()
+    sync_sidecar(out, cfg)  # the teacher's top-K rows: exactly the finished records
     if not rundir.run_json.exists() or pending:
         # a first version now, so that workers can check they see OUT; the models' own names come with them
         rundir.write_run_json(dataclasses.asdict(cfg), seed=cfg.seed, **run_info(cfg.student, cfg.teacher, None))

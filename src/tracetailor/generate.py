@@ -16,7 +16,7 @@ from typing import Any
 
 from .config import ConfigError, GenerateConfig
 from .data.rundir import RunDir
-from .data.traces import TraceWriter, record_id
+from .data.traces import record_id
 from .errors import OutputDirError
 from .sampling import (
     Progress,
@@ -31,7 +31,9 @@ from .sampling import (
     make_engine,
     run_info,
     sample,
+    sync_sidecar,
     token_budget,
+    trace_writer,
     warn_skipped,
     write_stats,
 )
@@ -64,6 +66,7 @@ def _run_here(cfg: GenerateConfig, rundir: RunDir, log) -> dict[str, Any]:
     warn_skipped(skipped, context)
 
     rundir.started()  # models loaded, prompts read: a run replaced by --overwrite can go
+    sync_sidecar(out, cfg)  # the teacher's top-K rows: exactly the finished records
     rundir.write_run_json(dataclasses.asdict(cfg), seed=cfg.seed,
                           **run_info(student.name, teacher.name if teacher else None, bridge))
     rundir.begin()  # stats.json marks a finished run: a run stopped from here on has none
@@ -77,12 +80,12 @@ def _run_here(cfg: GenerateConfig, rundir: RunDir, log) -> dict[str, Any]:
     started = time.perf_counter()
     new_tokens = 0
     try:
-        with TraceWriter(out / "traces.jsonl") as writer:
+        with trace_writer(out / "traces.jsonl", cfg) as writer:
             for fin in sample(engine, requests, log):  # out of memory: half the batch, go on
                 prompt, s = handles[fin.handle]
                 new_tokens += len(fin.token_ids)
                 writer.write(build_record(prompt, s, fin, student.tokenizer, eos, cfg.mode, teacher is not None,
-                                          cfg.stop))
+                                          cfg.stop), fin.teacher_topk)
                 progress.bar.update(1)
     finally:
         progress.close()

@@ -159,6 +159,7 @@ def make_engine(cfg: GenerateConfig, student, teacher, bridge, on_step=None) -> 
         rsd=RSDParams(cfg.threshold, cfg.trials, cfg.top_k, cfg.teacher_temperature),
         temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, seed=cfg.seed,
         draft_tokens=cfg.draft_tokens if cfg.mode != "student" else 0,
+        teacher_topk=cfg.save_teacher_topk if cfg.mode != "student" else 0,
     )
     return Engine(
         student.model, teacher.model if teacher else None, bridge, settings, eos_ids=set(student.eos_ids()),
@@ -250,6 +251,29 @@ def open_run_dir(cfg: GenerateConfig) -> RunDir:
 def finished_in(rundir: RunDir, prompt_texts: dict) -> set[str]:
     """The record ids already in OUT (torn tails cut); `prompt_texts` filled as `finished_ids` does."""
     return finished_ids(rundir.root, prompt_texts=prompt_texts)
+
+
+def sync_sidecar(out: Path, cfg: GenerateConfig) -> None:
+    """Once the run has started: with `--save-teacher-topk` the top-K sidecar is cut to the records of the
+    trace files (`prune_sidecar`); without it, a sidecar left by an earlier run (replaced by --overwrite) goes."""
+    from .data.topk import part_files, prune_sidecar
+
+    if cfg.save_teacher_topk:
+        prune_sidecar(out)
+    else:
+        for part in part_files(out):
+            part.unlink()
+
+
+def trace_writer(path: Path, cfg: GenerateConfig):
+    """The writer of one trace file: plain (`TraceWriter`), or with the teacher's top-K sidecar."""
+    from .data.traces import TraceWriter
+
+    if cfg.save_teacher_topk:
+        from .data.topk import TopkTraceWriter
+
+        return TopkTraceWriter(path)
+    return TraceWriter(path)
 
 
 def check_prompts_unchanged(prompt_texts: dict, prompts: list) -> None:

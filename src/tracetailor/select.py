@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from .config import PICKS, SelectConfig, SelectError  # noqa: F401  (SelectError: raised here too)
+from .data.topk import sft_sidecar_path
 from .data.traces import AtomicWriter, TraceRecord, read_numbered_records, resolve_trace_paths, write_json_atomic
 from .evaluate.answers import check_answer, gold_answers, require_math_verify
 from .evaluate.judge import judge_from
@@ -210,8 +211,9 @@ class Picker:
 
     def __init__(self, pick: str, seed: int, sink):
         self.pick, self.seed, self.sink = pick, seed, sink
-        self.best: dict[str, tuple[Any, dict]] = {}
+        self.best: dict[str, tuple[Any, dict, str]] = {}
         self.offered = self.written = 0
+        self.kept: list[tuple[str, str]] = []  # (file:line, record id) of each row written, in order
 
     def key(self, trace: Trace, order: int) -> Any:
         if self.pick == "shortest":
@@ -222,21 +224,22 @@ class Picker:
     def offer(self, trace: Trace, row: dict, order: int) -> None:
         self.offered += 1
         if self.pick == "all":
-            self._write(row)
+            self._write(row, trace.where)
             return
         key = self.key(trace, order)
         held = self.best.get(trace.prompt_id)
         if held is None or key < held[0]:
-            self.best[trace.prompt_id] = (key, row)
+            self.best[trace.prompt_id] = (key, row, trace.where)
 
     def finish(self, prompt_order: Iterable[str]) -> None:
         for prompt_id in prompt_order:
             if prompt_id in self.best:
-                self._write(self.best[prompt_id][1])
+                self._write(*self.best[prompt_id][1:])
 
-    def _write(self, row: dict) -> None:
+    def _write(self, row: dict, where: str) -> None:
         self.sink.write(json.dumps(row, ensure_ascii=False) + "\n")
         self.written += 1
+        self.kept.append((where, row["id"]))
 
 
 # ---------------------------------------------------------------- the run
@@ -271,7 +274,8 @@ def run_select(cfg: SelectConfig, log: Callable[[str], None] = print) -> dict:
             "covers only the traces written so far; run the same generate command again to finish it first")
     # the set and its funnel are one unit: refused when finished (unless --overwrite), locked while written
     # the funnel marks a finished set: a set without its funnel is a stopped run's, started over
-    rundir = RunDir(out, command="select", file=out.name, owned=[out.name, funnel_path(out).name],
+    rundir = RunDir(out, command="select", file=out.name,
+                    owned=[out.name, funnel_path(out).name, sft_sidecar_path(out).name],
                     overwrite=cfg.overwrite, resumable=False, marker=funnel_path(out).name,
                     run_json=None, what="an SFT set", owned_noun="an SFT set", partial=f".{out.name}.partial")
     with rundir:
@@ -280,14 +284,45 @@ def run_select(cfg: SelectConfig, log: Callable[[str], None] = print) -> dict:
         # never a part of a set nor one run's funnel beside another's set. With --overwrite the previous pair
         # comes back if the inputs fail to read
         with AtomicWriter(out) as sink:
-            funnel = _stream(cfg, records_of(paths), [str(p) for p in paths], Picker(cfg.pick, cfg.seed, sink), log,
+            picker = Picker(cfg.pick, cfg.seed, sink)
+            funnel = _stream(cfg, records_of(paths), [str(p) for p in paths], picker, log,
                              judge_cache=f"{out}.judge-cache.jsonl")
             rundir.started()
             rundir.begin()
+            sft_sidecar_path(out).unlink(missing_ok=True)
+        funnel["teacher_topk"] = copy_teacher_topk(picker.kept, out, log)
         funnel["unfinished_runs"] = [str(f) for f in unfinished]
         rundir.finish(funnel)
     log(format_funnel(funnel))
     return funnel
+
+
+def copy_teacher_topk(kept: list[tuple[str, str]], out: Path, log) -> str | None:
+    """The kept rows' teacher top-K (generate --save-teacher-topk) to `<out>.topk.parquet`, with `row`, the
+    row's line in the set (0-based), so that `train --loss kd` finds them; its path, or None when the traces
+    have no sidecar (or only some of them do: said in one warning)."""
+    from .data.topk import part_files, read_sidecar, rows_table, write_parquet_atomic
+
+    folders: dict[Path, set[str]] = {}
+    for where, rid in kept:
+        folders.setdefault(Path(where.rsplit(":", 1)[0]).parent, set()).add(rid)
+    found: dict[tuple[Path, str], tuple] = {}
+    for folder, wanted in folders.items():
+        found.update({(folder, rid): rows for rid, rows in read_sidecar(part_files(folder), wanted).items()})
+    if not found:
+        return None
+    keys = [(Path(where.rsplit(":", 1)[0]).parent, rid) for where, rid in kept]
+    missing = [k for k in keys if k not in found]
+    if missing:
+        log(f"warning: {len(missing)} of {len(keys)} kept traces have no teacher top-K (e.g. {missing[0][1]!r} in "
+            f"{missing[0][0]}): no {sft_sidecar_path(out).name} written; `train --loss kd` needs every row's")
+        return None
+    import pyarrow as pa
+
+    table = rows_table([rid for _, rid in keys], [found[k] for k in keys],
+                       extra={"row": pa.array(range(len(keys)), pa.int32())})
+    write_parquet_atomic(sft_sidecar_path(out), table)
+    return str(sft_sidecar_path(out))
 
 
 def unfinished_runs(paths: list[Path]) -> list[Path]:

@@ -1,4 +1,4 @@
-"""`tracetailor train`: supervised fine-tuning of the student on an SFT set, with TRL.
+"""`tracetailor train`: supervised fine-tuning (or logit distillation) of the student on an SFT set, with TRL.
 
 Job: read `select`'s output (or any prompt/completion or messages data), turn
 every row into prompt ids + completion ids, and fine-tune the student with TRL's
@@ -33,11 +33,21 @@ steps, max length 8192; on CUDA, bf16 autocast over float32 weights and
 gradient checkpointing. `lora=True` trains a LoRA adapter through PEFT and, with
 `merge_lora`, also saves the merged full model.
 
+`loss="kd"` adds logit distillation from the teacher's top-K that generate stored
+(`--save-teacher-topk`) and select copied beside the SFT set (`<data>.topk.parquet`,
+data/topk.py): loss = kd_weight * KD + (1 - kd_weight) * SFT, where KD is the forward
+KL from the stored top-K, renormalised over its K ids, to the student's softmax at
+temperature 1, and both terms are means over the micro-batch's completion tokens
+(`kd_losses`). `save_steps` keeps `OUT/checkpoint-N` (weights, optimizer, scheduler, RNG
+and data position: the Trainer's own), and `resume_from_checkpoint` (a path, or auto for
+the latest) goes on from one: a killed run resumed so ends with the uninterrupted run's
+weights (tests/test_kd.py checks them bit for bit on CPU). `report_to` hands the logs to
+tensorboard or wandb too.
+
 Multi-GPU is `accelerate launch` (README, configs/accelerate_*.yaml): nothing
 here picks a device; the Trainer places the model and shards the data.
 
-Not its job: no generation, no evaluation, no resuming of an interrupted run,
-no data filtering (that is `select`).
+Not its job: no generation, no evaluation, no data filtering (that is `select`).
 The design as a whole: docs/architecture.md.
 """
 
@@ -72,6 +82,9 @@ class Example:
     at: str  # file:line
     prompt_ids: list[int]
     completion_ids: list[int]
+    # --loss kd: the teacher's top-K per completion token from `topk_offset` on (student ids [n, K], log-probs)
+    topk: tuple | None = None
+    topk_offset: int = 0  # completion tokens before the first top-K row (a prefill moved into the completion)
 
 
 def read_examples(cfg: TrainConfig, tokenizer) -> list[Example]:
@@ -91,6 +104,8 @@ def read_examples(cfg: TrainConfig, tokenizer) -> list[Example]:
         rows = rows[: cfg.limit]
     template = _Template(tokenizer)
     examples = [row_example(row, where(i), tokenizer, template) for i, row in enumerate(rows)]
+    if cfg.loss == "kd":
+        attach_teacher_topk(examples, rows, path)
     return [prefill_into_completion(ex, tokenizer) for ex in examples] if cfg.prefill_in_loss else examples
 
 
@@ -108,8 +123,35 @@ def prefill_into_completion(ex: Example, tokenizer) -> Example:
         return ex
     for n in range(1, min(len(ex.prompt_ids) - 1, PREFILL_MAX_TOKENS) + 1):
         if tokenizer.decode(ex.prompt_ids[-n:], skip_special_tokens=False) == prefill:
-            return Example(ex.at, ex.prompt_ids[:-n], ex.prompt_ids[-n:] + ex.completion_ids)
+            return Example(ex.at, ex.prompt_ids[:-n], ex.prompt_ids[-n:] + ex.completion_ids, ex.topk,
+                           ex.topk_offset + n)
     return ex
+
+
+def attach_teacher_topk(examples: list[Example], rows: list[dict], data: Path) -> None:
+    """Give each example its teacher top-K rows from `<data>.topk.parquet` (select writes it from generate's
+    --save-teacher-topk sidecar), matched by row number and checked by record id and length."""
+    from .data.topk import read_sidecar, sft_sidecar_path
+
+    side = sft_sidecar_path(data)
+    if not side.is_file():
+        raise TrainError(f"--loss kd: no teacher top-K beside {data} (expected {side}); generate with "
+                         "--save-teacher-topk K, then run select on those traces again")
+    import pyarrow.parquet as pq
+
+    order = pq.read_table(side, columns=["row", "id"]).to_pydict()
+    by_row = dict(zip(order["row"], order["id"]))
+    found = read_sidecar([side])
+    for i, (ex, row) in enumerate(zip(examples, rows)):
+        rid = by_row.get(i)
+        if rid is None or rid != str(row.get("id")):
+            raise TrainError(f"{ex.at}: {side} holds no top-K for this row (record {row.get('id')!r}); the SFT set "
+                             "and its sidecar do not match: run select again")
+        ids, lps = found[rid]
+        if len(ids) != len(ex.completion_ids):
+            raise TrainError(f"{ex.at}: {side} holds {len(ids)} top-K rows for {len(ex.completion_ids)} completion "
+                             "tokens; the SFT set and its sidecar do not match: run select again")
+        ex.topk = (ids, lps)
 
 
 def row_example(row: dict, at: str, tokenizer, template: "_Template") -> Example:
@@ -196,10 +238,16 @@ class _Template:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def features(ex: Example) -> dict[str, list[int]]:
-    """The dataset row of one example: TRL's pre-tokenised column names."""
-    return {"input_ids": ex.prompt_ids + ex.completion_ids,
-            "completion_mask": [0] * len(ex.prompt_ids) + [1] * len(ex.completion_ids)}
+def features(ex: Example) -> dict[str, list]:
+    """The dataset row of one example: TRL's pre-tokenised column names; with a top-K (--loss kd), also
+    `topk_start` (the input position of its first row), `topk_ids` and `topk_logprobs` (rows of K)."""
+    row = {"input_ids": ex.prompt_ids + ex.completion_ids,
+           "completion_mask": [0] * len(ex.prompt_ids) + [1] * len(ex.completion_ids)}
+    if ex.topk is not None:
+        n = max(0, len(ex.completion_ids) - ex.topk_offset)  # a cut completion keeps its first rows
+        row.update(topk_start=len(ex.prompt_ids) + ex.topk_offset, topk_ids=ex.topk[0][:n].tolist(),
+                   topk_logprobs=ex.topk[1][:n].tolist())
+    return row
 
 
 @dataclass
@@ -221,7 +269,47 @@ class CompletionCollator:
             input_ids[i, : len(ids)] = ids
             attention_mask[i, : len(ids)] = 1
             labels[i, : len(ids)] = torch.where(mask, ids, IGNORE)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        if "topk_ids" in rows[0]:
+            batch.update(_topk_batch(rows, width))
+        return batch
+
+
+def _topk_batch(rows: Sequence[dict], width: int) -> dict:
+    """The teacher's top-K at each input position (ids -1 and log-probs 0 where there is none): [B, W, K]."""
+    import torch
+
+    k = max((len(r["topk_ids"][0]) for r in rows if r["topk_ids"]), default=1)
+    ids = torch.full((len(rows), width, k), -1, dtype=torch.long)
+    lps = torch.zeros((len(rows), width, k), dtype=torch.float32)
+    for i, r in enumerate(rows):
+        start, n = r["topk_start"], len(r["topk_ids"])
+        if n:
+            ids[i, start : start + n] = torch.as_tensor(r["topk_ids"], dtype=torch.long)
+            lps[i, start : start + n] = torch.as_tensor(r["topk_logprobs"], dtype=torch.float32)
+    return {"teacher_topk_ids": ids, "teacher_topk_logprobs": lps}
+
+
+def kd_losses(logits, labels, topk_ids, topk_logprobs):
+    """(SFT loss, KD loss), each a mean over the completion tokens of the batch.
+
+    SFT: the negative log-likelihood of each completion token. KD: the forward KL from the teacher's stored
+    top-K, renormalised over its K ids (p), to the student's full softmax at temperature 1 (q), at the position
+    that predicts the token: sum_i p_i (log p_i - log q_i). Positions without a top-K row add 0 to the KD sum."""
+    import torch
+
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    labels, ids, t_lp = labels[:, 1:], topk_ids[:, 1:], topk_logprobs[:, 1:].float()
+    mask = labels != IGNORE
+    tokens = mask.sum().clamp(min=1)
+    nll = -logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    sft = (nll * mask).sum() / tokens
+    valid = ids >= 0
+    p = torch.softmax(t_lp.masked_fill(~valid, float("-inf")), dim=-1).nan_to_num(0.0)  # rows with no id: 0
+    q_lp = logp.gather(-1, ids.clamp(min=0))
+    kl = (torch.xlogy(p, p) - p * q_lp).masked_fill(~valid, 0.0).sum(-1)
+    kd = (kl * (mask & valid.any(-1))).sum() / tokens
+    return sft, kd
 
 
 # ---------------------------------------------------------------- model
@@ -318,8 +406,8 @@ def sft_config(cfg: TrainConfig, bf16: bool, checkpointing: bool):
         logging_steps=cfg.logging_steps,
         logging_first_step=True,
         save_strategy=SAVE_STRATEGIES[cfg.save_strategy],
-        save_steps=cfg.save_steps,
-        report_to="none",
+        save_steps=cfg.save_steps or 500,
+        report_to=cfg.report_to,  # tensorboard: OUT/runs/<date>, or $TENSORBOARD_LOGGING_DIR
         disable_tqdm=not cfg.progress,
         # our rows are final: TRL must neither re-tokenise nor drop the completion_mask column
         dataset_kwargs={"skip_prepare_dataset": True},
@@ -340,7 +428,7 @@ def _lora_config(cfg: TrainConfig):
                       target_modules=cfg.target_modules(), task_type="CAUSAL_LM")
 
 
-def _require_trl(need_peft: bool) -> None:
+def _require_trl(need_peft: bool, report_to: str = "none") -> None:
     for module, needed in (("trl", True), ("datasets", True), ("peft", need_peft)):
         if not needed:
             continue
@@ -348,6 +436,35 @@ def _require_trl(need_peft: bool) -> None:
             __import__(module)
         except ImportError as e:
             raise TrainError(f"training needs {module!r}: pip install 'tracetailor[train]'") from e
+    _require_reporter(report_to)
+
+
+def _require_reporter(report_to: str) -> None:
+    """--report-to tensorboard needs tensorboard (or tensorboardX), wandb needs wandb: one line before any work."""
+    from importlib.util import find_spec
+
+    packages = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}.get(report_to, ())
+    if packages and not any(find_spec(name) for name in packages):
+        raise TrainError(f"--report-to {report_to} needs the {packages[0]!r} package: pip install {packages[0]} "
+                         "(or --report-to none)")
+
+
+def resume_point(cfg: TrainConfig, out: Path, say: Callable[[str], None]) -> str | None:
+    """The checkpoint directory to resume from (None: start afresh). auto: the latest OUT/checkpoint-N."""
+    if not cfg.resume_from_checkpoint:
+        return None
+    if cfg.resume_from_checkpoint in ("auto", "latest"):
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(str(out)) if out.is_dir() else None
+        say(f"resuming from {last}" if last else f"--resume-from-checkpoint auto: no checkpoint in {out}; starting afresh")
+        return last
+    path = Path(cfg.resume_from_checkpoint).expanduser()
+    if not (path / "trainer_state.json").is_file():
+        raise TrainError(f"--resume-from-checkpoint {cfg.resume_from_checkpoint}: not a checkpoint (no "
+                         "trainer_state.json); give an OUT/checkpoint-N directory that --save-steps wrote, or auto")
+    say(f"resuming from {path}")
+    return str(path)
 
 
 CHECKPOINT_GLOBS = ("*.json", "*.safetensors", "*.bin", "*.jinja", "*.model", "*.txt", "*.pt", "README.md")
@@ -405,10 +522,11 @@ def _quiet_trainer_output(trainer) -> None:
         trainer.add_callback(BarOnly())
 
 
-def run_train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Fine-tune `cfg.model` on `cfg.data` and save the checkpoint in `cfg.out`; return the run's summary."""
+def run_train(cfg: TrainConfig, log: Callable[[str], None] = print, callbacks: Sequence = ()) -> dict[str, Any]:
+    """Fine-tune `cfg.model` on `cfg.data` and save the checkpoint in `cfg.out`; return the run's summary.
+    `callbacks`: more `transformers.TrainerCallback`s for the Trainer."""
     cfg.validate()
-    _require_trl(cfg.lora)
+    _require_trl(cfg.lora, cfg.report_to)
     if cfg.push_to_hub:
         from .hub import require_token
 
@@ -422,11 +540,35 @@ def run_train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str,
         _check_vocab(examples, model)
         if rundir is not None:
             rundir.started()  # the model and the data are loaded: a checkpoint replaced by --overwrite can go
-        return _fit(cfg, out, tokenizer, examples, cut, dropped, model, say, rundir)
+        resume = resume_point(cfg, out, say)
+        return _fit(cfg, out, tokenizer, examples, cut, dropped, model, say, rundir, resume, callbacks)
+
+
+def _kd_trainer_class(kd_weight: float):
+    """TRL's SFTTrainer whose loss is `kd_weight` * KD + (1 - kd_weight) * SFT (`kd_losses`)."""
+    from trl import SFTTrainer
+
+    class KDTrainer(SFTTrainer):
+        loss_is_scaled_for_ga = False  # a mean per micro-batch: the Trainer divides by the accumulated steps
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.model_accepts_loss_kwargs = False  # the same on transformers releases without the flag above
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            ids, lps = inputs.pop("teacher_topk_ids"), inputs.pop("teacher_topk_logprobs")
+            labels = inputs.pop("labels")
+            outputs = model(**inputs, use_cache=False)
+            sft, kd = kd_losses(outputs.logits, labels, ids, lps)
+            loss = kd_weight * kd + (1.0 - kd_weight) * sft
+            return (loss, outputs) if return_outputs else loss
+
+    return KDTrainer
 
 
 def _fit(cfg: TrainConfig, out: Path, tokenizer, examples: list[Example], cut: int, dropped: int, model,
-         say: Callable[[str], None], rundir=None) -> dict[str, Any]:
+         say: Callable[[str], None], rundir=None, resume: str | None = None, callbacks: Sequence = ()
+         ) -> dict[str, Any]:
     """Train `model` on `examples` with TRL and save the checkpoint; the run's summary."""
     use_cache = getattr(model.config, "use_cache", None)  # the Trainer turns it off; the checkpoint keeps it
     bf16, checkpointing = _auto_flags(cfg)
@@ -435,18 +577,19 @@ def _fit(cfg: TrainConfig, out: Path, tokenizer, examples: list[Example], cut: i
     from trl import SFTTrainer
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    trainer = SFTTrainer(
+    trainer_class = _kd_trainer_class(cfg.kd_weight) if cfg.loss == "kd" else SFTTrainer
+    trainer = trainer_class(
         model=model,
         args=sft_config(cfg, bf16, checkpointing),
         train_dataset=Dataset.from_list([features(ex) for ex in examples]),
         data_collator=CompletionCollator(pad_token_id=pad_id if pad_id is not None else 0),
         processing_class=tokenizer,
         peft_config=_lora_config(cfg) if cfg.lora else None,
-        callbacks=[_make_log_callback(say)],
+        callbacks=[_make_log_callback(say), *callbacks],
     )
     _quiet_trainer_output(trainer)
     started = time.time()
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=resume)
     runtime = time.time() - started
     if use_cache is not None:
         trainer.model.config.use_cache = use_cache
@@ -463,6 +606,7 @@ def _fit(cfg: TrainConfig, out: Path, tokenizer, examples: list[Example], cut: i
         "train_loss": result.training_loss, "runtime_s": round(runtime, 2),
         "bf16": bf16, "gradient_checkpointing": checkpointing,
         "lora": cfg.lora, "merged": merged, "adapter": str(adapter_dir) if cfg.lora else None,
+        "loss": cfg.loss, "kd_weight": cfg.kd_weight if cfg.loss == "kd" else None, "resumed_from": resume,
     }
     if trainer.is_world_process_zero():
         from .data.rundir import versions

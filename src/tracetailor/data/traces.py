@@ -280,7 +280,8 @@ class TraceWriter:
         except OSError as e:
             raise _write_failed(path, e, "nothing was written") from e
 
-    def write(self, record: dict) -> None:
+    def write(self, record: dict, topk=None) -> None:
+        """Append one record (`topk`: the sidecar's part of it, for `data.topk.TopkTraceWriter`; unused here)."""
         try:
             self._f.write(json.dumps(record, ensure_ascii=False) + "\n")
             self._f.flush()

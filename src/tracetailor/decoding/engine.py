@@ -27,6 +27,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
+import numpy as np
 import torch
 
 from .kv import KVBatch
@@ -61,6 +62,8 @@ class Finished:
     student_logprobs: list[float]
     teacher_logprobs: list[float | None]
     finish_reason: str  # "stop" or "length"
+    # teacher_topk > 0: per token, the teacher's top-K (student ids [n, K] int32, log-probs [n, K] float16)
+    teacher_topk: tuple[np.ndarray, np.ndarray] | None = None
 
 
 @dataclass
@@ -72,6 +75,7 @@ class DecodeSettings:
     top_k: int = 20  # plain modes
     seed: int = 0
     draft_tokens: int = 0  # K > 0: exact speculative decoding with K student guesses per teacher pass (rsd, teacher)
+    teacher_topk: int = 0  # K > 0: keep, per token, the teacher's K likeliest student-mappable tokens (T = 1)
 
 
 @dataclass
@@ -83,9 +87,13 @@ class _Row:
     teacher_lp: list[float | None] = field(default_factory=list)
     pending: int = -1  # drafted decoding: the student id the models read first in the next pass
     pending_teacher: list[int] = field(default_factory=list)  # ... and the teacher ids that spell it
+    topk_ids: list[np.ndarray] = field(default_factory=list)  # per token, the teacher's top-K (teacher_topk > 0)
+    topk_lp: list[np.ndarray] = field(default_factory=list)
 
     def finish(self, reason: str) -> Finished:
-        return Finished(self.request.handle, self.tokens, "".join(self.origin), self.student_lp, self.teacher_lp, reason)
+        topk = (np.stack(self.topk_ids), np.stack(self.topk_lp)) if self.topk_ids else None
+        return Finished(self.request.handle, self.tokens, "".join(self.origin), self.student_lp, self.teacher_lp,
+                        reason, topk)
 
 
 @dataclass
@@ -162,6 +170,10 @@ class Engine:
         self.device = student.device
         self._t2s = None if bridge is None or bridge.identity else bridge.teacher_to_student.to(self.device)
         self._s2t_single = None if bridge is None or bridge.identity else bridge.student_to_teacher_single.to(self.device)
+        # teacher_topk: teacher ids with no student counterpart are left out before the top-K cut
+        self._t_unmapped = None if self._t2s is None else self._t2s < 0
+        if self.settings.teacher_topk < 0 or (self.settings.teacher_topk and self.teacher is None):
+            raise ValueError("teacher_topk needs a teacher (modes rsd and teacher) and must be 0 or more")
         # student ids the teacher reads as several tokens (or none): rare, checked on the host
         self._multi_token = set() if self._s2t_single is None else set(
             (bridge.student_to_teacher_single < 0).nonzero().flatten().tolist())
@@ -229,7 +241,18 @@ class Engine:
             # NaN or +inf anywhere in a row makes its whole log-softmax NaN, and its proposals garbage. NaN above
             # means "no teacher counterpart", so mark such a row +inf, which no log-prob can be: _record stops.
             teacher_lp = teacher_lp.masked_fill(~torch.isfinite(teacher_logp.amax(-1)), float("inf"))
-        return tokens, choice.from_teacher, student_lp, teacher_lp
+        topk = self._teacher_topk(teacher_logp) if s.teacher_topk and teacher_logits is not None else None
+        return tokens, choice.from_teacher, student_lp, teacher_lp, topk
+
+    def _teacher_topk(self, teacher_logp: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """The teacher's K likeliest tokens with a student counterpart, per row: (student ids [B, K] int32,
+        log-probs [B, K] float16, of the teacher's full distribution at temperature 1), moved to the host."""
+        if self._t_unmapped is not None:
+            teacher_logp = teacher_logp.masked_fill(self._t_unmapped, float("-inf"))
+        lp, ids = teacher_logp.topk(min(self.settings.teacher_topk, teacher_logp.shape[-1]), dim=-1)
+        if self._t2s is not None:
+            ids = self._t2s[ids]
+        return ids.to(torch.int32).cpu().numpy(), lp.to(torch.float16).cpu().numpy()
 
     # -- admission ---------------------------------------------------------------
     def _admit(self, group: list[Request]) -> "_Live":
@@ -280,10 +303,10 @@ class Engine:
 
             if self.kv_use is not None:
                 self._measure_kv(live)
-            tokens, from_teacher, s_lp, t_lp = self._choose(live.s_logits, live.t_logits, live.keys)
+            tokens, from_teacher, s_lp, t_lp, topk = self._choose(live.s_logits, live.t_logits, live.keys)
             tok_list = tokens.tolist()
             keep, done = self._record(live.rows, tok_list, from_teacher.tolist(), s_lp.tolist(),
-                                      t_lp.tolist() if t_lp is not None else None)
+                                      t_lp.tolist() if t_lp is not None else None, topk)
             yield from done
             if not keep:
                 live = None
@@ -297,7 +320,7 @@ class Engine:
                 self.teacher_passes += len(keep)
                 live.t_logits = self._feed_teacher(live.teacher, tokens, [tok_list[i] for i in keep]).to(self.device)
 
-    def _record(self, rows, tokens, teacher_flags, student_lps, teacher_lps):
+    def _record(self, rows, tokens, teacher_flags, student_lps, teacher_lps, topk=None):
         """Append one step's facts to each row; return (indices of rows that go on, Finished rows)."""
         if self.on_step is not None:
             self.on_step(len(tokens), sum(teacher_flags))
@@ -305,14 +328,16 @@ class Engine:
         keep, done = [], []
         for i, row in enumerate(rows):
             reason = self._append(row, tokens[i], teacher_flags[i], student_lps[i],
-                                  None if teacher_lps is None else teacher_lps[i])
+                                  None if teacher_lps is None else teacher_lps[i],
+                                  None if topk is None else (topk[0][i], topk[1][i]))
             if reason is None:
                 keep.append(i)
             else:
                 done.append(row.finish(reason))
         return keep, done
 
-    def _append(self, row: _Row, tok: int, from_teacher: bool, lp: float, tl: float | None) -> str | None:
+    def _append(self, row: _Row, tok: int, from_teacher: bool, lp: float, tl: float | None,
+                topk: tuple[np.ndarray, np.ndarray] | None = None) -> str | None:
         """Append one token's facts to `row`; return its finish reason ("stop", "length") or None."""
         if not math.isfinite(lp) or tl == math.inf:
             raise EngineError(f"the {'student' if not math.isfinite(lp) else 'teacher'} produced non-finite "
@@ -323,6 +348,9 @@ class Engine:
         row.origin.append("T" if from_teacher else "S")
         row.student_lp.append(lp)
         row.teacher_lp.append(None if tl is None or math.isnan(tl) else tl)
+        if topk is not None:
+            row.topk_ids.append(topk[0])
+            row.topk_lp.append(topk[1])
         if tok in self.eos_ids or (self.stop_fn is not None and self.stop_fn(row.tokens)):
             return "stop"
         if len(row.tokens) >= row.request.max_new_tokens:
@@ -374,11 +402,13 @@ class Engine:
         flat = torch.arange(b, device=self.device).repeat_interleave(width)
         keys = live.keys.select(flat)
         keys.positions = keys.positions + torch.arange(width, device=self.device).repeat(b)
-        tokens, from_teacher, s_lp, t_lp = self._choose(s_logits.flatten(0, 1), t_logits.flatten(0, 1), keys)
+        tokens, from_teacher, s_lp, t_lp, topk = self._choose(s_logits.flatten(0, 1), t_logits.flatten(0, 1), keys)
         tokens = tokens.view(b, width)
         matched = (tokens[:, :k] == guesses).long().cumprod(1).sum(1).tolist() if k else [0] * b
         tok_list, flags, s_lps = tokens.tolist(), from_teacher.view(b, width).tolist(), s_lp.view(b, width).tolist()
         t_lps = t_lp.view(b, width).tolist()
+        if topk is not None:  # [b * width, K] -> [b, width, K]
+            topk = tuple(a.reshape(b, width, -1) for a in topk)
 
         keep, done, emitted, teacher_tokens = [], [], [], 0
         for i, row in enumerate(rows):
@@ -389,7 +419,8 @@ class Engine:
             self.draft_proposed += usable[i]
             reason = None
             for j in range(n):
-                reason = self._append(row, tok_list[i][j], flags[i][j], s_lps[i][j], t_lps[i][j])
+                reason = self._append(row, tok_list[i][j], flags[i][j], s_lps[i][j], t_lps[i][j],
+                                      None if topk is None else (topk[0][i, j], topk[1][i, j]))
                 teacher_tokens += flags[i][j]
                 if reason is not None:
                     n = j + 1

@@ -7,8 +7,10 @@ Stages (each one is the real command's Python API, with its own progress bar):
    the teacher alone, from RSD, and from the student alone (the control: the student's own samples);
 3. select: each trace set to an SFT set (finished, one ``</think>``, correct, shortest per problem;
    RSD traces also at most half student-written);
-4. train: the base student fine-tuned on each SFT set (`tracetailor train`, full weights);
-5. eval: the base student and the three fine-tuned ones on the held-out problems
+4. train: the base student fine-tuned on each SFT set (`tracetailor train`, full weights); with
+   `kd_student`, also sft-rsd-kd: the RSD set with the teacher's top-k that generate stored
+   (`--save-teacher-topk`), trained with `--loss kd`;
+5. eval: the base student and the three (four) fine-tuned ones on the held-out problems
    (`eval_split`, default test), `eval_samples` samples each at T=0.7, top-p 0.95;
 6. score: the three SFT sets under the base student (what each student was trained on:
    log-prob histogram and the shares of tokens below p = 0.001, 0.01, 0.1);
@@ -37,6 +39,7 @@ from ..data.traces import AtomicWriter, write_json_atomic
 from ..models import quiet_progress_bars
 from . import build
 from .report import (  # noqa: F401  (confidence_interval, paired_differences: part of this module's API)
+    KD_SET,
     SETS,
     STUDENTS,
     confidence_interval,
@@ -114,8 +117,10 @@ def _run(cfg: ExperimentConfig, out: Path, log: Callable[[str], None]) -> dict[s
         sizes = equalise(out / "sft", cfg.seed, log) if cfg.equal_sizes else {n: funnels[n]["kept"] for n in SETS}
     with stage("train"):
         trained = {name: _train(name, world, out, cfg, sizes[name], log) for name in SETS}
+        if cfg.kd_student:
+            trained[KD_SET] = _train(KD_SET, world, out, cfg, sizes["rsd"], log)
     with stage("eval"):
-        checkpoints = {"base": world / "student", **{f"sft-{n}": out / "ckpt" / n for n in SETS if trained[n]}}
+        checkpoints = {"base": world / "student", **{f"sft-{n}": out / "ckpt" / n for n in trained if trained[n]}}
         evals = {name: _eval(name, path, bench, out, cfg, log) for name, path in checkpoints.items()}
     with stage("score"):
         scored = _score(world, out, cfg, sizes, log)
@@ -199,6 +204,7 @@ def _generate(name: str, world: Path, prompts: Path, out: Path, cfg: ExperimentC
         threshold=cfg.threshold, trials=cfg.trials, top_k=cfg.top_k, temperature=cfg.temperature,
         prefill=THINK_PREFILL, device="cpu", dtype="float32", progress=cfg.progress,
         draft_tokens=3,  # the same traces as lockstep with about 0.29 teacher passes per token (docs/benchmarks.md)
+        save_teacher_topk=(cfg.top_k or 20) if name == "rsd" and cfg.kd_student else 0,
     )
     return run_generate(gcfg, log=log)
 
@@ -221,6 +227,7 @@ def equalise(folder: Path, seed: int, log=lambda m: None) -> dict[str, int]:
     import random
 
     rows = {n: (folder / f"{n}.all.jsonl").read_text(encoding="utf-8").splitlines(keepends=True) for n in SETS}
+    from ..data.topk import sft_sidecar_path
     sizes = [len(r) for r in rows.values() if r]
     size = min(sizes) if sizes else 0
     out = {}
@@ -228,10 +235,26 @@ def equalise(folder: Path, seed: int, log=lambda m: None) -> dict[str, int]:
         keep = sorted(random.Random(f"{seed}/{n}").sample(range(len(lines)), min(size, len(lines))))
         with AtomicWriter(folder / f"{n}.jsonl") as f:
             f.write("".join(lines[i] for i in keep))
+        if sft_sidecar_path(folder / f"{n}.all.jsonl").exists():  # the teacher's top-k follows its rows
+            _subset_sidecar(sft_sidecar_path(folder / f"{n}.all.jsonl"), sft_sidecar_path(folder / f"{n}.jsonl"), keep)
         out[n] = len(keep)
     log(f"select: every SFT set cut to {size} examples (--equal-sizes; from "
         + ", ".join(f"{n} {len(r)}" for n, r in rows.items()) + ")")
     return out
+
+
+def _subset_sidecar(source: Path, target: Path, keep: list[int]) -> None:
+    """The top-k rows of the kept lines of an SFT set, renumbered as the subset's lines."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ..data.topk import write_parquet_atomic
+
+    table = pq.read_table(source)
+    new_row = {old: new for new, old in enumerate(keep)}
+    table = table.filter(pa.array([r in new_row for r in table.column("row").to_pylist()]))
+    rows = pa.array([new_row[r] for r in table.column("row").to_pylist()], pa.int32())
+    write_parquet_atomic(target, table.set_column(table.schema.get_field_index("row"), "row", rows))
 
 
 def _train(name: str, world: Path, out: Path, cfg: ExperimentConfig, size: int, log) -> dict | None:
@@ -240,8 +263,10 @@ def _train(name: str, world: Path, out: Path, cfg: ExperimentConfig, size: int, 
     if not size:
         log(f"train: the {name} SFT set is empty; no sft-{name} student")
         return None
+    kd = dict(loss="kd", kd_weight=cfg.kd_weight) if name == KD_SET else {}
     tcfg = TrainConfig(
-        model=str(world / "student"), data=str(out / "sft" / f"{name}.jsonl"), out=str(out / "ckpt" / name),
+        model=str(world / "student"), data=str(out / "sft" / f"{name.removesuffix('-kd')}.jsonl"),
+        out=str(out / "ckpt" / name), **kd,
         learning_rate=cfg.learning_rate, num_train_epochs=cfg.num_train_epochs,
         per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=1, max_length=256,
         bf16=False, gradient_checkpointing=False, dtype="float32", seed=cfg.seed, logging_steps=5,

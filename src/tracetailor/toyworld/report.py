@@ -19,8 +19,9 @@ from ..data.traces import AtomicWriter, write_json_atomic
 
 SETS = ("teacher", "rsd", "student")  # the trace sets, in the paper's order of discussion
 STUDENTS = ("base", "sft-teacher", "sft-rsd", "sft-student")
+KD_SET = "rsd-kd"  # the optional student (demo --kd-student): the RSD set trained with the teacher's top-k
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
-COLORS = {"base": "#888888", "teacher": "#d62728", "rsd": "#2ca02c", "student": "#1f77b4"}  # one per set, every plot
+COLORS = {"base": "#888888", "teacher": "#d62728", "rsd": "#2ca02c", "student": "#1f77b4", KD_SET: "#9467bd"}  # one per set, every plot
 
 
 def write_report(report: dict, out: Path) -> None:
@@ -40,7 +41,7 @@ def make_report(cfg, world: Path, out: Path, gen: dict, funnels: dict, sizes: di
         "world": {"path": str(world), "seed": world_meta.get("seed"), "validation": world_meta.get("validation")},
         "students": {}, "trace_sets": {}, "stages_s": dict(seconds),
     }
-    for name in STUDENTS:
+    for name in STUDENTS + ((f"sft-{KD_SET}",) if f"sft-{KD_SET}" in evals else ()):
         if name not in evals:
             report["students"][name] = None
             continue
@@ -85,7 +86,7 @@ def make_report(cfg, world: Path, out: Path, gen: dict, funnels: dict, sizes: di
 
 
 PAIRS = (("sft-rsd", "base"), ("sft-teacher", "base"), ("sft-student", "base"), ("sft-rsd", "sft-student"),
-         ("sft-rsd", "sft-teacher"))
+         ("sft-rsd", "sft-teacher"), (f"sft-{KD_SET}", "sft-rsd"), (f"sft-{KD_SET}", "base"))
 
 
 def paired_differences(out: Path, evals: dict, samples: int) -> dict[str, dict]:
@@ -149,6 +150,9 @@ def report_markdown(report: dict) -> str:
         + (", every SFT set cut to the smallest one's size (--equal-sizes)." if cfg.get("equal_sizes") else "."),
         "",
     ]
+    if cfg.get("kd_student"):
+        lines += [f"sft-{KD_SET}: the sft-rsd set trained with the teacher's top-{cfg['top_k'] or 20} stored by generate "
+                  f"(train --loss kd, loss = {cfg['kd_weight']:g} * KD + {1 - cfg['kd_weight']:g} * SFT).", ""]
     if v:
         lines += [f"World (validation split, greedy): student {v['student']['accuracy_greedy']:.0%}, "
                   f"teacher {v['teacher']['accuracy_greedy']:.0%}.", ""]
@@ -205,7 +209,7 @@ def plot_accuracy(report: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.bar(names, acc, yerr=err, capsize=6, color=[COLORS[n.removeprefix("sft-")] for n in names])
     ax.set_ylabel(f"{report['config']['eval_split']} accuracy % (95% CI)")
-    ax.set_title("The base student and its three fine-tunes")
+    ax.set_title("The base student and its fine-tunes")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,0 +1,193 @@
+"""The teacher's top-K sidecar: per completion position, the teacher's K most likely tokens (in student ids)
+and their log-probs, stored in Parquet beside the traces, for logit distillation (`train --loss kd`).
+
+Layout (docs/architecture.md, "The teacher top-K sidecar"): `OUT/teacher_topk/<trace file stem>-<n>.parquet`,
+one row per trace record with the columns `id` (the record id), `k`, `topk_ids` (list<int32>, n_positions x k,
+row-major: position p's ids are [p*k, (p+1)*k)) and `topk_logprobs` (list<float16>, same shape), zstd-compressed.
+A part file is written whole (temporary name, then renamed) and only then are its records' trace lines appended,
+so every trace line has its row; a kill loses at most the records buffered since the last part (bounded by
+`flush_s` seconds and `flush_positions` positions), which a resumed run generates again, exactly. On resume
+`prune_sidecar` drops the rows whose trace line never got written (a kill between the two writes), so the
+sidecar holds exactly the finished records.
+
+`select` copies the kept records' rows to `<sft.jsonl>.topk.parquet` (the same columns plus `row`, the line of
+the SFT set, 0-based); `train --loss kd` reads that file. It knows nothing of models or decoding.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from ..errors import UserError
+from .traces import TraceWriter, _write_failed, read_records, trace_files
+
+SIDECAR_DIR = "teacher_topk"
+_PART = re.compile(r"(?P<stem>.+)-(?P<n>[0-9]{6})\.parquet")
+
+
+class TopkError(UserError, ValueError):
+    """A teacher top-K sidecar is missing, unreadable or does not match its traces; the message says what to do."""
+
+
+def _schema():
+    import pyarrow as pa
+
+    return pa.schema([("id", pa.string()), ("k", pa.int16()), ("topk_ids", pa.list_(pa.int32())),
+                      ("topk_logprobs", pa.list_(pa.float16()))])
+
+
+def write_parquet_atomic(path: Path, table) -> None:
+    """`table` to `path` through a temporary name (a reader or a kill sees the whole file or none)."""
+    import pyarrow.parquet as pq
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        pq.write_table(table, tmp, compression="zstd", compression_level=9, use_dictionary=["id"])
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise _write_failed(path, e, "the trace lines of its records were not written; a rerun makes them again") from e
+
+
+def rows_table(ids: list[str], topks: list[tuple[np.ndarray, np.ndarray]], extra: dict | None = None):
+    """A sidecar table: one row per record id; `topks` holds ([n, k] int ids, [n, k] log-probs) per record."""
+    import pyarrow as pa
+
+    k = [int(t[0].shape[1]) if t[0].ndim == 2 else 0 for t in topks]
+    flat_ids = [np.ascontiguousarray(t[0], dtype=np.int32).ravel() for t in topks]
+    flat_lp = [np.ascontiguousarray(t[1], dtype=np.float16).ravel() for t in topks]
+    columns = {"id": pa.array(ids, pa.string()), "k": pa.array(k, pa.int16()),
+               "topk_ids": _list_array(flat_ids, pa.int32()), "topk_logprobs": _list_array(flat_lp, pa.float16())}
+    return pa.table({**columns, **(extra or {})})
+
+
+def _list_array(parts: list[np.ndarray], kind):
+    import pyarrow as pa
+
+    offsets = np.zeros(len(parts) + 1, dtype=np.int32)
+    np.cumsum([len(p) for p in parts], out=offsets[1:])
+    values = np.concatenate(parts) if parts else np.zeros(0)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.astype(kind.to_pandas_dtype()), kind))
+
+
+class TopkTraceWriter:
+    """Writes trace records with their top-K rows: buffered, then one Parquet part, then the trace lines.
+    A part is written once FLUSH_S seconds have passed since its first record or it holds FLUSH_POSITIONS
+    positions, and when the writer closes (also on an error)."""
+
+    FLUSH_S = 30.0
+    FLUSH_POSITIONS = 1 << 18
+
+    def __init__(self, trace_path: Path):
+        self.traces = TraceWriter(trace_path)
+        self.dir = trace_path.parent / SIDECAR_DIR
+        self.dir.mkdir(exist_ok=True)
+        self.stem = trace_path.stem
+        taken = [int(m["n"]) for p in self.dir.glob("*.parquet")
+                 if (m := _PART.fullmatch(p.name)) and m["stem"] == self.stem]
+        self.next_part = max(taken, default=-1) + 1
+        self._records: list[dict] = []
+        self._topks: list[tuple[np.ndarray, np.ndarray]] = []
+        self._since = 0.0
+
+    @property
+    def written(self) -> int:
+        return self.traces.written
+
+    def write(self, record: dict, topk: tuple[np.ndarray, np.ndarray]) -> None:
+        if not self._records:
+            self._since = time.monotonic()
+        self._records.append(record)
+        self._topks.append(topk)
+        if (time.monotonic() - self._since >= self.FLUSH_S
+                or sum(len(t[0]) for t in self._topks) >= self.FLUSH_POSITIONS):
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._records:
+            return
+        table = rows_table([r["id"] for r in self._records], self._topks)
+        write_parquet_atomic(self.dir / f"{self.stem}-{self.next_part:06d}.parquet", table)
+        self.next_part += 1
+        for record in self._records:
+            self.traces.write(record)
+        self._records, self._topks = [], []
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            self.traces.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def part_files(out: Path) -> list[Path]:
+    return sorted(p for p in (Path(out) / SIDECAR_DIR).glob("*.parquet") if _PART.fullmatch(p.name))
+
+
+def prune_sidecar(out: Path) -> int:
+    """Make OUT's sidecar hold exactly the records of its trace files: drop rows whose trace line was never
+    written (a kill between a part and its lines) and dead temporaries; refuse traces that have no row.
+    Returns the rows dropped."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    side = Path(out) / SIDECAR_DIR
+    for tmp in side.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)  # the lock of OUT is ours: no live writer
+    traced = {rec["id"] for path in trace_files(Path(out)) for rec in read_records(path)}
+    seen: set[str] = set()
+    dropped = 0
+    for part in part_files(out):
+        table = pq.read_table(part)
+        ids = table.column("id").to_pylist()
+        keep = [i not in seen and i in traced for i in ids]
+        seen.update(ids)
+        if not all(keep):
+            dropped += keep.count(False)
+            kept = table.filter(pa.array(keep))
+            if kept.num_rows:
+                write_parquet_atomic(part, kept)
+            else:
+                part.unlink()
+    missing = traced - seen
+    if missing:
+        raise TopkError(f"{side}: no teacher top-K rows for {len(missing)} trace record(s) (e.g. "
+                        f"{sorted(missing)[0]!r}); the sidecar was removed or edited. Pass --overwrite to start afresh")
+    return dropped
+
+
+def read_sidecar(paths: Iterable[Path], wanted: set[str] | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{record id: ([n, k] int32 ids, [n, k] float32 log-probs)} from part files (only `wanted` ids if given)."""
+    import pyarrow.parquet as pq
+
+    found: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for path in paths:
+        table = pq.read_table(path, columns=["id", "k", "topk_ids", "topk_logprobs"])
+        for rid, k, ids, lps in zip(*(table.column(c).to_pylist() if c in ("id", "k") else table.column(c)
+                                      for c in ("id", "k", "topk_ids", "topk_logprobs"))):
+            if wanted is not None and rid not in wanted:
+                continue
+            found[rid] = (_matrix(ids.values.to_numpy(zero_copy_only=False), k, np.int32),
+                          _matrix(lps.values.to_numpy(zero_copy_only=False), k, np.float32))
+    return found
+
+
+def _matrix(flat: np.ndarray, k: int, dtype) -> np.ndarray:
+    return flat.astype(dtype).reshape(-1, k) if k else flat.astype(dtype).reshape(0, 0)
+
+
+def sft_sidecar_path(sft: Path | str) -> Path:
+    """Where select writes (and train reads) the top-K rows of an SFT set: `<sft.jsonl>.topk.parquet`."""
+    return Path(f"{sft}.topk.parquet")
