@@ -318,7 +318,7 @@ def test_trace_record_reads_checks_and_writes_one_line():
     line = {"id": "q/1", "prompt_id": "q", "sample": 1, "prompt": "p", "completion": "c", "prompt_token_ids": [1],
             "completion_token_ids": [2, 3], "origin": "TS", "student_logprobs": [-0.1, -2.0],
             "teacher_logprobs": [-0.2, None], "finish_reason": "stop", "fallback_rate": 0.5, "mode": "rsd",
-            "answer": "5"}
+            "stopped_by": "<|im_end|>", "answer": "5"}
     record = TraceRecord.from_json(line, "t.jsonl:3")
     assert record.extra == {"answer": "5"} and record.to_json() == line
     assert list(record.to_json()) == list(line)  # the documented order, carried fields last

@@ -467,7 +467,9 @@ def resume_point(cfg: TrainConfig, out: Path, say: Callable[[str], None]) -> str
     return str(path)
 
 
-CHECKPOINT_GLOBS = ("*.json", "*.safetensors", "*.bin", "*.jinja", "*.model", "*.txt", "*.pt", "README.md")
+# not README.md: TRL writes its own card into OUT at every checkpoint save, so a run killed mid-training would
+# look like foreign files; ours replaces it at the end (before train.json)
+CHECKPOINT_GLOBS = ("*.json", "*.safetensors", "*.bin", "*.jinja", "*.model", "*.txt", "*.pt")
 
 
 def open_run_dir(cfg: TrainConfig):
