@@ -235,7 +235,7 @@ def config_command(name: str, cls, run_path: str, doc: str, *, stream: str = "er
 
 
 def _register() -> None:
-    from .config import EvalConfig, GenerateConfig, ScoreConfig, SelectConfig, TrainConfig
+    from .config import EvalConfig, GenerateConfig, ScoreConfig, SelectConfig, SweepConfig, TrainConfig
 
     config_command("generate", GenerateConfig, ".generate:run_generate",
                    "Generate traces with RSD (or plain teacher / student sampling), resumable, one JSON line per "
@@ -252,6 +252,9 @@ def _register() -> None:
     config_command("train", TrainConfig, ".train:run_train",
                    "Fine-tune the student on an SFT set with TRL, loss on the completion only: a from_pretrained "
                    "checkpoint.", resumable=False)
+    config_command("sweep", SweepConfig, ".toyworld.sweep:run_sweep",
+                   "The miniature experiment over a grid of RSD settings and seeds, each shared stage run once: "
+                   "sweep.md with accuracy, acceptance and paired differences, and sweep.png. Resumable.")
 
 
 _register()
@@ -273,7 +276,7 @@ def demo(
     eval_samples: Optional[int] = typer.Option(None, help="Samples per held-out problem [default: 16; --quick 2]."),
     learning_rate: Optional[float] = typer.Option(None, help="SFT learning rate [default: 1e-4]."),
     epochs: Optional[float] = typer.Option(None, help="SFT epochs [default: 5; --quick 2]."),
-    equal_sizes: bool = typer.Option(False, "--equal-sizes", help="Cut every SFT set to the smallest one's size, so that the students differ only in what they learn from."),
+    sizes: str = typer.Option("both", help="SFT set sizes: both (comparisons at equal sizes, every set cut to the smallest one's size; the students fine-tuned on whole sets beside), equal (those only) or all (whole sets only)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a demo already in OUT (a stopped one resumes without it)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
     smollm2: bool = typer.Option(False, "--smollm2", help="Instead: RSD on real text with SmolLM2-135M-Instruct (teacher) and 22 of its 30 layers (student), printing each trace."),
@@ -294,7 +297,7 @@ def demo(
                                      ("eval_samples", eval_samples), ("learning_rate", learning_rate),
                                      ("num_train_epochs", epochs)) if v is not None}
         cfg = make(seed=seed, world_seed=world_seed, world=world, out=out, eval_split=eval_split, overwrite=overwrite,
-                   equal_sizes=equal_sizes, progress=not no_progress, **given)
+                   sizes=sizes, progress=not no_progress, **given)
         run_experiment(cfg)
 
 
