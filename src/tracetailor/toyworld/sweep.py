@@ -12,7 +12,7 @@ For each seed S (world S, or `--world`), under OUT/seedS/:
   round r-1's fine-tuned student and fine-tunes that student on them.
 
 Every stage is the demo's (experiment.py), so a stopped sweep resumes as the demo does: finished
-traces, fine-tunes, evals and points are kept, and a resumed sweep may add seeds or grid points.
+traces, fine-tunes, evals and points are kept, and a resumed sweep may add seeds, grid points or rounds.
 `sweep.md`, `sweep.png` and `sweep.json` (written last) report accuracy with 95% intervals, RSD's
 acceptance and the paired differences against the base and the student-self control.
 """
@@ -79,10 +79,11 @@ def _seed(cfg: SweepConfig, seed: int, out: Path, log) -> list[dict]:
     rows = []
     for point in cfg.grid_points():
         done = folder / point_name(point) / "point.json"
-        if done.exists():
+        before = json.loads(done.read_text(encoding="utf-8")) if done.exists() else None
+        if before and len(before["rounds"]) >= cfg.rounds:
             log(f"sweep: seed {seed}, {point_name(point)}: finished before; kept")
-            rows.append(json.loads(done.read_text(encoding="utf-8")))
-            continue
+            rows.append(before)
+            continue  # (a point with fewer rounds goes on: its finished rounds' stages are kept)
         log(f"\nsweep: seed {seed}, {point_name(point)}")
         row = _point(dataclasses.replace(ecfg, **point), point, shared, folder / point_name(point), cfg.rounds, log)
         write_json_atomic(done, row)
