@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--worlds", default=None, help="Directory holding seed{S}/ worlds (default: the cache).")
     ap.add_argument("--same-world", type=int, default=None, metavar="W",
                     help="Every seed on world W (the spread of sampling and fine-tuning alone).")
-    ap.add_argument("--equal-sizes", action="store_true", help="Every SFT set cut to the smallest one's size.")
+    ap.add_argument("--sizes", default="both", choices=("both", "equal", "all"),
+                    help="SFT set sizes (the demo's --sizes): comparisons at equal sizes, whole sets beside by default.")
     ap.add_argument("--out", default="miniature-seeds")
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         w = seed if args.same_world is None else args.same_world
         world = build.build_world(w, Path(args.worlds) / f"seed{w}" if args.worlds else None)
         report = run_experiment(ExperimentConfig(seed=seed, world=str(world), out=str(out / f"seed{seed}"),
-                                                 overwrite=True, progress=False, equal_sizes=args.equal_sizes), log=lambda m: None)
+                                                 overwrite=True, progress=False, sizes=args.sizes), log=lambda m: None)
         rows.append(row(seed, report))
         print(f"seed {seed}: " + ", ".join(f"{n} {100 * rows[-1][n]:.1f}%" for n in STUDENTS if rows[-1][n] is not None),
               file=sys.stderr, flush=True)

@@ -121,6 +121,43 @@ def test_the_report_agrees_with_the_files_it_came_from(quick_run):
 
 
 @pytest.mark.slow
+def test_comparisons_are_at_equal_sizes_with_the_whole_sets_beside(quick_run):
+    """By default every student of the comparisons learnt from as many examples as the smallest set holds,
+    and each set that was cut also has a student fine-tuned on all of it, reported beside."""
+    out, report, printed = quick_run
+    kept = {n: len(_lines(out / "sft" / f"{n}.all.jsonl")) for n in SETS}
+    smallest = min(k for k in kept.values() if k)
+    beside = report["all_sizes"]
+    for name in SETS:
+        t, s, whole = report["trace_sets"][name], report["students"][f"sft-{name}"], beside["students"][f"sft-{name}"]
+        assert t["passed_select"] == kept[name] and t["selected"] == min(smallest, kept[name])
+        assert len(_lines(out / "sft" / f"{name}.jsonl")) == t["selected"]
+        if s is None:
+            continue
+        assert s["train"]["examples"] == t["selected"] and whole["train"]["examples"] == kept[name]
+        assert whole["same_set"] == (kept[name] == t["selected"])
+        folder = f"sft-{name}" if whole["same_set"] else f"sft-{name}.all"
+        assert whole["source"] == f"eval/{folder}/summary.json" and (out / whole["source"]).is_file()
+        assert whole["accuracy"] == json.loads((out / whole["source"]).read_text())["benchmarks"].popitem()[1]["accuracy"]
+    assert any(not w["same_set"] for w in beside["students"].values() if w and "same_set" in w), "no set was cut"
+    per_q = {}
+    for name, s in beside["students"].items():
+        if s:
+            hits: dict[str, list[bool]] = {}
+            for r in _lines(next((out / Path(s["source"]).parent).glob("*.jsonl"))):
+                hits.setdefault(r["question_id"], []).append(bool(r["correct"]))
+            per_q[name] = {q: sum(v) / len(v) for q, v in hits.items()}
+    md = (out / "report.md").read_text()
+    for key, d in beside["differences"].items():
+        a, b = key.split(" - ")
+        assert d["mean"] == pytest.approx(statistics.fmean(per_q[a][q] - per_q[b][q] for q in per_q[a]))
+        own = report["differences"][key]
+        assert f"| {key} | {100 * own['mean']:+.1f} | {100 * own['ci95'][0]:+.1f} to {100 * own['ci95'][1]:+.1f} | " \
+               f"{100 * d['mean']:+.1f} |" in md
+    assert "all sizes" in printed
+
+
+@pytest.mark.slow
 def test_a_stopped_demo_resumes_to_the_same_report(quick_run, monkeypatch):
     """Stopped during eval (after every fine-tune), the same command finishes the run without redoing
     generate or train, and its figures equal the uninterrupted run's."""
@@ -144,7 +181,8 @@ def test_a_stopped_demo_resumes_to_the_same_report(quick_run, monkeypatch):
     said: list[str] = []
     again = run_experiment(cfg, log=said.append)
     assert any("resuming" in m for m in said)
-    assert sum("finished before the stop; kept" in m for m in said) == 3
+    finished = len(list((out.parent / "stopped" / "ckpt").glob("*/train.json")))  # every fine-tune, both sizes
+    assert finished >= 3 and sum("finished before the stop; kept" in m for m in said) == finished
     assert all(again["trace_sets"][n]["traces"] == report["trace_sets"][n]["traces"] for n in SETS)
     for name in STUDENTS:
         assert (again["students"][name] or {}).get("accuracy") == (report["students"][name] or {}).get("accuracy"), name

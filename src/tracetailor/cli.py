@@ -247,7 +247,7 @@ def config_command(name: str, cls, run_path: str, doc: str, *, stream: str = "er
 
 
 def _register() -> None:
-    from .config import EvalConfig, GenerateConfig, ScoreConfig, SelectConfig, TrainConfig
+    from .config import EvalConfig, GenerateConfig, ScoreConfig, SelectConfig, SweepConfig, TrainConfig
 
     config_command("generate", GenerateConfig, ".generate:run_generate",
                    "Generate traces with RSD (or plain teacher / student sampling), resumable, one JSON line per "
@@ -270,6 +270,10 @@ def _register() -> None:
                    "A trace dir, an SFT set or an eval dir as a Parquet dataset with a dataset card; "
                    "--push-to-hub uploads it.", resumable=False, progress=False, extras=("hub",),
                    arguments={"src": "A trace dir (generate's --out), an SFT set (select's .jsonl) or an eval dir."})
+    config_command("sweep", SweepConfig, ".toyworld.sweep:run_sweep",
+                   "The miniature experiment over a grid of RSD settings and seeds, each shared stage run once: "
+                   "sweep.md with accuracy, acceptance and paired differences, and sweep.png. Resumable.",
+                   extras=("train", "eval", "plots"))
 
 
 _register()
@@ -291,7 +295,7 @@ def demo(
     eval_samples: Optional[int] = typer.Option(None, help="Samples per held-out problem [default: 16; --quick 2]."),
     learning_rate: Optional[float] = typer.Option(None, help="SFT learning rate [default: 1e-4]."),
     epochs: Optional[float] = typer.Option(None, help="SFT epochs [default: 5; --quick 2]."),
-    equal_sizes: bool = typer.Option(False, "--equal-sizes", help="Cut every SFT set to the smallest one's size, so that the students differ only in what they learn from."),
+    sizes: str = typer.Option("both", help="SFT set sizes: both (comparisons at equal sizes, every set cut to the smallest one's size; the students fine-tuned on whole sets beside), equal (those only) or all (whole sets only)."),
     select_preset: Optional[str] = typer.Option(None, help="Select the SFT sets with a preset's filters: paper (strict \\boxed{} after the </think> token, fallback rate at most 50%) [default: select's defaults]."),
     kd_student: bool = typer.Option(False, "--kd-student", help="Also fine-tune sft-rsd-kd: the RSD set with the teacher's stored top-k (train --loss kd), reported beside the others."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a demo already in OUT (a stopped one resumes without it)."),
@@ -315,7 +319,7 @@ def demo(
                                      ("eval_samples", eval_samples), ("learning_rate", learning_rate),
                                      ("num_train_epochs", epochs)) if v is not None}
         cfg = make(seed=seed, world_seed=world_seed, world=world, out=out, eval_split=eval_split, overwrite=overwrite,
-                   equal_sizes=equal_sizes, select_preset=select_preset, kd_student=kd_student,
+                   sizes=sizes, select_preset=select_preset, kd_student=kd_student,
                    progress=not no_progress, **given)
         run_experiment(cfg)
 

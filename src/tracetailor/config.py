@@ -548,6 +548,10 @@ class TrainConfig(Settings):
 # ---------------------------------------------------------------- demo (the miniature experiment)
 
 
+SIZES = ("both", "equal", "all")
+QUICK_SIZES = dict(train_problems=200, samples=2, eval_problems=100, eval_samples=2, num_train_epochs=2)
+
+
 @dataclass
 class ExperimentConfig(Settings):
     """Everything `tracetailor demo` needs: the paper's experiment in the miniature world (toyworld/)."""
@@ -566,11 +570,14 @@ class ExperimentConfig(Settings):
     threshold: float = option(0.01, "RSD acceptance threshold (the paper's).", low=0.0, high=1.0)
     trials: int = option(5, "RSD teacher draws before the student writes.", low=0)
     top_k: int = option(20, "Top-k of both sides.", low=0)
-    temperature: float = option(1.0, "Temperature of the trace sets (RSD proposes at the teacher's T=1).", above=0.0)
+    temperature: float = option(1.0, "Temperature of the teacher's and the student's own trace sets.", above=0.0)
+    teacher_temperature: float = option(1.0, "RSD: temperature of the teacher's proposal.", above=0.0)
     learning_rate: float = option(1e-4, "SFT learning rate (chosen on validation; s1 uses 1e-5 on 7B+).", above=0.0)
     num_train_epochs: float = option(5.0, "SFT epochs (s1's).", above=0.0)
     batch_size: int = option(16, "SFT per-device batch (no gradient accumulation).", low=1)
-    equal_sizes: bool = option(False, "Cut every SFT set to the smallest one's size (a seeded random subset).")
+    sizes: str = option("both", "SFT set sizes: equal (every set cut to the smallest one's size, a seeded random "
+                        "subset: the comparisons), all (each set as select kept it), or both (the comparisons at equal "
+                        "sizes, the all-size students beside).", choices=SIZES)
     select_preset: str | None = option(None, "Select the SFT sets with a preset's filters (paper: the last \\boxed{} "
                                        "after the </think> token, exact match then math-verify, fallback rate at most "
                                        "50%).", choices=("paper",), shown="none: select's defaults")
@@ -584,16 +591,91 @@ class ExperimentConfig(Settings):
     @classmethod
     def quick(cls, **changes) -> "ExperimentConfig":
         """The CI-sized run: every stage on a fifth of the problems (about 15 s on 2 cores)."""
-        base = dict(train_problems=200, samples=2, eval_problems=100, eval_samples=2, num_train_epochs=2)
-        return cls(**{**base, **changes})
+        return cls(**{**QUICK_SIZES, **changes})
 
     def validate(self) -> "ExperimentConfig":
         try:
             check_fields(self)
             _check_temperature("temperature", self.temperature)
+            _check_temperature("teacher_temperature", self.teacher_temperature)
         except ConfigError as e:
             raise ExperimentError(str(e)) from None
         return self
+
+
+SWEEPABLE = ("threshold", "trials", "top_k", "teacher_temperature")  # RSD's own settings: the student's traces keep theirs
+DEFAULT_GRID = "threshold=0.001,0.003,0.01,0.03,0.1,0.3"
+QUICK_SWEEP = dict(QUICK_SIZES, grid=["threshold=0.01,0.3"], seeds="0")
+
+
+@dataclass
+class SweepConfig(ExperimentConfig):
+    """Everything `tracetailor sweep` needs: the demo's settings, a grid of RSD settings and the seeds."""
+
+    seed: int = option(0, "Set per run from --seeds.", cli=False)
+    world_seed: int = option(0, "Set per run from --seeds.", cli=False)
+    world: str | None = option(None, "A built world's directory for every seed (default: seed S runs on world S, "
+                               "built or reused).")
+    out: str = option("sweep-out", "Where the sweep writes each seed's and each point's stages and sweep.md.",
+                      resumable=True)
+    sizes: str = option("equal", "SFT set sizes: equal (the RSD set and the student's own cut to the smaller one's "
+                        "size) or all (each as select kept it).", choices=("equal", "all"))
+    grid: list[str] = option(factory=lambda: [DEFAULT_GRID], resumable=True, shown=DEFAULT_GRID, help=(
+        "SETTING=V1,V2,... (once, or twice for a two-way grid): the RSD settings swept, of "
+        + ", ".join(SWEEPABLE) + ". A resumed sweep may add points; finished ones are kept."))
+    seeds: str = option("0,1,2", "Comma-separated seeds: seed S samples and fine-tunes with seed S on world S "
+                        "(`tracetailor world build --seed S`, built or reused). A resumed sweep may add seeds.",
+                        resumable=True)
+    rounds: int = option(1, "Iterated RSD: round r>1 regenerates the RSD traces with round r-1's fine-tuned student "
+                         "and fine-tunes it on them. A resumed sweep may add rounds.", low=1, resumable=True)
+    overwrite: bool = option(False, "Replace a sweep already in OUT (a stopped one resumes without it).",
+                             resumable=True)
+    quick: bool = option(False, "A tiny sweep (threshold 0.01 and 0.3, seed 0, the demo's --quick sizes) for the "
+                         "options left at their defaults; what CI runs.", resumable=True)
+
+    def validate(self) -> "SweepConfig":
+        if self.quick:
+            defaults = SweepConfig()
+            for key, value in QUICK_SWEEP.items():
+                if getattr(self, key) == getattr(defaults, key):
+                    setattr(self, key, value)
+        super().validate()
+        try:
+            self.seed_list()
+            self.grid_points()
+        except ConfigError as e:
+            raise ExperimentError(str(e)) from None
+        return self
+
+    def seed_list(self) -> list[int]:
+        try:
+            seeds = [int(s) for s in str(self.seeds).split(",") if s.strip()]
+        except ValueError:
+            raise ConfigError(f"seeds: {self.seeds!r} is not a comma-separated list of whole numbers") from None
+        if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+            raise ConfigError(f"seeds: {self.seeds!r}: give distinct seeds >= 0, e.g. 0,1,2")
+        return seeds
+
+    def grid_points(self) -> list[dict[str, Any]]:
+        """Every combination of the grid's values, as {setting: value}, converted and checked like the option."""
+        axes, hints, meta = [], _types(ExperimentConfig), {f.name: f.metadata for f in fields(ExperimentConfig)}
+        for item in self.grid:
+            name, _, values = str(item).partition("=")
+            name = name.strip().replace("-", "_")
+            if name not in SWEEPABLE or not values.strip():
+                raise ConfigError(f"grid: {item!r} is not SETTING=V1,V2,... with SETTING one of {', '.join(SWEEPABLE)}")
+            if name in (a for a, _ in axes):
+                raise ConfigError(f"grid: {name} is given twice")
+            converted = [_convert(name, v.strip(), hints[name]) for v in values.split(",") if v.strip()]
+            for v in converted:
+                _bounds(name, v, {**_NO_META, **meta[name]})
+            axes.append((name, list(dict.fromkeys(converted))))
+        if not 1 <= len(axes) <= 2:
+            raise ConfigError(f"grid: give one or two settings, got {len(axes)}")
+        points = [{axes[0][0]: v} for v in axes[0][1]]
+        if len(axes) == 2:
+            points = [{**p, axes[1][0]: w} for p in points for w in axes[1][1]]
+        return points
 
 
 # ---------------------------------------------------------------- YAML and flags

@@ -114,11 +114,13 @@ def _run(cfg: ExperimentConfig, out: Path, log: Callable[[str], None]) -> dict[s
         gen = {name: _generate(name, world, prompts, out, cfg, log) for name in SETS}
     with stage("select"):
         funnels = {name: _select(name, out, cfg, log) for name in SETS}
-        sizes = equalise(out / "sft", cfg.seed, log) if cfg.equal_sizes else {n: funnels[n]["kept"] for n in SETS}
+        sizes = {n: funnels[n]["kept"] for n in SETS} if cfg.sizes == "all" else equalise(out / "sft", cfg.seed, log)
     with stage("train"):
         trained = {name: _train(name, world, out, cfg, sizes[name], log) for name in SETS}
         if cfg.kd_student:
             trained[KD_SET] = _train(KD_SET, world, out, cfg, sizes["rsd"], log)
+        trained.update({f"{n}.all": _train(f"{n}.all", world, out, cfg, funnels[n]["kept"], log)
+                        for n in all_size_arms(cfg, funnels, sizes)})
     with stage("eval"):
         checkpoints = {"base": world / "student", **{f"sft-{n}": out / "ckpt" / n for n in trained if trained[n]}}
         evals = {name: _eval(name, path, bench, out, cfg, log) for name, path in checkpoints.items()}
@@ -134,30 +136,33 @@ def _run(cfg: ExperimentConfig, out: Path, log: Callable[[str], None]) -> dict[s
     return report
 
 
-def _prepare_out(cfg: ExperimentConfig, log) -> Path:
+def _prepare_out(cfg: ExperimentConfig, log, what: str = "demo", marker_name: str = "experiment.json",
+                 finished: str | None = "report.json") -> Path:
     """Create OUT, or resume the stopped run of the same settings in it (generate and eval pick up
-    where they stopped, a finished fine-tune is kept; select and score rerun, in seconds)."""
+    where they stopped, a finished fine-tune is kept; select and score rerun, in seconds). `what` names
+    the run in messages, `marker_name` is its settings file; a run with a `finished` file is refused
+    (None: a finished run is resumed too, as a sweep that grows its grid)."""
     from ..config import settings_changes
     from ..data.rundir import PID_NAME
 
     out = Path(cfg.out)
-    marker = out / "experiment.json"
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE}
+    marker = out / marker_name
+    settings = cfg.run_settings()
     if out.exists() and not out.is_dir():
         raise ExperimentError(f"--out {out} is a file; choose a directory")
     if out.is_dir() and any(p.name != PID_NAME for p in out.iterdir()):
         if cfg.overwrite:
             if not marker.exists():
-                raise ExperimentError(f"--out {out} holds files that are not a tracetailor demo's; --overwrite "
-                                      "only replaces a demo. Choose an empty directory")
+                raise ExperimentError(f"--out {out} holds files that are not a tracetailor {what}'s; --overwrite "
+                                      f"only replaces a {what}. Choose an empty directory")
             for p in out.iterdir():  # not OUT itself: this run holds its lock
                 if p.name != PID_NAME:
                     shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
         elif not marker.exists():
-            raise ExperimentError(f"--out {out} holds files that are not a tracetailor demo's; choose an empty "
+            raise ExperimentError(f"--out {out} holds files that are not a tracetailor {what}'s; choose an empty "
                                   "directory")
-        elif (out / "report.json").exists():
-            raise ExperimentError(f"--out {out} holds a finished demo (report.json); pass --overwrite to run "
+        elif finished and (out / finished).exists():
+            raise ExperimentError(f"--out {out} holds a finished {what} ({finished}); pass --overwrite to run "
                                   "it again, or choose another directory")
         else:
             try:
@@ -166,12 +171,13 @@ def _prepare_out(cfg: ExperimentConfig, log) -> Path:
                 raise ExperimentError(f"{marker}: unreadable ({e}); pass --overwrite to start again") from e
             detail = settings_changes(before, settings)
             if detail:
-                raise ExperimentError(f"--out {out} holds a stopped demo with other settings ({detail}); pass "
+                raise ExperimentError(f"--out {out} holds a stopped {what} with other settings ({detail}); pass "
                                       "--overwrite to start again, or choose another directory")
-            log(f"resuming the stopped demo in {out}: finished traces, fine-tunes and eval samples are kept")
+            log(f"resuming the stopped {what} in {out}: finished traces, fine-tunes and eval samples are kept")
             return out
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(marker, {"note": "a tracetailor demo run; report.json is written last", "settings": settings})
+    write_json_atomic(marker, {"note": f"a tracetailor {what} run" + (f"; {finished} is written last" if finished else ""),
+                               "settings": settings})
     return out
 
 
@@ -191,17 +197,21 @@ def _write_problem_files(world: Path, out: Path, cfg: ExperimentConfig) -> tuple
     return prompts, bench
 
 
-def _generate(name: str, world: Path, prompts: Path, out: Path, cfg: ExperimentConfig, log) -> dict:
+def _generate(name: str, world: Path, prompts: Path, out: Path, cfg: ExperimentConfig, log,
+              student: Path | None = None, mode: str | None = None) -> dict:
+    """`name`'s traces under OUT/traces/<name> (`mode`: the generate mode, default `name`), with `student`
+    (default: the world's) as the student."""
     from ..config import GenerateConfig
     from ..generate import run_generate
     from .tasks import THINK_PREFILL
 
     log(f"generate: {name} traces ({cfg.samples} per problem)")
     gcfg = GenerateConfig(
-        student=str(world / "student"), teacher=None if name == "student" else str(world / "teacher"),
+        student=str(student or world / "student"), teacher=None if (mode or name) == "student" else str(world / "teacher"),
         prompts=str(prompts), id_field="id", carry=["answer", "difficulty"], out=str(out / "traces" / name),
-        samples=cfg.samples, max_new_tokens=cfg.max_new_tokens, batch_size=256, seed=cfg.seed, mode=name,
+        samples=cfg.samples, max_new_tokens=cfg.max_new_tokens, batch_size=256, seed=cfg.seed, mode=mode or name,
         threshold=cfg.threshold, trials=cfg.trials, top_k=cfg.top_k, temperature=cfg.temperature,
+        teacher_temperature=cfg.teacher_temperature,
         prefill=THINK_PREFILL, device="cpu", dtype="float32", progress=cfg.progress,
         draft_tokens=3,  # the same traces as lockstep with about 0.29 teacher passes per token (docs/benchmarks.md)
         save_teacher_topk=(cfg.top_k or 20) if name == "rsd" and cfg.kd_student else 0,
@@ -214,19 +224,25 @@ def _select(name: str, out: Path, cfg: ExperimentConfig, log) -> dict:
     from ..select import SelectConfig, run_select
 
     (out / "sft").mkdir(exist_ok=True)
-    path = out / "sft" / (f"{name}.all.jsonl" if cfg.equal_sizes else f"{name}.jsonl")
+    path = out / "sft" / (f"{name}.jsonl" if cfg.sizes == "all" else f"{name}.all.jsonl")
     # a resumed demo selects again from the (resumed) traces: the previous set is the demo's own
     table = load_preset(cfg.select_preset, "select") if cfg.select_preset else {}
     settings = {**table, "traces": [str(out / "traces" / name)], "out": str(path), "seed": cfg.seed, "overwrite": True}
     return run_select(SelectConfig(**settings), log=lambda m: log(f"select {name}: {m}"))
 
 
-def equalise(folder: Path, seed: int, log=lambda m: None) -> dict[str, int]:
+def all_size_arms(cfg: ExperimentConfig, funnels: dict, sizes: dict) -> list[str]:
+    """With ``sizes="both"``, the sets whose equal-size cut dropped examples: each gets a second student,
+    ``sft-<set>.all``, trained on the whole set (the smallest set's two students would be the same one)."""
+    return [n for n in SETS if cfg.sizes == "both" and funnels[n]["kept"] != sizes[n]]
+
+
+def equalise(folder: Path, seed: int, log=lambda m: None, names: tuple[str, ...] = SETS) -> dict[str, int]:
     """Write ``<set>.jsonl`` as a seeded random subset, in file order, of ``<set>.all.jsonl`` for every
-    set, all of the smallest non-empty set's size (an empty set stays empty); return the sizes."""
+    set of `names`, all of the smallest non-empty set's size (an empty set stays empty); return the sizes."""
     import random
 
-    rows = {n: (folder / f"{n}.all.jsonl").read_text(encoding="utf-8").splitlines(keepends=True) for n in SETS}
+    rows = {n: (folder / f"{n}.all.jsonl").read_text(encoding="utf-8").splitlines(keepends=True) for n in names}
     from ..data.topk import sft_sidecar_path
     sizes = [len(r) for r in rows.values() if r]
     size = min(sizes) if sizes else 0
@@ -238,7 +254,7 @@ def equalise(folder: Path, seed: int, log=lambda m: None) -> dict[str, int]:
         if sft_sidecar_path(folder / f"{n}.all.jsonl").exists():  # the teacher's top-k follows its rows
             _subset_sidecar(sft_sidecar_path(folder / f"{n}.all.jsonl"), sft_sidecar_path(folder / f"{n}.jsonl"), keep)
         out[n] = len(keep)
-    log(f"select: every SFT set cut to {size} examples (--equal-sizes; from "
+    log(f"select: every SFT set cut to {size} examples (equal sizes; from "
         + ", ".join(f"{n} {len(r)}" for n, r in rows.items()) + ")")
     return out
 
@@ -257,7 +273,9 @@ def _subset_sidecar(source: Path, target: Path, keep: list[int]) -> None:
     write_parquet_atomic(target, table.set_column(table.schema.get_field_index("row"), "row", rows))
 
 
-def _train(name: str, world: Path, out: Path, cfg: ExperimentConfig, size: int, log) -> dict | None:
+def _train(name: str, world: Path, out: Path, cfg: ExperimentConfig, size: int, log,
+           student: Path | None = None) -> dict | None:
+    """`student` (default: the world's) fine-tuned on OUT/sft/<name>.jsonl into OUT/ckpt/<name>."""
     from ..train import TrainConfig, run_train
 
     if not size:
@@ -265,7 +283,7 @@ def _train(name: str, world: Path, out: Path, cfg: ExperimentConfig, size: int, 
         return None
     kd = dict(loss="kd", kd_weight=cfg.kd_weight) if name == KD_SET else {}
     tcfg = TrainConfig(
-        model=str(world / "student"), data=str(out / "sft" / f"{name.removesuffix('-kd')}.jsonl"),
+        model=str(student or world / "student"), data=str(out / "sft" / f"{name.removesuffix('-kd')}.jsonl"),
         out=str(out / "ckpt" / name), **kd,
         learning_rate=cfg.learning_rate, num_train_epochs=cfg.num_train_epochs,
         per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=1, max_length=256,

@@ -42,21 +42,8 @@ def make_report(cfg, world: Path, out: Path, gen: dict, funnels: dict, sizes: di
         "students": {}, "trace_sets": {}, "stages_s": dict(seconds),
     }
     for name in STUDENTS + ((f"sft-{KD_SET}",) if f"sft-{KD_SET}" in evals else ()):
-        if name not in evals:
-            report["students"][name] = None
-            continue
-        (_, b), = evals[name]["benchmarks"].items()
-        report["students"][name] = {
-            "accuracy": b["accuracy"], "stderr": b["stderr"], "ci95": list(confidence_interval(b["accuracy"], b["stderr"])),
-            "questions": b["questions"], "samples_per_question": b["samples_per_question"],
-            "truncated": b["truncated"], "mean_completion_tokens": b["mean_completion_tokens"],
-            "source": f"eval/{name}/summary.json",
-        }
-        if name != "base" and trained.get(name.removeprefix("sft-")):
-            t = trained[name.removeprefix("sft-")]
-            report["students"][name]["train"] = {"examples": t["examples"], "steps": t["steps"],
-                                                 "first_loss": t["first_loss"], "last_loss": t["last_loss"],
-                                                 "source": f"ckpt/{name.removeprefix('sft-')}/train.json"}
+        arm = name.removeprefix("sft-")
+        report["students"][name] = _student(name, evals.get(name), trained.get(arm), arm) if name in evals else None
     for name in SETS:
         g, f = gen[name], funnels[name]
         entry = {
@@ -65,18 +52,17 @@ def make_report(cfg, world: Path, out: Path, gen: dict, funnels: dict, sizes: di
             "fallback_rate": (1 - g["acceptance_rate"]) if name == "rsd" and g.get("acceptance_rate") is not None else None,
             "passed_share": _passed_share(f), "passed_select": f.get("kept"), "selected": sizes[name], "funnel": f,
             "source": f"traces/{name}/stats.json",
-            "funnel_source": f"sft/{name}{'.all' if cfg.equal_sizes else ''}.jsonl.funnel.json",
+            "funnel_source": f"sft/{name}{'' if cfg.sizes == 'all' else '.all'}.jsonl.funnel.json",
         }
         if scored and name in scored["datasets"]:
             s = scored["datasets"][name]
             entry["student_view"] = {k: s[k] for k in s if k.startswith("share_below_") or k in ("nll", "tokens", "examples")}
             entry["student_view"]["source"] = "score/stats.json"
         report["trace_sets"][name] = entry
-    acc = {k: v["accuracy"] for k, v in report["students"].items() if v}
     report["differences"] = paired_differences(out, evals, cfg.eval_samples)
-    report["ordering"] = " < ".join(sorted(acc, key=acc.get))
-    report["paper_ordering_seen"] = (all(k in acc for k in ("sft-teacher", "base", "sft-rsd"))
-                                     and acc["sft-teacher"] < acc["base"] < acc["sft-rsd"])
+    report.update(ordering(report["students"]))
+    if cfg.sizes == "both":
+        report["all_sizes"] = all_size_figures(out, evals, trained, cfg.eval_samples)
     plot_accuracy(report, out / "accuracy.png")
     plot_token_shares(report, out / "token_shares.png")
     plot_rsd_rates(out / "traces" / "rsd", out / "rsd_rates.png")
@@ -85,22 +71,64 @@ def make_report(cfg, world: Path, out: Path, gen: dict, funnels: dict, sizes: di
     return report
 
 
+def _student(folder: str, summary: dict, train: dict | None, arm: str) -> dict:
+    """One student's figures from eval's summary (and train's result), with the files they came from."""
+    (_, b), = summary["benchmarks"].items()
+    entry = {
+        "accuracy": b["accuracy"], "stderr": b["stderr"], "ci95": list(confidence_interval(b["accuracy"], b["stderr"])),
+        "questions": b["questions"], "samples_per_question": b["samples_per_question"],
+        "truncated": b["truncated"], "mean_completion_tokens": b["mean_completion_tokens"],
+        "source": f"eval/{folder}/summary.json",
+    }
+    if folder != "base" and train:
+        entry["train"] = {"examples": train["examples"], "steps": train["steps"], "first_loss": train["first_loss"],
+                          "last_loss": train["last_loss"], "source": f"ckpt/{arm}/train.json"}
+    return entry
+
+
+def ordering(students: dict) -> dict:
+    """The students from least to most accurate, and whether the paper's sft-teacher < base < sft-rsd holds."""
+    acc = {k: v["accuracy"] for k, v in students.items() if v}
+    seen = all(k in acc for k in ("sft-teacher", "base", "sft-rsd")) and acc["sft-teacher"] < acc["base"] < acc["sft-rsd"]
+    return {"ordering": " < ".join(sorted(acc, key=acc.get)), "paper_ordering_seen": seen}
+
+
+def all_size_figures(out: Path, evals: dict, trained: dict, samples: int) -> dict:
+    """The students fine-tuned on every example select kept (``sft-<set>.all``), beside the equal-size ones
+    of the comparisons; the smallest set was not cut, so its one student stands in both (``same_set``)."""
+    folders, students = {"base": "base"}, {"base": _student("base", evals["base"], None, "base")}
+    for name in SETS:
+        arm = f"{name}.all" if f"sft-{name}.all" in evals else name
+        if f"sft-{arm}" not in evals:
+            students[f"sft-{name}"] = None
+            continue
+        folders[f"sft-{name}"] = f"sft-{arm}"
+        students[f"sft-{name}"] = {**_student(f"sft-{arm}", evals[f"sft-{arm}"], trained.get(arm), arm),
+                                   "same_set": arm == name}
+    differences = paired_differences(out, {s: evals[f] for s, f in folders.items()}, samples,
+                                     {s: out / "eval" / f for s, f in folders.items()})
+    return {"students": students, "differences": differences, **ordering(students)}
+
+
 PAIRS = (("sft-rsd", "base"), ("sft-teacher", "base"), ("sft-student", "base"), ("sft-rsd", "sft-student"),
          ("sft-rsd", "sft-teacher"), (f"sft-{KD_SET}", "sft-rsd"), (f"sft-{KD_SET}", "base"))
 
 
-def paired_differences(out: Path, evals: dict, samples: int) -> dict[str, dict]:
+def paired_differences(out: Path, evals: dict, samples: int, dirs: dict[str, Path] | None = None,
+                       pairs: tuple = PAIRS) -> dict[str, dict]:
     """For each pair of students, the mean over questions of (accuracy of a - accuracy of b), its standard
-    error over questions and 95% interval: paired on the question, so narrower than two separate intervals."""
+    error over questions and 95% interval: paired on the question, so narrower than two separate intervals.
+    `dirs`: a student's eval folder when it is not OUT/eval/<student>."""
     from ..data.traces import read_records
     from ..evaluate.run import mean_stderr, per_question_accuracy, samples_file_name
 
     per_q = {}
     for name, summary in evals.items():
         (bench, _), = summary["benchmarks"].items()
-        per_q[name] = per_question_accuracy(read_records(out / "eval" / name / samples_file_name(bench)), samples)
+        folder = (dirs or {}).get(name, out / "eval" / name)
+        per_q[name] = per_question_accuracy(read_records(folder / samples_file_name(bench)), samples)
     result = {}
-    for a, b in PAIRS:
+    for a, b in pairs:
         if a not in per_q or b not in per_q:
             continue
         diffs = [per_q[a][q] - per_q[b][q] for q in sorted(per_q[a].keys() & per_q[b].keys())]
@@ -120,10 +148,13 @@ def _passed_share(funnel: dict) -> float | None:
 
 
 def summary_lines(report: dict) -> str:
-    lines = ["student        accuracy (95% interval)"]
+    beside = report.get("all_sizes")
+    lines = ["student        accuracy (95% interval)" + ("   all sizes" if beside else "")]
     for name, s in report["students"].items():
+        other = (beside["students"].get(name) or {}).get("accuracy") if beside else None
         lines.append(f"{name:<14} " + ("no SFT data" if s is None else
-                                       f"{100 * s['accuracy']:5.1f}%  [{100 * s['ci95'][0]:.1f}, {100 * s['ci95'][1]:.1f}]"))
+                                       f"{100 * s['accuracy']:5.1f}%  [{100 * s['ci95'][0]:.1f}, {100 * s['ci95'][1]:.1f}]")
+                     + (f"   {100 * other:5.1f}%" if other is not None and name != "base" else ""))
     rsd = report["trace_sets"]["rsd"]
     if rsd["acceptance_rate"] is not None:
         lines.append(f"RSD: teacher tokens accepted {rsd['acceptance_rate']:.1%}, student fallback {rsd['fallback_rate']:.1%}")
@@ -147,7 +178,7 @@ def report_markdown(report: dict) -> str:
         f"Traces: {cfg['samples']} per problem on {cfg['train_problems']} training problems; "
         f"eval: {cfg['eval_samples']} samples per problem on the {cfg['eval_split']} split, T=0.7, top-p 0.95. "
         f"SFT: lr {cfg['learning_rate']:g}, {cfg['num_train_epochs']:g} epochs, batch {cfg['batch_size']}"
-        + (", every SFT set cut to the smallest one's size (--equal-sizes)." if cfg.get("equal_sizes") else "."),
+        + SIZES_NOTE[cfg.get("sizes", "all")],
         "",
     ]
     if cfg.get("kd_student"):
@@ -156,22 +187,7 @@ def report_markdown(report: dict) -> str:
     if v:
         lines += [f"World (validation split, greedy): student {v['student']['accuracy_greedy']:.0%}, "
                   f"teacher {v['teacher']['accuracy_greedy']:.0%}.", ""]
-    lines += ["## Accuracy", "", "| student | accuracy % | 95% interval | SFT examples | source |", "|---|---:|---:|---:|---|"]
-    for name, s in report["students"].items():
-        if s is None:
-            lines.append(f"| {name} | - | - | 0 | no SFT data |")
-            continue
-        n = s.get("train", {}).get("examples", "-")
-        lines.append(f"| {name} | {100 * s['accuracy']:.1f} | {100 * s['ci95'][0]:.1f} to {100 * s['ci95'][1]:.1f} "
-                     f"| {n} | {s['source']} |")
-    lines += ["", f"Ordering: {report['ordering']}. The paper's (sft-teacher < base < sft-rsd): "
-              f"{'seen' if report['paper_ordering_seen'] else 'not seen'}.", "", "![accuracy](accuracy.png)", ""]
-    if report.get("differences"):
-        lines += ["Paired differences (per question, then averaged; points):", "",
-                  "| difference | mean | 95% interval |", "|---|---:|---:|"]
-        lines += [f"| {k} | {100 * d['mean']:+.1f} | {100 * d['ci95'][0]:+.1f} to {100 * d['ci95'][1]:+.1f} |"
-                  for k, d in report["differences"].items()]
-        lines.append("")
+    lines += _accuracy_markdown(report)
     lines += ["## Trace sets", "",
               "| set | traces | passed % | SFT examples | RSD accepted % | tokens p<0.001 % | p<0.01 % | p<0.1 % | NLL/token |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -192,6 +208,42 @@ def report_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+SIZES_NOTE = {"equal": "; every SFT set cut to the smallest one's size (a seeded random subset).",
+              "all": "; each SFT set as select kept it (sizes differ).",
+              "both": "; comparisons at equal SFT-set sizes (every set cut to the smallest one's size, a seeded random "
+                      "subset), the students fine-tuned on whole sets beside them (all sizes)."}
+
+
+def _accuracy_markdown(report: dict) -> list[str]:
+    """The accuracy table and the paired differences: at the sizes of the comparisons, all sizes beside."""
+    beside = report.get("all_sizes")
+    pct = lambda s: f"{100 * s['accuracy']:.1f} | {100 * s['ci95'][0]:.1f} to {100 * s['ci95'][1]:.1f} | " + \
+        str(s.get("train", {}).get("examples", "-"))  # noqa: E731
+    extra = " all sizes: accuracy % | 95% interval | SFT examples |" if beside else ""
+    lines = ["## Accuracy", "", f"| student | accuracy % | 95% interval | SFT examples |{extra} source |",
+             "|---|---:|---:|---:|" + ("---:|---:|---:|" if beside else "") + "---|"]
+    for name, s in report["students"].items():
+        other = (beside["students"].get(name) if beside else None)
+        more = (" " + (pct(other) + (" (the same set)" if other.get("same_set") else "") if other else "- | - | 0")
+                + " |") if beside else ""
+        lines.append(f"| {name} | - | - | 0 |{more} no SFT data |" if s is None else
+                     f"| {name} | {pct(s)} |{more} {s['source']} |")
+    seen = lambda r: "seen" if r["paper_ordering_seen"] else "not seen"  # noqa: E731
+    lines += ["", f"Ordering: {report['ordering']}. The paper's (sft-teacher < base < sft-rsd): {seen(report)}."
+              + (f" At all sizes: {beside['ordering']} ({seen(beside)})." if beside else ""), "",
+              "![accuracy](accuracy.png)", ""]
+    if report.get("differences"):
+        ci = lambda d: f"{100 * d['mean']:+.1f} | {100 * d['ci95'][0]:+.1f} to {100 * d['ci95'][1]:+.1f}"  # noqa: E731
+        lines += ["Paired differences (per question, then averaged; points):", "",
+                  "| difference | mean | 95% interval |" + (" all sizes: mean | 95% interval |" if beside else ""),
+                  "|---|---:|---:|" + ("---:|---:|" if beside else "")]
+        for k, d in report["differences"].items():
+            other = beside["differences"].get(k) if beside else None
+            lines.append(f"| {k} | {ci(d)} |" + ((f" {ci(other)} |" if other else " - | - |") if beside else ""))
+        lines.append("")
+    return lines
+
+
 def _pyplot():
     import matplotlib
 
@@ -202,12 +254,21 @@ def _pyplot():
 
 
 def plot_accuracy(report: dict, path: Path) -> None:
+    """Each student's accuracy with its 95% interval; the all-size students as hatched bars beside."""
     plt = _pyplot()
-    names = [n for n, s in report["students"].items() if s]
-    acc = [100 * report["students"][n]["accuracy"] for n in names]
-    err = [100 * (report["students"][n]["accuracy"] - report["students"][n]["ci95"][0]) for n in names]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.bar(names, acc, yerr=err, capsize=6, color=[COLORS[n.removeprefix("sft-")] for n in names])
+    beside = report.get("all_sizes")
+    for shift, students, hatch in ((0, report["students"], None), (0.4, (beside or {}).get("students", {}), "//")):
+        names = [n for n, s in students.items() if s and n != "base" or (n == "base" and not shift)]
+        xs = [list(report["students"]).index(n) + (shift if beside else 0) for n in names]
+        acc = [100 * students[n]["accuracy"] for n in names]
+        err = [100 * (students[n]["accuracy"] - students[n]["ci95"][0]) for n in names]
+        ax.bar(xs, acc, 0.4 if beside else 0.8, yerr=err, capsize=4, hatch=hatch, edgecolor="white" if hatch else None,
+               color=[COLORS[n.removeprefix("sft-")] for n in names],
+               label=("equal sizes" if not shift else "all sizes") if beside else None)
+    ax.set_xticks([i + (0.2 if beside else 0) for i in range(len(report["students"]))], list(report["students"]))
+    if beside:
+        ax.legend(fontsize=8)
     ax.set_ylabel(f"{report['config']['eval_split']} accuracy % (95% CI)")
     ax.set_title("The base student and its fine-tunes")
     fig.tight_layout()
