@@ -521,7 +521,8 @@ def _oom_when(monkeypatch, error, too_many_rows):
 def test_out_of_memory_halves_the_batch_and_loses_nothing(tiny_pair, ref, tmp_path, monkeypatch):
     written = []
     original = TraceWriter.write
-    monkeypatch.setattr(TraceWriter, "write", lambda self, rec: (original(self, rec), written.append(rec["id"])))
+    monkeypatch.setattr(TraceWriter, "write",
+                        lambda self, rec, topk=None: (original(self, rec, topk), written.append(rec["id"])))
     # memory runs short once records exist: more than 2 rows no longer fit
     _oom_when(monkeypatch, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB"),
               lambda rows: rows > 2 and written)

@@ -138,22 +138,27 @@ def test_case_02_two_select_processes_on_one_out_one_wins_one_whole_file(tmp_pat
 # ---------------------------------------------------------------- 3: --overwrite with a typo keeps the old run
 
 
+def _files(folder):
+    """Every file under `folder` (its subfolders too, e.g. eval's results/ and details/) and its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def test_case_03_overwrite_that_fails_to_start_keeps_the_previous_generate_and_eval(tiny_pair, gen_run, tmp_path):
     gen = _copy(gen_run, tmp_path / "gen")
-    before = {p.name: p.read_bytes() for p in gen.iterdir()}
+    before = _files(gen)
     code, err = _cli(*_gen_args(tiny_pair, gen, "--limit", "3", "--samples", "2", "--overwrite",
                                 student=str(tmp_path / "studnet")))
     assert code == 2 and "studnet" in err
-    assert {p.name: p.read_bytes() for p in gen.iterdir()} == before
+    assert _files(gen) == before
 
     ev = tmp_path / "ev"
     eval_args = ["eval", "--model", tiny_pair["student"], "--benchmark", "gsm8k-offline", "--limit", "2",
                  "--samples", "1", "--max-new-tokens", "4", "--out", ev, "--no-progress"]
     assert _cli(*eval_args)[0] == 0
-    before = {p.name: p.read_bytes() for p in ev.iterdir()}
+    before = _files(ev)
     code, err = _cli(*[tmp_path / "modle" if a == tiny_pair["student"] else a for a in eval_args], "--overwrite")
     assert code == 2 and "modle" in err
-    assert {p.name: p.read_bytes() for p in ev.iterdir()} == before
+    assert _files(ev) == before
 
 
 # ---------------------------------------------------------------- 4: a 50 MB prompt line
