@@ -282,3 +282,14 @@ def test_select_preset_paper_selects_with_the_papers_filters(tmp_path, monkeypat
     assert (paper.answer_mode, paper.tokenizer, paper.max_fallback_rate) == ("strict-math-verify", "auto", 0.5)
     assert (plain.answer_mode, plain.tokenizer) == ("math-verify", None) and paper.seed == plain.seed == 3
     assert paper.traces == [str(tmp_path / "traces" / "rsd")]
+
+
+def test_a_setting_newer_than_a_stopped_run_keeps_it_resumable_at_its_default():
+    from tracetailor.config import settings_changes
+
+    now = ExperimentConfig().run_settings()
+    before = {k: v for k, v in now.items() if k != "kd_student"}  # written before kd_student existed
+    defaults = ExperimentConfig().run_settings()
+    assert settings_changes(before, now, defaults=defaults) is None
+    assert settings_changes(before, {**now, "kd_student": True}, defaults=defaults) == "kd_student: None -> True"
+    assert settings_changes(before, now) == "kd_student: None -> False"  # without defaults: as before

@@ -681,10 +681,19 @@ class SweepConfig(ExperimentConfig):
 # ---------------------------------------------------------------- YAML and flags
 
 
-def settings_changes(before: dict[str, Any], now: dict[str, Any], most: int = 6) -> str | None:
+def settings_changes(before: dict[str, Any], now: dict[str, Any], most: int = 6,
+                     defaults: dict[str, Any] | None = None) -> str | None:
     """``"key: old -> new; ..."`` for the settings of `now` that differ from `before` (sorted, at most
-    `most` of them), or None when none do: what a resumed run must not change."""
-    changed = sorted(k for k in now if before.get(k) != now[k])
+    `most` of them), or None when none do: what a resumed run must not change. With `defaults`, a setting
+    that `before` lacks (added by a later version) counts as unchanged while it keeps its default."""
+    missing = _MISSING
+
+    def differs(k: str) -> bool:
+        if k not in before and defaults is not None and defaults.get(k, missing) == now[k]:
+            return False
+        return before.get(k) != now[k]
+
+    changed = sorted(k for k in now if differs(k))
     return "; ".join(f"{k}: {before.get(k)!r} -> {now[k]!r}" for k in changed[:most]) if changed else None
 
 

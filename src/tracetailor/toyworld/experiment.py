@@ -169,7 +169,8 @@ def _prepare_out(cfg: ExperimentConfig, log, what: str = "demo", marker_name: st
                 before = json.loads(marker.read_text(encoding="utf-8")).get("settings", {})
             except ValueError as e:
                 raise ExperimentError(f"{marker}: unreadable ({e}); pass --overwrite to start again") from e
-            detail = settings_changes(before, settings)
+            # a setting newer than the stopped run counts as unchanged while it keeps its default
+            detail = settings_changes(before, settings, defaults=type(cfg)().run_settings())
             if detail:
                 raise ExperimentError(f"--out {out} holds a stopped {what} with other settings ({detail}); pass "
                                       "--overwrite to start again, or choose another directory")
