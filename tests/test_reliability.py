@@ -544,3 +544,27 @@ def test_case_13_kill_9_of_the_workers_driver_stops_its_workers_at_once(tiny_pai
     assert done.returncode == 0, done.stderr[-2000:]
     ids = [json.loads(line)["id"] for p in sorted(out.glob("traces*.jsonl")) for line in p.read_text().splitlines()]
     assert len(ids) == len(set(ids)) == 24
+
+
+def test_a_generate_run_from_before_a_new_setting_resumes(tiny_pair, tmp_path):
+    """An upgrade that adds a setting (e.g. save_teacher_topk) must not refuse to resume a run stopped before it,
+    while the new setting keeps its default; another value of it is still a change."""
+    import json as _json
+
+    from tracetailor.config import GenerateConfig
+    from tracetailor.data.rundir import OutputDirError
+    from tracetailor.generate import run_generate
+
+    cfg = dict(student=tiny_pair["student"], teacher=tiny_pair["teacher"], prompts=tiny_pair["prompts"],
+               prompt_field="question", id_field="qid", samples=1, max_new_tokens=4, batch_size=4,
+               out=str(tmp_path / "g"), progress=False)
+    run_generate(GenerateConfig(**cfg), log=lambda m: None)
+    run_json = tmp_path / "g" / "run.json"
+    data = _json.loads(run_json.read_text())
+    del data["config"]["save_teacher_topk"]  # as an older version wrote it
+    run_json.write_text(_json.dumps(data))
+    (tmp_path / "g" / "stats.json").unlink()  # stopped, not finished
+    run_generate(GenerateConfig(**cfg), log=lambda m: None)  # resumes, and records the new setting
+    (tmp_path / "g" / "stats.json").unlink()
+    with pytest.raises(OutputDirError, match="save_teacher_topk: 0 -> 5"):
+        run_generate(GenerateConfig(**cfg, save_teacher_topk=5), log=lambda m: None)

@@ -243,7 +243,8 @@ def sample(engine: Engine, requests: Iterable[Request], log: Callable[[str], Non
 def open_run_dir(cfg: GenerateConfig) -> RunDir:
     """generate's OUT: its trace files, run.json and stats.json; resumed when the trace settings match."""
     return RunDir(cfg.out, command="generate", owned=[*TRACE_GLOBS, "run.json", "stats.json"], overwrite=cfg.overwrite,
-                  settings=cfg.trace_settings(), what="a run", owned_noun="trace files",
+                  settings=cfg.trace_settings(), defaults=type(cfg)().trace_settings(), what="a run",
+                  owned_noun="trace files",
                   inputs={"student": cfg.student, "teacher": cfg.teacher, "prompts": cfg.prompts},
                   models=("student", "teacher"))
 

@@ -217,7 +217,7 @@ class RunDir:
                  run_json: str | None = "run.json", what: str = "a run", owned_noun: str = "output files",
                  file: str | None = None, flag: str = "--out", results: Sequence[str] = (),
                  partial: str | None = None, inputs: dict[str, str | None] | None = None,
-                 models: Sequence[str] = ()):
+                 models: Sequence[str] = (), defaults: dict[str, Any] | None = None):
         self.root = Path(out).expanduser() if file is None else Path(out).expanduser().parent
         self.shown = str(out)
         self.command, self.owned, self.overwrite = command, list(owned), overwrite
@@ -226,6 +226,7 @@ class RunDir:
         self.results = list(results)  # written with the marker, at the end; removed with it by begin()
         self.partial = partial  # a hidden file present while a result is being written (begin() to finish())
         self.inputs, self.models = dict(inputs or {}), set(models)
+        self.defaults = defaults  # the settings' defaults: a setting newer than a stopped run is unchanged at them
         self._identities: dict[str, Any] | None = None
         self.resuming = False
         self.before: dict[str, Any] | None = None  # the run.json found, if any
@@ -320,7 +321,7 @@ class RunDir:
                 before = {k: v for k, v in before.items() if k not in self.inputs}
                 now = {k: v for k, v in now.items() if k not in self.inputs}
                 changed_inputs = identity_changes(recorded, self.identities())
-            detail = "; ".join(d for d in (changed_inputs, settings_changes(before, now)) if d)
+            detail = "; ".join(d for d in (changed_inputs, settings_changes(before, now, defaults=self.defaults)) if d)
             if detail:
                 raise OutputDirError(
                     f"{self.flag} {self.shown} holds {self.what} with another configuration ({detail}). "

@@ -207,7 +207,8 @@ def open_run_dir(cfg: EvalConfig, names: list[str]) -> "RunDir":
 
     owned = {samples_file_name(n) for n in names} | {samples_file_name(n) for n in _benchmarks_before(cfg.out)}
     return RunDir(cfg.out, command="eval", owned=sorted(owned) + ["run.json", "summary.json", "summary.md"],
-                  overwrite=cfg.overwrite, settings=cfg.settings(), marker="summary.json", results=["summary.md"],
+                  overwrite=cfg.overwrite, settings=cfg.settings(), defaults=type(cfg)().settings(),
+                  marker="summary.json", results=["summary.md"],
                   what="an evaluation", owned_noun="sample files", inputs={"model": cfg.model}, models=("model",))
 
 
