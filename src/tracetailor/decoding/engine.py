@@ -292,33 +292,42 @@ class Engine:
 
     def run(self, requests: Iterable[Request]) -> Iterator[Finished]:
         """Yield each request's result as soon as it finishes (not in input order)."""
-        if self.draft_tokens > 0:
-            yield from self._run_drafted(requests)
-            return
+        drafted = self.draft_tokens > 0
+        admit, step = (self._admit_drafted, self._draft_step) if drafted else (self._admit, self._lockstep_step)
         # longest prompts first: similar lengths share a batch, and the long tail starts early
         queue = deque(sorted(requests, key=lambda r: -len(r.student_ids)))
         live: _Live | None = None
         while queue or live is not None:
-            live = self._refill(queue, live, self._admit)
-
+            live = self._refill(queue, live, admit)
             if self.kv_use is not None:
                 self._measure_kv(live)
-            tokens, from_teacher, s_lp, t_lp, topk = self._choose(live.s_logits, live.t_logits, live.keys)
-            tok_list = tokens.tolist()
-            keep, done = self._record(live.rows, tok_list, from_teacher.tolist(), s_lp.tolist(),
-                                      t_lp.tolist() if t_lp is not None else None, topk)
+            keep, done, feed = step(live)
             yield from done
             if not keep:
                 live = None
                 continue
             if len(keep) < len(live.rows):
                 live.keep(keep)
-                tokens = tokens[torch.tensor(keep, device=tokens.device)]
+            if feed is not None:
+                feed(keep)
+
+    def _lockstep_step(self, live: "_Live"):
+        """One token per row from the logits in hand. Returns (rows that go on, Finished rows, and what feeds the
+        kept rows' tokens to both models once the finished rows have left the batch)."""
+        tokens, from_teacher, s_lp, t_lp, topk = self._choose(live.s_logits, live.t_logits, live.keys)
+        tok_list = tokens.tolist()
+        keep, done = self._record(live.rows, tok_list, from_teacher.tolist(), s_lp.tolist(),
+                                  t_lp.tolist() if t_lp is not None else None, topk)
+
+        def feed(keep: list[int]) -> None:
+            kept = tokens if len(keep) == len(tok_list) else tokens[torch.tensor(keep, device=tokens.device)]
             live.keys.advance()
-            live.s_logits = live.student.feed(tokens)
+            live.s_logits = live.student.feed(kept)
             if live.teacher is not None:
                 self.teacher_passes += len(keep)
-                live.t_logits = self._feed_teacher(live.teacher, tokens, [tok_list[i] for i in keep]).to(self.device)
+                live.t_logits = self._feed_teacher(live.teacher, kept, [tok_list[i] for i in keep]).to(self.device)
+
+        return keep, done, feed
 
     def _record(self, rows, tokens, teacher_flags, student_lps, teacher_lps, topk=None):
         """Append one step's facts to each row; return (indices of rows that go on, Finished rows)."""
@@ -372,22 +381,9 @@ class Engine:
         live.rows = [_Row(r, pending=r.student_ids[-1], pending_teacher=[r.teacher_ids[-1]]) for r in group]
         return live
 
-    def _run_drafted(self, requests: Iterable[Request]) -> Iterator[Finished]:
-        queue = deque(sorted(requests, key=lambda r: -len(r.student_ids)))
-        live: _Live | None = None
-        while queue or live is not None:
-            live = self._refill(queue, live, self._admit_drafted)
-            if self.kv_use is not None:
-                self._measure_kv(live)
-            keep, done = self._draft_step(live)
-            yield from done
-            if not keep:
-                live = None
-            elif len(keep) < len(live.rows):
-                live.keep(keep)
-
-    def _draft_step(self, live: "_Live") -> tuple[list[int], list[Finished]]:
-        """One teacher pass: draft, verify, record, roll back. Returns (rows that go on, Finished rows)."""
+    def _draft_step(self, live: "_Live"):
+        """One teacher pass: draft, verify, record, roll back. Returns (rows that go on, Finished rows, None:
+        nothing to feed, the next pass starts from each row's pending token)."""
         rows, K = live.rows, self.settings.draft_tokens
         # a row with n tokens of budget left can use at most n - 1 guesses (its last token is the rule's own)
         budgets = [min(K, r.request.max_new_tokens - len(r.tokens) - 1) for r in rows]
@@ -442,7 +438,7 @@ class Engine:
         live.student.rollback(width - n_t)
         live.teacher.rollback(torch.tensor([fed - ends[m - 1] for fed, ends, m in zip(t_fed, t_ends, emitted)]))
         live.keys.positions = live.keys.positions + n_t
-        return keep, done
+        return keep, done, None
 
     def _draft(self, student: KVBatch, pending: list[int], k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The student reads each row's pending token and then guesses `k` tokens greedily, reading each.
