@@ -13,6 +13,11 @@ prefill, batch 256, CPU float32) once per K in `--k` (0 = lockstep), through the
   python bench/drafting.py                       # K = 0 2 3 4 5 6 on 250 problems
   python bench/drafting.py --problems 1000 --k 0 4
   python bench/drafting.py --world DIR           # another built world (e.g. one with a larger teacher)
+  python bench/drafting.py --k 0 3 --kv-cache rectangle paged   # KV positions held per layout
+
+The KV columns: positions held (rectangle: rows x columns, padding included; paged: the slots the rows
+refer to, a prompt shared by its samples once) over real tokens (each row's own count), summed over steps;
+and the most slots the pools reserved at once (free ones included) over the most real tokens at once.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 
-def run_once(world: Path, prompts: Path, k: int, args) -> dict:
+def run_once(world: Path, prompts: Path, k: int, args, kv_cache: str = "rectangle") -> dict:
     import torch
 
     from tracetailor.config import GenerateConfig
@@ -39,7 +44,7 @@ def run_once(world: Path, prompts: Path, k: int, args) -> dict:
         student=str(world / "student"), teacher=str(world / "teacher"), prompts=str(prompts), id_field="id",
         out="unused", samples=args.samples, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
         seed=0, mode="rsd", threshold=0.01, trials=5, top_k=20, prefill=THINK_PREFILL, device="cpu",
-        dtype="float32", progress=False, draft_tokens=k,
+        dtype="float32", progress=False, draft_tokens=k, kv_cache=kv_cache,
     )
     student, teacher, bridge = load_pair(cfg, log=lambda m: None)
     prompt_set = load_prompt_set(cfg, student.tokenizer)
@@ -55,7 +60,7 @@ def run_once(world: Path, prompts: Path, k: int, args) -> dict:
         results[f.handle] = (f.token_ids, f.origin, f.finish_reason)
         logprobs[f.handle] = f.student_logprobs + [t for t in f.teacher_logprobs if t is not None]
     seconds = time.perf_counter() - start
-    return {"k": k, "results": results, "logprobs": logprobs, "seconds": seconds, "load": load, "tokens": engine.tokens_emitted,
+    return {"k": k, "layout": kv_cache, "results": results, "logprobs": logprobs, "seconds": seconds, "load": load, "tokens": engine.tokens_emitted,
             "passes": engine.teacher_passes, "proposed": engine.draft_proposed, "accepted": engine.draft_accepted,
             "lengths": dict(engine.accepted_lengths), "kv": engine.kv_use}
 
@@ -70,6 +75,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--k", type=int, nargs="+", default=[0, 2, 3, 4, 5, 6])
+    ap.add_argument("--kv-cache", nargs="+", default=["rectangle"], choices=["rectangle", "paged"],
+                    help="cache layouts to run each K with (the records must not change)")
     args = ap.parse_args()
 
     from tracetailor.toyworld import build
@@ -79,17 +86,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         prompts, _ = _write_problem_files(world, Path(tmp), ExperimentConfig(train_problems=args.problems))
         runs = []
-        for k in args.k:
-            runs.append(run_once(world, prompts, k, args))
+        for k, layout in [(k, layout) for k in args.k for layout in args.kv_cache]:
+            runs.append(run_once(world, prompts, k, args, layout))
             r = runs[-1]
-            print(f"K={k}: {r['passes'] / r['tokens']:.3f} teacher passes per token, {r['seconds']:.1f}s "
+            print(f"K={k} {layout}: {r['passes'] / r['tokens']:.3f} teacher passes per token, {r['seconds']:.1f}s "
                   f"(load {r['load']:.2f})", file=sys.stderr, flush=True)
-    base = next((r for r in runs if r["k"] == 0), None)
+    base = next((r for r in runs if r["k"] == 0), None) or runs[0]
     print(f"world {world.name}: {args.problems} problems x {args.samples} samples, {args.max_new_tokens} new tokens,"
           f" batch {args.batch_size}, {args.threads} thread(s)")
-    print("| K | teacher passes / token | guesses accepted / proposed | full drafts accepted to length 0..K (%) "
-          "| KV allocated / real (mean over steps, student / teacher) | seconds | tokens/s | load avg | records = K=0 |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"| K | KV layout | teacher passes / token | guesses accepted / proposed | full drafts accepted to length 0..K "
+          f"(%) | KV held / real (over steps, student / teacher) | KV peak reserved / peak real (teacher) | seconds "
+          f"| tokens/s | load avg | records = K={base['k']} {base['layout']} |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in runs:
         full = sum(r["lengths"].values())
         dist = " / ".join(f"{100 * r['lengths'].get(a, 0) / full:.0f}" for a in range(r["k"] + 1)) if full else "-"
@@ -100,7 +108,9 @@ def main() -> None:
             gap = max(abs(a - b) for h, lps in base["logprobs"].items() for a, b in zip(lps, r["logprobs"][h]))
             same += f" (log-probs within {gap:.1e})"
         kv = " / ".join(f"{r['kv'][m][0] / r['kv'][m][1]:.3f}" for m in ("student", "teacher"))
-        print(f"| {r['k']} | {r['passes'] / r['tokens']:.3f} | {acc} | {dist} | {kv} | {r['seconds']:.1f} | "
+        peak = f"{r['kv']['teacher'][3] / r['kv']['teacher'][4]:.3f}"
+        print(f"| {r['k']} | {r['layout']} | {r['passes'] / r['tokens']:.3f} | {acc} | {dist} | {kv} | {peak} | "
+              f"{r['seconds']:.1f} | "
               f"{r['tokens'] / r['seconds']:.0f} | {r['load']:.2f} | {same} |")
 
 

@@ -20,6 +20,7 @@ from conftest import PROMPTS, make_model
 from tiny_tokenizer import tiny_tokenizer
 from tracetailor.decoding.engine import DecodeSettings, Engine, Request
 from tracetailor.decoding.kv import KVBatch
+from tracetailor.decoding.paged import PagedCacheError, PagedKVBatch
 from tracetailor.decoding.rules import RSDParams, prompt_key
 from tracetailor.generate import run_generate
 from tracetailor.models import load_model
@@ -53,10 +54,10 @@ def _requests(student, bridge, samples=3, max_new_tokens=30, texts=None):
 
 
 def _run(student_model, teacher_model, requests, *, k, batch_size, mode="rsd", bridge=None, eos=(), stop_fn=None,
-         rsd=RSDParams(threshold=0.005, trials=5, top_k=40), temperature=1.0):
+         rsd=RSDParams(threshold=0.005, trials=5, top_k=40), temperature=1.0, kv_cache="rectangle", measure_kv=False):
     settings = DecodeSettings(mode=mode, rsd=rsd, seed=3, draft_tokens=k, temperature=temperature, top_k=5)
     engine = Engine(student_model, teacher_model, bridge, settings, eos_ids=eos, batch_size=batch_size,
-                    stop_fn=stop_fn)
+                    stop_fn=stop_fn, kv_cache=kv_cache, measure_kv=measure_kv)
     results = {f.handle: f for f in engine.run(requests)}
     assert sorted(results) == [r.handle for r in requests]
     return results, engine
@@ -152,6 +153,8 @@ def test_drafts_at_the_end_of_an_absolute_position_table(mode):
     drafted, _ = _run(student, teacher, requests, k=4, batch_size=4, mode=mode, eos={0})
     _assert_same(lockstep, drafted)
     assert any(len(f.token_ids) + 3 + h == 24 for h, f in drafted.items())  # some row reached the last position
+    paged, _ = _run(student, teacher, requests, k=4, batch_size=4, mode=mode, eos={0}, kv_cache="paged")
+    _assert_same(lockstep, paged)
 
 
 def _next_logits_fresh(model, ids):
@@ -211,3 +214,84 @@ def test_a_killed_drafted_run_resumes_to_the_lockstep_records(tiny_pair, tmp_pat
         for name in ("completion_token_ids", "origin", "completion", "finish_reason"):
             assert resumed[key][name] == whole[key][name], (key, name)
         assert resumed[key]["student_logprobs"] == pytest.approx(whole[key]["student_logprobs"], abs=1e-4)
+
+
+# -- the paged layout (--kv-cache paged) -------------------------------------------------------------------------
+
+def test_paged_rollback_select_and_extend_leave_the_cache_of_a_fresh_prefill(pair):
+    """The paged batch under the moves the engine makes: chunks of different lengths, per-row rollback, rows
+    repeated by select (sharing their slots), a new group appended by extend, rows dropped. After each, the
+    next-token logits equal a fresh pass over each row's tokens, and the slots held are exactly the distinct
+    tokens (a repeated row's prompt counts once)."""
+    model = pair[0].model
+    prompts = [[5, 9, 11, 40], [7, 8], [12, 13, 14, 15, 16, 17]]
+    batch, logits = PagedKVBatch.prefill(model, prompts)
+    for row, ids in enumerate(prompts):
+        assert torch.allclose(logits[row].float(), _next_logits_fresh(model, ids), atol=1e-4), row
+    batch.feed_chunks([[20, 21, 22], [23], [24, 25]])
+    batch.rollback(torch.tensor([2, 0, 1]))
+    kept = [prompts[0] + [20], prompts[1] + [23], prompts[2] + [24]]
+    batch.feed_many(torch.tensor([[30, 31], [32, 33], [34, 35]]))
+    batch.rollback(torch.tensor([1, 2, 0]))
+    kept = [kept[0] + [30], kept[1], kept[2] + [34, 35]]
+    assert batch.lengths.tolist() == [len(k) for k in kept]
+    assert batch.allocated_positions() == sum(len(k) for k in kept)  # rolled-back slots were freed
+    batch.select(torch.tensor([2, 0, 2]))  # row 2 twice: both copies share its slots
+    kept = [kept[2], kept[0], kept[2]]
+    assert batch.allocated_positions() == len(kept[0]) + len(kept[1])
+    other, _ = PagedKVBatch.prefill(model, [[3, 4, 5, 6, 7, 8, 9]])
+    batch.extend(other)
+    kept.append([3, 4, 5, 6, 7, 8, 9])
+    for fed in ([50, 51, 52, 53], [60, 61, 62, 63]):  # the repeated rows now write slots of their own
+        logits = batch.feed(torch.tensor(fed))
+        kept = [k + [t] for k, t in zip(kept, fed)]
+        for row, ids in enumerate(kept):
+            assert torch.allclose(logits[row].float(), _next_logits_fresh(model, ids), atol=1e-4), row
+    assert batch.allocated_positions() == len(kept[0]) - 2 + 2 * 2 + len(kept[1]) + len(kept[3])
+    batch.select(torch.tensor([3, 1]))
+    kept = [kept[3], kept[1]]
+    assert batch.allocated_positions() == sum(len(k) for k in kept)
+    logits = batch.feed(torch.tensor([70, 71]))
+    for row, ids in enumerate(kept):
+        assert torch.allclose(logits[row].float(), _next_logits_fresh(model, ids + [[70, 71][row]]), atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["rsd", "teacher"])
+def test_paged_cache_gives_the_rectangle_records(pair, mode):
+    """Same records with either layout, in lockstep and drafted, at batch sizes that make rows join and leave
+    a running batch; and the paged layout holds no more slots than real tokens (prompts shared by samples)."""
+    student, teacher = pair
+    requests = _requests(student, None)
+    eos = [student.tokenizer.eos_token_id]
+    for k in (0, 3):
+        rect, r_engine = _run(student.model, teacher.model, requests, k=k, batch_size=8, mode=mode, eos=eos,
+                              measure_kv=True)
+        for batch_size in (1, 5):
+            paged, engine = _run(student.model, teacher.model, requests, k=k, batch_size=batch_size, mode=mode,
+                                 eos=eos, kv_cache="paged", measure_kv=True)
+            _assert_same(rect, paged)
+            for name in ("student", "teacher"):
+                held, real = engine.kv_use[name][:2]
+                assert held <= real, (name, held, real)
+        # the rectangle holds padding: more positions than real tokens once rows of different lengths mix
+        assert r_engine.kv_use["teacher"][0] > r_engine.kv_use["teacher"][1]
+
+
+def test_paged_cache_with_a_bridge(bridged):
+    student, teacher, bridge = bridged
+    requests = _requests(student, bridge, samples=2)
+    for k in (0, 3):
+        rect, _ = _run(student.model, teacher.model, requests, k=k, batch_size=4, bridge=bridge)
+        paged, _ = _run(student.model, teacher.model, requests, k=k, batch_size=4, bridge=bridge, kv_cache="paged")
+        _assert_same(rect, paged)
+
+
+def test_paged_cache_refuses_sliding_window_layers():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    cfg = Qwen3Config(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, head_dim=8, use_sliding_window=True, sliding_window=4,
+                      max_window_layers=0)
+    model = Qwen3ForCausalLM(cfg).eval()
+    with pytest.raises(PagedCacheError, match="--kv-cache rectangle"):
+        PagedKVBatch.prefill(model, [[1, 2, 3]])

@@ -101,6 +101,20 @@ def test_batch_size_does_not_change_traces(tiny_pair, rsd_run, tmp_path):
         assert a[key]["student_logprobs"] == pytest.approx(b[key]["student_logprobs"], abs=1e-4)
 
 
+def test_paged_kv_cache_does_not_change_traces(tiny_pair, rsd_run, tmp_path):
+    """--kv-cache paged (with a batch that admits rows mid-run) writes the default layout's records."""
+    out, _ = rsd_run
+    run_generate(_cfg(tiny_pair, tmp_path / "paged", batch_size=3, kv_cache="paged"), log=lambda m: None)
+    a, b = _records(out), _records(tmp_path / "paged")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key]["completion_token_ids"] == b[key]["completion_token_ids"], key
+        assert a[key]["origin"] == b[key]["origin"], key
+        assert a[key]["student_logprobs"] == pytest.approx(b[key]["student_logprobs"], abs=1e-4)
+    stats = json.loads((tmp_path / "paged" / "stats.json").read_text())
+    assert stats["kv_cache"] == "paged"
+
+
 def test_plain_modes_log_student_logprobs(tiny_pair, tmp_path):
     for mode in ("teacher", "student"):
         out = tmp_path / mode

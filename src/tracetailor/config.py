@@ -260,6 +260,11 @@ class GenerateConfig(Settings):
     draft_tokens: int = option(0, "Modes rsd and teacher: the student guesses this many tokens and the teacher checks "
                                "them in one pass; the traces are the same, with fewer teacher passes. 0 = one teacher "
                                "pass per token.", low=0, resumable=True)
+    kv_cache: str = option("rectangle", "How each model's KV cache is laid out: rectangle (rows left-padded to the "
+                           "longest: fastest for small models) or paged (a pool of token slots: holds only real "
+                           "tokens, prompt slots shared by a prompt's samples, so a device holds a bigger batch when "
+                           "lengths are mixed). The traces are the same.", choices=("rectangle", "paged"),
+                           resumable=True)
     save_teacher_topk: int = option(0, "Modes rsd and teacher: also store, per completion token, the teacher's K "
                                     "likeliest tokens (student ids) and log-probs in OUT/teacher_topk/*.parquet, for "
                                     "`train --loss kd`. 0 = off.", low=0)

@@ -314,7 +314,7 @@ def _drive(ray, cfg: GenerateConfig, rundir, log) -> dict[str, Any]:
                  "worker_seconds": round(totals["worker_seconds"], 3)}
         emitted = totals["tokens_emitted"]  # of the shards that finished (a dead worker's count is lost)
         draft = {"teacher_passes_per_token": round(totals["teacher_passes"] / emitted, 4) if emitted else None,
-                 "draft_tokens": cfg.draft_tokens if cfg.mode != "student" else 0}
+                 "draft_tokens": cfg.draft_tokens if cfg.mode != "student" else 0, "kv_cache": cfg.kv_cache}
         return write_stats(out, cfg.mode, prompts=len(prompts), skipped=skipped, sequences=totals["sequences"],
                            tokens=totals["tokens"], seconds=seconds, log=log, extra=extra, draft=draft)
     finally:

@@ -164,6 +164,7 @@ def make_engine(cfg: GenerateConfig, student, teacher, bridge, on_step=None) -> 
     return Engine(
         student.model, teacher.model if teacher else None, bridge, settings, eos_ids=set(student.eos_ids()),
         batch_size=cfg.batch_size, stop_fn=stop_checker(student.tokenizer, cfg.stop), on_step=on_step,
+        kv_cache=cfg.kv_cache,
     )
 
 
@@ -204,6 +205,7 @@ def write_stats(out: Path, mode: str, *, prompts: int, skipped: list[str], seque
                 seconds: float, log=print, extra: dict | None = None, draft: dict | None = None) -> dict[str, Any]:
     """Totals over every trace file in OUT plus this run's own counts, to OUT/stats.json; logs a summary.
     `draft` is `Engine.counters()` (or the workers' sum): its `teacher_passes_per_token` and `draft_tokens`
+    and `kv_cache`
     (this run's) are always written, None where unknown (e.g. nothing generated)."""
     records = [r for path in trace_files(out) for r in read_records(path)]
     stats = summarize(records)
@@ -213,6 +215,7 @@ def write_stats(out: Path, mode: str, *, prompts: int, skipped: list[str], seque
         "skipped_prompt_ids": skipped,
         "teacher_passes_per_token": (draft or {}).get("teacher_passes_per_token"),
         "draft_tokens": (draft or {}).get("draft_tokens"),
+        "kv_cache": (draft or {}).get("kv_cache"),
         "this_run": {"sequences": sequences, "tokens": tokens, "seconds": round(seconds, 3),
                      "tokens_per_second": tokens_per_second(tokens, seconds), **(extra or {})},
     })

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from .kv import KVBatch
+from .paged import LAYOUTS, PagedKVBatch
 from .rules import DrawKeys, RSDParams, propose, rsd_choose, sample_choose
 
 MODES = ("rsd", "teacher", "student")
@@ -152,6 +153,7 @@ class Engine:
         stop_fn: Callable[[list[int]], bool] | None = None,
         on_step: Callable[[int, int], None] | None = None,
         measure_kv: bool = False,
+        kv_cache: str = "rectangle",
     ):
         self.settings = settings or DecodeSettings()
         if self.settings.mode not in MODES:
@@ -160,6 +162,11 @@ class Engine:
             raise ValueError(f"mode {self.settings.mode!r} needs a teacher model")
         if self.settings.draft_tokens < 0:
             raise ValueError(f"draft_tokens must be 0 (lockstep) or more, not {self.settings.draft_tokens}")
+        if kv_cache not in LAYOUTS:
+            raise ValueError(f"unknown kv_cache {kv_cache!r}; choose one of {', '.join(LAYOUTS)}")
+        # rectangle: each layer's cache one left-padded tensor (kv.py); paged: a pool of token slots (paged.py)
+        self.kv_cache = kv_cache
+        self._kv = PagedKVBatch if kv_cache == "paged" else KVBatch
         self.student = student
         self.teacher = teacher if self.settings.mode != "student" else None
         self.bridge = bridge
@@ -183,18 +190,21 @@ class Engine:
         self.draft_proposed = 0  # student guesses the teacher checked
         self.draft_accepted = 0  # ... that became output tokens
         self.accepted_lengths: Counter[int] = Counter()  # full drafts of K guesses: how many were accepted
-        # measure_kv: per model, cache positions held (rows x columns) and real tokens, summed over steps, and
-        # the most positions held at once (a device sync per step: for benchmarks)
+        # measure_kv: per model [positions held, real tokens] summed over steps (held: rectangle rows x columns,
+        # paged the slots rows refer to), then the most held, the most reserved (paged: the pools' slots, free or
+        # not; rectangle: as held) and the most real tokens at once (a device sync per step: for benchmarks)
         self.kv_use: dict[str, list[int]] | None = {} if measure_kv else None
 
     def _measure_kv(self, live: "_Live") -> None:
         for name, batch in (("student", live.student), ("teacher", live.teacher)):
             if batch is not None:
-                use = self.kv_use.setdefault(name, [0, 0, 0])
-                held = batch.allocated_positions()
+                use = self.kv_use.setdefault(name, [0, 0, 0, 0, 0])
+                held, real = batch.allocated_positions(), int(batch.lengths.sum())
                 use[0] += held
-                use[1] += int(batch.lengths.sum())
+                use[1] += real
                 use[2] = max(use[2], held)
+                use[3] = max(use[3], batch.reserved_positions() if hasattr(batch, "reserved_positions") else held)
+                use[4] = max(use[4], real)
 
     @property
     def draft_tokens(self) -> int:
@@ -207,6 +217,7 @@ class Engine:
             "teacher_passes_per_token": (round(self.teacher_passes / self.tokens_emitted, 4)
                                          if self.tokens_emitted else None),
             "draft_tokens": self.draft_tokens,
+            "kv_cache": self.kv_cache,
             "draft_acceptance": (round(self.draft_accepted / self.draft_proposed, 4)
                                  if self.draft_proposed else None),
         }
@@ -264,10 +275,10 @@ class Engine:
             if key not in index:
                 index[key] = len(order)
                 order.append(r)
-        student, s_logits = KVBatch.prefill(self.student, [r.student_ids for r in order])
+        student, s_logits = self._kv.prefill(self.student, [r.student_ids for r in order])
         teacher = t_logits = None
         if self.teacher is not None:
-            teacher, t_logits = KVBatch.prefill(self.teacher, [r.teacher_ids for r in order])
+            teacher, t_logits = self._kv.prefill(self.teacher, [r.teacher_ids for r in order])
             t_logits = t_logits.to(self.device)  # a device-mapped teacher ends on its last GPU
         live = _Live([_Row(r) for r in order], student, teacher, s_logits, t_logits, self._keys(order))
         if len(order) < len(group):
