@@ -14,6 +14,7 @@ and token budget:
   self-draft (optional, --in-memory) rsd-draft with the student's weights as the teacher too:
              every guess is likely accepted, the upper bound of drafting (random weights
              accept few guesses of a different teacher)
+  rsd-paged  (optional, --in-memory) rsd in lockstep with --kv-cache paged (decoding/paged.py)
 
 What is timed, equally on both sides: decoding only, prefill included, model
 loading excluded. For rsd that is the `this_run.seconds` that run_generate
@@ -63,7 +64,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SIDES = ("rsd", "reference", "engine-teacher", "rsd-draft", "self-draft")
+SIDES = ("rsd", "reference", "engine-teacher", "rsd-draft", "self-draft", "rsd-paged")
 REQUIRED, AIM = 0.8, 0.9
 
 # Model shapes. `arch` picks the transformers class; `init` is initializer_range
@@ -246,7 +247,7 @@ def _memory_bridge(student_vocab: int, teacher_vocab: int):
                   student_to_teacher_single=s2t, shared_fraction=n / student_vocab)
 
 
-def side_engine(spec: dict, mode: str, draft: int = 0, self_draft: bool = False) -> dict:
+def side_engine(spec: dict, mode: str, draft: int = 0, self_draft: bool = False, kv_cache: str | None = None) -> dict:
     """rsd (or engine-teacher) in memory: models from configs, Engine called directly, no files."""
     import torch
 
@@ -265,7 +266,8 @@ def side_engine(spec: dict, mode: str, draft: int = 0, self_draft: bool = False)
     engines = []
 
     def generate(new_tokens: int, prompts: list[list[int]]):
-        engines.append(Engine(student, teacher, bridge, settings, eos_ids=(), batch_size=spec["batch"]))
+        engines.append(Engine(student, teacher, bridge, settings, eos_ids=(), batch_size=spec["batch"],
+                              kv_cache=kv_cache or spec.get("kv_cache", "rectangle")))
         reqs = [Request(i, prompt_key(str(i)), 0, ids, ids, new_tokens) for i, ids in enumerate(prompts)]
         return list(engines[-1].run(reqs))
 
@@ -349,9 +351,10 @@ def worker(spec_path: str, side: str, result_path: str) -> None:
     else:
         mode = "teacher" if side == "engine-teacher" else "rsd"
         draft = spec["draft_tokens"] if side in ("rsd-draft", "self-draft") else 0
-        if side == "self-draft" and not spec["in_memory"]:
-            raise SystemExit("side self-draft needs --in-memory")
-        res = (side_engine(spec, mode, draft, side == "self-draft") if spec["in_memory"]
+        if side in ("self-draft", "rsd-paged") and not spec["in_memory"]:
+            raise SystemExit(f"side {side} needs --in-memory")
+        res = (side_engine(spec, mode, draft, side == "self-draft", "paged" if side == "rsd-paged" else None)
+               if spec["in_memory"]
                else side_run_generate(spec, mode, draft))
     res.update(
         side=side, tokens_per_s=res["tokens"] / res["seconds"],
@@ -512,6 +515,9 @@ def main() -> None:
                     help="override a model shape, e.g. teacher.layers=4 (keys: " + ", ".join(SCALES["toy"]["teacher"]) + ")")
     ap.add_argument("--sides", default="rsd,reference", help=f"comma list of {', '.join(SIDES)}")
     ap.add_argument("--draft-tokens", type=int, default=4, help="K of the rsd-draft and self-draft sides")
+    ap.add_argument("--kv-cache", default="rectangle", choices=["rectangle", "paged"],
+                    help="our engine's KV layout (generate --kv-cache); equal prompt lengths and budgets are the "
+                         "rectangle's best case: no padding to save")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default=None, help="float32 (CPU default) | bfloat16 (CUDA default) | float16")
     ap.add_argument("--in-memory", action="store_true", help="build models on the device, call the Engine directly")
@@ -559,6 +565,7 @@ def main() -> None:
         "new_tokens": a.new_tokens or preset["new_tokens"], "batch": a.batch or preset["batch"],
         "warmup_tokens": a.warmup_tokens or preset["warmup_tokens"], "device": a.device, "dtype": dtype,
         "in_memory": a.in_memory or a.smoke, "seed": a.seed, "threads": a.threads, "draft_tokens": a.draft_tokens,
+        "kv_cache": a.kv_cache,
     }
     if a.threads:
         torch.set_num_threads(a.threads)

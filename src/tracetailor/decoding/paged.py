@@ -60,7 +60,7 @@ class _Slots:
 
     def take(self, n: int) -> torch.Tensor:
         if n > self.free.numel():
-            grown = max(self.capacity + n - self.free.numel(), self.capacity * 5 // 4 + 64)
+            grown = max(self.capacity + n - self.free.numel(), self.capacity * 9 // 8 + 64)  # slack <= 1/8
             new = torch.arange(grown - 1, self.capacity - 1, -1, device=self.free.device)
             self.free = torch.cat([new, self.free])  # fresh slots at the bottom: freed ones are reused first
             self.capacity = grown
