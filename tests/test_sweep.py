@@ -108,7 +108,7 @@ def test_every_figure_comes_from_the_files(quick_sweep):
 
 
 @pytest.mark.slow
-def test_round_two_starts_from_round_one_student(quick_sweep):
+def test_round_two_starts_from_round_one_students(quick_sweep):
     out, result, _, _ = quick_sweep
     for row in result["rows"]:
         if len(row["rounds"]) < 2:
@@ -119,6 +119,14 @@ def test_round_two_starts_from_round_one_student(quick_sweep):
         trained = json.loads((second / "ckpt" / "rsd" / "train.json").read_text())
         assert str(first / "ckpt" / "rsd") in json.dumps(trained)
         assert row["rounds"][1]["accuracy"]["base"] == row["rounds"][0]["accuracy"]["base"]
+        # the control iterates too: round 1's control samples again and is fine-tuned on its own samples
+        control = row["rounds"][0]["control_checkpoint"]
+        assert control and Path(control).is_dir()
+        run = json.loads((second / "traces" / "student" / "run.json").read_text())
+        assert control in json.dumps(run)
+        assert control in json.dumps(json.loads((second / "ckpt" / "student" / "train.json").read_text()))
+        assert row["rounds"][1]["sources"]["sft-student"] == str(second / "eval" / "sft-student")
+        assert row["rounds"][1]["control_checkpoint"] == str(second / "ckpt" / "student")
     assert "## Round 2" in (out / "sweep.md").read_text()
 
 

@@ -632,7 +632,8 @@ class SweepConfig(ExperimentConfig):
                         "(`tracetailor world build --seed S`, built or reused). A resumed sweep may add seeds.",
                         resumable=True)
     rounds: int = option(1, "Iterated RSD: round r>1 regenerates the RSD traces with round r-1's fine-tuned student "
-                         "and fine-tunes it on them. A resumed sweep may add rounds.", low=1, resumable=True)
+                         "and fine-tunes it on them; the control alike samples again with round r-1's control. A "
+                         "resumed sweep may add rounds.", low=1, resumable=True)
     overwrite: bool = option(False, "Replace a sweep already in OUT (a stopped one resumes without it).",
                              resumable=True)
     quick: bool = option(False, "A tiny sweep (threshold 0.01 and 0.3, seed 0, the demo's --quick sizes) for the "

@@ -9,7 +9,8 @@ For each seed S (world S, or `--world`), under OUT/seedS/:
   point, their SFT set, the sft-rsd student and its eval (and a control cut to this point's size
   when the RSD set is the smaller one), then `point.json` with the point's figures, written last.
   With ``rounds`` > 1, round r (``round<r>/`` inside the point) regenerates the RSD traces with
-  round r-1's fine-tuned student and fine-tunes that student on them.
+  round r-1's fine-tuned student and fine-tunes that student on them; the control iterates alike
+  (round r-1's control samples its own traces again and is fine-tuned on them).
 
 Every stage is the demo's (experiment.py), so a stopped sweep resumes as the demo does: finished
 traces, fine-tunes, evals and points are kept, and a resumed sweep may add seeds, grid points or rounds.
@@ -123,30 +124,47 @@ class _Shared:
 def _point(cfg: ExperimentConfig, point: dict, shared: _Shared, folder: Path, rounds: int, log) -> dict:
     """One grid point: its rounds of RSD traces, select, fine-tune and eval; its figures as one row."""
     started = time.perf_counter()
-    student, per_round = shared.world / "student", []
+    student, control, per_round = shared.world / "student", None, []
     for r in range(1, rounds + 1):
         where = folder if r == 1 else folder / f"round{r}"
-        figures = _round(cfg, shared, where, student, log)
+        figures = _round(cfg, shared, where, student, log, control_student=control)
         per_round.append({"round": r, **figures})
-        if figures["sft_rsd_checkpoint"] is None:
-            break  # no RSD examples: nothing to fine-tune the next round from
-        student = Path(figures["sft_rsd_checkpoint"])
+        if figures["sft_rsd_checkpoint"] is None or figures["control_checkpoint"] is None:
+            break  # no examples in one arm: nothing to fine-tune its next round from
+        student, control = Path(figures["sft_rsd_checkpoint"]), Path(figures["control_checkpoint"])
     return {"seed": cfg.seed, "point": point, "name": point_name(point), "rounds": per_round,
             "seconds": round(time.perf_counter() - started, 1), **per_round[0]}
 
 
-def _round(cfg: ExperimentConfig, shared: _Shared, where: Path, student: Path, log) -> dict:
+def _round(cfg: ExperimentConfig, shared: _Shared, where: Path, student: Path, log,
+           control_student: Path | None = None) -> dict:
     """RSD traces with `student`, their SFT set (cut to the control's size at equal sizes), `student`
-    fine-tuned on it, evaluated; the control of the same size; accuracies and paired differences."""
+    fine-tuned on it, evaluated; the control of the same size; accuracies and paired differences.
+
+    From round 2 on (`control_student`: the previous round's control) the control iterates too: that
+    student samples its own traces again, which are selected, cut and fine-tuned on the same way, so each
+    round compares two students that went through the same number of fine-tunes."""
     stats = ex._generate("rsd", shared.world, shared.prompts, where, cfg, log, student=student)
     funnel = ex._select("rsd", where, cfg, log)
-    if cfg.sizes == "all":
-        sizes = {"rsd": funnel["kept"], "student": shared.funnel["kept"]}
+    if control_student is not None:
+        ex._generate("student", shared.world, shared.prompts, where, cfg, log, student=control_student)
+        own = ex._select("student", where, cfg, log)
     else:
-        shutil.copyfile(shared.sft_file, where / "sft" / "student.all.jsonl")
+        own = shared.funnel
+    if cfg.sizes == "all":
+        sizes = {"rsd": funnel["kept"], "student": own["kept"]}
+    else:
+        if control_student is None:
+            shutil.copyfile(shared.sft_file, where / "sft" / "student.all.jsonl")
         sizes = ex.equalise(where / "sft", cfg.seed, log, names=("rsd", "student"))
     trained = ex._train("rsd", shared.world, where, cfg, sizes["rsd"], log, student=student)
-    control = shared.control(sizes["student"], where)
+    if control_student is None:
+        control = shared.control(sizes["student"], where)
+    else:
+        control = None
+        if ex._train("student", shared.world, where, cfg, sizes["student"], log, student=control_student):
+            summary = ex._eval("sft-student", where / "ckpt" / "student", shared.bench, where, cfg, log)
+            control = {"eval": summary, "dir": where / "eval" / "sft-student", "source": where / "ckpt" / "student"}
     evals, dirs = {"base": shared.base}, {"base": shared.folder / "eval" / "base"}
     if trained:
         evals["sft-rsd"] = ex._eval("sft-rsd", where / "ckpt" / "rsd", shared.bench, where, cfg, log)
@@ -156,9 +174,10 @@ def _round(cfg: ExperimentConfig, shared: _Shared, where: Path, student: Path, l
     differences = paired_differences(where, evals, cfg.eval_samples, dirs, pairs=PAIRS)
     return {
         "acceptance_rate": stats.get("acceptance_rate"), "rsd_traces": stats["sequences"],
-        "rsd_passed_select": funnel["kept"], "sft_examples": sizes,
+        "rsd_passed_select": funnel["kept"], "control_passed_select": own["kept"], "sft_examples": sizes,
         "accuracy": {name: _accuracy(summary) for name, summary in evals.items()},
         "differences": differences, "sft_rsd_checkpoint": str(where / "ckpt" / "rsd") if trained else None,
+        "control_checkpoint": str(control["source"]) if control else None,
         "sources": {name: str(d) for name, d in dirs.items()},
     }
 
