@@ -142,6 +142,8 @@ class PagedKVBatch:
         self.cache = _new_cache(model, self.slots)
         self.table = torch.zeros(rows, 64, dtype=torch.long, device=device)  # [B, columns]: slot of token t
         self.lengths = torch.zeros(rows, dtype=torch.long, device=device)  # real tokens per row
+        # the same counts on the host: the shapes of a pass are decided there, without waiting on the device
+        self.host_lengths = torch.zeros(rows, dtype=torch.long)
         self._kwarg = _cache_kwarg(model)
         self.max_position = getattr(getattr(model, "config", None), "max_position_embeddings", None)
 
@@ -160,32 +162,38 @@ class PagedKVBatch:
         for i, s in enumerate(seqs):
             ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
             mask[i, width - len(s):] = 1
-        return batch, batch._forward(ids.to(model.device), mask.to(model.device))
+        return batch, batch._forward(ids.to(model.device), mask)
 
     def _forward(self, ids: torch.Tensor, new_mask: torch.Tensor, every: bool = False) -> torch.Tensor:
-        """Append `ids` [B, m] (left-padded per `new_mask`) to every row; return last logits [B, V]
-        (`every`: the logits at every new column, [B, m, V])."""
+        """Append `ids` [B, m] (on the device; left-padded per `new_mask`, [B, m] on the host) to every row;
+        return last logits [B, V] (`every`: the logits at every new column, [B, m, V])."""
         dev = self.lengths.device
-        b, m = ids.shape
+        b = ids.shape[0]
+        old = self.host_lengths
         rank = new_mask.cumsum(1)  # 1-based rank of each real new token in its row
-        new_lengths = self.lengths + new_mask.sum(1)
-        if int(new_lengths.max()) > self.table.shape[1]:
-            more = max(int(new_lengths.max()) - self.table.shape[1], self.table.shape[1] // 2)
+        new_lengths = old + new_mask.sum(1)
+        longest = int(new_lengths.max()) if b else 0
+        if longest > self.table.shape[1]:
+            more = max(longest - self.table.shape[1], self.table.shape[1] // 2)
             self.table = torch.cat([self.table, self.table.new_zeros(b, more)], 1)
         rows, cols = new_mask.nonzero(as_tuple=True)  # row by row, in column order
-        slots = self.slots.take(rows.numel())
-        self.table[rows, self.lengths[rows] + rank[rows, cols] - 1] = slots
-        # the view attention reads: each row's old tokens right-aligned in `width` columns, then the new columns
-        width = int(self.lengths.max()) if b else 0
-        past = torch.arange(width, device=dev).unsqueeze(0) - (width - self.lengths).unsqueeze(1)  # token index
-        token = torch.cat([past, self.lengths.unsqueeze(1) + rank - 1], 1)
-        real = torch.cat([past >= 0, new_mask.bool()], 1)
-        gather = torch.where(real, self.table.gather(1, token.clamp_min(0)), 0)
-        self.slots.pass_ = _Pass(width, slots, rows, cols, gather)
-        positions = (self.lengths.unsqueeze(1) + rank - 1).clamp_min(0) * new_mask
+        token_of_new = old.unsqueeze(1) + rank - 1  # each new column's token index in its row
+        width = int(old.max()) if b else 0  # cached columns of the view: the longest row's tokens
+        padded = bool((old != width).any()) or not bool(new_mask.bool().all())
+        positions = token_of_new.clamp_min(0) * new_mask
         if isinstance(self.max_position, int) and self.max_position > 0:
             positions = positions.clamp_max(self.max_position - 1)
-        padded = not bool(real.all())
+        rows, cols, at, token_of_new, mask, positions, lengths = (
+            t.to(dev, non_blocking=True) for t in (rows, cols, token_of_new[rows, cols], token_of_new, new_mask,
+                                                   positions, old))
+        slots = self.slots.take(rows.numel())
+        self.table[rows, at] = slots
+        # the view attention reads: each row's old tokens right-aligned in `width` columns, then the new columns
+        past = torch.arange(width, device=dev).unsqueeze(0) - (width - lengths).unsqueeze(1)  # token index
+        real = torch.cat([past >= 0, mask.bool()], 1)
+        token = torch.cat([past, token_of_new], 1).clamp_min(0)
+        gather = torch.where(real, self.table.gather(1, token), 0)
+        self.slots.pass_ = _Pass(width, slots, rows, cols, gather)
         try:
             out = self.model(
                 input_ids=ids,
@@ -197,14 +205,15 @@ class PagedKVBatch:
             )
         finally:
             self.slots.pass_ = None
-        self.lengths = new_lengths
+        self.host_lengths = new_lengths
+        self.lengths = new_lengths.to(dev, non_blocking=True)
         return out.logits if every else out.logits[:, -1, :]
 
     @torch.inference_mode()
     def feed(self, tokens: torch.Tensor) -> torch.Tensor:
         """One token per row ([B] long); returns next-token logits [B, V]."""
         ids = tokens.to(self.lengths.device).unsqueeze(1)
-        return self._forward(ids, torch.ones_like(ids))
+        return self._forward(ids, torch.ones(ids.shape, dtype=torch.long))
 
     @torch.inference_mode()
     def feed_chunks(self, chunks: list[list[int]], every: bool = False) -> torch.Tensor:
@@ -216,25 +225,27 @@ class PagedKVBatch:
         for i, c in enumerate(chunks):
             ids[i, width - len(c):] = torch.tensor(c, dtype=torch.long)
             mask[i, width - len(c):] = 1
-        return self._forward(ids.to(self.lengths.device), mask.to(self.lengths.device), every)
+        return self._forward(ids.to(self.lengths.device), mask, every)
 
     @torch.inference_mode()
     def feed_many(self, ids: torch.Tensor) -> torch.Tensor:
         """The same number of tokens for every row ([B, m] long); returns the logits at each, [B, m, V]."""
-        ids = ids.to(self.lengths.device)
-        return self._forward(ids, torch.ones_like(ids), every=True)
+        return self._forward(ids.to(self.lengths.device), torch.ones(ids.shape, dtype=torch.long), every=True)
 
     @torch.inference_mode()
     def rollback(self, drop: torch.Tensor) -> None:
         """Forget the last `drop[i]` tokens of row i ([B] long, each at most what the last feed appended: those
         slots are the row's own, never shared) and free their slots."""
-        drop = drop.to(self.lengths.device)
+        drop = drop.cpu()
         if bool((drop > 0).any()):
-            col = torch.arange(self.table.shape[1], device=self.table.device).unsqueeze(0)
-            gone = (col >= (self.lengths - drop).unsqueeze(1)) & (col < self.lengths.unsqueeze(1))
-            self.slots.give_back(self.table[gone])
-            self.table = self.table.masked_fill(gone, 0)
-            self.lengths = self.lengths - drop
+            kept = self.host_lengths - drop
+            col = torch.arange(int(self.host_lengths.max()))
+            rows, cols = ((col >= kept.unsqueeze(1)) & (col < self.host_lengths.unsqueeze(1))).nonzero(as_tuple=True)
+            rows, cols = rows.to(self.table.device), cols.to(self.table.device)
+            self.slots.give_back(self.table[rows, cols])
+            self.table[rows, cols] = 0
+            self.host_lengths = kept
+            self.lengths = kept.to(self.lengths.device)
 
     def pack(self) -> None:
         """Nothing to pack: rows hold no holes."""
@@ -248,11 +259,13 @@ class PagedKVBatch:
     def select(self, rows: torch.Tensor) -> None:
         """Keep `rows` (indices, may repeat: repeated rows share their slots) in that order; free the slots
         no kept row refers to."""
+        self.host_lengths = self.host_lengths[rows.cpu()]
         rows = rows.to(self.lengths.device)
         self.table = self.table[rows]
         self.lengths = self.lengths[rows]
-        if self.rows and int(self.lengths.max()) < self.table.shape[1] // 2:
-            self.table = self.table[:, : max(64, int(self.lengths.max()))].clone()
+        longest = int(self.host_lengths.max()) if self.rows else 0
+        if longest < self.table.shape[1] // 2:
+            self.table = self.table[:, : max(64, longest)].clone()
         used = torch.zeros(self.slots.capacity, dtype=torch.bool, device=self.table.device)
         used[0] = True
         used[self._held()] = True
@@ -277,6 +290,7 @@ class PagedKVBatch:
         pad = lambda t: torch.cat([t, t.new_zeros(t.shape[0], width - t.shape[1])], 1)  # noqa: E731
         self.table = torch.cat([pad(self.table), pad(table)])
         self.lengths = torch.cat([self.lengths, other.lengths.to(self.lengths.device)])
+        self.host_lengths = torch.cat([self.host_lengths, other.host_lengths])
 
     def allocated_positions(self) -> int:
         """Slots held by the rows (a prompt shared by its samples counts once): the numerator of KV waste."""
