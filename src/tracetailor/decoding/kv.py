@@ -80,6 +80,19 @@ def _layers(cache: DynamicCache):
     return [layer for layer in cache.layers if getattr(layer, "keys", None) is not None and layer.keys.numel() > 0]
 
 
+def left_padded(seqs: list[list[int]], least: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists as one left-padded block on the host: (ids [B, width] long, mask [B, width] long, 1 = real),
+    at least `least` columns wide."""
+    width = max([least] + [len(s) for s in seqs])
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s):] = 1
+    return ids, mask
+
+
 class KVBatch:
     def __init__(self, model, cache: DynamicCache, mask: torch.Tensor, lengths: torch.Tensor):
         self.model = model
@@ -102,12 +115,7 @@ class KVBatch:
     def prefill(cls, model, seqs: list[list[int]]) -> tuple["KVBatch", torch.Tensor]:
         """Run the prompts through `model`; return the batch and each row's next-token logits."""
         device = model.device
-        width = max(1, max(len(s) for s in seqs))  # an empty sequence is all padding (its logits mean nothing)
-        ids = torch.zeros(len(seqs), width, dtype=torch.long)
-        mask = torch.zeros(len(seqs), width, dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-            mask[i, width - len(s):] = 1
+        ids, mask = left_padded(seqs, least=1)  # an empty sequence is all padding (its logits mean nothing)
         ids, mask = ids.to(device), mask.to(device)
         batch = cls(model, _new_cache(model), mask[:, :0], torch.zeros(len(seqs), dtype=torch.long, device=device))
         logits = batch._forward(ids, mask)
@@ -146,12 +154,7 @@ class KVBatch:
     def feed_chunks(self, chunks: list[list[int]], every: bool = False) -> torch.Tensor:
         """A variable number of tokens per row (each >= 1), left-padded into one call
         (`every`: logits at every column, [B, width, V]; row i's chunk ends at the last column)."""
-        width = max(len(c) for c in chunks)
-        ids = torch.zeros(len(chunks), width, dtype=torch.long)
-        mask = torch.zeros(len(chunks), width, dtype=torch.long)
-        for i, c in enumerate(chunks):
-            ids[i, width - len(c):] = torch.tensor(c, dtype=torch.long)
-            mask[i, width - len(c):] = 1
+        ids, mask = left_padded(chunks)
         return self._forward(ids.to(self.mask.device), mask.to(self.mask.device), every)
 
     @torch.inference_mode()

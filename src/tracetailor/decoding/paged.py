@@ -27,7 +27,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from ..errors import UserError
-from .kv import _cache_kwarg
+from .kv import _cache_kwarg, left_padded
 
 LAYOUTS = ("rectangle", "paged")
 
@@ -156,12 +156,7 @@ class PagedKVBatch:
     def prefill(cls, model, seqs: list[list[int]]) -> tuple["PagedKVBatch", torch.Tensor]:
         """Run the prompts through `model`; return the batch and each row's next-token logits."""
         batch = cls(model, len(seqs), model.device)
-        width = max(1, max(len(s) for s in seqs))  # an empty sequence is all padding (its logits mean nothing)
-        ids = torch.zeros(len(seqs), width, dtype=torch.long)
-        mask = torch.zeros(len(seqs), width, dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-            mask[i, width - len(s):] = 1
+        ids, mask = left_padded(seqs, least=1)  # an empty sequence is all padding (its logits mean nothing)
         return batch, batch._forward(ids.to(model.device), mask)
 
     def _forward(self, ids: torch.Tensor, new_mask: torch.Tensor, every: bool = False) -> torch.Tensor:
@@ -219,12 +214,7 @@ class PagedKVBatch:
     def feed_chunks(self, chunks: list[list[int]], every: bool = False) -> torch.Tensor:
         """A variable number of tokens per row (each >= 1), left-padded into one call
         (`every`: logits at every column, [B, width, V]; row i's chunk ends at the last column)."""
-        width = max(len(c) for c in chunks)
-        ids = torch.zeros(len(chunks), width, dtype=torch.long)
-        mask = torch.zeros(len(chunks), width, dtype=torch.long)
-        for i, c in enumerate(chunks):
-            ids[i, width - len(c):] = torch.tensor(c, dtype=torch.long)
-            mask[i, width - len(c):] = 1
+        ids, mask = left_padded(chunks)
         return self._forward(ids.to(self.lengths.device), mask, every)
 
     @torch.inference_mode()
