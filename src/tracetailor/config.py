@@ -189,6 +189,10 @@ def _required(name: str, what: str, value) -> None:
 
 
 MODEL_HELP = "a hub id such as Qwen/Qwen3-0.6B, a local dir or a .gguf file"
+KV_LAYOUTS = ("rectangle", "paged")
+KV_CACHE_HELP = ("How the KV cache is laid out: rectangle (each row left-padded to the longest) or paged (a pool of "
+                 "token slots: holds only real tokens, and a prompt's samples share its slots, so a device holds a "
+                 "bigger batch when lengths are mixed).")
 DEVICE_HELP = "auto, cpu, cuda, cuda:1, mps."
 DTYPES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
 DTYPE_HELP = "auto (bf16 on CUDA, fp32 elsewhere), float32, bfloat16, float16."
@@ -260,10 +264,7 @@ class GenerateConfig(Settings):
     draft_tokens: int = option(0, "Modes rsd and teacher: the student guesses this many tokens and the teacher checks "
                                "them in one pass; the traces are the same, with fewer teacher passes. 0 = one teacher "
                                "pass per token.", low=0, resumable=True)
-    kv_cache: str = option("rectangle", "How each model's KV cache is laid out: rectangle (rows left-padded to the "
-                           "longest: fastest for small models) or paged (a pool of token slots: holds only real "
-                           "tokens, prompt slots shared by a prompt's samples, so a device holds a bigger batch when "
-                           "lengths are mixed). The traces are the same.", choices=("rectangle", "paged"),
+    kv_cache: str = option("rectangle", KV_CACHE_HELP + " The traces are the same.", choices=KV_LAYOUTS,
                            resumable=True)
     save_teacher_topk: int = option(0, "Modes rsd and teacher: also store, per completion token, the teacher's K "
                                     "likeliest tokens (student ids) and log-probs in OUT/teacher_topk/*.parquet, for "
@@ -323,6 +324,8 @@ class EvalConfig(Settings):
     chat_template: bool = option(True, "Apply the model's chat template.", flags=("--chat-template/--no-chat-template",),
                                  shown="on")
     batch_size: int = option(32, "Sequences decoded together.", low=1, resumable=True)
+    kv_cache: str = option("rectangle", KV_CACHE_HELP + " The samples are the same.", choices=KV_LAYOUTS,
+                           resumable=True)
     seed: int = option(0, "Seed of the counter-based sampler.", low=0)
     limit: int | None = option(None, "Only the first N questions of each benchmark.", low=1, resumable=True)
     question_field: str | None = option(None, "Question field of a local file.", shown="question")

@@ -276,7 +276,8 @@ def _engine(cfg: EvalConfig, model):
 
     settings = DecodeSettings(mode="student", temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                               seed=cfg.seed)
-    return Engine(model.model, settings=settings, eos_ids=set(model.eos_ids()), batch_size=cfg.batch_size)
+    return Engine(model.model, settings=settings, eos_ids=set(model.eos_ids()), batch_size=cfg.batch_size,
+                  kv_cache=cfg.kv_cache)
 
 
 def eval_benchmark(name: str, spec: BenchmarkSpec, items: list[Item], cfg: EvalConfig, model, engine, prefill: str,

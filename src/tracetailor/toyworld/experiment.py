@@ -307,7 +307,8 @@ def _eval(name: str, model: Path, bench: Path, out: Path, cfg: ExperimentConfig,
     log(f"eval: {name}")
     ecfg = EvalConfig(model=str(model), benchmark=str(bench), samples=cfg.eval_samples,
                       max_new_tokens=cfg.max_new_tokens, batch_size=256, seed=cfg.seed, out=str(out / "eval" / name),
-                      device="cpu", dtype="float32", progress=cfg.progress)
+                      device="cpu", dtype="float32", progress=cfg.progress,
+                      kv_cache="paged")  # 16 samples per question share its prompt's slots; the same samples
     return run_eval(ecfg, log=lambda m: log(f"eval {name}: {m}"))
 
 
