@@ -118,7 +118,7 @@ def main() -> None:
                                                  f"NO ({sum(recs[h] != v for h, v in base.items())} differ)")
                 this = stats["this_run"]
                 rows.append((spec, k, stats["acceptance_rate"], stats["teacher_passes_per_token"],
-                             stats.get("draft_acceptance"), this["tokens_per_second"], load, same))
+                             stats["draft_acceptance"], this["tokens_per_second"], load, same))
                 print(f"{spec} K={k}: {stats['teacher_passes_per_token']} passes/token, {this['tokens_per_second']} "
                       f"tok/s", file=sys.stderr, flush=True)
     print(f"SmolLM2-135M-Instruct teacher (30 layers), {args.questions} GSM8K questions, {args.max_new_tokens} new "

@@ -202,12 +202,14 @@ def test_a_killed_drafted_run_resumes_to_the_lockstep_records(tiny_pair, tmp_pat
                  log=lambda m: None)
     stats = json.loads((lockstep_out / "stats.json").read_text())
     assert stats["draft_tokens"] == 0 and 0.8 < stats["teacher_passes_per_token"] <= 1.0
+    assert stats["draft_acceptance"] is None and stats["kv_cache"] == "rectangle"
     kills = _kill_at_lines(_cli_args(tiny_pair, killed_out, "--draft-tokens", "3"), killed_out)
     assert kills >= 1, "the run finished before it could be killed"
     rerun = _cli(*_cli_args(tiny_pair, killed_out, "--draft-tokens", "3"))
     assert rerun.returncode == 0, rerun.stderr
     stats = json.loads((killed_out / "stats.json").read_text())
     assert stats["draft_tokens"] == 3 and stats["teacher_passes_per_token"] > 0
+    assert 0 <= stats["draft_acceptance"] <= 1  # the resumed run's own guesses
     whole, resumed = _records(lockstep_out), _records(killed_out)
     assert resumed.keys() == whole.keys()
     for key in whole:

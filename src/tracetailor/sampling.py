@@ -204,9 +204,9 @@ def build_record(prompt, sample: int, fin, tokenizer, eos: set[int], mode: str, 
 def write_stats(out: Path, mode: str, *, prompts: int, skipped: list[str], sequences: int, tokens: int,
                 seconds: float, log=print, extra: dict | None = None, draft: dict | None = None) -> dict[str, Any]:
     """Totals over every trace file in OUT plus this run's own counts, to OUT/stats.json; logs a summary.
-    `draft` is `Engine.counters()` (or the workers' sum): its `teacher_passes_per_token` and `draft_tokens`
-    and `kv_cache`
-    (this run's) are always written, None where unknown (e.g. nothing generated)."""
+    `draft` is `Engine.counters()` (or the workers' sum): its `teacher_passes_per_token`, `draft_tokens`,
+    `kv_cache` and `draft_acceptance` (the student's guesses that became tokens) are this run's, always
+    written, None where unknown (e.g. nothing generated)."""
     records = [r for path in trace_files(out) for r in read_records(path)]
     stats = summarize(records)
     stats.update({
@@ -216,6 +216,7 @@ def write_stats(out: Path, mode: str, *, prompts: int, skipped: list[str], seque
         "teacher_passes_per_token": (draft or {}).get("teacher_passes_per_token"),
         "draft_tokens": (draft or {}).get("draft_tokens"),
         "kv_cache": (draft or {}).get("kv_cache"),
+        "draft_acceptance": (draft or {}).get("draft_acceptance"),
         "this_run": {"sequences": sequences, "tokens": tokens, "seconds": round(seconds, 3),
                      "tokens_per_second": tokens_per_second(tokens, seconds), **(extra or {})},
     })
