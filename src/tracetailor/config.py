@@ -695,10 +695,8 @@ def settings_changes(before: dict[str, Any], now: dict[str, Any], most: int = 6,
     """``"key: old -> new; ..."`` for the settings of `now` that differ from `before` (sorted, at most
     `most` of them), or None when none do: what a resumed run must not change. With `defaults`, a setting
     that `before` lacks (added by a later version) counts as unchanged while it keeps its default."""
-    missing = _MISSING
-
     def differs(k: str) -> bool:
-        if k not in before and defaults is not None and defaults.get(k, missing) == now[k]:
+        if k not in before and defaults is not None and defaults.get(k, _MISSING) == now[k]:
             return False
         return before.get(k) != now[k]
 

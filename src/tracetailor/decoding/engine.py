@@ -203,7 +203,7 @@ class Engine:
                 use[0] += held
                 use[1] += real
                 use[2] = max(use[2], held)
-                use[3] = max(use[3], batch.reserved_positions() if hasattr(batch, "reserved_positions") else held)
+                use[3] = max(use[3], batch.reserved_positions())
                 use[4] = max(use[4], real)
 
     @property

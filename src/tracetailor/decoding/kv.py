@@ -210,6 +210,10 @@ class KVBatch:
         """Cache positions held per model layer (rows x columns), real or not: the numerator of KV waste."""
         return self.mask.numel()
 
+    def reserved_positions(self) -> int:
+        """Positions reserved per layer: the rectangle's, as held (its spare append capacity is not counted)."""
+        return self.allocated_positions()
+
     def select(self, rows: torch.Tensor) -> None:
         """Keep `rows` (indices, may repeat) in that order; trim all-padding columns."""
         rows = rows.to(self.mask.device)
