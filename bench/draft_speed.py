@@ -9,8 +9,11 @@ training prompts (think prefill), `--batch` rows, exactly `--new-tokens` tokens 
 2. measured tokens/s: the engine with `--draft-tokens K` (drafted), with 0 (lockstep), and the teacher
    alone through transformers' `generate()` (do_sample, top-k 20, temperature 1; the reference);
 3. the cost model: lockstep step = s + t + r(1); drafted pass = (K+1) s + v(K+1) + r(K+1), giving
-   B / passes_per_token tokens; the reference step = t + a small sampling cost (taken as 0). Predicted
-   tokens/s = B / step time, using the passes per token the drafted run measured.
+   B / passes_per_token tokens; the reference step = t. Predicted tokens/s = tokens per pass / pass time,
+   using the passes per token each run measured. A second prediction adds each side's host time per
+   pass (wall time outside the models' forwards: the rule's bookkeeping, the records, the cache
+   rollback; HF's sampling and its input bookkeeping), measured on a separate short run (one batch of
+   `--calibrate-tokens` tokens) with hooks on the models' forwards. The long runs' host share is printed.
 
 Timings are noisy on a shared machine: the load average is printed with them.
 
@@ -74,8 +77,12 @@ def main() -> None:
     ap.add_argument("--world", default=None)
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--prompts", type=int, default=None,
+                    help="prompts to generate for, --batch at a time (default: --batch)")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--calibrate-tokens", type=int, default=16,
+                    help="new tokens of the short run that measures each side's host time per pass")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
 
@@ -92,7 +99,8 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(world / "student")
     student = AutoModelForCausalLM.from_pretrained(world / "student", dtype=torch.float32).eval()
     teacher = AutoModelForCausalLM.from_pretrained(world / "teacher", dtype=torch.float32).eval()
-    problems = build.load_problems(world, "train")[: args.batch]
+    n_prompts = max(args.prompts or args.batch, args.batch)
+    problems = build.load_problems(world, "train")[:n_prompts]
     prompts = [tok.apply_chat_template([{"role": "user", "content": p["question"]}], tokenize=False,
                                        add_generation_prompt=True) + THINK_PREFILL for p in problems]
     prompt_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
@@ -116,45 +124,112 @@ def main() -> None:
         costs = step_costs(student, teacher, prompt_ids, args.batch, args.k, args.repeats, rule)
     load_costs = os.getloadavg()[0]
 
-    measured = {}
-    for k in (0, args.k):
+    clock = ForwardClock(student=student, teacher=teacher)
+
+    def engine_side(k: int, reqs: list) -> dict:
         engine = Engine(student, teacher, None, settings[k], eos_ids=(), batch_size=args.batch)
-        reqs = [Request(i, prompt_key(str(i)), 0, ids, ids, args.new_tokens) for i, ids in enumerate(prompt_ids)]
-        list(Engine(student, teacher, None, settings[k], batch_size=args.batch).run(reqs[:2]))  # warm-up
+        clock.reset()
         t0 = time.perf_counter()
         tokens = sum(len(f.token_ids) for f in engine.run(reqs))
-        measured[k] = (tokens / (time.perf_counter() - t0), engine.teacher_passes / engine.tokens_emitted,
-                       os.getloadavg()[0])
+        wall = time.perf_counter() - t0
+        return {"tokens": tokens, "seconds": wall, "ppt": engine.teacher_passes / engine.tokens_emitted,
+                **clock.split(wall)}
+
+    def reference_side(chunks: list, new_tokens: int) -> dict:
+        clock.reset()
+        t0, new = time.perf_counter(), 0
+        for enc in chunks:
+            out = teacher.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                   do_sample=True, top_k=20, temperature=1.0, pad_token_id=tok.pad_token_id)
+            new += out.shape[0] * (out.shape[1] - enc["input_ids"].shape[1])
+        wall = time.perf_counter() - t0
+        return {"tokens": new, "seconds": wall, "ppt": 1.0, **clock.split(wall)}
+
+    def requests(ids_list, budget):
+        return [Request(i, prompt_key(str(i)), 0, ids, ids, budget) for i, ids in enumerate(ids_list)]
+
     tok.padding_side = "left"
-    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    chunks = [tok(prompts[i:i + args.batch], return_tensors="pt", padding=True, add_special_tokens=False)
+              for i in range(0, len(prompts), args.batch)]
+    measured, calibration = {}, {}
     torch.manual_seed(0)
     with torch.inference_mode():
-        teacher.generate(**enc, max_new_tokens=2, min_new_tokens=2, do_sample=True, top_k=20, pad_token_id=tok.pad_token_id)
-        t0 = time.perf_counter()
-        out = teacher.generate(**enc, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=True,
-                               top_k=20, temperature=1.0, pad_token_id=tok.pad_token_id)
-        ref_tps = (out.shape[0] * (out.shape[1] - enc["input_ids"].shape[1])) / (time.perf_counter() - t0)
-    measured["reference"] = (ref_tps, 1.0, os.getloadavg()[0])
+        # the calibration: each side's host seconds per teacher call, on one batch of --calibrate-tokens
+        for k in (0, args.k):
+            list(Engine(student, teacher, None, settings[k], batch_size=args.batch).run(
+                requests(prompt_ids[:2], 4)))  # warm-up
+            calibration[k] = engine_side(k, requests(prompt_ids[:args.batch], args.calibrate_tokens))
+        calibration["reference"] = reference_side(chunks[:1], args.calibrate_tokens)
+        for k in (0, args.k):
+            measured[k] = {**engine_side(k, requests(prompt_ids, args.new_tokens)), "load": os.getloadavg()[0]}
+        measured["reference"] = {**reference_side(chunks, args.new_tokens), "load": os.getloadavg()[0]}
+    clock.remove()
 
     b, k, c = args.batch, args.k, costs
-    passes = measured[k][1]
-    predicted = {
-        0: b / (c[f"student_step_b{b}"] + c[f"teacher_step_b{b}"] + c["rule_x1"]),
-        k: b / passes / ((k + 1) * c[f"student_step_b{b}"] + c["teacher_verify"] + c[f"rule_x{k + 1}"]),
-        "reference": b / c[f"teacher_step_b{b}"],
+    # seconds per teacher call (one batch pass), from the step costs alone
+    pass_cost = {
+        0: c[f"student_step_b{b}"] + c[f"teacher_step_b{b}"] + c["rule_x1"],
+        k: (k + 1) * c[f"student_step_b{b}"] + c["teacher_verify"] + c[f"rule_x{k + 1}"],
+        "reference": c[f"teacher_step_b{b}"],
     }
-    print(f"world {world.name}; batch {b}, {args.new_tokens} new tokens, K = {k}, {args.threads} thread(s)")
+    # tokens per batch pass: B rows / teacher passes per row-token, as the drafted run measured it
+    per_pass = {0: b / measured[0]["ppt"], k: b / measured[k]["ppt"], "reference": b}
+    predicted = {side: per_pass[side] / pass_cost[side] for side in pass_cost}
+    with_host = {side: per_pass[side] / (pass_cost[side] + calibration[side]["host_per_call"])
+                 for side in pass_cost}
+    print(f"world {world.name}; {len(prompts)} prompts, batch {b}, {args.new_tokens} new tokens, K = {k}, "
+          f"{args.threads} thread(s)")
     print(f"step costs (ms; load avg {load_costs:.2f}): " + ", ".join(f"{n} {1e3 * v:.2f}" for n, v in c.items()))
     print(f"student step / teacher step: batch 1 {c['student_step_b1'] / c['teacher_step_b1']:.2f}, "
           f"batch {b} {c[f'student_step_b{b}'] / c[f'teacher_step_b{b}']:.2f}")
-    print("| side | teacher passes / token | predicted tok/s | measured tok/s | measured / predicted | "
+    print(f"host ms per teacher call, calibrated on one batch of {args.calibrate_tokens} tokens: "
+          + ", ".join(f"{names_of(side, k)} {1e3 * calibration[side]['host_per_call']:.2f}" for side in pass_cost))
+    print("| side | teacher passes / token | predicted tok/s (step costs) | predicted tok/s (+ host) | "
+          "measured tok/s | measured / predicted (step costs, + host) | host share of measured time | "
           "vs reference (measured) | load avg |")
-    print("|---|---|---|---|---|---|---|")
-    names = {0: "RSD lockstep (K=0)", k: f"RSD drafted (K={k})", "reference": "teacher alone, HF generate top-k 20"}
+    print("|---|---|---|---|---|---|---|---|---|")
     for side in (k, 0, "reference"):
-        tps, ppt, load = measured[side]
-        print(f"| {names[side]} | {ppt:.3f} | {predicted[side]:.0f} | {tps:.0f} | {tps / predicted[side]:.2f} | "
-              f"{tps / measured['reference'][0]:.2f} | {load:.2f} |")
+        m = measured[side]
+        tps = m["tokens"] / m["seconds"]
+        print(f"| {names_of(side, k)} | {m['ppt']:.3f} | {predicted[side]:.0f} | {with_host[side]:.0f} | {tps:.0f} | "
+              f"{tps / predicted[side]:.2f}, {tps / with_host[side]:.2f} | {m['host_share']:.2f} | "
+              f"{tps / (measured['reference']['tokens'] / measured['reference']['seconds']):.2f} | {m['load']:.2f} |")
+
+
+def names_of(side, k: int) -> str:
+    return {0: "RSD lockstep (K=0)", "reference": "teacher alone, HF generate top-k 20"}.get(
+        side, f"RSD drafted (K={k})")
+
+
+class ForwardClock:
+    """Seconds inside each model's forward (hooks on the top module) and the teacher's calls: the rest of
+    a run's wall time is host work (the rule, the records, cache bookkeeping, sampling)."""
+
+    def __init__(self, **models):
+        self.handles, self._t0 = [], 0.0
+        self.reset()
+        for name, model in models.items():
+            self.handles.append(model.register_forward_pre_hook(lambda mod, a: self._start()))
+            self.handles.append(model.register_forward_hook(lambda mod, a, out, n=name: self._stop(n)))
+
+    def reset(self):
+        self.seconds, self.calls = {}, {}
+
+    def _start(self):
+        self._t0 = time.perf_counter()
+
+    def _stop(self, name):
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - self._t0
+        self.calls[name] = self.calls.get(name, 0) + 1
+
+    def split(self, wall: float) -> dict:
+        host = wall - sum(self.seconds.values())
+        return {"forward_seconds": dict(self.seconds), "teacher_calls": self.calls.get("teacher", 0),
+                "host_share": host / wall, "host_per_call": host / max(1, self.calls.get("teacher", 0))}
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
 
 
 if __name__ == "__main__":

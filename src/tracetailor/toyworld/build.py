@@ -429,12 +429,12 @@ def _log_measures(m: dict, log) -> None:
 
 
 @contextmanager
-def _stage(name: str, number: int, timings: dict, log):
-    log(f"[{number}/4] {name} ...")
+def _stage(name: str, number: int, timings: dict, log, total: int = 4):
+    log(f"[{number}/{total}] {name} ...")
     wall, cpu = time.perf_counter(), _cpu_seconds()
     yield
     timings[name] = {"wall_s": round(time.perf_counter() - wall, 1), "cpu_s": round(_cpu_seconds() - cpu, 1)}
-    log(f"[{number}/4] {name} done in {timings[name]['wall_s']:.1f}s")
+    log(f"[{number}/{total}] {name} done in {timings[name]['wall_s']:.1f}s")
 
 
 def _cpu_seconds() -> float:

@@ -293,9 +293,10 @@ def make_splits(seed: int, sizes: dict[str, int]) -> dict[str, list[Problem]]:
     return splits
 
 
-def pretraining_trees(seed: int, exclude: set[str]) -> Iterator[Node]:
-    """Fresh problems for pretraining the world's models, never one of the splits' questions."""
-    for tree in problem_stream(seed, "pretrain"):
+def pretraining_trees(seed: int, exclude: set[str], stream: str = "pretrain") -> Iterator[Node]:
+    """Fresh problems for pretraining the world's models, never one of the splits' questions.
+    `stream` names another independent draw (a grown teacher's further training)."""
+    for tree in problem_stream(seed, stream):
         if render(tree) not in exclude:
             yield tree
 
