@@ -186,13 +186,14 @@ def main() -> None:
           + ", ".join(f"{names_of(side, k)} {1e3 * calibration[side]['host_per_call']:.2f}" for side in pass_cost))
     print("| side | teacher passes / token | predicted tok/s (step costs) | predicted tok/s (+ host) | "
           "measured tok/s | measured / predicted (step costs, + host) | host share of measured time | "
-          "vs reference (measured) | load avg |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "teacher calls x B / tokens | vs reference (measured) | load avg |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for side in (k, 0, "reference"):
         m = measured[side]
         tps = m["tokens"] / m["seconds"]
         print(f"| {names_of(side, k)} | {m['ppt']:.3f} | {predicted[side]:.0f} | {with_host[side]:.0f} | {tps:.0f} | "
               f"{tps / predicted[side]:.2f}, {tps / with_host[side]:.2f} | {m['host_share']:.2f} | "
+              f"{m['teacher_calls'] * b / m['tokens']:.3f} | "
               f"{tps / (measured['reference']['tokens'] / measured['reference']['seconds']):.2f} | {m['load']:.2f} |")
 
 
