@@ -14,6 +14,9 @@ training prompts (think prefill), `--batch` rows, exactly `--new-tokens` tokens 
    pass (wall time outside the models' forwards: the rule's bookkeeping, the records, the cache
    rollback; HF's sampling and its input bookkeeping), measured on a separate short run (one batch of
    `--calibrate-tokens` tokens) with hooks on the models' forwards. The long runs' host share is printed.
+   A third prediction takes the run's own count of batch passes (teacher calls over at most K + 1
+   tokens: a batch goes at its slowest row's pace, so there are more of them than B / passes per
+   token) and of prefills (each costed as one prompt's prefill through both models).
 
 Timings are noisy on a shared machine: the load average is printed with them.
 
@@ -60,6 +63,8 @@ def step_costs(student, teacher, prompts, batch: int, k: int, repeats: int, rule
                 kv.feed(nxt)
                 kv.rollback(torch.ones(b, dtype=torch.long))
             out[f"{name}_step_b{b}"] = _median_seconds(one, repeats)
+    out["prefill_b1"] = _median_seconds(
+        lambda: (KVBatch.prefill(student, prompts[:1]), KVBatch.prefill(teacher, prompts[:1])), repeats)
     kv, logits = KVBatch.prefill(teacher, prompts[:batch])
     ids = logits.argmax(-1, keepdim=True).repeat(1, k + 1)
 
@@ -128,7 +133,7 @@ def main() -> None:
 
     def engine_side(k: int, reqs: list) -> dict:
         engine = Engine(student, teacher, None, settings[k], eos_ids=(), batch_size=args.batch)
-        clock.reset()
+        clock.reset(decode_width=k + 1)
         t0 = time.perf_counter()
         tokens = sum(len(f.token_ids) for f in engine.run(reqs))
         wall = time.perf_counter() - t0
@@ -136,7 +141,7 @@ def main() -> None:
                 **clock.split(wall)}
 
     def reference_side(chunks: list, new_tokens: int) -> dict:
-        clock.reset()
+        clock.reset(decode_width=1)
         t0, new = time.perf_counter(), 0
         for enc in chunks:
             out = teacher.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
@@ -177,6 +182,10 @@ def main() -> None:
     predicted = {side: per_pass[side] / pass_cost[side] for side in pass_cost}
     with_host = {side: per_pass[side] / (pass_cost[side] + calibration[side]["host_per_call"])
                  for side in pass_cost}
+    # the same with the run's own count of batch passes (teacher decode calls) and its prefills
+    batch_passes = {side: measured[side]["tokens"] / (
+        measured[side]["decode_calls"] * (pass_cost[side] + calibration[side]["host_per_call"])
+        + measured[side]["prefill_calls"] * c["prefill_b1"]) for side in pass_cost}
     print(f"world {world.name}; {len(prompts)} prompts, batch {b}, {args.new_tokens} new tokens, K = {k}, "
           f"{args.threads} thread(s)")
     print(f"step costs (ms; load avg {load_costs:.2f}): " + ", ".join(f"{n} {1e3 * v:.2f}" for n, v in c.items()))
@@ -184,16 +193,17 @@ def main() -> None:
           f"batch {b} {c[f'student_step_b{b}'] / c[f'teacher_step_b{b}']:.2f}")
     print(f"host ms per teacher call, calibrated on one batch of {args.calibrate_tokens} tokens: "
           + ", ".join(f"{names_of(side, k)} {1e3 * calibration[side]['host_per_call']:.2f}" for side in pass_cost))
-    print("| side | teacher passes / token | predicted tok/s (step costs) | predicted tok/s (+ host) | "
-          "measured tok/s | measured / predicted (step costs, + host) | host share of measured time | "
-          "teacher calls x B / tokens | vs reference (measured) | load avg |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| side | teacher passes / token | predicted tok/s (step costs; + host; + host, batch passes) | "
+          "measured tok/s | measured / predicted (the three) | host share of measured time | "
+          "teacher decode calls x B / tokens (prefill calls) | vs reference (measured) | load avg |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for side in (k, 0, "reference"):
         m = measured[side]
         tps = m["tokens"] / m["seconds"]
-        print(f"| {names_of(side, k)} | {m['ppt']:.3f} | {predicted[side]:.0f} | {with_host[side]:.0f} | {tps:.0f} | "
-              f"{tps / predicted[side]:.2f}, {tps / with_host[side]:.2f} | {m['host_share']:.2f} | "
-              f"{m['teacher_calls'] * b / m['tokens']:.3f} | "
+        print(f"| {names_of(side, k)} | {m['ppt']:.3f} | {predicted[side]:.0f}; {with_host[side]:.0f}; "
+              f"{batch_passes[side]:.0f} | {tps:.0f} | "
+              f"{tps / predicted[side]:.2f}, {tps / with_host[side]:.2f}, {tps / batch_passes[side]:.2f} | "
+              f"{m['host_share']:.2f} | {m['decode_calls'] * b / m['tokens']:.3f} ({m['prefill_calls']}) | "
               f"{tps / (measured['reference']['tokens'] / measured['reference']['seconds']):.2f} | {m['load']:.2f} |")
 
 
@@ -210,13 +220,22 @@ class ForwardClock:
         self.handles, self._t0 = [], 0.0
         self.reset()
         for name, model in models.items():
-            self.handles.append(model.register_forward_pre_hook(lambda mod, a: self._start()))
+            self.handles.append(model.register_forward_pre_hook(
+                lambda mod, a, kw, n=name: self._start(n, kw), with_kwargs=True))
             self.handles.append(model.register_forward_hook(lambda mod, a, out, n=name: self._stop(n)))
 
-    def reset(self):
-        self.seconds, self.calls = {}, {}
+    def reset(self, decode_width: int = 1):
+        """Zero the counts; a teacher call over more than `decode_width` tokens counts as a prefill."""
+        self.seconds, self.calls, self.decode_width = {}, {}, decode_width
+        self.decode_calls = self.prefill_calls = 0
 
-    def _start(self):
+    def _start(self, name, kwargs):
+        ids = kwargs.get("input_ids")
+        if name == "teacher" and ids is not None:
+            if ids.shape[1] > self.decode_width:
+                self.prefill_calls += 1
+            else:
+                self.decode_calls += 1
         self._t0 = time.perf_counter()
 
     def _stop(self, name):
@@ -226,6 +245,7 @@ class ForwardClock:
     def split(self, wall: float) -> dict:
         host = wall - sum(self.seconds.values())
         return {"forward_seconds": dict(self.seconds), "teacher_calls": self.calls.get("teacher", 0),
+                "decode_calls": self.decode_calls, "prefill_calls": self.prefill_calls,
                 "host_share": host / wall, "host_per_call": host / max(1, self.calls.get("teacher", 0))}
 
     def remove(self):

@@ -65,3 +65,19 @@ def test_world_build_help_names_the_option():
 
     result = CliRunner().invoke(app, ["world", "build", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0 and "--teacher-layers" in result.output and "--grow-steps" in result.output
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["--grow-steps", "5"], "give --teacher-layers N"),
+    (["--teacher-layers", "3"], "does not grow the teacher: it has 3 layers already"),
+])
+def test_world_build_refuses_grow_options_that_make_no_sense(argv, said, tmp_path):
+    from typer.testing import CliRunner
+
+    from tracetailor.cli import app
+
+    result = CliRunner().invoke(app, ["world", "build", "--out", str(tmp_path / "w"), *argv],
+                                env={"COLUMNS": "200"})
+    assert result.exit_code != 0
+    assert said in result.output
+    assert not (tmp_path / "w").exists()

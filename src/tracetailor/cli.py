@@ -364,18 +364,24 @@ def world_build(
     force: bool = typer.Option(False, "--force", help="Build anew even when OUT already holds this world (or a copy ships in the package)."),
     teacher_student_share: float = typer.Option(0.2, min=0.0, max=1.0, help="Share of the teacher's training examples in the student's style (0: a teacher that never saw it); part of the world's identity."),
     teacher_layers: Optional[int] = typer.Option(None, min=1, help="Grow the world's trained teacher to this many layers (new blocks start as identity maps) and train it on: a pair whose student step costs a small share of the teacher's, for drafting's benchmarks. Its own directory (world-seed{SEED}-teacher{N}L-v1)."),
-    grow_steps: int = typer.Option(100, min=0, help="With --teacher-layers: training steps of the grown teacher (batch 64)."),
-    grow_lr: float = typer.Option(1e-4, min=0.0, help="With --teacher-layers: peak learning rate of those steps."),
+    grow_steps: Optional[int] = typer.Option(None, min=0, help="With --teacher-layers: training steps of the grown teacher (batch 64) [default: 100]."),
+    grow_lr: Optional[float] = typer.Option(None, min=0.0, help="With --teacher-layers: peak learning rate of those steps [default: 1e-4]."),
 ):
     """Make the miniature world deterministically from a seed (minutes on 2 cores), or reuse it if built."""
     from .toyworld.build import build_world
 
     with user_errors_as_one_line(out):
         if teacher_layers is not None:
-            from .toyworld.grow import grow_world
+            from .toyworld.grow import DEFAULT_LR, DEFAULT_STEPS, grow_world
 
-            path = grow_world(seed=seed, layers=teacher_layers, out=out, steps=grow_steps, lr=grow_lr,
+            path = grow_world(seed=seed, layers=teacher_layers, out=out,
+                              steps=DEFAULT_STEPS if grow_steps is None else grow_steps,
+                              lr=DEFAULT_LR if grow_lr is None else grow_lr,
                               teacher_student_share=teacher_student_share, force=force)
+        elif grow_steps is not None or grow_lr is not None:
+            from .errors import UserError
+
+            raise UserError("--grow-steps and --grow-lr shape a grown teacher: give --teacher-layers N with them")
         else:
             path = build_world(seed=seed, out=out, force=force, teacher_student_share=teacher_student_share)
     typer.echo(str(path))

@@ -241,15 +241,9 @@ def _build(config: WorldConfig, out: Path, log: Callable[[str], None]) -> Path:
             "training": training,
             "targets": {"met": not missed, "missed": missed},
             "validation": measures,
-            "timing": {"stages": timings, "wall_s": round(sum(t["wall_s"] for t in timings.values()), 1),
-                       "cpu_s": round(sum(t["cpu_s"] for t in timings.values()), 1),
-                       "torch": torch.__version__, "threads": threads},
-            "files": {name: _sha256(work / name) for name in _files(work)},
+            "timing": _timing(timings, threads),
         }
-        (work / "world.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        work.rename(out)
+        _publish(work, out, meta)
     finally:
         if work.exists():
             shutil.rmtree(work, ignore_errors=True)
@@ -435,6 +429,21 @@ def _stage(name: str, number: int, timings: dict, log, total: int = 4):
     yield
     timings[name] = {"wall_s": round(time.perf_counter() - wall, 1), "cpu_s": round(_cpu_seconds() - cpu, 1)}
     log(f"[{number}/{total}] {name} done in {timings[name]['wall_s']:.1f}s")
+
+
+def _timing(timings: dict, threads: int) -> dict:
+    return {"stages": timings, "wall_s": round(sum(t["wall_s"] for t in timings.values()), 1),
+            "cpu_s": round(sum(t["cpu_s"] for t in timings.values()), 1), "torch": torch.__version__,
+            "threads": threads}
+
+
+def _publish(work: Path, out: Path, meta: dict) -> None:
+    """Write `meta` as world.json, with the sha256 of every file, into `work`; then `work` becomes `out`."""
+    meta["files"] = {name: _sha256(work / name) for name in _files(work)}
+    (work / "world.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    if out.exists():
+        shutil.rmtree(out)
+    work.rename(out)
 
 
 def _cpu_seconds() -> float:

@@ -102,6 +102,9 @@ def grow_world(seed: int = 0, layers: int = 20, out: str | Path | None = None, *
     growth = Growth(layers=layers, steps=steps, lr=lr)
     if steps < 0:
         raise build.WorldError(f"--grow-steps must be 0 or more, not {steps}")
+    if layers <= config.teacher.layers:
+        raise build.WorldError(f"--teacher-layers {layers} does not grow the teacher: it has {config.teacher.layers} "
+                               f"layers already; give more than {config.teacher.layers}")
     out = Path(out).expanduser() if out else build.default_dir(seed, share).with_name(
         grown_name(seed, share, layers))
     expected = {**config.to_json(), "teacher_growth": dataclasses.asdict(growth)}
@@ -156,15 +159,9 @@ def grow_world(seed: int = 0, layers: int = 20, out: str | Path | None = None, *
                 "last_loss": round(sum(losses[-10:]) / len(losses[-10:]), 4) if losses else None}},
             "targets": {"met": not missed, "missed": missed},
             "validation": measures,
-            "timing": {"stages": timings, "wall_s": round(sum(t["wall_s"] for t in timings.values()), 1),
-                       "cpu_s": round(sum(t["cpu_s"] for t in timings.values()), 1),
-                       "torch": torch.__version__, "threads": 2},
-            "files": {name: build._sha256(work / name) for name in build._files(work)},
+            "timing": build._timing(timings, 2),
         }
-        (work / "world.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        work.rename(out)
+        build._publish(work, out, meta)
     finally:
         if work.exists():
             shutil.rmtree(work, ignore_errors=True)
