@@ -22,6 +22,7 @@ Timings are noisy on a shared machine: the load average is printed with them.
 
   python bench/draft_speed.py                   # miniature world, K = 4, batch 32, 64 tokens
   python bench/draft_speed.py --world DIR --k 6
+  python bench/draft_speed.py --world DIR --batch 8 --prompts 32 --rounds 3   # the sides take turns
 """
 
 from __future__ import annotations
@@ -86,6 +87,9 @@ def main() -> None:
                     help="prompts to generate for, --batch at a time (default: --batch)")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="measure the three sides this many times, taking turns; the table shows each side's "
+                         "median run and the per-round ratios are printed")
     ap.add_argument("--calibrate-tokens", type=int, default=16,
                     help="new tokens of the short run that measures each side's host time per pass")
     ap.add_argument("--threads", type=int, default=1)
@@ -165,9 +169,15 @@ def main() -> None:
                 requests(prompt_ids[:2], 4)))  # warm-up
             calibration[k] = engine_side(k, requests(prompt_ids[:args.batch], args.calibrate_tokens))
         calibration["reference"] = reference_side(chunks[:1], args.calibrate_tokens)
-        for k in (0, args.k):
-            measured[k] = {**engine_side(k, requests(prompt_ids, args.new_tokens)), "load": os.getloadavg()[0]}
-        measured["reference"] = {**reference_side(chunks, args.new_tokens), "load": os.getloadavg()[0]}
+        # the sides take turns, --rounds times, so that a machine that drifts drifts under all of them
+        rounds: dict = {args.k: [], 0: [], "reference": []}
+        for _ in range(args.rounds):
+            for k in (args.k, 0):
+                rounds[k].append({**engine_side(k, requests(prompt_ids, args.new_tokens)),
+                                  "load": os.getloadavg()[0]})
+            rounds["reference"].append({**reference_side(chunks, args.new_tokens), "load": os.getloadavg()[0]})
+        for side, runs in rounds.items():  # each side's median run by tokens/s
+            measured[side] = sorted(runs, key=lambda m: m["tokens"] / m["seconds"])[len(runs) // 2]
     clock.remove()
 
     b, k, c = args.batch, args.k, costs
@@ -205,6 +215,17 @@ def main() -> None:
               f"{tps / predicted[side]:.2f}, {tps / with_host[side]:.2f}, {tps / batch_passes[side]:.2f} | "
               f"{m['host_share']:.2f} | {m['decode_calls'] * b / m['tokens']:.3f} ({m['prefill_calls']}) | "
               f"{tps / (measured['reference']['tokens'] / measured['reference']['seconds']):.2f} | {m['load']:.2f} |")
+    if args.rounds > 1:
+        for side in (k, 0):
+            ratios = _per_round(rounds, side)
+            print(f"{names_of(side, k)} / teacher alone, per round: " + ", ".join(f"{x:.2f}" for x in ratios)
+                  + f"; median {statistics.median(ratios):.2f}")
+
+
+def _per_round(rounds: dict, side) -> list[float]:
+    """Per round: `side`'s tokens/s over the reference's."""
+    return [(m["tokens"] / m["seconds"]) / (r["tokens"] / r["seconds"])
+            for m, r in zip(rounds[side], rounds["reference"])]
 
 
 def names_of(side, k: int) -> str:
