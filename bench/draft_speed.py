@@ -141,7 +141,7 @@ def main() -> None:
         t0 = time.perf_counter()
         tokens = sum(len(f.token_ids) for f in engine.run(reqs))
         wall = time.perf_counter() - t0
-        return {"tokens": tokens, "seconds": wall, "ppt": engine.teacher_passes / engine.tokens_emitted,
+        return {"tokens": tokens, "tps": tokens / wall, "ppt": engine.teacher_passes / engine.tokens_emitted,
                 **clock.split(wall)}
 
     def reference_side(chunks: list, new_tokens: int) -> dict:
@@ -152,7 +152,7 @@ def main() -> None:
                                    do_sample=True, top_k=20, temperature=1.0, pad_token_id=tok.pad_token_id)
             new += out.shape[0] * (out.shape[1] - enc["input_ids"].shape[1])
         wall = time.perf_counter() - t0
-        return {"tokens": new, "seconds": wall, "ppt": 1.0, **clock.split(wall)}
+        return {"tokens": new, "tps": new / wall, "ppt": 1.0, **clock.split(wall)}
 
     def requests(ids_list, budget):
         return [Request(i, prompt_key(str(i)), 0, ids, ids, budget) for i, ids in enumerate(ids_list)]
@@ -177,7 +177,7 @@ def main() -> None:
                                   "load": os.getloadavg()[0]})
             rounds["reference"].append({**reference_side(chunks, args.new_tokens), "load": os.getloadavg()[0]})
         for side, runs in rounds.items():  # each side's median run by tokens/s
-            measured[side] = sorted(runs, key=lambda m: m["tokens"] / m["seconds"])[len(runs) // 2]
+            measured[side] = sorted(runs, key=lambda m: m["tps"])[len(runs) // 2]
     clock.remove()
 
     b, k, c = args.batch, args.k, costs
@@ -209,12 +209,12 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for side in (k, 0, "reference"):
         m = measured[side]
-        tps = m["tokens"] / m["seconds"]
+        tps = m["tps"]
         print(f"| {names_of(side, k)} | {m['ppt']:.3f} | {predicted[side]:.0f}; {with_host[side]:.0f}; "
               f"{batch_passes[side]:.0f} | {tps:.0f} | "
               f"{tps / predicted[side]:.2f}, {tps / with_host[side]:.2f}, {tps / batch_passes[side]:.2f} | "
               f"{m['host_share']:.2f} | {m['decode_calls'] * b / m['tokens']:.3f} ({m['prefill_calls']}) | "
-              f"{tps / (measured['reference']['tokens'] / measured['reference']['seconds']):.2f} | {m['load']:.2f} |")
+              f"{tps / measured['reference']['tps']:.2f} | {m['load']:.2f} |")
     if args.rounds > 1:
         for side in (k, 0):
             ratios = _per_round(rounds, side)
@@ -224,8 +224,7 @@ def main() -> None:
 
 def _per_round(rounds: dict, side) -> list[float]:
     """Per round: `side`'s tokens/s over the reference's."""
-    return [(m["tokens"] / m["seconds"]) / (r["tokens"] / r["seconds"])
-            for m, r in zip(rounds[side], rounds["reference"])]
+    return [m["tps"] / r["tps"] for m, r in zip(rounds[side], rounds["reference"])]
 
 
 def names_of(side, k: int) -> str:
@@ -234,8 +233,9 @@ def names_of(side, k: int) -> str:
 
 
 class ForwardClock:
-    """Seconds inside each model's forward (hooks on the top module) and the teacher's calls: the rest of
-    a run's wall time is host work (the rule, the records, cache bookkeeping, sampling)."""
+    """Seconds inside the models' forwards (hooks on the top modules) and the teacher's calls, decode and
+    prefill apart: the rest of a run's wall time is host work (the rule, the records, cache bookkeeping,
+    sampling)."""
 
     def __init__(self, **models):
         self.handles, self._t0 = [], 0.0
@@ -243,11 +243,11 @@ class ForwardClock:
         for name, model in models.items():
             self.handles.append(model.register_forward_pre_hook(
                 lambda mod, a, kw, n=name: self._start(n, kw), with_kwargs=True))
-            self.handles.append(model.register_forward_hook(lambda mod, a, out, n=name: self._stop(n)))
+            self.handles.append(model.register_forward_hook(lambda mod, a, out: self._stop()))
 
     def reset(self, decode_width: int = 1):
         """Zero the counts; a teacher call over more than `decode_width` tokens counts as a prefill."""
-        self.seconds, self.calls, self.decode_width = {}, {}, decode_width
+        self.seconds, self.decode_width = 0.0, decode_width
         self.decode_calls = self.prefill_calls = 0
 
     def _start(self, name, kwargs):
@@ -259,15 +259,13 @@ class ForwardClock:
                 self.decode_calls += 1
         self._t0 = time.perf_counter()
 
-    def _stop(self, name):
-        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - self._t0
-        self.calls[name] = self.calls.get(name, 0) + 1
+    def _stop(self):
+        self.seconds += time.perf_counter() - self._t0
 
     def split(self, wall: float) -> dict:
-        host = wall - sum(self.seconds.values())
-        return {"forward_seconds": dict(self.seconds), "teacher_calls": self.calls.get("teacher", 0),
-                "decode_calls": self.decode_calls, "prefill_calls": self.prefill_calls,
-                "host_share": host / wall, "host_per_call": host / max(1, self.calls.get("teacher", 0))}
+        host, calls = wall - self.seconds, self.decode_calls + self.prefill_calls
+        return {"decode_calls": self.decode_calls, "prefill_calls": self.prefill_calls,
+                "host_share": host / wall, "host_per_call": host / max(1, calls)}
 
     def remove(self):
         for h in self.handles:

@@ -166,19 +166,21 @@ def build_world(seed: int = 0, out: str | os.PathLike | None = None, *, force: b
     return _build(config, out, log)
 
 
-def _meta_for(path: Path, config: WorldConfig) -> dict | None:
-    """`path`'s world.json when it records this version and `config`, else None."""
+def _meta_for(path: Path, config: WorldConfig | dict) -> dict | None:
+    """`path`'s world.json when it records this version and `config` (a WorldConfig, or the config as
+    world.json records it: a grown world's adds its growth), else None."""
     try:
         meta = json.loads((path / "world.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if meta.get("version") != VERSION or meta.get("config") != config.to_json():
+    recorded = config if isinstance(config, dict) else config.to_json()
+    if meta.get("version") != VERSION or meta.get("config") != recorded:
         return None
     return meta
 
 
-def is_built(path: Path, config: WorldConfig) -> bool:
-    """Whether `path` holds a complete world made with `config`."""
+def is_built(path: Path, config: WorldConfig | dict) -> bool:
+    """Whether `path` holds a complete world made with `config` (as `_meta_for` takes it)."""
     files = (_meta_for(path, config) or {}).get("files") or {}
     return bool(files) and all((path / name).is_file() for name in files)
 

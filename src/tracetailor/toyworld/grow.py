@@ -23,7 +23,6 @@ import json
 import shutil
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -64,10 +63,7 @@ def grow_model(teacher, layers: int, seed: int):
     that start as identity maps. The result gives the same logits as `teacher` until trained."""
     from transformers import Qwen3ForCausalLM
 
-    have = teacher.config.num_hidden_layers
-    if layers <= have:
-        raise build.WorldError(f"--teacher-layers {layers} does not grow the teacher: it has {have} layers "
-                               f"already; give more than {have}")
+    _check_grows(layers, teacher.config.num_hidden_layers)
     fields = teacher.config.to_dict()
     fields.pop("layer_types", None)  # one entry per layer: the new config makes its own
     fields["num_hidden_layers"] = layers
@@ -102,13 +98,11 @@ def grow_world(seed: int = 0, layers: int = 20, out: str | Path | None = None, *
     growth = Growth(layers=layers, steps=steps, lr=lr)
     if steps < 0:
         raise build.WorldError(f"--grow-steps must be 0 or more, not {steps}")
-    if layers <= config.teacher.layers:
-        raise build.WorldError(f"--teacher-layers {layers} does not grow the teacher: it has {config.teacher.layers} "
-                               f"layers already; give more than {config.teacher.layers}")
+    _check_grows(layers, config.teacher.layers)  # before any work
     out = Path(out).expanduser() if out else build.default_dir(seed, share).with_name(
         grown_name(seed, share, layers))
     expected = {**config.to_json(), "teacher_growth": dataclasses.asdict(growth)}
-    if not force and _is_built(out, expected):
+    if not force and build.is_built(out, expected):
         log(f"world: {out} is built (seed {seed}, teacher grown to {layers} layers); --force rebuilds it")
         return out
     base = build.build_world(seed, base_out, config=config, log=log)
@@ -171,11 +165,7 @@ def grow_world(seed: int = 0, layers: int = 20, out: str | Path | None = None, *
     return out
 
 
-def _is_built(path: Path, expected: dict) -> bool:
-    try:
-        meta = json.loads((path / "world.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    files = meta.get("files") or {}
-    return (meta.get("version") == build.VERSION and meta.get("config") == expected and bool(files)
-            and all((path / name).is_file() for name in files))
+def _check_grows(layers: int, have: int) -> None:
+    if layers <= have:
+        raise build.WorldError(f"--teacher-layers {layers} does not grow the teacher: it has {have} layers "
+                               f"already; give more than {have}")
