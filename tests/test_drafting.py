@@ -54,10 +54,10 @@ def _requests(student, bridge, samples=3, max_new_tokens=30, texts=None):
 
 
 def _run(student_model, teacher_model, requests, *, k, batch_size, mode="rsd", bridge=None, eos=(), stop_fn=None,
-         rsd=RSDParams(threshold=0.005, trials=5, top_k=40), temperature=1.0, kv_cache="rectangle", measure_kv=False):
+         rsd=RSDParams(threshold=0.005, trials=5, top_k=40), temperature=1.0, kv_cache="rectangle", measure_kv=False, **engine_kw):
     settings = DecodeSettings(mode=mode, rsd=rsd, seed=3, draft_tokens=k, temperature=temperature, top_k=5)
     engine = Engine(student_model, teacher_model, bridge, settings, eos_ids=eos, batch_size=batch_size,
-                    stop_fn=stop_fn, kv_cache=kv_cache, measure_kv=measure_kv)
+                    stop_fn=stop_fn, kv_cache=kv_cache, measure_kv=measure_kv, **engine_kw)
     results = {f.handle: f for f in engine.run(requests)}
     assert sorted(results) == [r.handle for r in requests]
     return results, engine

@@ -189,10 +189,13 @@ def _required(name: str, what: str, value) -> None:
 
 
 MODEL_HELP = "a hub id such as Qwen/Qwen3-0.6B, a local dir or a .gguf file"
-KV_LAYOUTS = ("rectangle", "paged")
-KV_CACHE_HELP = ("How the KV cache is laid out: rectangle (each row left-padded to the longest) or paged (a pool of "
+KV_LAYOUTS = ("rectangle", "paged", "static")
+KV_CACHE_HELP = ("How the KV cache is laid out: rectangle (each row left-padded to the longest), paged (a pool of "
                  "token slots: holds only real tokens, and a prompt's samples share its slots, so a device holds a "
-                 "bigger batch when lengths are mixed).")
+                 "bigger batch when lengths are mixed) or static (fixed shapes, --batch-size slots of a capacity "
+                 "that grows in powers of two, so that each model's decode step is compiled once with "
+                 "torch.compile, replayed as a CUDA graph on a GPU: for small models bound by per-step "
+                 "overhead; the first steps wait for the compile).")
 DEVICE_HELP = "auto, cpu, cuda, cuda:1, mps."
 DTYPES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
 DTYPE_HELP = "auto (bf16 on CUDA, fp32 elsewhere), float32, bfloat16, float16."

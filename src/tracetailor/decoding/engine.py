@@ -32,6 +32,7 @@ import torch
 
 from .kv import KVBatch
 from .paged import LAYOUTS, PagedKVBatch
+from .static import StaticLayout
 from .rules import DrawKeys, RSDParams, propose, rsd_choose, sample_choose
 
 MODES = ("rsd", "teacher", "student")
@@ -154,6 +155,7 @@ class Engine:
         on_step: Callable[[int, int], None] | None = None,
         measure_kv: bool = False,
         kv_cache: str = "rectangle",
+        captured: bool = True,
     ):
         self.settings = settings or DecodeSettings()
         if self.settings.mode not in MODES:
@@ -164,14 +166,16 @@ class Engine:
             raise ValueError(f"draft_tokens must be 0 (lockstep) or more, not {self.settings.draft_tokens}")
         if kv_cache not in LAYOUTS:
             raise ValueError(f"unknown kv_cache {kv_cache!r}; choose one of {', '.join(LAYOUTS)}")
-        # rectangle: each layer's cache one left-padded tensor (kv.py); paged: a pool of token slots (paged.py)
+        # rectangle: each layer's cache one left-padded tensor (kv.py); paged: a pool of token slots (paged.py);
+        # static: fixed slots and capacity, the decode step compiled (static.py; `captured=False` runs it eager)
         self.kv_cache = kv_cache
+        self.captured = captured
         self._kv = PagedKVBatch if kv_cache == "paged" else KVBatch
         self.student = student
         self.teacher = teacher if self.settings.mode != "student" else None
         self.bridge = bridge
         self.eos_ids = set(int(e) for e in eos_ids)
-        self.batch_size = batch_size
+        self.batch_size = batch_size  # (static: sets the layout's slots)
         self.stop_fn = stop_fn
         self.on_step = on_step  # called each step with (tokens emitted, of which teacher's)
         self.device = student.device
@@ -221,6 +225,17 @@ class Engine:
             "draft_acceptance": (round(self.draft_accepted / self.draft_proposed, 4)
                                  if self.draft_proposed else None),
         }
+
+    @property
+    def batch_size(self) -> int:
+        return self._batch_size
+
+    @batch_size.setter
+    def batch_size(self, value: int) -> None:
+        """Static layout: a new size (out of memory: halved) gets stores of that many slots, the old ones go."""
+        self._batch_size = value
+        if self.kv_cache == "static":
+            self._kv = StaticLayout(value, compiled=self.captured)
 
     @property
     def admit_at(self) -> int:
