@@ -96,23 +96,13 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tracetailor.decoding.engine import DecodeSettings, Engine, Request
     from tracetailor.decoding.rules import DrawKeys, RSDParams, prompt_key
-    from tracetailor.toyworld import build
-    from tracetailor.toyworld.tasks import THINK_PREFILL
 
     torch.set_num_threads(args.threads)
-    world = Path(args.world) if args.world else build.build_world(0, log=lambda m: None)
-    tok = AutoTokenizer.from_pretrained(world / "student")
-    student = AutoModelForCausalLM.from_pretrained(world / "student", dtype=torch.float32).eval()
-    teacher = AutoModelForCausalLM.from_pretrained(world / "teacher", dtype=torch.float32).eval()
-    n_prompts = max(args.prompts or args.batch, args.batch)
-    problems = build.load_problems(world, "train")[:n_prompts]
-    prompts = [tok.apply_chat_template([{"role": "user", "content": p["question"]}], tokenize=False,
-                                       add_generation_prompt=True) + THINK_PREFILL for p in problems]
-    prompt_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    world, tok, student, teacher, prompts, prompt_ids = load_pair(args.world, max(args.prompts or args.batch,
+                                                                                  args.batch))
 
     settings = {k: DecodeSettings(mode="rsd", rsd=RSDParams(0.01, 5, 20, 1.0), seed=0, draft_tokens=k)
                 for k in (0, args.k)}
@@ -220,6 +210,25 @@ def main() -> None:
             ratios = _per_round(rounds, side)
             print(f"{names_of(side, k)} / teacher alone, per round: " + ", ".join(f"{x:.2f}" for x in ratios)
                   + f"; median {statistics.median(ratios):.2f}")
+
+
+def load_pair(world_dir: str | None, n_prompts: int):
+    """(world dir, tokenizer, student, teacher, prompt texts, prompt ids): a world's pair in float32 and the first
+    `n_prompts` of its training problems as chat prompts with the think prefill."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tracetailor.toyworld import build
+    from tracetailor.toyworld.tasks import THINK_PREFILL
+
+    world = Path(world_dir) if world_dir else build.build_world(0, log=lambda m: None)
+    tok = AutoTokenizer.from_pretrained(world / "student")
+    student = AutoModelForCausalLM.from_pretrained(world / "student", dtype=torch.float32).eval()
+    teacher = AutoModelForCausalLM.from_pretrained(world / "teacher", dtype=torch.float32).eval()
+    problems = build.load_problems(world, "train")[:n_prompts]
+    prompts = [tok.apply_chat_template([{"role": "user", "content": p["question"]}], tokenize=False,
+                                       add_generation_prompt=True) + THINK_PREFILL for p in problems]
+    return world, tok, student, teacher, prompts, [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
 
 
 def _per_round(rounds: dict, side) -> list[float]:

@@ -75,7 +75,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--k", type=int, nargs="+", default=[0, 2, 3, 4, 5, 6])
-    ap.add_argument("--kv-cache", nargs="+", default=["rectangle"], choices=["rectangle", "paged"],
+    ap.add_argument("--kv-cache", nargs="+", default=["rectangle"], choices=["rectangle", "paged", "static"],
                     help="cache layouts to run each K with (the records must not change)")
     args = ap.parse_args()
 

@@ -15,6 +15,9 @@ and token budget:
              every guess is likely accepted, the upper bound of drafting (random weights
              accept few guesses of a different teacher)
   rsd-paged  (optional, --in-memory) rsd in lockstep with --kv-cache paged (decoding/paged.py)
+  rsd-static, draft-static (optional, --in-memory) rsd in lockstep and with --draft-tokens K, with
+             --kv-cache static (decoding/static.py: the decode step compiled, a CUDA graph on a GPU);
+             the warm-up run holds the compiles (its capacity is the timed run's)
 
 What is timed, equally on both sides: decoding only, prefill included, model
 loading excluded. For rsd that is the `this_run.seconds` that run_generate
@@ -64,7 +67,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SIDES = ("rsd", "reference", "engine-teacher", "rsd-draft", "self-draft", "rsd-paged")
+SIDES = ("rsd", "reference", "engine-teacher", "rsd-draft", "self-draft", "rsd-paged", "rsd-static", "draft-static")
 REQUIRED, AIM = 0.8, 0.9
 
 # Model shapes. `arch` picks the transformers class; `init` is initializer_range
@@ -265,14 +268,22 @@ def side_engine(spec: dict, mode: str, draft: int = 0, self_draft: bool = False,
                               seed=spec["seed"], draft_tokens=draft)
     engines = []
 
+    layout = kv_cache or spec.get("kv_cache", "rectangle")
+    # static: the warm-up's capacity is the timed run's, so that its compiles are the ones the run uses
+    columns = max(len(p) for p in spec["prompt_ids"]) + spec["new_tokens"] + draft + 1
+
     def generate(new_tokens: int, prompts: list[list[int]]):
         engines.append(Engine(student, teacher, bridge, settings, eos_ids=(), batch_size=spec["batch"],
-                              kv_cache=kv_cache or spec.get("kv_cache", "rectangle")))
+                              kv_cache=layout))
+        if layout == "static":
+            engines[-1]._kv.reserve(columns)
         reqs = [Request(i, prompt_key(str(i)), 0, ids, ids, new_tokens) for i, ids in enumerate(prompts)]
         return list(engines[-1].run(reqs))
 
+    t_warm = time.perf_counter()
     generate(spec["warmup_tokens"], spec["prompt_ids"][: spec["batch"]])
     _sync(dev)
+    warmup = time.perf_counter() - t_warm
     weights_mb = _reset_gpu_peak(dev)
     t0 = time.perf_counter()
     done = generate(spec["new_tokens"], spec["prompt_ids"])
@@ -284,7 +295,7 @@ def side_engine(spec: dict, mode: str, draft: int = 0, self_draft: bool = False,
         "tokens": sum(lengths), "seconds": seconds, "e2e_seconds": seconds + load, "load_seconds": load,
         "lengths": sorted(set(lengths)), "sequences": len(lengths),
         "acceptance_rate": origin.count("T") / len(origin) if mode == "rsd" and origin else None,
-        "gpu_weights_mb": weights_mb,
+        "gpu_weights_mb": weights_mb, "warmup_seconds": warmup,
         "teacher_passes_per_token": engines[-1].counters()["teacher_passes_per_token"],
         "timed": "Engine.run (prefill + decode; in-memory: no run_generate, no record writing)",
     }
@@ -316,8 +327,10 @@ def side_reference(spec: dict) -> dict:
             lengths += [out.shape[1] - ids.shape[1]] * ids.shape[0]
         return lengths
 
+    t_warm = time.perf_counter()
     generate(spec["warmup_tokens"], spec["prompt_ids"][: spec["batch"]])
     _sync(dev)
+    warmup = time.perf_counter() - t_warm
     weights_mb = _reset_gpu_peak(dev)
     t0 = time.perf_counter()
     lengths = generate(spec["new_tokens"], spec["prompt_ids"])
@@ -350,10 +363,11 @@ def worker(spec_path: str, side: str, result_path: str) -> None:
         res = side_reference(spec)
     else:
         mode = "teacher" if side == "engine-teacher" else "rsd"
-        draft = spec["draft_tokens"] if side in ("rsd-draft", "self-draft") else 0
-        if side in ("self-draft", "rsd-paged") and not spec["in_memory"]:
+        draft = spec["draft_tokens"] if side in ("rsd-draft", "self-draft", "draft-static") else 0
+        if side in ("self-draft", "rsd-paged", "rsd-static", "draft-static") and not spec["in_memory"]:
             raise SystemExit(f"side {side} needs --in-memory")
-        res = (side_engine(spec, mode, draft, side == "self-draft", "paged" if side == "rsd-paged" else None)
+        layout = {"rsd-paged": "paged", "rsd-static": "static", "draft-static": "static"}.get(side)
+        res = (side_engine(spec, mode, draft, side == "self-draft", layout)
                if spec["in_memory"]
                else side_run_generate(spec, mode, draft))
     res.update(
@@ -460,6 +474,7 @@ def summarize(spec: dict, runs: list[dict], sides: list[str]) -> dict:
             "acceptance_rate": mine[-1]["acceptance_rate"],
             "teacher_passes_per_token": mine[-1].get("teacher_passes_per_token"), "lengths": sorted({x for r in mine for x in r["lengths"]}),
             "timed": mine[0]["timed"],
+            "warmup_seconds": max((r.get("warmup_seconds") or 0 for r in mine), default=0),
         }
     ratio, paired = None, []
     if "rsd" in table and "reference" in table:
@@ -493,7 +508,9 @@ def render(spec: dict, summary: dict, info: dict) -> str:
             out += f"ratio per repeat (adjacent runs): {', '.join(map(str, summary['paired_ratios']))}\n"
     for side, r in summary.get("ratios_to_reference", {}).items():
         ppt = summary["table"][side].get("teacher_passes_per_token")
-        out += f"{side}/reference: {r:.3f}" + (f" (teacher passes per token {ppt})" if ppt is not None else "") + "\n"
+        warm = summary["table"][side].get("warmup_seconds") if "static" in side else None
+        out += (f"{side}/reference: {r:.3f}" + (f" (teacher passes per token {ppt})" if ppt is not None else "")
+                + (f" (warm-up, with the compiles: {warm:.0f} s)" if warm else "") + "\n")
     acc = summary["table"].get("rsd", {}).get("acceptance_rate")
     if acc is not None:
         out += f"rsd acceptance rate (teacher tokens kept): {acc:.1%}\n"

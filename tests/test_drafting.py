@@ -155,6 +155,9 @@ def test_drafts_at_the_end_of_an_absolute_position_table(mode):
     assert any(len(f.token_ids) + 3 + h == 24 for h, f in drafted.items())  # some row reached the last position
     paged, _ = _run(student, teacher, requests, k=4, batch_size=4, mode=mode, eos={0}, kv_cache="paged")
     _assert_same(lockstep, paged)
+    static, _ = _run(student, teacher, requests, k=4, batch_size=4, mode=mode, eos={0}, kv_cache="static",
+                     captured=False)  # columns run past the table (capacity 256), positions do not
+    _assert_same(lockstep, static)
 
 
 def _next_logits_fresh(model, ids):

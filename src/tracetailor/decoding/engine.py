@@ -322,6 +322,9 @@ class Engine:
         admit, step = (self._admit_drafted, self._draft_step) if drafted else (self._admit, self._lockstep_step)
         # longest prompts first: similar lengths share a batch, and the long tail starts early
         queue = deque(sorted(requests, key=lambda r: -len(r.student_ids)))
+        if isinstance(self._kv, StaticLayout) and queue:  # the run's longest row, read ahead, and a draft's width
+            self._kv.reserve(max(max(len(r.student_ids), len(r.teacher_ids or ())) + r.max_new_tokens
+                                 for r in queue) + self.draft_tokens + 1, width=self.draft_tokens + 1 if drafted else 0)
         live: _Live | None = None
         while queue or live is not None:
             live = self._refill(queue, live, admit)

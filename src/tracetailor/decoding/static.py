@@ -83,18 +83,18 @@ class _SlotLayer(CacheLayerMixin):
 class _Store:
     """One model's slots for the engine's life: the buffers, the cache object over them and the step."""
 
-    def __init__(self, model, slots: int, compiled: bool):
+    def __init__(self, model, layout: "StaticLayout"):
         _check_model(model)
         self.model = model
-        self.slots = slots
-        self.compiled = compiled
+        self.layout = layout
+        self.slots = slots = layout.slots
+        self.compiled = compiled = layout.compiled
         self.device = model.device
         self.capacity = 0
         self.cache: Cache | None = None
         self.row_index = torch.arange(slots, device=self.device).unsqueeze(1)
         self.write_cols = torch.zeros(slots, 1, dtype=torch.long, device=self.device)
         self.owner: "StaticKVBatch | None" = None
-        self.widest = 0  # the most tokens per row fed in one captured pass so far (feed_many pads up to it)
         self._kwarg = _cache_kwarg(model)
         self._float_mask = getattr(model.config, "_attn_implementation", "sdpa") == "eager"
         self.max_position = getattr(model.config, "max_position_embeddings", None)
@@ -105,10 +105,11 @@ class _Store:
             self._step = torch.compile(model, dynamic=False, mode=mode)
 
     def ensure(self, columns: int, like: list) -> None:
-        """Make room for `columns` columns per slot (buffers shaped after the prefill cache layers `like`)."""
+        """Make room for `columns` columns per slot (buffers shaped after the prefill cache layers `like`), and
+        for the layout's reservation: the run's longest row, so that a run compiles each shape once."""
         if columns <= self.capacity:
             return
-        capacity = _bucket(columns)
+        capacity = _bucket(max(columns, self.layout.reserved))
         if self.cache is None:
             self.cache = Cache(layers=[_SlotLayer(self) for _ in like])
         refs = like if not self.cache.layers[0].is_initialized else list(self.cache.layers)
@@ -180,12 +181,22 @@ class StaticLayout:
     def __init__(self, slots: int, compiled: bool = True):
         self.slots = slots
         self.compiled = compiled
+        self.reserved = 0  # columns every store allocates at least (`reserve`)
+        self.widest = 0  # tokens per row of the widest `feed_many` so far, or as reserved: narrower ones pad up
         self._stores: dict[int, _Store] = {}
+
+    def reserve(self, columns: int, width: int = 0) -> None:
+        """Allocate at least `columns` columns per slot from the start (a run's longest prompt + budget + draft):
+        a capacity that grows mid-run costs a copy and a compile per new bucket. `width`: pad every `feed_many`
+        to at least this many tokens per row (a drafted run's verify width, K + 1), so that the first pass
+        compiles the shape of all the others even when its rows' budgets are short."""
+        self.reserved = max(self.reserved, columns)
+        self.widest = max(self.widest, width)
 
     def store(self, model) -> _Store:
         key = id(model)
         if key not in self._stores or self._stores[key].model is not model:
-            self._stores[key] = _Store(model, self.slots, self.compiled)
+            self._stores[key] = _Store(model, self)
         return self._stores[key]
 
     @torch.inference_mode()
@@ -228,8 +239,8 @@ class StaticKVBatch:
         one graph, not one per width. The padding is written past each row's end and never read."""
         ids = ids.to(self.store.device)
         m = ids.shape[1]
-        width = max(m, self.store.widest)
-        self.store.widest = width
+        layout = self.store.layout
+        width = layout.widest = max(m, layout.widest)
         if width > m:
             ids = torch.cat([ids, ids[:, -1:].expand(-1, width - m)], dim=1)
         logits = self._step(ids, every=True)[:, :m]
