@@ -8,7 +8,7 @@ PY=${PY:-.venv/bin/python}
 OLD=${OLD_TRANSFORMERS:-5.17.0}
 OLD_VENV=${OLD_VENV:-${TMPDIR:-/tmp}/tracetailor-transformers-$OLD}
 TORCH=${TORCH_SPEC:-torch==2.13.0}
-TESTS=(tests/test_engine_bridge.py tests/test_drafting.py tests/test_generate.py)
+TESTS=(tests/test_engine_bridge.py tests/test_drafting.py tests/test_static_cache.py tests/test_generate.py)
 start=$(date +%s)
 
 if ! "$OLD_VENV/bin/python" -c "import transformers, sys; sys.exit(transformers.__version__ != '$OLD')" 2>/dev/null; then

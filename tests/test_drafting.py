@@ -291,12 +291,16 @@ def test_paged_cache_with_a_bridge(bridged):
         _assert_same(rect, paged)
 
 
-def test_paged_cache_refuses_sliding_window_layers():
+def tiny_qwen3(**config):
+    """A random two-layer Qwen3 of vocabulary 50, built in memory (`config` overrides)."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    cfg = Qwen3Config(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                      num_key_value_heads=1, head_dim=8, use_sliding_window=True, sliding_window=4,
-                      max_window_layers=0)
-    model = Qwen3ForCausalLM(cfg).eval()
+    cfg = Qwen3Config(**{**dict(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                num_attention_heads=2, num_key_value_heads=1, head_dim=8), **config})
+    return Qwen3ForCausalLM(cfg).eval()
+
+
+def test_paged_cache_refuses_sliding_window_layers():
+    model = tiny_qwen3(use_sliding_window=True, sliding_window=4, max_window_layers=0)
     with pytest.raises(PagedCacheError, match="--kv-cache rectangle"):
         PagedKVBatch.prefill(model, [[1, 2, 3]])

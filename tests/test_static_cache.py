@@ -11,7 +11,8 @@ import json
 import pytest
 import torch
 
-from test_drafting import _assert_same, _next_logits_fresh, _requests, _run, bridged, pair  # noqa: F401 (fixtures)
+from test_drafting import (_assert_same, _next_logits_fresh, _requests, _run, bridged, pair,  # noqa: F401 (fixtures)
+                           tiny_qwen3)
 from tracetailor.decoding.engine import Engine, run_halving_on_oom
 from tracetailor.decoding.static import MIN_CAPACITY, StaticCacheError, StaticLayout
 
@@ -93,18 +94,11 @@ def test_static_cache_with_a_bridge(bridged):  # noqa: F811
 
 
 def test_static_cache_refuses_what_it_cannot_hold():
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    cfg = Qwen3Config(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                      num_key_value_heads=1, head_dim=8, use_sliding_window=True, sliding_window=4,
-                      max_window_layers=0)
-    model = Qwen3ForCausalLM(cfg).eval()
+    model = tiny_qwen3(use_sliding_window=True, sliding_window=4, max_window_layers=0)
     with pytest.raises(StaticCacheError, match="sliding_attention.*--kv-cache rectangle"):
         StaticLayout(4).prefill(model, [[1, 2, 3]])
     with pytest.raises(ValueError, match="3 rows do not fit in 2 slots"):
-        StaticLayout(2, compiled=False).prefill(Qwen3ForCausalLM(Qwen3Config(
-            vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-            num_key_value_heads=1, head_dim=8)).eval(), [[1], [2], [3]])
+        StaticLayout(2, compiled=False).prefill(tiny_qwen3(num_hidden_layers=1), [[1], [2], [3]])
 
 
 def test_halving_the_batch_gives_the_static_layout_fewer_slots(pair):
