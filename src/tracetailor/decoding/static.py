@@ -93,7 +93,7 @@ class _Store:
         self.capacity = 0
         self.cache: Cache | None = None
         self.row_index = torch.arange(slots, device=self.device).unsqueeze(1)
-        self.write_cols = torch.zeros(slots, 1, dtype=torch.long, device=self.device)
+        self.write_cols = torch.zeros(slots, 1, dtype=torch.long, device=self.device)  # set by each pass
         self.owner: "StaticKVBatch | None" = None
         self._kwarg = _cache_kwarg(model)
         self._float_mask = getattr(model.config, "_attn_implementation", "sdpa") == "eager"
@@ -165,7 +165,7 @@ def _check_model(model) -> None:
     kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
     if kinds != {"full_attention"}:
         raise StaticCacheError(f"--kv-cache static needs full attention in every layer; this model has "
-                               f"{', '.join(sorted(kinds))} layers: use --kv-cache rectangle or paged")
+                               f"{', '.join(sorted(kinds))} layers: use --kv-cache rectangle")
     attn = getattr(config, "_attn_implementation", "sdpa") or "sdpa"
     if attn not in ("sdpa", "eager"):
         raise StaticCacheError(f"--kv-cache static needs sdpa or eager attention, not {attn!r}: load the model "
