@@ -327,10 +327,8 @@ def side_reference(spec: dict) -> dict:
             lengths += [out.shape[1] - ids.shape[1]] * ids.shape[0]
         return lengths
 
-    t_warm = time.perf_counter()
     generate(spec["warmup_tokens"], spec["prompt_ids"][: spec["batch"]])
     _sync(dev)
-    warmup = time.perf_counter() - t_warm
     weights_mb = _reset_gpu_peak(dev)
     t0 = time.perf_counter()
     lengths = generate(spec["new_tokens"], spec["prompt_ids"])

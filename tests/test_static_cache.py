@@ -17,7 +17,7 @@ from tracetailor.decoding.engine import Engine, run_halving_on_oom
 from tracetailor.decoding.static import MIN_CAPACITY, StaticCacheError, StaticLayout
 
 
-def _check(model, batch, logits, kept):
+def _check(model, logits, kept):
     for row, ids in enumerate(kept):
         assert torch.allclose(logits[row].float(), _next_logits_fresh(model, ids), atol=1e-4), row
 
@@ -29,11 +29,11 @@ def test_static_moves_leave_the_cache_of_a_fresh_prefill(pair):
     layout = StaticLayout(slots=6, compiled=False)
     prompts = [[5, 9, 11, 40], [7, 8], [12, 13, 14, 15, 16, 17]]
     batch, logits = layout.prefill(model, prompts)
-    _check(model, batch, logits, prompts)
+    _check(model, logits, prompts)
     batch.select(torch.tensor([0, 1, 2]))  # staged: the prefill's own batch
     logits = batch.feed_chunks([[20, 21, 22], [23], [24, 25]])
     kept = [prompts[0] + [20, 21, 22], prompts[1] + [23], prompts[2] + [24, 25]]
-    _check(model, batch, logits, kept)
+    _check(model, logits, kept)
     assert batch.allocated_positions() == 6 * MIN_CAPACITY  # every slot, full capacity
     batch.rollback(torch.tensor([2, 0, 1]))
     kept = [prompts[0] + [20], prompts[1] + [23], prompts[2] + [24]]
@@ -55,16 +55,16 @@ def test_static_moves_leave_the_cache_of_a_fresh_prefill(pair):
     for fed in ([50, 51, 52, 53], [60, 61, 62, 63]):  # the two copies of row 2 now part
         logits = batch.feed(torch.tensor(fed))
         kept = [k + [t] for k, t in zip(kept, fed)]
-        _check(model, batch, logits, kept)
+        _check(model, logits, kept)
     batch.select(torch.tensor([3, 1]))
     kept = [kept[3], kept[1]]
     long = list(range(20, 20 + MIN_CAPACITY))  # past the first bucket: the store grows, the rows carry over
     logits = batch.feed_chunks([long, long[:5]])
     kept = [kept[0] + long, kept[1] + long[:5]]
     assert batch.store.capacity == 2 * MIN_CAPACITY
-    _check(model, batch, logits, kept)
+    _check(model, logits, kept)
     logits = batch.feed(torch.tensor([70, 71]))
-    _check(model, batch, logits, [kept[0] + [70], kept[1] + [71]])
+    _check(model, logits, [kept[0] + [70], kept[1] + [71]])
 
 
 @pytest.mark.parametrize("mode", ["rsd", "teacher"])

@@ -170,12 +170,11 @@ class Engine:
         # static: fixed slots and capacity, the decode step compiled (static.py; `captured=False` runs it eager)
         self.kv_cache = kv_cache
         self.captured = captured
-        self._kv = PagedKVBatch if kv_cache == "paged" else KVBatch
         self.student = student
         self.teacher = teacher if self.settings.mode != "student" else None
         self.bridge = bridge
         self.eos_ids = set(int(e) for e in eos_ids)
-        self.batch_size = batch_size  # (static: sets the layout's slots)
+        self.batch_size = batch_size  # (also picks the layout: the static one has as many slots)
         self.stop_fn = stop_fn
         self.on_step = on_step  # called each step with (tokens emitted, of which teacher's)
         self.device = student.device
@@ -232,10 +231,10 @@ class Engine:
 
     @batch_size.setter
     def batch_size(self, value: int) -> None:
-        """Static layout: a new size (out of memory: halved) gets stores of that many slots, the old ones go."""
+        """A new size (out of memory: halved) gets a fresh layout; the static one's stores have that many slots."""
         self._batch_size = value
-        if self.kv_cache == "static":
-            self._kv = StaticLayout(value, compiled=self.captured)
+        self._kv = {"paged": PagedKVBatch, "rectangle": KVBatch}.get(self.kv_cache) or StaticLayout(
+            value, compiled=self.captured)
 
     @property
     def admit_at(self) -> int:

@@ -93,7 +93,8 @@ class _Store:
         self.capacity = 0
         self.cache: Cache | None = None
         self.row_index = torch.arange(slots, device=self.device).unsqueeze(1)
-        self.write_cols = torch.zeros(slots, 1, dtype=torch.long, device=self.device)  # set by each pass
+        self.write_cols: torch.Tensor | None = None  # [S, q]: where each pass writes, set by `forward`
+        self.columns: torch.Tensor | None = None  # arange(capacity), for the masks
         self.owner: "StaticKVBatch | None" = None
         self._kwarg = _cache_kwarg(model)
         self._float_mask = getattr(model.config, "_attn_implementation", "sdpa") == "eager"
@@ -126,14 +127,14 @@ class _Store:
                 torch._dynamo.mark_static_address(keys)
                 torch._dynamo.mark_static_address(values)
         self.capacity = capacity
+        self.columns = torch.arange(capacity, device=self.device)
 
     def forward(self, ids: torch.Tensor, cols: torch.Tensor, every: bool, captured: bool) -> torch.Tensor:
         """Run ids [S, q] whose cache columns (= positions) are `cols` [S, q]; logits [S, q, V] or [S, V]."""
         positions = cols
         if isinstance(self.max_position, int) and self.max_position > 0:
             positions = cols.clamp_max(self.max_position - 1)
-        columns = torch.arange(self.capacity, device=self.device)
-        allowed = columns.view(1, 1, 1, -1) <= cols.unsqueeze(1).unsqueeze(-1)  # [S, 1, q, capacity]
+        allowed = self.columns.view(1, 1, 1, -1) <= cols.unsqueeze(1).unsqueeze(-1)  # [S, 1, q, capacity]
         if self._float_mask:  # eager attention adds the mask
             dtype = self.cache.layers[0].keys.dtype
             mask = torch.zeros(allowed.shape, dtype=dtype, device=self.device)
@@ -215,7 +216,11 @@ class StaticKVBatch:
         self.store = store
         self.staged: KVBatch | None = staged
         self.slot: list[int] = []  # row i sits in slot slot[i]
+        self._slot_index: torch.Tensor | None = None  # the same on the device
         self._lengths: torch.Tensor | None = None
+        # at least the longest row, known on the host: room is checked against it, so a step needs no device
+        # sync; it only grows between admissions (rollback leaves it high) and is made exact when room runs out
+        self._longest = 0
 
     # -- the KVBatch interface ---------------------------------------------------------
     @property
@@ -255,16 +260,17 @@ class StaticKVBatch:
         store = self.store
         ids, mask = left_padded(chunks)
         ids, mask = ids.to(store.device), mask.to(store.device)
-        b, m = ids.shape
+        m = ids.shape[1]
         counts = mask.sum(1)
-        store.ensure(int((self._lengths + m).max()), _layers(store.cache) if store.cache else [])
+        self._make_room(m)
         # row i's real tokens go to columns lengths[i] .. lengths[i] + n_i - 1, its padding right after them
         j = torch.arange(m, device=store.device).unsqueeze(0)
         cols_rows = self._lengths.unsqueeze(1) + (j - (m - counts).unsqueeze(1)) % m
         full_ids, cols = self._spread(ids, cols_rows, m)
         logits = store.forward(full_ids, cols, every=True, captured=False)
         self._lengths = self._lengths + counts
-        logits = logits[self._slot_tensor()]
+        self._longest += m
+        logits = logits[self._slot_index]
         return logits if every else logits[:, -1, :]
 
     def rollback(self, drop: torch.Tensor) -> None:
@@ -310,7 +316,8 @@ class StaticKVBatch:
                 layer.keys[dst] = layer.keys[src]
                 layer.values[dst] = layer.values[src]
             slots[at] = dst
-        self.slot, self._lengths = slots, lengths
+        self._set_slots(slots)
+        self._lengths = lengths
 
     @torch.inference_mode()
     def extend(self, other: "StaticKVBatch") -> None:
@@ -326,8 +333,8 @@ class StaticKVBatch:
         if other.staged.rows > len(free):
             raise ValueError(f"{other.staged.rows} rows joining, {len(free)} slots free")
         new = free[:other.staged.rows]
-        self._copy_in(other.staged, new)
-        self.slot += new
+        self._longest = max(self._longest, self._copy_in(other.staged, new))
+        self._set_slots(self.slot + new)
         self._lengths = torch.cat([self._lengths, other.staged.lengths.to(self._lengths.device)])
         other.staged = None
 
@@ -343,20 +350,22 @@ class StaticKVBatch:
         if staged.rows > store.slots:
             raise ValueError(f"{staged.rows} rows do not fit in {store.slots} slots")
         store.owner = self
-        self.slot = list(range(staged.rows))
-        self._copy_in(staged, self.slot)
+        self._set_slots(list(range(staged.rows)))
+        self._longest = self._copy_in(staged, self.slot)
         self._lengths = staged.lengths.clone()
         self.staged = None
 
-    def _copy_in(self, staged: KVBatch, slots: list[int]) -> None:
-        """Copy each row of a prefilled batch (real tokens right-aligned, in order) to columns 0.. of its slot."""
+    def _copy_in(self, staged: KVBatch, slots: list[int]) -> int:
+        """Copy each row of a prefilled batch (real tokens right-aligned, in order) to columns 0.. of its slot;
+        return the longest row's length."""
         store = self.store
-        layers = [layer for layer in staged.cache.layers]
+        layers = _layers(staged.cache)
         lengths = staged.lengths.to(store.device)
         width = staged.mask.shape[1]
-        store.ensure(int(lengths.max()) + 1 if len(slots) else 1, _layers(staged.cache))
-        if not len(slots) or not int(lengths.sum()):
-            return
+        longest = int(lengths.max()) if len(slots) else 0
+        store.ensure(longest + 1, layers)
+        if not longest:
+            return longest
         span = torch.arange(width, device=store.device).unsqueeze(0) >= (width - lengths).unsqueeze(1)
         src_rows, src_cols = span.nonzero(as_tuple=True)
         dst_rows = torch.tensor(slots, dtype=torch.long, device=store.device)[src_rows]
@@ -364,28 +373,37 @@ class StaticKVBatch:
         for layer, ref in zip(store.cache.layers, layers):
             layer.keys[dst_rows, :, dst_cols] = ref.keys[src_rows, :, src_cols].to(layer.keys.dtype)
             layer.values[dst_rows, :, dst_cols] = ref.values[src_rows, :, src_cols].to(layer.values.dtype)
+        return longest
 
-    def _slot_tensor(self) -> torch.Tensor:
-        return torch.tensor(self.slot, dtype=torch.long, device=self.store.device)
+    def _set_slots(self, slots: list[int]) -> None:
+        self.slot = slots
+        self._slot_index = torch.tensor(slots, dtype=torch.long, device=self.store.device)
+
+    def _make_room(self, q: int) -> None:
+        """Enough capacity for every row to take q more columns (the exact longest row, a device sync, is read
+        only when the host's bound says room may be short)."""
+        if self._longest + q > self.store.capacity:
+            self._longest = int(self._lengths.max())
+            self.store.ensure(self._longest + q, [])
 
     def _spread(self, ids: torch.Tensor, cols_rows: torch.Tensor, q: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The rows' ids [B, q] and columns placed in their slots of an [S, q] block; a free slot reads a
         dummy token at columns 0 .. q-1."""
         store = self.store
-        slot = self._slot_tensor()
         full_ids = torch.zeros(store.slots, q, dtype=torch.long, device=store.device)
         cols = torch.arange(q, device=store.device).unsqueeze(0).repeat(store.slots, 1)
-        full_ids[slot] = ids
-        cols[slot] = cols_rows
+        full_ids[self._slot_index] = ids
+        cols[self._slot_index] = cols_rows
         return full_ids, cols
 
     def _step(self, ids: torch.Tensor, every: bool) -> torch.Tensor:
         self._own()
         store = self.store
         q = ids.shape[1]
-        store.ensure(int(self._lengths.max()) + q, [])
+        self._make_room(q)
         cols_rows = self._lengths.unsqueeze(1) + torch.arange(q, device=store.device).unsqueeze(0)
         full_ids, cols = self._spread(ids, cols_rows, q)
         logits = store.forward(full_ids, cols, every=every, captured=True)
         self._lengths = self._lengths + q
-        return logits[self._slot_tensor()]
+        self._longest += q
+        return logits[self._slot_index]
