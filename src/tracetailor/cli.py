@@ -264,6 +264,12 @@ def _register() -> None:
     config_command("train", TrainConfig, ".train:run_train",
                    "Fine-tune the student on an SFT set with TRL, loss on the completion only: a from_pretrained "
                    "checkpoint.", resumable=False, extras=("train",))
+    from .config import ImportConfig
+
+    config_command("import", ImportConfig, ".trace_import:run_import",
+                   "An existing trace dataset (s1K-1.1's DeepSeek-R1 traces, say) as an SFT set in select's format, "
+                   "with its funnel: the raw-trace arm.", stream="out", progress=False,
+                   arguments={"source": "The trace dataset: a hub id, a JSONL/Parquet file or a `datasets` folder."})
     from .export import ExportConfig
 
     config_command("export", ExportConfig, ".export:run_export",

@@ -465,6 +465,67 @@ class SelectConfig(Settings):
         return self
 
 
+# ---------------------------------------------------------------- import
+
+
+S1K_MARKERS = ["<|im_start|>think", "<|im_start|>answer"]  # s1K-1.1_tokenized's think/answer markers
+
+
+@dataclass
+class ImportConfig(Settings):
+    """Everything `tracetailor import` needs: an existing trace dataset -> an SFT set in select's format."""
+
+    source: list[str] = option(factory=list, help="The trace dataset: a hub id, a JSONL/JSON/Parquet/CSV file or a "
+                               "`datasets` folder.", cli=False)
+    student: str = option("", f"The student whose chat template and tokenizer the set is written for: {MODEL_HELP}.")
+    out: str = option("sft.jsonl", "The SFT JSONL to write; the funnel goes to OUT.funnel.json.", resumable=True)
+    split: str = option("train", "Split of a hub or saved dataset.")
+    subset: str | None = option(None, "Subset (config name) of a hub dataset.")
+    revision: str | None = option(None, "Revision of a hub dataset (pin it to reproduce).")
+    prompt_field: str = option("prompt", "Field holding the question (a string or a messages list).")
+    thinking_field: str | None = option(None, "Field holding the reasoning; it goes between <think> and </think>.",
+                                        shown="none: the response field holds the whole assistant text")
+    response_field: str = option("completion", "Field holding the text after the reasoning (the attempt), or the "
+                                 "whole assistant text without --thinking-field.")
+    gold_field: str | None = option(None, "Field holding the reference answer, for --correct-only (copied to each row).")
+    id_field: str | None = option(None, "Field holding a unique prompt id.", shown="the row number")
+    think_markers: list[str] = option(factory=lambda: list(S1K_MARKERS), help="Two markers turned into <think> and "
+                                      "</think> wherever they occur (repeat the flag twice; s1K's by default).")
+    answer_prefix: str = option("", 'Put before the response unless it already holds it (s1K-1.1_tokenized: "Answer: ").')
+    system_prompt: str | None = option(None, "System message put before each question.")
+    prefill: str = option("", 'The start of the assistant text that goes at the end of the prompt (e.g. "<think>"), '
+                          "as generate's --prefill puts it there.")
+    chat_template: bool = option(True, "Apply the student's chat template.", flags=("--chat-template/--no-chat-template",),
+                                 shown="on")
+    max_length: int | None = option(None, "Drop rows longer than this many tokens, prompt included.", low=2,
+                                    shown="none: keep all (train --max-length truncates)")
+    correct_only: bool = option(False, "Keep only rows whose answer matches --gold-field.",
+                                flags=("--correct-only/--no-correct-only",), shown="off")
+    answer_mode: str = option("strict-math-verify", "How answers are checked with --correct-only.",
+                              choices=tuple(ANSWER_MODES))
+    limit: int | None = option(None, "Only the first N rows.", low=1)
+    trust_remote_code: bool = option(False, REMOTE_HELP)
+    overwrite: bool = option(False, "Replace an SFT set already at --out.", resumable=True)
+    preset: str | None = option(None, "A named table of settings (paper: s1K-1.1's fields and the layout of "
+                                "s1K-1.1_tokenized, docs/paper.md) laid under --config and the flags.", resumable=True)
+
+    def validate(self) -> "ImportConfig":
+        try:
+            check_fields(self)
+            if len(self.source) != 1:
+                raise ConfigError("source: give one trace dataset (a hub id, a file or a `datasets` folder)")
+            _required("student", MODEL_HELP, self.student)
+            _required("out", "the SFT JSONL file to write", self.out)
+            if len(self.think_markers) not in (0, 2) or any(not m for m in self.think_markers):
+                raise ConfigError("think_markers: give two non-empty markers (the start and the end of the "
+                                  "reasoning), or none")
+            if self.correct_only and not self.gold_field:
+                raise ConfigError("correct_only: needs --gold-field, the field with the reference answer")
+        except ConfigError as e:
+            raise SelectError(str(e)) from None
+        return self
+
+
 # ---------------------------------------------------------------- train
 
 
@@ -727,7 +788,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 # the command whose section of a preset table a config takes
 PRESET_COMMANDS = {"GenerateConfig": "generate", "SelectConfig": "select", "TrainConfig": "train",
-                   "EvalConfig": "eval"}
+                   "EvalConfig": "eval", "ImportConfig": "import"}
 
 # keys that were renamed, and what to use instead
 RENAMED = {"gguf_file": ("GenerateConfig", "teacher_gguf_file (the teacher's GGUF file; student_gguf_file is the "

@@ -12,7 +12,7 @@ from typing import Any
 
 from ..errors import UserError
 
-COMMANDS = ("generate", "select", "train", "eval")
+COMMANDS = ("generate", "select", "train", "eval", "import")
 
 
 class PresetError(UserError, ValueError):
