@@ -22,6 +22,7 @@ from typing import Any
 
 from .errors import OutputDirError, UserError  # noqa: F401  (re-exported: one place for the user errors)
 from .evaluate.answers import ANSWER_MODES
+from .evaluate.grading import GRADINGS
 
 
 class ConfigError(UserError, ValueError):
@@ -207,6 +208,20 @@ JUDGE_URL_HELP = ("An OpenAI-compatible endpoint (e.g. http://localhost:8000/v1)
 JUDGE_MODEL_HELP = "The judge's model name at --judge-url."
 JUDGE_KEY_HELP = "Environment variable holding the judge's API key (unset: no key is sent)."
 JUDGE_CACHE_HELP = "JSONL cache of the judge's replies: a rerun asks nothing twice."
+# --grading and --judge-prompt, the same on select and eval (evaluate/grading.py)
+GRADING_HELP = ("How correctness is decided: strict (offline: the answer mode's checks against the gold answer "
+                "pulled out of the reference; a judge only if one is set) or paper (the authors' protocol: an LLM "
+                "judge sees the reference as it is; needs --judge-url and --judge-model; docs/paper.md).")
+JUDGE_PROMPT_HELP = ("With --grading paper: a text file with the judge's prompt, holding {reference} and "
+                     "{completion} (and optionally {question}).")
+
+
+def _check_grading(cfg) -> None:
+    if cfg.grading == "paper" and not cfg.judge_url:
+        raise ConfigError("grading: paper asks an LLM judge; give --judge-url and --judge-model (or use --grading "
+                          "strict, the offline default)")
+    if cfg.judge_prompt and cfg.grading != "paper":
+        raise ConfigError("judge_prompt: used by --grading paper only; add --grading paper or drop --judge-prompt")
 
 
 # ---------------------------------------------------------------- generate
@@ -324,6 +339,9 @@ class EvalConfig(Settings):
     judge_model: str | None = option(None, JUDGE_MODEL_HELP)
     judge_api_key_env: str = option("OPENAI_API_KEY", JUDGE_KEY_HELP, resumable=True)
     judge_cache: str | None = option(None, JUDGE_CACHE_HELP, resumable=True, shown="OUT/judge-cache.jsonl")
+    grading: str = option("strict", GRADING_HELP + " In eval the judge sees the whole completion, cut-off ones too.",
+                          choices=GRADINGS)
+    judge_prompt: str | None = option(None, JUDGE_PROMPT_HELP, shown="ours")
     chat_template: bool = option(True, "Apply the model's chat template.", flags=("--chat-template/--no-chat-template",),
                                  shown="on")
     batch_size: int = option(32, "Sequences decoded together.", low=1, resumable=True)
@@ -348,6 +366,7 @@ class EvalConfig(Settings):
 
         check_fields(self)
         _check_judge(self)
+        _check_grading(self)
         _required("model", MODEL_HELP, self.model)
         if not split_benchmarks(self.benchmark or ""):
             raise ConfigError("benchmark: required (e.g. aime24,math500, or a JSONL/Parquet file)")
@@ -444,6 +463,9 @@ class SelectConfig(Settings):
     judge_model: str | None = option(None, JUDGE_MODEL_HELP)
     judge_api_key_env: str = option("OPENAI_API_KEY", JUDGE_KEY_HELP, resumable=True)
     judge_cache: str | None = option(None, JUDGE_CACHE_HELP, resumable=True, shown="OUT.judge-cache.jsonl")
+    grading: str = option("strict", GRADING_HELP + " In select the last \\boxed{} after </think> is matched "
+                          "exactly, then shown to the judge.", choices=GRADINGS)
+    judge_prompt: str | None = option(None, JUDGE_PROMPT_HELP, shown="ours")
     overwrite: bool = option(False, "Replace an SFT set already at --out.", resumable=True)
     preset: str | None = option(None, "A named table of settings (paper: the paper's procedure, docs/paper.md) laid "
                                 "under --config and the flags, which override it.", resumable=True)
@@ -452,6 +474,7 @@ class SelectConfig(Settings):
         try:
             check_fields(self)
             _check_judge(self)
+            _check_grading(self)
             if not self.traces:
                 raise ConfigError("traces: give at least one trace file (or generate's output directory)")
             _required("out", "the SFT JSONL file to write", self.out)

@@ -33,6 +33,9 @@ usually means generate ran without `--carry answer`), not an unverifiable trace.
 after the generation header (a prefill such as "<think>\\n") plus the completion,
 contains `<think>` or `</think>`; `require_think` forces it on or off.
 
+With `grading` "paper" (evaluate/grading.py) step 3 is the authors' datagen check instead: the
+last `\\boxed{}` after `</think>` equal to the raw gold field, else an LLM judge's word on the two.
+
 It does not load models or tokenizers, re-tokenise text, or grade with anything
 but the final answer.
 """
@@ -49,7 +52,8 @@ from typing import Any, Callable, Iterable
 from .config import PICKS, SelectConfig, SelectError  # noqa: F401  (SelectError: raised here too)
 from .data.topk import sft_sidecar_path
 from .data.traces import AtomicWriter, TraceRecord, read_numbered_records, resolve_trace_paths, write_json_atomic
-from .evaluate.answers import check_answer, gold_answers, require_math_verify
+from .evaluate.answers import check_answer, gold_answers, require_math_verify, strict_boxed_answer
+from .evaluate.grading import PAPER_JUDGE_PROMPT, grading_label, judge_says, load_judge_prompt, reference_text
 from .evaluate.judge import judge_from
 from .thinking import ThinkIds, count_think_marks, text_after_think_end
 
@@ -137,11 +141,12 @@ def fallback_rate(trace: Trace) -> float:
 
 
 def screen(trace: Trace, cfg: SelectConfig, by_id: tuple[Any, ThinkIds] | None = None,
-           llm_judge=None) -> tuple[str | None, str | None]:
+           llm_judge=None, judge_prompt: str | None = None) -> tuple[str | None, str | None]:
     """(the first filter the trace fails, None if it passes, or "kept_unverifiable"; the answer extracted from it).
 
     `by_id` (tokenizer, its ThinkIds): count `</think>` and the chat end by token id (see thinking.py).
-    `llm_judge` (evaluate.judge.LLMJudge): asked when the offline answer checks say no."""
+    `llm_judge` (evaluate.judge.LLMJudge): asked when the offline answer checks say no (--grading strict),
+    or with `judge_prompt` for the paper's grading."""
     rec = trace.record
     if rec["finish_reason"] != "stop":
         return "not_stopped", None
@@ -164,6 +169,8 @@ def screen(trace: Trace, cfg: SelectConfig, by_id: tuple[Any, ThinkIds] | None =
     if (cfg.max_fallback_rate < 1.0 and rec.get("mode", "rsd") == "rsd"
             and fallback_rate(trace) > cfg.max_fallback_rate):
         return "fallback_rate", None
+    if cfg.grading == "paper" and cfg.correct_only:
+        return _paper_verdict(trace, cfg, answer_text, thinking, llm_judge, judge_prompt)
     golds = gold_answers(rec.get(cfg.answer_field)) if cfg.answer_field else []
     if not cfg.correct_only or not golds:
         predicted = check_answer(answer_text, None, cfg.answer_mode, thinking=thinking).extracted
@@ -173,6 +180,22 @@ def screen(trace: Trace, cfg: SelectConfig, by_id: tuple[Any, ThinkIds] | None =
     verdict = check_answer(answer_text, golds, cfg.answer_mode, judge=llm_judge, question=_question(trace),
                            thinking=thinking)
     return (None if verdict.correct else "incorrect"), verdict.extracted
+
+
+def _paper_verdict(trace: Trace, cfg: SelectConfig, answer_text: str, thinking: bool, llm_judge,
+                   judge_prompt: str | None) -> tuple[str | None, str | None]:
+    """The authors' datagen grading: the last \\boxed{} after </think>, equal to the raw reference, else the
+    judge's word on it against the raw reference (nothing pulled out of the reference)."""
+    reference = reference_text(trace.record.get(cfg.answer_field))
+    if not reference.strip():
+        return ("kept_unverifiable" if cfg.keep_unverifiable else "unverifiable"), None
+    boxed = strict_boxed_answer(answer_text, thinking)
+    if boxed is None:
+        return "incorrect", None
+    if boxed == reference or judge_says(llm_judge, judge_prompt or PAPER_JUDGE_PROMPT, reference, boxed,
+                                        _question(trace)):
+        return None, boxed
+    return "incorrect", boxed
 
 
 def _question(trace: Trace) -> str | None:
@@ -366,6 +389,7 @@ def _stream(cfg: SelectConfig, records: Iterable[tuple[str, dict]], inputs: list
     unless --judge-cache names one."""
     by_id = _think_ids(cfg, inputs)
     llm_judge = judge_from(cfg, judge_cache)
+    judge_prompt = load_judge_prompt(cfg.judge_prompt) if cfg.grading == "paper" else None
     removed = {key: 0 for key, _ in STEPS}
     prompts: dict[str, int] = {}  # prompt id -> traces that passed the filters, in first-seen order
     read = no_answer = kept_unverifiable = 0
@@ -373,7 +397,7 @@ def _stream(cfg: SelectConfig, records: Iterable[tuple[str, dict]], inputs: list
         trace = read_trace(rec, where, cfg)
         read += 1
         prompts.setdefault(trace.prompt_id, 0)
-        reason, predicted = screen(trace, cfg, by_id, llm_judge)
+        reason, predicted = screen(trace, cfg, by_id, llm_judge, judge_prompt)
         if reason == "empty" and removed["empty"] < 5:
             log(f"warning: {trace.where}: empty completion (counted as malformed)")
         if reason in removed:
@@ -400,6 +424,8 @@ def _stream(cfg: SelectConfig, records: Iterable[tuple[str, dict]], inputs: list
         "settings": asdict(cfg),
         "judge": None if llm_judge is None else {"model": llm_judge.model, "endpoint": llm_judge.endpoint,
                                                  "requests": llm_judge.requests},
+        "grading": grading_label(cfg.grading, cfg.answer_mode, llm_judge, cfg.judge_prompt) if cfg.correct_only
+        else "none (--no-correct-only)",
     }
 
 
@@ -419,5 +445,7 @@ def format_funnel(funnel: dict) -> str:
         lines.append(f"  (of the wrong answers, {funnel['incorrect_with_no_answer_found']} had no answer found)")
     if funnel["kept_unverifiable"]:
         lines.append(f"  ({funnel['kept_unverifiable']} traces with no gold answer passed unchecked)")
+    if funnel.get("grading"):
+        lines.append(f"grading: {funnel['grading']}")
     lines.append(f"wrote {funnel['kept']} rows to {funnel['out']}")
     return "\n".join(lines)

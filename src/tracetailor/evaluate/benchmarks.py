@@ -63,6 +63,7 @@ class BenchmarkSpec:
     answer_type: str = "math"  # math | choice
     choices_fields: tuple[str, ...] = ()  # choice: the fields of the wrong options
     id_field: str | None = None  # None: the row number
+    reference_field: str | None = None  # --grading paper: the field the judge sees (None: answer_field, raw)
     rows: Callable[[], list[dict]] | None = None  # offline specs: a function giving the rows
     path: str | None = None  # local-file specs
     note: str = ""
@@ -87,6 +88,7 @@ class Item:
     answer_type: str
     choices: list[str] | None = None  # choice: the options in the order shown (A, B, ...)
     bare: str = ""  # the user turn without the instruction (eval --no-instruction: the paper's raw question)
+    reference: str = ""  # the reference as the data gives it (the judge of --grading paper sees it); "": `gold`
 
 
 # ---------------------------------------------------------------- offline rows
@@ -139,6 +141,7 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
         BenchmarkSpec("aime25", "math-ai/aime25", split="test", id_field="id",
                       note="AIME 2025 I and II, 30 problems"),
         BenchmarkSpec("math500", "HuggingFaceH4/MATH-500", split="test", id_field="unique_id",
+                      reference_field="solution",  # the authors' eval.py:292 shows their judge the solution
                       note="500 MATH test problems (Lightman et al.)"),
         BenchmarkSpec("gpqa-diamond", "Idavidrein/gpqa", config="gpqa_diamond", split="train",
                       question_field="Question", answer_field="Correct Answer", answer_type="choice",
@@ -285,7 +288,9 @@ def _item(spec: BenchmarkSpec, row: Mapping, i: int, where: str, choice_seed: in
     golds = gold_answers(row[spec.answer_field])
     if not golds:
         raise BenchmarkError(f"{where}: field {spec.answer_field!r} holds no answer ({row[spec.answer_field]!r})")
-    return Item(item_id, question, f"{question}\n{MATH_INSTRUCTION}", golds[0], "math", bare=question)
+    reference = row.get(spec.reference_field or spec.answer_field)
+    return Item(item_id, question, f"{question}\n{MATH_INSTRUCTION}", golds[0], "math", bare=question,
+                reference="" if reference is None else str(reference))
 
 
 def shuffle_seed(seed: int, item_id: str) -> int:

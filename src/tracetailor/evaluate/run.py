@@ -18,7 +18,10 @@ it equals the binomial standard error up to the n-1).
 
 With thinking (a `<think>` prefill), only the text after `</think>` is graded;
 a completion without `</think>` is wrong, and one cut off by the token limit
-before it is counted separately as `truncated_before_answer`.
+before it is counted separately as `truncated_before_answer`. That is the default
+grading, `strict`; `--grading paper` (evaluate/grading.py) instead shows an LLM judge
+the whole completion, cut-off ones too, and the benchmark's reference as it is, as the
+authors' eval.py does. The summary names the grading of every figure.
 
 Resume: a run restarted on the same OUT with the same settings skips the samples
 already in `OUT/<benchmark>.jsonl` (a torn last line is cut); `samples`, `limit`,
@@ -41,6 +44,7 @@ from typing import Any, Iterable, Sequence
 
 from ..config import EvalConfig
 from ..data.traces import AtomicWriter
+from .grading import grading_label, judge_says, load_judge_prompt
 from .judge import judge_from
 from .answers import (THINK_END, check_answer, extract_answer, is_correct, multiple_choice_letter, normalize,
                       require_math_verify)
@@ -77,6 +81,16 @@ def grade_sample(completion: str, gold: str, answer_type: str, thinking: bool, f
         return Verdict(check.extracted, check.correct, closed, False)
     answer = extract_answer(completion, thinking)
     return Verdict(answer, is_correct(answer, gold), closed, False)
+
+
+def grade_paper(completion: str, item: Item, thinking: bool, judge, judge_prompt: str) -> Verdict:
+    """The authors' eval grading (their eval.py): the judge sees the whole completion, cut-off ones too, and the
+    benchmark's reference as it is (`Item.reference`); `extracted` is our extraction, kept for the votes only."""
+    closed = (THINK_END in completion) if thinking else None
+    extracted = (multiple_choice_letter(completion, thinking) if item.answer_type == "choice"
+                 else extract_answer(completion, thinking))
+    correct = judge_says(judge, judge_prompt, item.reference or item.gold, completion, item.question)
+    return Verdict(extracted, correct, closed, False)
 
 
 def resolve_prefill(prefill: str | None, tokenizer) -> str:
@@ -181,6 +195,7 @@ def markdown(summary: dict[str, Any]) -> str:
         "",
         f"temperature {s['temperature']}, top-p {s['top_p']}, top-k {s['top_k'] or 'none'}, "
         f"max new tokens {s['max_new_tokens']}, prefill {summary['prefill']!r}, seed {s['seed']}.",
+        f"Grading: {summary.get('grading', 'strict')}.",
         "Accuracy: mean over questions of the per-question accuracy over samples; "
         "± SE: its standard error across questions. pass@k (unbiased estimator) and maj@k (majority vote of "
         "the extracted answers) use k = the samples per question.",
@@ -289,6 +304,7 @@ def eval_benchmark(name: str, spec: BenchmarkSpec, items: list[Item], cfg: EvalC
     from ..sampling import Progress, build_requests, sample, token_budget
 
     tok = model.tokenizer
+    judge_prompt = load_judge_prompt(cfg.judge_prompt) if cfg.grading == "paper" else None
     prompts = build_prompts([{"id": it.id, "prompt": it.prompt if cfg.instruction else it.bare} for it in items], None,
                             tok, prompt_field="prompt",
                             id_field="id", system_prompt=cfg.system_prompt, prefill=prefill,
@@ -314,7 +330,7 @@ def eval_benchmark(name: str, spec: BenchmarkSpec, items: list[Item], cfg: EvalC
             for fin in sample(engine, requests, log):  # out of memory: half the batch, go on
                 prompt, s = handles[fin.handle]
                 record = sample_record(name, by_id[prompt.prompt_id], s, fin, tok, eos, thinking, cfg.answer_mode,
-                                       judge)
+                                       judge, judge_prompt)
                 tokens += len(fin.token_ids)
                 writer.write(record)
                 records.append(record)
@@ -325,6 +341,7 @@ def eval_benchmark(name: str, spec: BenchmarkSpec, items: list[Item], cfg: EvalC
     result = summarize(records, [it for it in items if it.id not in skipped], cfg.samples, thinking)
     result.update({
         "source": spec.source, "answer_type": spec.answer_type, "skipped_questions": skipped, "file": path.name,
+        "grading": grading_label(cfg.grading, cfg.answer_mode, judge, cfg.judge_prompt),
         "this_run": {"completions": len(requests), "tokens": tokens, "seconds": round(seconds, 3),
                      "tokens_per_second": round(tokens / seconds, 2) if requests and seconds > 0 else None},
     })
@@ -332,14 +349,18 @@ def eval_benchmark(name: str, spec: BenchmarkSpec, items: list[Item], cfg: EvalC
 
 
 def sample_record(benchmark: str, item: Item, sample_index: int, fin, tokenizer, eos: set[int],
-                  thinking: bool, answer_mode: str = "math-verify", judge=None) -> dict[str, Any]:
-    """One graded sample, as a line of OUT/<benchmark>.jsonl."""
+                  thinking: bool, answer_mode: str = "math-verify", judge=None,
+                  judge_prompt: str | None = None) -> dict[str, Any]:
+    """One graded sample, as a line of OUT/<benchmark>.jsonl; `judge_prompt` set: the paper's grading."""
     from ..data.traces import record_id
     from ..sampling import completion_text
 
     completion = completion_text(fin, tokenizer, eos)
-    verdict = grade_sample(completion, item.gold, item.answer_type, thinking, fin.finish_reason, answer_mode, judge,
-                           item.question)
+    if judge_prompt is not None:
+        verdict = grade_paper(completion, item, thinking, judge, judge_prompt)
+    else:
+        verdict = grade_sample(completion, item.gold, item.answer_type, thinking, fin.finish_reason, answer_mode,
+                               judge, item.question)
     record = {
         "id": record_id(item.id, sample_index), "benchmark": benchmark, "question_id": item.id,
         "sample": sample_index, "question": item.question, "gold": item.gold,
@@ -365,6 +386,7 @@ def _summary(cfg: EvalConfig, model_name: str, prefill: str, thinking: bool, res
                                                    "chat_template", "answer_mode", "limit")},
         "judge": None if judge is None else {"model": judge.model, "endpoint": judge.endpoint,
                                              "requests_this_run": judge.requests},
+        "grading": grading_label(cfg.grading, cfg.answer_mode, judge, cfg.judge_prompt),
         "scores": "accuracy: mean over questions of per-question accuracy over samples; "
                   "stderr: standard error of that mean across questions",
         "benchmarks": results,
