@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 
-from tracetailor.config import GenerateConfig
+from tracetailor.config import GenerateConfig, ImportConfig
 from tracetailor.evaluate.run import EvalConfig
 from tracetailor.presets import PresetError, load_preset, preset_names
 from tracetailor.select import SelectConfig
@@ -20,7 +20,8 @@ SYSTEM = ("You are Qwen, created by Alibaba Cloud. You are a helpful assistant.\
 
 # Preset fields that no config has yet (docs/paper.md, "Not wired yet"): none.
 NOT_WIRED: dict[str, set] = {}
-CONFIGS = {"generate": GenerateConfig, "select": SelectConfig, "train": TrainConfig, "eval": EvalConfig}
+CONFIGS = {"generate": GenerateConfig, "select": SelectConfig, "train": TrainConfig, "eval": EvalConfig,
+           "import": ImportConfig}
 
 
 def test_generate_is_the_papers():
@@ -41,7 +42,7 @@ def test_train_is_the_papers():
     assert t == {"learning_rate": 1e-5, "num_train_epochs": 5, "weight_decay": 1e-4, "adam_beta1": 0.9,
                  "adam_beta2": 0.95, "warmup_ratio": 0.05, "lr_scheduler": "cosine", "per_device_train_batch_size": 1,
                  "gradient_accumulation_steps": 16, "max_length": 8192, "dtype": "bfloat16", "bf16": True,
-                 "prefill_in_loss": True}
+                 "prefill_in_loss": True, "retokenize": True}
     assert all(isinstance(t[k], float) for k in ("learning_rate", "weight_decay"))  # not YAML 1.1 strings
 
 

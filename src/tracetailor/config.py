@@ -267,6 +267,10 @@ class GenerateConfig(Settings):
     stop: list[str] = option(factory=list, help="Stop string (repeatable); the student's EOS always stops.")
     device: str = option("auto", DEVICE_HELP, resumable=True)
     dtype: str = option("auto", DTYPE_HELP, choices=DTYPES)
+    teacher_dtype: str | None = option(None, "The teacher's dtype, when it differs from --dtype (the paper's code: "
+                                       "float16).", choices=DTYPES, shown="--dtype")
+    end_tokens: list[str] = option(factory=list, help="Only these tokens end a completion (repeatable), e.g. "
+                                   "--end-tokens '<|im_end|>'.", shown="every EOS id of the student")
     trust_remote_code: bool = option(False, REMOTE_HELP, resumable=True)
     allow_pickle: bool = option(False, PICKLE_HELP, resumable=True)
     overwrite: bool = option(False, "Replace a previous run in --out instead of resuming it.", resumable=True)
@@ -320,6 +324,11 @@ class EvalConfig(Settings):
     gguf_file: str | None = option(None, "GGUF file name inside the model's dir or hub repo.")
     benchmark: str = option("aime24,aime25,math500,gpqa-diamond", "Comma list of aime24, aime25, math500, gpqa-diamond, "
                             "gsm8k, gsm8k-offline, champ, or JSONL/Parquet files.", resumable=True)
+    benchmark_copies: str = option("ours", "Which hub copies the named benchmarks load: ours, or paper (the authors' "
+                                   "eval.py: AIME 2025 from opencompass/AIME2025, GPQA-Diamond from "
+                                   "spawn99/GPQA-diamond-ClaudeR1).", choices=("ours", "paper"))
+    choice_layout: str = option("ours", 'How multiple-choice options are listed: ours ("A) ...") or paper '
+                                '("Choices:" then "A. ...", as the authors\' eval.py).', choices=("ours", "paper"))
     samples: int = option(16, "Samples per question.", low=1, resumable=True)
     temperature: float = option(0.7, "Sampling temperature.", above=0.0)
     top_p: float = option(0.95, "Nucleus mass.", above=0.0, high=1.0)
@@ -586,6 +595,9 @@ class TrainConfig(Settings):
                         "paper's).", choices=DTYPES)
     prefill_in_loss: bool = option(False, "Train the prefill that ends a templated prompt (e.g. <think>) as part of "
                                    "the completion.", flags=("--prefill-in-loss/--no-prefill-in-loss",), shown="off")
+    retokenize: bool = option(False, "Decode each row's token ids to text and let the tokenizer encode prompt + "
+                              "completion again as one text, as the paper's code (TRL on text) does; off: train on "
+                              "the ids as generated.", flags=("--retokenize/--no-retokenize",), shown="off")
     seed: int = option(0, "Seed of shuffling and initialisation.", low=0)
     logging_steps: int = option(1, "Log the loss every N optimizer steps.", low=1)
     save_strategy: str = option("end", "end (only the final model), epoch or steps (also OUT/checkpoint-*, with the "
@@ -631,6 +643,9 @@ class TrainConfig(Settings):
         schedulers = [s.value for s in SchedulerType]
         if self.lr_scheduler not in schedulers:
             raise ConfigError(f"lr_scheduler: {self.lr_scheduler!r} is not one of {', '.join(schedulers)}")
+        if self.retokenize and self.loss == "kd":
+            raise ConfigError("retokenize: the teacher's top-K of --loss kd is stored per generated token and would "
+                              "no longer line up; use --no-retokenize with --loss kd")
         if self.save_steps is not None and self.save_strategy == "end":
             self.save_strategy = "steps"  # --save-steps N alone saves every N steps, as in TRL's scripts
         return self

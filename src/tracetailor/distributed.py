@@ -96,7 +96,7 @@ class GenerateWorker:
     def setup(self) -> dict:
         import torch
 
-        from .sampling import context_window, load_pair, make_engine
+        from .sampling import context_window, end_ids, load_pair, make_engine
 
         if self.threads:  # N workers on one machine's cores must not each take all of them
             torch.set_num_threads(self.threads)
@@ -109,7 +109,7 @@ class GenerateWorker:
             )
         self.student, self.teacher, self.bridge = load_pair(self.cfg, log=lambda m: None)
         self.context = context_window(self.student, self.teacher)
-        self.eos = set(self.student.eos_ids())
+        self.eos = end_ids(self.student, self.cfg.end_tokens)
         self.engine = make_engine(self.cfg, self.student, self.teacher, self.bridge)
         bridge = self.bridge
         return {

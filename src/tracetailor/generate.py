@@ -26,6 +26,7 @@ from .sampling import (
     build_record,
     build_requests,
     context_window,
+    end_ids,
     load_pair,
     load_prompt_set,
     make_engine,
@@ -74,7 +75,7 @@ def _run_here(cfg: GenerateConfig, rundir: RunDir, log) -> dict[str, Any]:
         log(f"resuming: {len(done)} sequence(s) already in {out}, {len(requests)} to go")
 
     progress = Progress(len(requests), cfg.progress, cfg.mode)
-    eos = set(student.eos_ids())
+    eos = end_ids(student, cfg.end_tokens)
     engine = make_engine(cfg, student, teacher, bridge, on_step=progress.step)
     progress.engine = engine
     started = time.perf_counter()

@@ -80,7 +80,8 @@ def load_pair(cfg: GenerateConfig, log=print):
                          trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle, role="student")
     teacher = bridge = None
     if cfg.mode != "student":
-        teacher = load_model(cfg.teacher, gguf_file=cfg.teacher_gguf_file, device=cfg.device, dtype=cfg.dtype,
+        teacher = load_model(cfg.teacher, gguf_file=cfg.teacher_gguf_file, device=cfg.device,
+                             dtype=cfg.teacher_dtype or cfg.dtype,
                              trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle, role="teacher",
                              device_map=cfg.teacher_device_map)
         bridge = make_bridge(student, teacher, log)
@@ -153,6 +154,21 @@ def warn_skipped(skipped: list[str], context: int | None) -> None:
                       stacklevel=3)
 
 
+def end_ids(student, end_tokens: list[str] | None = None) -> set[int]:
+    """The ids that end a completion: every EOS id of the student (its generation config's and its tokenizer's),
+    or only those of `end_tokens` (e.g. ["<|im_end|>"]) when given; an unknown token is a ConfigError."""
+    if not end_tokens:
+        return set(student.eos_ids())
+    from .config import ConfigError
+
+    vocab = student.tokenizer.get_vocab()
+    missing = [t for t in end_tokens if t not in vocab]
+    if missing:
+        raise ConfigError(f"end_tokens: the student's tokenizer has no token {', '.join(map(repr, missing))}; name "
+                          "tokens it has (e.g. <|im_end|>), or drop --end-tokens to stop on its EOS ids")
+    return {vocab[t] for t in end_tokens}
+
+
 def make_engine(cfg: GenerateConfig, student, teacher, bridge, on_step=None) -> Engine:
     settings = DecodeSettings(
         mode=cfg.mode,
@@ -162,7 +178,7 @@ def make_engine(cfg: GenerateConfig, student, teacher, bridge, on_step=None) -> 
         teacher_topk=cfg.save_teacher_topk if cfg.mode != "student" else 0,
     )
     return Engine(
-        student.model, teacher.model if teacher else None, bridge, settings, eos_ids=set(student.eos_ids()),
+        student.model, teacher.model if teacher else None, bridge, settings, eos_ids=end_ids(student, cfg.end_tokens),
         batch_size=cfg.batch_size, stop_fn=stop_checker(student.tokenizer, cfg.stop), on_step=on_step,
         kv_cache=cfg.kv_cache,
     )

@@ -26,6 +26,8 @@ every TRL release. Sequences over `max_length` lose completion tokens at the
 end (one warning counts them); the prompt is never cut. `prefill_in_loss` moves a
 prompt's trailing prefill (the `<think>` generate put after the generation header)
 into the completion, so the loss covers it (the paper preset does; docs/paper.md).
+`retokenize` (the preset's too) instead trains on the ids decoded to text and encoded again,
+as the paper's code does by handing TRL text.
 
 Defaults are the recipe the paper used (s1's): lr 1e-5, 5 epochs, weight decay
 1e-4, AdamW betas (0.9, 0.95), 5% warm-up then cosine, batch 1 x 16 accumulated
@@ -104,9 +106,25 @@ def read_examples(cfg: TrainConfig, tokenizer) -> list[Example]:
         rows = rows[: cfg.limit]
     template = _Template(tokenizer)
     examples = [row_example(row, where(i), tokenizer, template) for i, row in enumerate(rows)]
+    if cfg.retokenize:
+        examples = [retokenized(ex, tokenizer) for ex in examples]
     if cfg.loss == "kd":
         attach_teacher_topk(examples, rows, path)
     return [prefill_into_completion(ex, tokenizer) for ex in examples] if cfg.prefill_in_loss else examples
+
+
+def retokenized(ex: Example, tokenizer) -> Example:
+    """`ex` as the paper's code trains it: its ids decoded to one text and encoded again by the tokenizer, as
+    TRL does with a text column. The prompt/completion split stays where the prompt's own encoding ends (the
+    generation header or the prefill ends in a special or added token, where encodings do not merge); when the
+    two encodings part earlier, prompt and completion are encoded apart."""
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
+    prompt, completion = decode(ex.prompt_ids), decode(ex.completion_ids)
+    encode = lambda text: list(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    whole, head = encode(prompt + completion), encode(prompt)
+    if whole[: len(head)] == head and len(whole) > len(head):
+        return Example(ex.at, head, whole[len(head):], ex.topk, ex.topk_offset)
+    return Example(ex.at, head, encode(completion), ex.topk, ex.topk_offset)
 
 
 PREFILL_MAX_TOKENS = 16  # a prefill is a few tokens ("<think>", "<think>\n"); longer tails are not looked for

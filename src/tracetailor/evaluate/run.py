@@ -242,11 +242,12 @@ def load_specs(cfg: EvalConfig) -> tuple[dict[str, BenchmarkSpec], dict[str, lis
     """The benchmarks and their questions, before any model loads: a typo or a missing field fails first."""
     specs: dict[str, BenchmarkSpec] = {}
     for name in split_benchmarks(cfg.benchmark):
-        spec = resolve_benchmark(name, cfg.question_field, cfg.answer_field)
+        spec = resolve_benchmark(name, cfg.question_field, cfg.answer_field, copies=cfg.benchmark_copies)
         if spec.name in specs:
             raise BenchmarkError(f"two benchmarks are both named {spec.name!r}; rename one of the files")
         specs[spec.name] = spec
-    benchmarks = {name: load_benchmark(spec, limit=cfg.limit) for name, spec in specs.items()}
+    benchmarks = {name: load_benchmark(spec, limit=cfg.limit, choice_layout=cfg.choice_layout)
+                  for name, spec in specs.items()}
     if any(spec.answer_type == "math" for spec in specs.values()):
         require_math_verify()
     return specs, benchmarks
