@@ -204,7 +204,7 @@ REMOTE_HELP = "Allow model code from the hub (off by default)."
 PICKLE_HELP = "Load pickle .bin weights, which can run code (off: safetensors or GGUF only)."
 # the LLM judge's four fields, the same on select and eval (evaluate/judge.py `judge_from`)
 JUDGE_URL_HELP = ("An OpenAI-compatible endpoint (e.g. http://localhost:8000/v1) whose --judge-model is asked whether "
-                  "an answer equals the reference when the offline checks say no (the paper's LLM judge).")
+                  "an answer equals the reference when the offline checks say no; --grading paper asks it always.")
 JUDGE_MODEL_HELP = "The judge's model name at --judge-url."
 JUDGE_KEY_HELP = "Environment variable holding the judge's API key (unset: no key is sent)."
 JUDGE_CACHE_HELP = "JSONL cache of the judge's replies: a rerun asks nothing twice."
