@@ -122,7 +122,7 @@ def _write_rows(cfg: ImportConfig, rows, where, texts, prompts, tokenizer, sink)
     removed = {key: 0 for key, _ in STEPS}
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     kept = 0
-    for i, (row, text, prompt) in enumerate(zip(rows, texts, prompts)):
+    for row, text, prompt in zip(rows, texts, prompts):
         if cfg.prefill and text.startswith(cfg.prefill):
             text = text[len(cfg.prefill):]
         reason, predicted, ids = screen_row(cfg, row, cfg.prefill + text, text, tokenizer, len(prompt.token_ids))
