@@ -229,7 +229,7 @@ def _check_grading(cfg) -> None:
 
 @dataclass
 class GenerateConfig(Settings):
-    """Everything `tracetailor generate` needs. Defaults are the paper's preset."""
+    """Everything `tracetailor generate` needs. `--preset paper` gives the authors' settings (docs/paper.md)."""
 
     student: str = option("", f"Student model: {MODEL_HELP}.")
     teacher: str | None = option(None, "Teacher model: hub id, local dir or .gguf file (not needed for --mode student).")
@@ -318,7 +318,7 @@ class GenerateConfig(Settings):
 
 @dataclass
 class EvalConfig(Settings):
-    """Everything `tracetailor eval` needs. Defaults are the paper's evaluation settings."""
+    """Everything `tracetailor eval` needs. The defaults share the authors' sampling; `--preset paper` gives the rest."""
 
     model: str = option("", f"Model to evaluate: {MODEL_HELP}.")
     gguf_file: str | None = option(None, "GGUF file name inside the model's dir or hub repo.")
@@ -447,7 +447,7 @@ PICKS = ("shortest", "random", "all")
 
 @dataclass
 class SelectConfig(Settings):
-    """Everything `tracetailor select` needs. Defaults are the paper's settings."""
+    """Everything `tracetailor select` needs. `--preset paper` gives the authors' filters (docs/paper.md)."""
 
     traces: list[str] = option(factory=list, help="Trace files (or generate's output dirs).", cli=False)
     out: str = option("sft.jsonl", "The SFT JSONL to write; the funnel goes to OUT.funnel.json.", resumable=True)
