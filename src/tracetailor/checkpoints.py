@@ -29,7 +29,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import UserError
+from .train import TrainError
 
 SAVING_DIR = ".checkpoint-saving"  # checkpoints being written; renamed into OUT when whole
 SETTINGS_FILE = "tracetailor-train.json"
@@ -41,7 +41,7 @@ FREE_ON_RESUME = frozenset({"resume_from_checkpoint", "logging_steps", "report_t
                             "gradient_checkpointing", "trust_remote_code", "data", "model"})
 
 
-class CheckpointError(UserError, ValueError):
+class CheckpointError(TrainError):
     """A checkpoint that cannot be resumed from, or one that could not be saved; the message says what to do."""
 
 
