@@ -29,7 +29,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-from .train import TrainError
+from .errors import UserError
 
 SAVING_DIR = ".checkpoint-saving"  # checkpoints being written; renamed into OUT when whole
 SETTINGS_FILE = "tracetailor-train.json"
@@ -39,6 +39,11 @@ WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.b
 # settings a resume may change: they do not shape the weights (data and model are compared by content instead)
 FREE_ON_RESUME = frozenset({"resume_from_checkpoint", "logging_steps", "report_to", "save_strategy", "save_steps",
                             "gradient_checkpointing", "trust_remote_code", "data", "model"})
+
+
+class TrainError(UserError, ValueError):
+    """The training data or output cannot be used as given; the message says where and what to do. (Defined
+    here, where train.py imports it from, so that this module needs nothing of train.py.)"""
 
 
 class CheckpointError(TrainError):

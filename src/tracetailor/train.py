@@ -60,16 +60,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from .checkpoints import TrainError  # one class for train and its checkpoints (defined there: no import cycle)
 from .config import SAVE_STRATEGIES, TrainConfig
 from .errors import UserError
 from .data.chat import check_message, is_hub_id
 from .data.lengths import fit_to_length
 
 IGNORE = -100  # the label that the loss skips
-
-
-class TrainError(UserError, ValueError):
-    """The training data or output cannot be used as given; the message says where and what to do."""
 
 
 # ---------------------------------------------------------------- data
