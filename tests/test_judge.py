@@ -460,3 +460,20 @@ def test_eval_rerun_against_the_judge_on_a_new_port_resumes(tmp_path):
     with pytest.raises(OutputDirError, match=r"judge_model: 'judge-model' -> 'other'"):
         with open_run_dir(cfg("http://127.0.0.1:8002/v1", "other"), ["gsm8k"]):
             pass
+
+
+def test_judged_asks_a_chunks_questions_at_once_and_keeps_the_order(serve, tmp_path):
+    from tracetailor.evaluate.judge import judged
+
+    server = serve(OK)
+    judge, _ = make_judge(server.url, tmp_path)
+    asked = []
+    judge.prefetch = lambda questions, real=judge.prefetch: (asked.append(list(questions)), real(questions))[1]
+
+    def grade(item, j):  # even items need the judge
+        return item % 2 == 0 and j.equivalent(str(item), f"n{item}")
+
+    got = list(judged(range(7), grade, judge, chunk=3))
+    assert got == [(0, True), (1, False), (2, True), (3, False), (4, True), (5, False), (6, True)]
+    assert [len(a) for a in asked] == [2, 2] and len(server.requests) == 4  # 0 and 2, then 4 and 6 (3 went straight)
+    assert list(judged(range(3), grade, None)) == [(0, False), (1, False), (2, False)]

@@ -11,9 +11,10 @@ cut or non-JSON bodies retried with backoff, then one line naming the URL. The U
 before any request. A reply whose verdict is empty (`content` null or blank) is a failed request
 too: retried, then one line; it is never cached.
 
-`judged` feeds the commands' grading loops: it grades a chunk of items once with a judge that only
-notes its questions, asks all of them at once (a progress bar over the questions), then grades
-the chunk again, answered from memory.
+`judged` feeds the commands' grading loops: each item is graded once with a stand-in that only
+notes the judge's questions; items that need the judge wait (a chunk at most: in eval, up to a
+batch of finished samples is held back meanwhile), their questions are asked all at once (a
+progress bar over the questions), and they are graded again, answered from memory.
 
 Only the verdict (true/false) is cached, one JSONL line {"key", "model", "verdict"} per question,
 keyed by a hash of (model, prompt), so a rerun (or a resumed run) asks nothing twice. Lines that
@@ -182,30 +183,36 @@ R = TypeVar("R")
 
 def judged(items: Iterable[T], grade: Callable[[T, Any], R], judge: "LLMJudge | None",
            chunk: int = 256) -> Iterator[tuple[T, R]]:
-    """(item, grade(item, judge)) for every item, in order. With a judge, `chunk` items at a time: graded once
-    with a judge that notes its questions, which are then asked all at once (`LLMJudge.prefetch`), then graded
-    again, each answer from memory. `grade` must be deterministic."""
+    """(item, grade(item, judge)) for every item, in order. With a judge, each item is graded first with a
+    stand-in that notes the questions it would ask: one that asks none is done (and passes straight through
+    when nothing waits before it); the others wait, up to `chunk` items, and their questions are asked all at
+    once (`LLMJudge.prefetch`) before they are graded again, answered from memory. `grade` must be
+    deterministic."""
     if judge is None:
         for item in items:
             yield item, grade(item, None)
         return
-    batch: list[T] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) >= chunk:
-            yield from _judge_batch(batch, grade, judge)
-            batch = []
-    if batch:
-        yield from _judge_batch(batch, grade, judge)
-
-
-def _judge_batch(batch: list, grade: Callable, judge: "LLMJudge") -> Iterator[tuple]:
+    pending: list[tuple[T, R, bool]] = []  # (item, its first grade, whether it asked anything)
     noted = _Questions()
-    for item in batch:
-        grade(item, noted)
+    for item in items:
+        before = len(noted.asked)
+        first = grade(item, noted)
+        asked = len(noted.asked) > before
+        if not pending and not asked:
+            yield item, first  # the judge was not consulted: the stand-in made no difference
+            continue
+        pending.append((item, first, asked))
+        if len(pending) >= chunk:
+            yield from _answered(pending, noted, grade, judge)
+            pending, noted = [], _Questions()
+    if pending:
+        yield from _answered(pending, noted, grade, judge)
+
+
+def _answered(pending: list, noted: _Questions, grade: Callable, judge: "LLMJudge") -> Iterator[tuple]:
     judge.prefetch(noted.asked)
-    for item in batch:
-        yield item, grade(item, judge)
+    for item, first, asked in pending:
+        yield item, (grade(item, judge) if asked else first)
 
 
 class LLMJudge:
