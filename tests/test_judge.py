@@ -471,7 +471,7 @@ def test_judged_asks_a_chunks_questions_at_once_and_keeps_the_order(serve, tmp_p
     judge.prefetch = lambda questions, real=judge.prefetch: (asked.append(list(questions)), real(questions))[1]
 
     def grade(item, j):  # even items need the judge
-        return item % 2 == 0 and j.equivalent(str(item), f"n{item}")
+        return item % 2 == 0 and j is not None and j.equivalent(str(item), f"n{item}")
 
     got = list(judged(range(7), grade, judge, chunk=3))
     assert got == [(0, True), (1, False), (2, True), (3, False), (4, True), (5, False), (6, True)]
