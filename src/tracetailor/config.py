@@ -517,8 +517,9 @@ class TrainConfig(Settings):
     save_steps: int | None = option(None, "Save OUT/checkpoint-N every N optimizer steps (sets --save-strategy steps).",
                                     low=1, shown="500 with --save-strategy steps")
     resume_from_checkpoint: str | None = option(
-        None, "Go on from a checkpoint that --save-steps wrote: its directory, or auto / latest (the latest in --out; "
-        "none there: start afresh). The result equals an uninterrupted run's.")
+        None, "Go on from a checkpoint that --save-steps wrote: its directory, or auto / latest (the newest whole one "
+        "in --out; none there: start afresh). The settings must be the run's; the result equals an uninterrupted "
+        "run's.")
     report_to: str = option("none", "Where the Trainer also logs: none, tensorboard (OUT/runs) or wandb.",
                             choices=("none", "tensorboard", "wandb"))
     loss: str = option("sft", "sft (the trace's tokens) or kd (also the teacher's stored top-K, from generate "

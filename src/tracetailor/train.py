@@ -40,8 +40,10 @@ KL from the stored top-K, renormalised over its K ids, to the student's softmax 
 temperature 1, and both terms are means over the micro-batch's completion tokens
 (`kd_losses`). `save_steps` keeps `OUT/checkpoint-N` (weights, optimizer, scheduler, RNG
 and data position: the Trainer's own), and `resume_from_checkpoint` (a path, or auto for
-the latest) goes on from one: a killed run resumed so ends with the uninterrupted run's
-weights (tests/test_kd.py checks them bit for bit on CPU). `report_to` hands the logs to
+the newest complete one) goes on from one: a killed run resumed so ends with the uninterrupted run's
+weights (tests/test_kd.py checks them bit for bit on CPU). checkpoints.py writes each checkpoint aside
+and renames it when whole, refuses a resume with other settings, and a rerun over a killed run's
+checkpoints without the resume flag or --overwrite. `report_to` hands the logs to
 tensorboard or wandb too.
 
 Multi-GPU is `accelerate launch` (README, configs/accelerate_*.yaml): nothing
