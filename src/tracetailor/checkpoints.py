@@ -148,11 +148,12 @@ def settings_problem(checkpoint: str, now: dict[str, Any]) -> str | None:
         before = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    from .config import settings_changes
+    from .config import TrainConfig, settings_changes
 
     old = {k: v for k, v in (before.get("settings") or {}).items() if k not in FREE_ON_RESUME}
     new = {k: v for k, v in now["settings"].items() if k not in FREE_ON_RESUME}
-    changes = [settings_changes(old, new, most=8)]
+    # a setting newer than the checkpoint counts as unchanged while it keeps its default
+    changes = [settings_changes(old, new, most=8, defaults=TrainConfig().run_settings())]
     if before.get("examples_sha256") != now["examples_sha256"]:
         was, data = (before.get("settings") or {}).get("data"), now["settings"].get("data")
         changes.append(f"data: {was!r} -> {data!r} (other examples)" if was != data
