@@ -60,7 +60,7 @@ def test_resume_from_a_junk_checkpoint_is_one_line(setup, tmp_path):
 def file_size_limit():
     """Set a file size limit from inside the run (the save after a step); restored whatever happens."""
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    yield lambda size: resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+    yield lambda size=soft: resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))  # no size: the one before
     resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
 
 
@@ -68,8 +68,9 @@ def test_a_failed_checkpoint_save_is_one_line_and_auto_takes_the_last_whole_one(
     out = tmp_path / "ckpt"
     with pytest.raises(CheckpointError, match=r"checkpoint-2: saving failed \(.*\); free space or raise the file size "
                                               r"limit, then run the same command with --resume-from-checkpoint auto"):
-        run_train(_cfg(setup, out, **STEPS), callbacks=[_at_step(2, lambda: file_size_limit(4096))], **QUIET)
-    file_size_limit(resource.RLIM_INFINITY)
+        # 64 KB: below the tiny model's weights (137 KB), above its other files and a test's captured output
+        run_train(_cfg(setup, out, **STEPS), callbacks=[_at_step(2, lambda: file_size_limit(64 << 10))], **QUIET)
+    file_size_limit()
     assert _names(out) == ["checkpoint-1"] and not (out / SAVING_DIR / "checkpoint-2").exists()
     assert json.loads((out / "checkpoint-1" / SETTINGS_FILE).read_text())["settings"]["learning_rate"] == 5e-3
     torn = out / "checkpoint-9"  # what an older version left: a checkpoint with only config.json
