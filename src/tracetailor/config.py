@@ -181,6 +181,11 @@ def _check_judge(cfg) -> None:
                           "http://localhost:8000/v1), or drop --judge-model")
     if cfg.judge_url and not cfg.judge_model:
         raise ConfigError("judge_url: given without --judge-model; name the judge's model at that endpoint")
+    if cfg.judge_url:  # before any work: a typo costs no retries (evaluate/judge.py)
+        from .evaluate.judge import chat_endpoint, check_cache_path
+
+        chat_endpoint(cfg.judge_url)
+        check_cache_path(cfg.judge_cache)
 
 
 def _required(name: str, what: str, value) -> None:
@@ -206,7 +211,8 @@ JUDGE_URL_HELP = ("An OpenAI-compatible endpoint (e.g. http://localhost:8000/v1)
                   "an answer equals the reference when the offline checks say no (the paper's LLM judge).")
 JUDGE_MODEL_HELP = "The judge's model name at --judge-url."
 JUDGE_KEY_HELP = "Environment variable holding the judge's API key (unset: no key is sent)."
-JUDGE_CACHE_HELP = "JSONL cache of the judge's replies: a rerun asks nothing twice."
+JUDGE_CACHE_HELP = "JSONL cache of the judge's verdicts: a rerun asks nothing twice."
+JUDGE_TIMEOUT_HELP = "Seconds one request to the judge may take in all (reply included) before it is retried."
 
 
 SERVED_PROTOCOLS = ("openai", "llama.cpp")
@@ -371,10 +377,11 @@ class EvalConfig(Settings):
                                flags=("--instruction/--no-instruction",), shown="on")
     answer_mode: str = option("math-verify", "How math answers are checked: math-verify, strict-boxed (the paper's "
                               "extraction, exact match) or strict-math-verify.", choices=tuple(ANSWER_MODES))
-    judge_url: str | None = option(None, JUDGE_URL_HELP, shown="none: offline checks only")
+    judge_url: str | None = option(None, JUDGE_URL_HELP, shown="none: offline checks only", resumable=True)
     judge_model: str | None = option(None, JUDGE_MODEL_HELP)
     judge_api_key_env: str = option("OPENAI_API_KEY", JUDGE_KEY_HELP, resumable=True)
     judge_cache: str | None = option(None, JUDGE_CACHE_HELP, resumable=True, shown="OUT/judge-cache.jsonl")
+    judge_timeout: float = option(60.0, JUDGE_TIMEOUT_HELP, above=0.0, resumable=True)
     chat_template: bool = option(True, "Apply the model's chat template.", flags=("--chat-template/--no-chat-template",),
                                  shown="on")
     batch_size: int = option(32, "Sequences decoded together.", low=1, resumable=True)
@@ -491,10 +498,11 @@ class SelectConfig(Settings):
                                    shown="none: count </think> in the text")
     answer_mode: str = option("math-verify", "How answers are checked: math-verify, strict-boxed (the paper's "
                               "extraction, exact match) or strict-math-verify.", choices=tuple(ANSWER_MODES))
-    judge_url: str | None = option(None, JUDGE_URL_HELP, shown="none: offline checks only")
+    judge_url: str | None = option(None, JUDGE_URL_HELP, shown="none: offline checks only", resumable=True)
     judge_model: str | None = option(None, JUDGE_MODEL_HELP)
     judge_api_key_env: str = option("OPENAI_API_KEY", JUDGE_KEY_HELP, resumable=True)
     judge_cache: str | None = option(None, JUDGE_CACHE_HELP, resumable=True, shown="OUT.judge-cache.jsonl")
+    judge_timeout: float = option(60.0, JUDGE_TIMEOUT_HELP, above=0.0, resumable=True)
     overwrite: bool = option(False, "Replace an SFT set already at --out.", resumable=True)
     preset: str | None = option(None, "A named table of settings (paper: the paper's procedure, docs/paper.md) laid "
                                 "under --config and the flags, which override it.", resumable=True)
@@ -560,8 +568,9 @@ class TrainConfig(Settings):
     save_steps: int | None = option(None, "Save OUT/checkpoint-N every N optimizer steps (sets --save-strategy steps).",
                                     low=1, shown="500 with --save-strategy steps")
     resume_from_checkpoint: str | None = option(
-        None, "Go on from a checkpoint that --save-steps wrote: its directory, or auto / latest (the latest in --out; "
-        "none there: start afresh). The result equals an uninterrupted run's.")
+        None, "Go on from a checkpoint that --save-steps wrote: its directory, or auto / latest (the newest whole one "
+        "in --out; none there: start afresh). The settings must be the run's; the result equals an uninterrupted "
+        "run's.")
     report_to: str = option("none", "Where the Trainer also logs: none, tensorboard (OUT/runs) or wandb.",
                             choices=("none", "tensorboard", "wandb"))
     loss: str = option("sft", "sft (the trace's tokens) or kd (also the teacher's stored top-K, from generate "
