@@ -15,8 +15,8 @@ import pytest
 
 from tracetailor.config import EvalConfig, SelectConfig
 from tracetailor.evaluate.benchmarks import Item
-from tracetailor.evaluate.grading import (PAPER_JUDGE_PROMPT, JudgePromptError, load_judge_prompt, parse_verdict,
-                                          render_judge_prompt)
+from tracetailor.evaluate.grading import (PAPER_JUDGE_PROMPT, JudgePromptError, load_judge_prompt, paper_judge,
+                                          parse_verdict, render_judge_prompt)
 from tracetailor.evaluate.judge import LLMJudge
 from tracetailor.evaluate.run import grade_paper, grade_sample
 
@@ -70,8 +70,12 @@ class JudgeServer:
 
 @pytest.fixture
 def judge(tmp_path):
+    """(the server, a judge set up for the paper's grading with the MARKED prompt file)."""
     server = JudgeServer()
-    yield server, LLMJudge(server.url, "judge-model", cache_path=None, timeout_s=5, retries=0)
+    prompt_file = tmp_path / "marked.txt"
+    prompt_file.write_text(MARKED, encoding="utf-8")
+    yield server, paper_judge(LLMJudge(server.url, "judge-model", cache_path=None, timeout_s=5, retries=0),
+                              str(prompt_file))
     server.stop()
 
 
@@ -83,7 +87,7 @@ def test_paper_grading_accepts_a_cut_off_completion_strict_rejects(judge):
     server, llm = judge
     cut_off = "<think>\nCounting them one by one, the count is 5"  # the token limit struck before </think>
     assert not grade_sample(cut_off, "5", "math", True, "length", "strict-math-verify").correct
-    assert grade_paper(cut_off, math_item("5"), True, llm, MARKED).correct
+    assert grade_paper(cut_off, math_item("5"), True, llm).correct
     assert "GRADED<<<think>\nCounting them one by one, the count is 5>>" in server.prompts[-1]  # the whole completion
 
 
@@ -91,13 +95,13 @@ def test_paper_grading_rejects_what_strict_accepts(judge):
     _, llm = judge
     wavering = "<think>\nfive</think>\n\\boxed{5}. Actually, wait, the answer is 6."
     assert grade_sample(wavering, "5", "math", True, "stop", "strict-math-verify").correct  # the last box is 5
-    assert not grade_paper(wavering, math_item("5"), True, llm, MARKED).correct  # the whole text ends on 6
+    assert not grade_paper(wavering, math_item("5"), True, llm).correct  # the whole text ends on 6
 
 
 def test_paper_grading_shows_the_reference_as_it_is(judge):
     server, llm = judge
     solution = "Add the two: $2 + 3 = \\boxed{5}$."
-    grade_paper("<think>x</think>\\boxed{5}", math_item(solution), True, llm, MARKED)
+    grade_paper("<think>x</think>\\boxed{5}", math_item(solution), True, llm)
     assert f"REFERENCE<<{solution}>>" in server.prompts[-1]
 
 
@@ -148,3 +152,22 @@ def test_paper_grading_needs_a_judge():
         EvalConfig(model="m", grading="paper").validate()
     with pytest.raises(ConfigError, match="judge_prompt"):
         SelectConfig(traces=["t.jsonl"], judge_prompt="p.txt").validate()
+
+
+def test_eval_paper_grading_end_to_end(judge, tiny_pair, tmp_path):
+    """eval --grading paper on a tiny model: every sample goes to the judge, whole, and the summary says so."""
+    from tracetailor.evaluate.run import run_eval
+
+    server, _ = judge
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text('{"question": "What is 2 + 3?", "answer": "5"}\n', encoding="utf-8")
+    prompt_file = tmp_path / "marked.txt"
+    prompt_file.write_text(MARKED, encoding="utf-8")
+    summary = run_eval(EvalConfig(model=tiny_pair["student"], benchmark=str(bench), samples=2, max_new_tokens=8,
+                                  device="cpu", out=str(tmp_path / "eval"), progress=False, grading="paper",
+                                  judge_url=server.url, judge_model="judge-model", judge_prompt=str(prompt_file)),
+                       log=lambda m: None)
+    assert summary["grading"].startswith("paper") and summary["benchmarks"]["bench"]["grading"].startswith("paper")
+    assert 1 <= len(server.prompts) <= 2  # one question per distinct completion (the cache asks nothing twice)
+    assert all(p.startswith("REFERENCE<<5>>\nGRADED<<") for p in server.prompts)
+    assert "Grading: paper" in (tmp_path / "eval" / "summary.md").read_text()

@@ -53,8 +53,8 @@ from .config import PICKS, SelectConfig, SelectError  # noqa: F401  (SelectError
 from .data.topk import sft_sidecar_path
 from .data.traces import AtomicWriter, TraceRecord, read_numbered_records, resolve_trace_paths, write_json_atomic
 from .evaluate.answers import check_answer, gold_answers, require_math_verify, strict_boxed_answer
-from .evaluate.grading import PAPER_JUDGE_PROMPT, grading_label, judge_says, load_judge_prompt, reference_text
-from .evaluate.judge import judge_from
+from .evaluate.grading import grading_label, paper_judge, reference_text
+from .evaluate.judge import judge_from, judged
 from .thinking import ThinkIds, count_think_marks, text_after_think_end
 
 THINK_START, THINK_END = "<think>", "</think>"
@@ -141,12 +141,12 @@ def fallback_rate(trace: Trace) -> float:
 
 
 def screen(trace: Trace, cfg: SelectConfig, by_id: tuple[Any, ThinkIds] | None = None,
-           llm_judge=None, judge_prompt: str | None = None) -> tuple[str | None, str | None]:
+           llm_judge=None) -> tuple[str | None, str | None]:
     """(the first filter the trace fails, None if it passes, or "kept_unverifiable"; the answer extracted from it).
 
     `by_id` (tokenizer, its ThinkIds): count `</think>` and the chat end by token id (see thinking.py).
-    `llm_judge` (evaluate.judge.LLMJudge): asked when the offline answer checks say no (--grading strict),
-    or with `judge_prompt` for the paper's grading."""
+    `llm_judge` (evaluate.judge.LLMJudge): asked when the offline answer checks say no (--grading strict);
+    with --grading paper, one that `evaluate.grading.paper_judge` set up, asked as the authors' datagen does."""
     rec = trace.record
     if rec["finish_reason"] != "stop":
         return "not_stopped", None
@@ -170,7 +170,7 @@ def screen(trace: Trace, cfg: SelectConfig, by_id: tuple[Any, ThinkIds] | None =
             and fallback_rate(trace) > cfg.max_fallback_rate):
         return "fallback_rate", None
     if cfg.grading == "paper" and cfg.correct_only:
-        return _paper_verdict(trace, cfg, answer_text, thinking, llm_judge, judge_prompt)
+        return _paper_verdict(trace, cfg, answer_text, thinking, llm_judge)
     golds = gold_answers(rec.get(cfg.answer_field)) if cfg.answer_field else []
     if not cfg.correct_only or not golds:
         predicted = check_answer(answer_text, None, cfg.answer_mode, thinking=thinking).extracted
@@ -182,8 +182,8 @@ def screen(trace: Trace, cfg: SelectConfig, by_id: tuple[Any, ThinkIds] | None =
     return (None if verdict.correct else "incorrect"), verdict.extracted
 
 
-def _paper_verdict(trace: Trace, cfg: SelectConfig, answer_text: str, thinking: bool, llm_judge,
-                   judge_prompt: str | None) -> tuple[str | None, str | None]:
+def _paper_verdict(trace: Trace, cfg: SelectConfig, answer_text: str, thinking: bool,
+                   llm_judge) -> tuple[str | None, str | None]:
     """The authors' datagen grading: the last \\boxed{} after </think>, equal to the raw reference, else the
     judge's word on it against the raw reference (nothing pulled out of the reference)."""
     reference = reference_text(trace.record.get(cfg.answer_field))
@@ -192,8 +192,7 @@ def _paper_verdict(trace: Trace, cfg: SelectConfig, answer_text: str, thinking: 
     boxed = strict_boxed_answer(answer_text, thinking)
     if boxed is None:
         return "incorrect", None
-    if boxed == reference or judge_says(llm_judge, judge_prompt or PAPER_JUDGE_PROMPT, reference, boxed,
-                                        _question(trace)):
+    if boxed == reference or llm_judge.equivalent(reference, boxed, _question(trace)):
         return None, boxed
     return "incorrect", boxed
 
@@ -388,16 +387,17 @@ def _stream(cfg: SelectConfig, records: Iterable[tuple[str, dict]], inputs: list
     """Screen every record, offer the passing ones to `picker`; the funnel. `judge_cache`: the LLM judge's cache
     unless --judge-cache names one."""
     by_id = _think_ids(cfg, inputs)
-    llm_judge = judge_from(cfg, judge_cache)
-    judge_prompt = load_judge_prompt(cfg.judge_prompt) if cfg.grading == "paper" else None
+    llm_judge = judge_from(cfg, judge_cache, log)
+    if cfg.grading == "paper":
+        paper_judge(llm_judge, cfg.judge_prompt)
     removed = {key: 0 for key, _ in STEPS}
     prompts: dict[str, int] = {}  # prompt id -> traces that passed the filters, in first-seen order
     read = no_answer = kept_unverifiable = 0
-    for where, rec in records:
-        trace = read_trace(rec, where, cfg)
+    traces = (read_trace(rec, where, cfg) for where, rec in records)
+    # with a judge, a chunk's questions are asked all at once (evaluate/judge.py `judged`)
+    for trace, (reason, predicted) in judged(traces, lambda t, j: screen(t, cfg, by_id, j), llm_judge):
         read += 1
         prompts.setdefault(trace.prompt_id, 0)
-        reason, predicted = screen(trace, cfg, by_id, llm_judge, judge_prompt)
         if reason == "empty" and removed["empty"] < 5:
             log(f"warning: {trace.where}: empty completion (counted as malformed)")
         if reason in removed:

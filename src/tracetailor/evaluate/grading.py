@@ -16,7 +16,8 @@ The prompt is ours (`PAPER_JUDGE_PROMPT`) unless `--judge-prompt FILE` gives one
 LaTeX braces elsewhere in it need no escaping. The reply is read by `parse_verdict`: the last
 yes/no/true/false after any `</think>`; anything else is "incorrect".
 
-It sends nothing itself (the judge's client is judge.py: `LLMJudge.ask`) and reads no records.
+It sends nothing itself: `paper_judge` hands the prompt and the verdict reader to the judge's client
+(judge.py, `LLMJudge`), whose batching and cache stay as they are. It reads no records.
 """
 
 from __future__ import annotations
@@ -76,9 +77,16 @@ def parse_verdict(reply: str) -> bool:
     return bool(words) and words[-1].lower() in ("yes", "true")
 
 
-def judge_says(judge, template: str, reference: str, completion: str, question: str | None = None) -> bool:
-    """Ask `judge` (evaluate.judge.LLMJudge, through its `ask`) once; its verdict."""
-    return parse_verdict(judge.ask(render_judge_prompt(template, reference, completion, question)))
+def paper_judge(judge, judge_prompt: str | None = None):
+    """`judge` (evaluate.judge.LLMJudge) set up for the paper's grading: its questions written with our prompt
+    or the file's (`load_judge_prompt`, read here, so a bad file fails before any work), its replies read by
+    `parse_verdict`. Then `judge.equivalent(reference, completion, question)` asks as the paper's grading does,
+    through the client's batching and cache (a different prompt is a different cache key)."""
+    template = load_judge_prompt(judge_prompt)
+    judge.make_prompt = lambda reference, completion, question=None: render_judge_prompt(
+        template, reference, completion, question)
+    judge.read_verdict = parse_verdict
+    return judge
 
 
 def reference_text(value) -> str:
@@ -98,5 +106,5 @@ def grading_label(grading: str, answer_mode: str, judge, judge_prompt: str | Non
     return f"strict ({answer_mode}, offline" + (f", then judge {judge.model})" if judge is not None else ")")
 
 
-__all__ = ["GRADINGS", "JudgePromptError", "PAPER_JUDGE_PROMPT", "grading_label", "judge_says", "load_judge_prompt",
+__all__ = ["GRADINGS", "JudgePromptError", "PAPER_JUDGE_PROMPT", "grading_label", "load_judge_prompt", "paper_judge",
            "parse_verdict", "reference_text", "render_judge_prompt"]

@@ -44,8 +44,8 @@ from typing import Any, Iterable, Sequence
 
 from ..config import EvalConfig
 from ..data.traces import AtomicWriter
-from .grading import grading_label, judge_says, load_judge_prompt
-from .judge import judge_from
+from .grading import grading_label, paper_judge
+from .judge import judge_from, judged
 from .answers import (THINK_END, check_answer, extract_answer, is_correct, multiple_choice_letter, normalize,
                       require_math_verify)
 from .lighteval_files import write_lighteval_files
@@ -83,13 +83,14 @@ def grade_sample(completion: str, gold: str, answer_type: str, thinking: bool, f
     return Verdict(answer, is_correct(answer, gold), closed, False)
 
 
-def grade_paper(completion: str, item: Item, thinking: bool, judge, judge_prompt: str) -> Verdict:
-    """The authors' eval grading (their eval.py): the judge sees the whole completion, cut-off ones too, and the
-    benchmark's reference as it is (`Item.reference`); `extracted` is our extraction, kept for the votes only."""
+def grade_paper(completion: str, item: Item, thinking: bool, judge) -> Verdict:
+    """The authors' eval grading (their eval.py): the judge (set up by `grading.paper_judge`) sees the whole
+    completion, cut-off ones too, and the benchmark's reference as it is (`Item.reference`); `extracted` is our
+    extraction, kept for the votes only."""
     closed = (THINK_END in completion) if thinking else None
     extracted = (multiple_choice_letter(completion, thinking) if item.answer_type == "choice"
                  else extract_answer(completion, thinking))
-    correct = judge_says(judge, judge_prompt, item.reference or item.gold, completion, item.question)
+    correct = judge.equivalent(item.reference or item.gold, completion, item.question)
     return Verdict(extracted, correct, closed, False)
 
 
@@ -273,7 +274,9 @@ def run_eval(cfg: EvalConfig, log=print) -> dict[str, Any]:
         rundir.begin()
         log(f"model {model.name}; prefill {prefill!r}" + (" (thinking: graded after </think>)" if thinking else ""))
         engine = _engine(cfg, model)
-        judge = judge_from(cfg, rundir.path("judge-cache.jsonl"))
+        judge = judge_from(cfg, rundir.path("judge-cache.jsonl"), log)
+        if cfg.grading == "paper":
+            paper_judge(judge, cfg.judge_prompt)
         results = {name: eval_benchmark(name, specs[name], items, cfg, model, engine, prefill, thinking,
                                         rundir.root, log, judge=judge) for name, items in benchmarks.items()}
         summary = _summary(cfg, model.name, prefill, thinking, results, judge)
@@ -305,7 +308,6 @@ def eval_benchmark(name: str, spec: BenchmarkSpec, items: list[Item], cfg: EvalC
     from ..sampling import Progress, build_requests, sample, token_budget
 
     tok = model.tokenizer
-    judge_prompt = load_judge_prompt(cfg.judge_prompt) if cfg.grading == "paper" else None
     prompts = build_prompts([{"id": it.id, "prompt": it.prompt if cfg.instruction else it.bare} for it in items], None,
                             tok, prompt_field="prompt",
                             id_field="id", system_prompt=cfg.system_prompt, prefill=prefill,
@@ -328,10 +330,14 @@ def eval_benchmark(name: str, spec: BenchmarkSpec, items: list[Item], cfg: EvalC
     tokens, started = 0, time.perf_counter()
     try:
         with TraceWriter(path) as writer:
-            for fin in sample(engine, requests, log):  # out of memory: half the batch, go on
+            def grade(fin, with_judge):
                 prompt, s = handles[fin.handle]
-                record = sample_record(name, by_id[prompt.prompt_id], s, fin, tok, eos, thinking, cfg.answer_mode,
-                                       judge, judge_prompt)
+                return sample_record(name, by_id[prompt.prompt_id], s, fin, tok, eos, thinking, cfg.answer_mode,
+                                     with_judge, paper=cfg.grading == "paper")
+
+            # out of memory: half the batch, go on; with a judge, up to a batch of finished samples wait while
+            # their questions are asked at once (evaluate/judge.py `judged`)
+            for fin, record in judged(sample(engine, requests, log), grade, judge, chunk=cfg.batch_size):
                 tokens += len(fin.token_ids)
                 writer.write(record)
                 records.append(record)
@@ -351,14 +357,14 @@ def eval_benchmark(name: str, spec: BenchmarkSpec, items: list[Item], cfg: EvalC
 
 def sample_record(benchmark: str, item: Item, sample_index: int, fin, tokenizer, eos: set[int],
                   thinking: bool, answer_mode: str = "math-verify", judge=None,
-                  judge_prompt: str | None = None) -> dict[str, Any]:
-    """One graded sample, as a line of OUT/<benchmark>.jsonl; `judge_prompt` set: the paper's grading."""
+                  paper: bool = False) -> dict[str, Any]:
+    """One graded sample, as a line of OUT/<benchmark>.jsonl; `paper`: the paper's grading (evaluate/grading.py)."""
     from ..data.traces import record_id
     from ..sampling import completion_text
 
     completion = completion_text(fin, tokenizer, eos)
-    if judge_prompt is not None:
-        verdict = grade_paper(completion, item, thinking, judge, judge_prompt)
+    if paper:
+        verdict = grade_paper(completion, item, thinking, judge)
     else:
         verdict = grade_sample(completion, item.gold, item.answer_type, thinking, fin.finish_reason, answer_mode,
                                judge, item.question)
