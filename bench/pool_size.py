@@ -63,8 +63,12 @@ def position_stats(t_logits: torch.Tensor, s_logits: torch.Tensor) -> dict[str, 
     # only positions where a 21st token can appear on either side can differ
     for n in torch.nonzero(((r_t * ~in_t).sum(-1) > 0) | ((r_s * extra).sum(-1) > 0)).flatten().tolist():
         fallback21[n] = _expected_fallback(p_t[n], r_t[n], r_s[n], in_t[n], acceptable[n], extra[n], z20[n], num20[n])
+    # a fallback draws from the student's pool: a 21st token x (chance r_s(x)) moves p_s(x) / (Z + p_s(x)) of
+    # its law onto x, so the expected total-variation distance between the two fallback laws is
+    zs = (p_s * in_s).sum(-1, keepdim=True)
+    fallback_tv = (r_s * ~in_s * p_s / (zs + p_s)).sum(-1)
     return {"t21": (r_t * ~in_t).sum(-1), "s21": (r_s * ~in_s).sum(-1), "acc20": acc20,
-            "fallback20": fallback20, "fallback21": fallback21}
+            "fallback20": fallback20, "fallback21": fallback21, "fallback_tv": fallback_tv}
 
 
 def _expected_fallback(p_t, r_t, r_s, in_t, acceptable, extra, z20, num20) -> float:
@@ -161,6 +165,7 @@ def main() -> None:
         "mean_fallback_21": statistics.fmean(stats["fallback21"]),
         "mean_fallback_difference": statistics.fmean(diff),
         "largest_fallback_difference": max(diff, key=abs),
+        "mean_tv_of_the_fallback_law": statistics.fmean(stats["fallback_tv"]),
     }
     (out / "pool_size.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print("| measure | value |\n|---|---:|")
