@@ -159,3 +159,25 @@ def test_served_settings_a_server_cannot_give_are_refused(tiny_pair, change, mes
         setattr(cfg, key, value)
     with pytest.raises((ConfigError, UserError), match=message):
         cfg.validate()
+
+
+def test_eval_through_a_served_model(tiny_pair, servers, tmp_path):
+    """eval --model-url: the server samples each completion (many in flight); samples graded and resumable."""
+    from tracetailor.config import EvalConfig
+    from tracetailor.evaluate.run import run_eval
+
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text("".join(json.dumps({"question": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n"
+                             for i in range(3)))
+    cfg = dict(model=tiny_pair["student"], model_url=servers["student"].url, benchmark=str(bench), samples=2,
+               max_new_tokens=8, out=str(tmp_path / "res"), progress=False, answer_mode="strict-boxed")
+    before = servers["student"].requests
+    summary = run_eval(EvalConfig(**cfg), log=lambda *_: None)
+    bench_name = next(iter(summary["benchmarks"]))
+    assert summary["benchmarks"][bench_name]["completions"] == 6
+    # one probe, then one request per completion
+    assert servers["student"].requests - before == 1 + 6
+    lines = (tmp_path / "res" / summary["benchmarks"][bench_name]["file"]).read_text().splitlines()
+    assert len(lines) == 6 and all(json.loads(line)["completion"] is not None for line in lines)
+    again = run_eval(EvalConfig(**cfg), log=lambda *_: None)  # a finished evaluation: nothing asked again
+    assert again["benchmarks"][bench_name]["completions"] == 6

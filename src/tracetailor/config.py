@@ -401,6 +401,19 @@ class EvalConfig(Settings):
     preset: str | None = option(None, "A named table of settings (paper: the paper's procedure, docs/paper.md) laid "
                                 "under --config and the flags, which override it.", resumable=True)
 
+    # a model behind a server (serving/): the server samples each completion, many in flight
+    model_url: str | None = option(None, "Evaluate the model served behind this URL (several, comma-separated, for "
+                                   "replicas): the server samples each completion; the tokenizer comes from --model.",
+                                   resumable=True)
+    served_name: str | None = option(None, "The model's name at --model-url; unset: the server's only model.",
+                                     resumable=True)
+    protocol: str = option("openai", SERVED_PROTOCOL_HELP, choices=SERVED_PROTOCOLS, resumable=True)
+    max_in_flight: int = option(64, "Served model: most requests in flight at once.", low=1, resumable=True)
+    api_key_env: str = option("TRACETAILOR_API_KEY", "Served model: environment variable holding its API key.",
+                              resumable=True)
+    request_timeout: float = option(1800.0, "Served model: seconds one completion may take before it is retried.",
+                                    above=0.0, resumable=True)
+
     def validate(self) -> "EvalConfig":
         from .evaluate.benchmarks import split_benchmarks
 
@@ -410,6 +423,10 @@ class EvalConfig(Settings):
         if not split_benchmarks(self.benchmark or ""):
             raise ConfigError("benchmark: required (e.g. aime24,math500, or a JSONL/Parquet file)")
         _check_temperature("temperature", self.temperature)
+        if self.model_url:
+            from .serving.http import check_url
+
+            self.model_url = ",".join(check_url(u, "--model-url") for u in self.model_url.split(",") if u.strip())
         return self
 
     def settings(self) -> dict[str, Any]:

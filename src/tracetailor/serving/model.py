@@ -63,6 +63,15 @@ class ServedModel:
         self.rounds += 1
         return await self._generate(ids, n, k)
 
+    async def sample(self, ids: list[int], n: int, temperature: float, top_p: float, top_k: int, seed: int
+                     ) -> tuple[list[int], list[float | None], str]:
+        """A whole completion sampled by the server: (ids, log-probs, "stop" or "length")."""
+        self.rounds += 1
+        reply, url = await self._post(self.protocol.sample(ids, n, temperature, top_p, top_k, seed))
+        tokens, lps, reason = self.protocol.read_sample(reply, self._where(url))
+        self._check_ids(tokens, self._where(url))
+        return tokens, lps, reason
+
     async def next_topk(self, ids: list[int], k: int) -> TopK:
         """The distribution at the position after `ids`."""
         return (await self.generate(ids, 1, k))[1][0]

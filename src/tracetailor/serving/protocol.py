@@ -83,6 +83,24 @@ class OpenAIProtocol:
             body["model"] = self.served_name
         return body
 
+    def sample(self, ids: list[int], n: int, temperature: float, top_p: float, top_k: int, seed: int) -> dict:
+        """A whole completion sampled by the server (eval): its ids come back through logprobs."""
+        body = {"prompt": list(ids), "max_tokens": n, "temperature": temperature, "top_p": top_p, "seed": seed,
+                "logprobs": 1, "return_tokens_as_token_ids": True, "skip_special_tokens": False}
+        if top_k:
+            body["top_k"] = top_k
+        if self.served_name:
+            body["model"] = self.served_name
+        return body
+
+    def read_sample(self, reply: dict, where: str) -> tuple[list[int], list[float | None], str]:
+        """(ids, each one's log-prob, finish reason "stop" or "length")."""
+        choice = _first_choice(reply, where)
+        lp = choice.get("logprobs") or {}
+        ids = [_token_id(t, where) for t in lp.get("tokens") or []]
+        lps = list(lp.get("token_logprobs") or [None] * len(ids))
+        return ids, lps, "length" if choice.get("finish_reason") == "length" else "stop"
+
     def read_generation(self, reply: dict, k: int, where: str) -> tuple[list[int], list[TopK]]:
         choice = _first_choice(reply, where)
         lp = choice.get("logprobs") or {}
@@ -150,6 +168,19 @@ class LlamaCppProtocol:
         # temperature 0: greedy; n_probs: the raw softmax at temperature 1, before the sampler chain
         return {"prompt": list(ids), "n_predict": n, "n_probs": k, "temperature": 0.0, "cache_prompt": True,
                 "return_tokens": True, "post_sampling_probs": False}
+
+    def sample(self, ids: list[int], n: int, temperature: float, top_p: float, top_k: int, seed: int) -> dict:
+        return {"prompt": list(ids), "n_predict": n, "temperature": temperature, "top_p": top_p, "top_k": top_k,
+                "seed": seed, "n_probs": 1, "cache_prompt": True, "return_tokens": True}
+
+    def read_sample(self, reply: dict, where: str) -> tuple[list[int], list[float | None], str]:
+        if not isinstance(reply, dict) or not isinstance(reply.get("tokens"), list):
+            raise ServerError(f"{where}: the reply has no tokens (a llama-server with return_tokens?)")
+        ids = [int(t) for t in reply["tokens"]]
+        probs = reply.get("completion_probabilities") or []
+        lps = [p.get("logprob") if isinstance(p, dict) else None for p in probs][: len(ids)]
+        lps += [None] * (len(ids) - len(lps))
+        return ids, lps, "length" if reply.get("stop_type") == "limit" else "stop"
 
     def read_generation(self, reply: dict, k: int, where: str) -> tuple[list[int], list[TopK]]:
         probs = reply.get("completion_probabilities") if isinstance(reply, dict) else None
