@@ -52,3 +52,14 @@ def tiny_pair(tmp_path_factory) -> dict:
     prompts = root / "prompts.jsonl"
     prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS), encoding="utf-8")
     return {"student": str(student), "teacher": str(teacher), "prompts": str(prompts), "root": root}
+
+
+@pytest.fixture
+def stub_server():
+    """An OpenAI-compatible stub on 127.0.0.1 for the served client's error paths (tests/stub_server.py):
+    `.plan("429", "hang", ...)` queues faults, `.kill()` / `.restart()`, `.requests`, `.url`."""
+    from stub_server import StubServer
+
+    stub = StubServer(hang_s=5.0, slow_s=0.5)
+    yield stub
+    stub.close()
