@@ -60,8 +60,25 @@ def converter_dir() -> Path:
     return llama_server_binary().parent.parent / "convert"
 
 
-def hf_to_gguf(model_dir: Path, out: Path, outtype: str = "f32") -> Path:
-    """Convert a `save_pretrained` checkpoint to GGUF with llama.cpp's converter (cached: kept if `out` exists)."""
+# Runs the converter with the BPE pre-tokenizer NAMED instead of recognised by hash (see hf_to_gguf).
+_FORCED_PRE = """import sys
+conv, pre = sys.argv[1], sys.argv[2]
+sys.path[:0] = [conv, conv + "/gguf-py"]
+import convert_hf_to_gguf as c
+from conversion.base import TextModel
+TextModel.get_vocab_base_pre = lambda self, tokenizer: pre
+sys.argv = [c.__file__] + sys.argv[3:]
+c.main()
+"""
+
+
+def hf_to_gguf(model_dir: Path, out: Path, outtype: str = "f32", pre_tokenizer: str | None = None) -> Path:
+    """Convert a `save_pretrained` checkpoint to GGUF with llama.cpp's converter (cached: kept if `out` exists).
+
+    The converter recognises a BPE tokenizer's pre-tokenizer by hashing how it splits a test string and
+    refuses an unknown one. `pre_tokenizer` (e.g. "default") names one instead: the GGUF then serves
+    token-id prompts exactly (ids and per-token pieces are the tokenizer's own) but llama.cpp would split
+    TEXT prompts with that pre-tokenizer's rules, not the model's."""
     out = Path(out)
     if out.is_file() and out.stat().st_size > 0:
         return out
@@ -69,13 +86,32 @@ def hf_to_gguf(model_dir: Path, out: Path, outtype: str = "f32") -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     env = {**os.environ, "PYTHONPATH": str(conv / "gguf-py")}
-    done = subprocess.run([sys.executable, str(conv / "convert_hf_to_gguf.py"), str(model_dir), "--outfile", str(tmp),
-                           "--outtype", outtype], capture_output=True, text=True, env=env)
+    with tempfile.TemporaryDirectory() as scratch:
+        src = _without_gguf_quant_config(Path(model_dir), Path(scratch))
+        args = [str(src), "--outfile", str(tmp), "--outtype", outtype]
+        head = ([sys.executable, str(conv / "convert_hf_to_gguf.py")] if pre_tokenizer is None
+                else [sys.executable, "-c", _FORCED_PRE, str(conv), pre_tokenizer])
+        done = subprocess.run(head + args, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         tmp.unlink(missing_ok=True)
         raise RuntimeError(f"convert_hf_to_gguf.py failed on {model_dir}:\n{done.stderr[-3000:]}")
     tmp.replace(out)
     return out
+
+
+def _without_gguf_quant_config(model_dir: Path, scratch: Path) -> Path:
+    """A model saved after loading a GGUF with transformers keeps `quantization_config: {quant_method: gguf}`
+    in config.json although its safetensors are plain floats, and the converter refuses it ("Quant method is
+    not yet supported: 'gguf'"). Such a dir is mirrored by links with that key dropped; others are used as is."""
+    config = json.loads((model_dir / "config.json").read_text())
+    if (config.get("quantization_config") or {}).get("quant_method") != "gguf":
+        return model_dir
+    for f in model_dir.iterdir():
+        if f.name != "config.json":
+            (scratch / f.name).symlink_to(f.resolve())
+    config.pop("quantization_config")
+    (scratch / "config.json").write_text(json.dumps(config, indent=2))
+    return scratch
 
 
 def teacher_tokenizer_dir() -> Path:
@@ -105,6 +141,22 @@ def smollm2_pair(first: int = 4, last: int = 2) -> dict:
     student_gguf = hf_to_gguf(student_dir, _cache() / "gguf" / f"{student_dir.name}.f32.gguf")
     return {"teacher_gguf": smollm2_gguf(), "teacher_dir": teacher_tokenizer_dir(),
             "student_gguf": student_gguf, "student_dir": student_dir}
+
+
+def toyworld_pair() -> dict:
+    """The seed-0 miniature world's teacher and student as f32 GGUFs (+ their HF dirs). Its tokenizer's
+    pre-tokenizer (isolate digits and + - * ( ) =, then byte-level with no regex) is none that llama.cpp
+    knows, so the converter refuses it as is ("BPE pre-tokenizer was not recognized"); it is converted with
+    the pre-tokenizer named "default" (hf_to_gguf): right for token-id prompts, wrong for text prompts."""
+    from tracetailor.toyworld import __file__ as toy
+
+    world = Path(toy).parent / "data" / "world-seed0-v1"
+    out = {}
+    for role in ("teacher", "student"):
+        out[f"{role}_dir"] = world / role
+        out[f"{role}_gguf"] = hf_to_gguf(world / role, _cache() / "gguf" / f"world-seed0-v1-{role}.f32.gguf",
+                                         pre_tokenizer="default")
+    return out
 
 
 def free_port() -> int:
