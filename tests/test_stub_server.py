@@ -120,3 +120,28 @@ def test_stub_kill_drops_a_request_in_flight(stub):
             with pytest.raises(aiohttp.ClientError):
                 await task
     asyncio.run(go())
+
+
+def test_null_server_answers_every_request_on_one_connection():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "bench" / "null_server.py"
+    proc = subprocess.Popen([sys.executable, str(script), "--logprobs", "3"], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(proc.stdout.readline().split()[1])
+
+        async def go():
+            conn = aiohttp.TCPConnector(limit=1)  # one keep-alive connection for all requests
+            async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=5)) as s:
+                bodies = []
+                for path in ("/v1/completions", "/anything", "/v1/completions"):
+                    async with s.post(f"http://127.0.0.1:{port}{path}", json={"prompt": [1], "pad": "x" * 5000}) as r:
+                        bodies.append(await r.json())
+                return bodies
+        bodies = asyncio.run(go())
+        assert [len(b["choices"][0]["logprobs"]["top_logprobs"][0]) for b in bodies] == [3, 3, 3]
+    finally:
+        proc.terminate()
+        proc.wait(5)
