@@ -83,7 +83,8 @@ def completion_response(body: dict, *, drop_logprobs: int = 0, model: str = "stu
         context.append(tok)
     choice = {"index": 0, "text": "".join(name(t) for t in out), "logprobs": lp if k is not None else None,
               "finish_reason": "length", "stop_reason": None, "token_ids": out if body.get("return_token_ids") else None,
-              "prompt_logprobs": None, "prompt_token_ids": prompt if body.get("return_token_ids") else None}
+              "prompt_logprobs": None, "prompt_token_ids": prompt if body.get("return_token_ids") else None,
+              "routed_experts": None, "weight_versions": None}
     pk = body.get("prompt_logprobs")
     if pk is not None:
         rows = [None]
@@ -96,8 +97,8 @@ def completion_response(body: dict, *, drop_logprobs: int = 0, model: str = "stu
     return {"id": "cmpl-stub", "object": "text_completion", "created": int(time.time()), "model": model,
             "choices": [choice], "service_tier": None, "system_fingerprint": None,
             "usage": {"prompt_tokens": len(prompt), "total_tokens": len(prompt) + n, "completion_tokens": n,
-                      "prompt_tokens_details": None},
-            "kv_transfer_params": None}
+                      "prompt_tokens_details": None, "completion_tokens_details": None},
+            "kv_transfer_params": None, "ec_transfer_params": None, "metrics": None}
 
 
 class StubServer:

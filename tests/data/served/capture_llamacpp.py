@@ -103,6 +103,23 @@ def main() -> None:
             t.join()
         facts["concurrent_vs_alone_nocache_maxdiff"] = maxdiff(dists(out[3]), dists(nocache))
         facts["concurrent_vs_alone_nocache_identical"] = dists(out[3]) == dists(nocache)
+        # a cached one-token step (lockstep) while 3 other slots are decoding: same bits as alone?
+        probe = {**base, "prompt": prompt + r1["tokens"][:1], "n_predict": 1}
+        post_json(url + "/completion", probe)
+        alone = post_json(url + "/completion", probe)
+        busy = [{**base, "prompt": prompt[:-2] + [t], "n_predict": 24, "cache_prompt": False} for t in (28, 29, 30)]
+        out = [None] * 4
+        threads = [threading.Thread(target=go, args=(i, b)) for i, b in enumerate(busy)]
+        for t in threads:
+            t.start()
+        import time
+        time.sleep(0.3)
+        go(3, probe)
+        for t in threads:
+            t.join()
+        facts["concurrent_step_vs_alone_maxdiff"] = maxdiff(dists(out[3]), dists(alone))
+        facts["concurrent_step_vs_alone_identical"] = dists(out[3]) == dists(alone)
+        facts["concurrent_step_tokens_cached"] = out[3].get("tokens_cached"), alone.get("tokens_cached")
 
         # the log-prob cap: ask for more than anyone needs
         big = post_json(url + "/completion", {**base, "n_predict": 1, "n_probs": 1000})
@@ -123,6 +140,17 @@ def main() -> None:
         lock = [post_json(url + "/completion", {**base, "prompt": prompt + guesses[:i], "n_predict": 1}) for i in range(4)]
         facts["grammar_forced_vs_lockstep_maxdiff"] = maxdiff(dists(forced), [dists(x)[0] for x in lock])
         facts["grammar_forced_vs_lockstep_identical"] = dists(forced) == [dists(x)[0] for x in lock]
+        # the other way: the K+1 prefixes as parallel requests (4 slots)
+        par: list = [None] * 4
+        threads = [threading.Thread(target=lambda i=i: par.__setitem__(i, post_json(url + "/completion", {
+            **base, "prompt": prompt + guesses[:i], "n_predict": 1}))) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        facts["parallel_prefixes_vs_lockstep_maxdiff"] = maxdiff([dists(x)[0] for x in par], [dists(x)[0] for x in lock])
+        facts["parallel_prefixes_vs_lockstep_identical"] = [dists(x)[0] for x in par] == [dists(x)[0] for x in lock]
+        facts["parallel_prefixes_prompt_n"] = [x["timings"]["prompt_n"] for x in par]
 
         # OpenAI-compatible /v1/completions
         oai = {"model": "smollm2-135m-teacher", "prompt": prompt, "max_tokens": 2, "temperature": 0, "logprobs": 5}
