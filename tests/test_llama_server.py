@@ -69,8 +69,47 @@ def test_llamacpp_student_is_another_model_on_the_same_vocabulary(llama_servers)
     assert t != s and max(max(t), max(s)) < 49152
 
 
-def test_llamacpp_v1_completions_refuses_echo(llama_servers):
-    body = {"prompt": PROMPT, "max_tokens": 1, "logprobs": 5, "echo": True}
-    with pytest.raises(urllib.error.HTTPError) as e:
-        post_json(llama_servers["teacher"].url + "/v1/completions", body)
-    assert e.value.code in (400, 500)
+def test_llamacpp_v1_completions_ignores_echo(llama_servers):
+    """/v1/completions has no prompt log-probs: `echo` is accepted and silently ignored."""
+    body = {"prompt": PROMPT, "max_tokens": 1, "logprobs": 5, "echo": True, "temperature": 0}
+    r = post_json(llama_servers["teacher"].url + "/v1/completions", body)
+    content = r["choices"][0]["logprobs"]["content"]
+    assert len(content) == 1 and isinstance(content[0]["id"], int)
+
+
+def test_llamacpp_quantized_teacher_same_bits_with_and_without_cache(llama_servers):
+    """Q4_1 weights: a position's log-probs do not depend on whether it was prefilled or decoded."""
+    t = llama_servers["teacher"]
+    gen = complete(t, n_predict=3)
+    steps = [complete(t, prompt=PROMPT + gen["tokens"][:i], cache_prompt=False) for i in range(3)]
+    assert [dists(x)[0] for x in steps] == dists(gen)
+
+
+def test_llamacpp_grammar_forced_draft_equals_lockstep(llama_servers):
+    """One request verifies a K-token draft: a token-id grammar forces the guesses and the returned
+    (pre-sampling) log-probs at the K+1 positions are the lockstep ones."""
+    t = llama_servers["teacher"]
+    gen = complete(t, n_predict=3)
+    third = dists(gen)[2]
+    guesses = gen["tokens"][:2] + [sorted(third, key=lambda i: -third[i])[3]]  # the last guess is wrong
+    grammar = "root ::= " + " ".join(f"<[{g}]>" for g in guesses) + " !<[0]>"
+    forced = complete(t, n_predict=4, grammar=grammar)
+    assert forced["tokens"][:3] == guesses
+    assert dists(forced) == [dists(complete(t, prompt=PROMPT + guesses[:i]))[0] for i in range(4)]
+
+
+def test_llamacpp_concurrent_requests_do_not_change_bits(llama_servers):
+    t = llama_servers["teacher"]
+    alone = dists(complete(t, cache_prompt=False))
+    out = [None] * 4
+    bodies = [{**BASE, "prompt": PROMPT[:-3] + [tok], "n_predict": 4, "cache_prompt": False} for tok in (28, 29, 30)]
+    bodies.append({**BASE, "cache_prompt": False})
+
+    def run(i):
+        out[i] = post_json(t.url + "/completion", bodies[i], timeout=300)
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert dists(out[3]) == alone

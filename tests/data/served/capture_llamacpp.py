@@ -158,7 +158,7 @@ def main() -> None:
         write("llamacpp_v1_completions.json", {"endpoint": "POST /v1/completions", "request": oai, "status": status,
                                                "response": v1})
         status, echo = post_any(url + "/v1/completions", {**oai, "echo": True})
-        write("llamacpp_v1_completions_echo_error.json", {"endpoint": "POST /v1/completions",
+        write("llamacpp_v1_completions_echo_ignored.json", {"endpoint": "POST /v1/completions",
                                                           "request": {**oai, "echo": True}, "status": status, "response": echo})
         status, bad = post_any(url + "/completion", {**base, "prompt": prompt + [10 ** 7]})
         write("llamacpp_error_bad_token.json", {"endpoint": "POST /completion",
