@@ -41,7 +41,7 @@ from typing import Any, Iterable, Sequence
 
 from ..config import EvalConfig
 from ..data.traces import AtomicWriter
-from .judge import judge_from
+from .judge import judge_from, judged
 from .answers import (THINK_END, check_answer, extract_answer, is_correct, multiple_choice_letter, normalize,
                       require_math_verify)
 from .lighteval_files import write_lighteval_files
@@ -257,7 +257,7 @@ def run_eval(cfg: EvalConfig, log=print) -> dict[str, Any]:
         rundir.begin()
         log(f"model {model.name}; prefill {prefill!r}" + (" (thinking: graded after </think>)" if thinking else ""))
         engine = _engine(cfg, model)
-        judge = judge_from(cfg, rundir.path("judge-cache.jsonl"))
+        judge = judge_from(cfg, rundir.path("judge-cache.jsonl"), log)
         results = {name: eval_benchmark(name, specs[name], items, cfg, model, engine, prefill, thinking,
                                         rundir.root, log, judge=judge) for name, items in benchmarks.items()}
         summary = _summary(cfg, model.name, prefill, thinking, results, judge)
@@ -311,10 +311,14 @@ def eval_benchmark(name: str, spec: BenchmarkSpec, items: list[Item], cfg: EvalC
     tokens, started = 0, time.perf_counter()
     try:
         with TraceWriter(path) as writer:
-            for fin in sample(engine, requests, log):  # out of memory: half the batch, go on
+            def grade(fin, with_judge):
                 prompt, s = handles[fin.handle]
-                record = sample_record(name, by_id[prompt.prompt_id], s, fin, tok, eos, thinking, cfg.answer_mode,
-                                       judge)
+                return sample_record(name, by_id[prompt.prompt_id], s, fin, tok, eos, thinking, cfg.answer_mode,
+                                     with_judge)
+
+            # out of memory: half the batch, go on; with a judge, up to a batch of finished samples wait while
+            # their questions are asked at once (evaluate/judge.py `judged`)
+            for fin, record in judged(sample(engine, requests, log), grade, judge, chunk=cfg.batch_size):
                 tokens += len(fin.token_ids)
                 writer.write(record)
                 records.append(record)
