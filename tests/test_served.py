@@ -82,9 +82,10 @@ def test_served_run_gives_the_in_process_tokens(tiny_pair, servers, tmp_path):
     assert stats["kv_cache"] == "served" and stats["teacher_passes_per_token"] == 1.0
 
 
-@pytest.mark.parametrize("protocol", ["openai", "llama.cpp"])
-def test_drafted_served_records_equal_lockstep(tiny_pair, servers, tmp_path, protocol):
-    kw = dict(student_protocol=protocol, teacher_protocol=protocol)
+@pytest.mark.parametrize("protocol, verify", [("openai", "prompt-logprobs"), ("openai", "prefixes"),
+                                              ("llama.cpp", "prefixes")])
+def test_drafted_served_records_equal_lockstep(tiny_pair, servers, tmp_path, protocol, verify):
+    kw = dict(student_protocol=protocol, teacher_protocol=protocol, verify_with=verify)
     run_generate(served_config(tiny_pair, servers, tmp_path / "lock", **kw), log=lambda *_: None)
     run_generate(served_config(tiny_pair, servers, tmp_path / "draft", draft_tokens=3, **kw), log=lambda *_: None)
     assert records(tmp_path / "lock") == records(tmp_path / "draft") or _diff(tmp_path)
@@ -137,7 +138,8 @@ def test_drafting_without_prompt_logprobs_is_refused_in_one_line(tiny_pair, tmp_
     student = ModelServer(tiny_pair["student"], name="stu")
     teacher = ModelServer(tiny_pair["teacher"], name="tea", prompt_logprobs=False)
     try:
-        cfg = served_config(tiny_pair, {"student": student, "teacher": teacher}, tmp_path / "o", draft_tokens=3)
+        cfg = served_config(tiny_pair, {"student": student, "teacher": teacher}, tmp_path / "o", draft_tokens=3,
+                            verify_with="prompt-logprobs")
         with pytest.raises(UserError, match="prompt_logprobs is not supported"):
             run_generate(cfg, log=lambda *_: None)
     finally:

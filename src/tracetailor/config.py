@@ -301,6 +301,14 @@ class GenerateConfig(Settings):
                               "API key (unset: no key is sent; the key is never written anywhere).", resumable=True)
     request_timeout: float = option(600.0, "Served models: seconds one request may take, reply included, before it "
                                     "is retried.", above=0.0, resumable=True)
+    verify_with: str = option("prefixes", "Served drafting: how the distributions at the drafted positions are asked: "
+                              "prefixes (one request per prefix, all at once: prefix-cache hits on every server) or "
+                              "prompt-logprobs (one request; vLLM skips its prefix cache for these and returns every "
+                              "prompt position, so only for short contexts). The traces are the same.",
+                              choices=("prefixes", "prompt-logprobs"), resumable=True)
+    request_retries: int = option(8, "Served models: retries of a failed request (429, 5xx, timeout, reset) with "
+                                  "backoff doubling from 0.5 s to 10 s (8: about 45 s, a server restart).", low=0,
+                                  resumable=True)
 
     @property
     def served(self) -> bool:

@@ -242,6 +242,7 @@ def write_stats(out: Path, mode: str, *, prompts: int, skipped: list[str], seque
         "draft_tokens": (draft or {}).get("draft_tokens"),
         "kv_cache": (draft or {}).get("kv_cache"),
         "draft_acceptance": (draft or {}).get("draft_acceptance"),
+        **({"served": draft["served"]} if (draft or {}).get("served") else {}),  # requests and round trips
         "this_run": {"sequences": sequences, "tokens": tokens, "seconds": round(seconds, 3),
                      "tokens_per_second": tokens_per_second(tokens, seconds), **(extra or {})},
     })

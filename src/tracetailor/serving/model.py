@@ -29,6 +29,7 @@ class ServedModel:
     served_name: str | None
     client: HttpClient
     vocab_size: int | None = None  # ids at or above it are refused (a server of another model)
+    prompt_logprobs: bool = False  # verify a draft with one prompt-log-prob request (where the protocol has them)
     requests: int = 0
     rounds: int = 0
     info: dict = field(default_factory=dict)
@@ -80,7 +81,7 @@ class ServedModel:
         """The distribution after `ids[:e]` for each e in `ends` (ascending, each <= len(ids)). One request
         with prompt log-probs, or one per prefix in parallel; either way one round trip."""
         self.rounds += 1
-        if self.protocol.has_prompt_logprobs:
+        if self.prompt_logprobs and self.protocol.has_prompt_logprobs:
             reply, url = await self._post(self.protocol.verify(ids, k))
             start = ends[0]
             dists = self.protocol.read_verify(reply, start, k, self._where(url))
@@ -106,7 +107,7 @@ class ServedModel:
                                   f"set --{self.role}-served-name to one of them")
             reply = await self.client.post_json(url + self.protocol.path, self.protocol.generate(prompt, 1, k))
             self.protocol.read_generation(reply, k, where)
-            if draft and self.protocol.has_prompt_logprobs:
+            if draft and self.prompt_logprobs and self.protocol.has_prompt_logprobs:
                 reply = await self.client.post_json(url + self.protocol.path, self.protocol.verify(prompt, k))
                 self.protocol.read_verify(reply, 1, k, where)
             infos.append(info)
