@@ -24,7 +24,7 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -m "not slow and not serve"
 
-# against real llama.cpp servers on 127.0.0.1; the first run builds llama-server (.ci/build_llama_server.sh, ~40 min on 2 busy cores)
+# against real llama.cpp servers on 127.0.0.1; the first run builds llama-server (.ci/build_llama_server.sh, 55 min on 2 busy cores)
 test-serve: install
 	$(PY) -m pytest -q -m serve
 
