@@ -483,6 +483,20 @@ class ScoreConfig(Settings):
     overwrite: bool = option(False, "Replace a finished score in --out.", resumable=True)
     progress: bool = option(True, "Progress bars.", cli=False, resumable=True)
 
+    # a model behind a server (serving/): prompt log-probs give every completion token's log-prob
+    model_url: str | None = option(None, "Score with the model served behind this URL (vLLM: prompt log-probs; "
+                                   "several, comma-separated, for replicas); the tokenizer comes from --model.",
+                                   resumable=True)
+    served_name: str | None = option(None, "The model's name at --model-url; unset: the server's only model.",
+                                     resumable=True)
+    protocol: str = option("openai", "openai: vLLM's /v1/completions with prompt_logprobs (llama.cpp has none).",
+                           choices=SERVED_PROTOCOLS, resumable=True)
+    max_in_flight: int = option(64, "Served model: most requests in flight at once.", low=1, resumable=True)
+    api_key_env: str = option("TRACETAILOR_API_KEY", "Served model: environment variable holding its API key.",
+                              resumable=True)
+    request_timeout: float = option(600.0, "Served model: seconds one request may take before it is retried.",
+                                    above=0.0, resumable=True)
+
     def validate(self) -> "ScoreConfig":
         check_fields(self)
         _required("student", MODEL_HELP, self.student)
@@ -491,6 +505,10 @@ class ScoreConfig(Settings):
         if self.name and len(self.name) != len(self.data):
             raise ConfigError(f"name: {len(self.name)} name(s) for {len(self.data)} dataset(s); give one --name per "
                               "--data, in order")
+        if self.model_url:
+            from .serving.http import check_url
+
+            self.model_url = ",".join(check_url(u, "--model-url") for u in self.model_url.split(",") if u.strip())
         return self
 
 

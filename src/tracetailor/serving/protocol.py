@@ -138,6 +138,25 @@ class OpenAIProtocol:
         return dists + after[:1]
 
 
+def prompt_token_logprobs(reply: dict, ids: list[int], start: int, where: str) -> list[float]:
+    """The log-prob of each prompt token ids[start:] under its prefix, from vLLM's prompt log-probs (every
+    entry holds the prompt's own token, whatever its rank)."""
+    choice = _first_choice(reply, where)
+    entries = choice.get("prompt_logprobs")
+    if not isinstance(entries, list) or len(entries) != len(ids):
+        raise ServerError(f"{where}: the reply has no prompt log-probs for the {len(ids)} tokens sent; scoring "
+                          "needs a server with prompt_logprobs (vLLM)")
+    out = []
+    for j in range(start, len(ids)):
+        entry = entries[j] if isinstance(entries[j], dict) else {}
+        value = entry.get(str(ids[j]), entry.get(ids[j]))
+        lp = value.get("logprob") if isinstance(value, dict) else value
+        if not isinstance(lp, (int, float)):
+            raise ServerError(f"{where}: no log-prob for prompt token {j} (id {ids[j]}) in the reply")
+        out.append(float(lp))
+    return out
+
+
 def _prompt_entry(entry: dict, k: int, where: str) -> dict[int, float]:
     """vLLM's prompt log-prob entry: {id: {"logprob", "rank", ...}}, the top-k plus the prompt's own token (a
     k+1-th when it ranks lower): keep the entries of rank <= k when ranks are given."""
