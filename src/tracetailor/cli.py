@@ -16,6 +16,7 @@ import inspect
 import logging
 import signal
 import sys
+import types
 import typing
 from contextlib import contextmanager
 from dataclasses import MISSING, fields
@@ -171,11 +172,11 @@ def _cli_type(kind, meta: dict):
     """The click-level type of a field: its choices as an Enum, lists of strings, or the plain type."""
     if meta.get("choices"):
         return enum.Enum("Choice", {str(c): str(c) for c in meta["choices"]}, type=str)
-    args = [a for a in typing.get_args(kind) if a is not type(None)] or [kind]
-    first = args[0]
-    if typing.get_origin(first) is list:
-        return List[str]
-    return first if first in (str, int, float, bool) else str
+    union = isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union
+    args = [a for a in typing.get_args(kind) if a is not type(None)] if union else [kind]  # not list[str]'s `str`
+    if any((typing.get_origin(a) or a) is list for a in args):
+        return List[str]  # a repeatable option: every value given is kept
+    return args[0] if args[0] in (str, int, float, bool) else str
 
 
 def _default_text(f, meta: dict) -> str:
@@ -227,15 +228,17 @@ def config_command(name: str, cls, run_path: str, doc: str, *, stream: str = "er
     if not progress:
         params = [p for p in params if p.name != "no_progress"]
 
+    def run(cfg, log):  # imported only now: `--help` and a bad flag load nothing heavy
+        import importlib
+
+        module, function = run_path.split(":")
+        return getattr(importlib.import_module(module, __package__), function)(cfg, log=log)
+
     def command(**given):
         require_extras(name, *extras)
         no_progress = given.pop("no_progress", False)
         config = given.pop("config", None)
         flags = {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in given.items()}
-        module, function = run_path.split(":")
-        import importlib
-
-        run = getattr(importlib.import_module(module, __package__), function)
         _run_with_config(cls, run, flags, config, no_progress, log=_say(stream), resumable=resumable)
 
     command.__signature__ = inspect.Signature(params)
@@ -243,7 +246,11 @@ def config_command(name: str, cls, run_path: str, doc: str, *, stream: str = "er
     command.__doc__ = doc
     command.__name__ = name
     app.command(name)(command)
+    CONFIG_COMMANDS[name] = cls
     return command
+
+
+CONFIG_COMMANDS: dict[str, type] = {}  # command name -> the config class its options are generated from
 
 
 def _register() -> None:

@@ -752,8 +752,8 @@ def merge(cls, file_values: dict[str, Any] | None, flag_values: dict[str, Any], 
             raise ConfigError(f"{source}: unknown option {key!r}; known options: {', '.join(sorted(known))}")
         values[name] = value
     for name, value in flag_values.items():
-        if value is None or (isinstance(value, (list, tuple)) and not value and name in values):
-            continue
+        if value is None or (isinstance(value, (list, tuple)) and not value):
+            continue  # not given (a repeatable flag not given is empty): the file's value or the default stays
         values[name] = list(value) if isinstance(value, tuple) else value
     hints = _types(cls)
     try:
