@@ -92,3 +92,61 @@ def test_a_list_option_not_given_keeps_the_yaml_value_or_the_default():
 
     assert merge(SweepConfig, None, {"grid": ()}).grid == SweepConfig().grid
     assert merge(SweepConfig, {"grid": ["trials=1,5"]}, {"grid": ()}).grid == ["trials=1,5"]
+
+
+# ---------------------------------------------------------------- YAML: bounded aliases, no duplicate key
+
+
+def _one_error_line(args) -> str:
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.output, result.output
+    return lines[0]
+
+
+def test_a_billion_laughs_yaml_is_refused_in_one_line(tmp_path):
+    lines = ['a0: &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    lines += [f"a{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    path = tmp_path / "laughs.yaml"
+    path.write_text("\n".join(lines + ["out: *a8"]) + "\n", encoding="utf-8")  # 9**9 values in ~440 bytes
+    line = _one_error_line(["generate", "--config", str(path)])
+    assert line.startswith(f"error: {path}: its aliases") and "more than 1000 values" in line
+
+
+def test_a_recursive_yaml_alias_is_refused_in_one_line(tmp_path):
+    path = tmp_path / "rec.yaml"
+    path.write_text("student: s\nout: &a [*a]\n", encoding="utf-8")
+    assert "contains itself" in _one_error_line(["generate", "--config", str(path)])
+
+
+def test_a_few_yaml_aliases_and_merge_keys_still_load(tmp_path):
+    from tracetailor.config import load_yaml
+
+    path = tmp_path / "ok.yaml"
+    path.write_text("stop: &s ['</think>', '=']\ncarry: *s\nbase: &b {k: 1, j: 2}\nmap: {<<: *b, k: 3}\n",
+                    encoding="utf-8")
+    data = load_yaml(path)
+    assert data["carry"] == ["</think>", "="] and data["map"] == {"k": 3, "j": 2}
+
+
+@pytest.mark.parametrize("text, key, line, first", [
+    ("student: s\nseed: 1\nstudent: t\n", "student", 3, 1),
+    ("student: s\nteacher_device_map: {a: 1, b: 2, a: 3}\n", "a", 2, 2),
+])
+def test_a_yaml_duplicate_key_is_refused_naming_file_key_and_line(tmp_path, text, key, line, first):
+    path = tmp_path / "dup.yaml"
+    path.write_text(text, encoding="utf-8")
+    assert _one_error_line(["generate", "--config", str(path)]) == (
+        f"error: {path}: line {line}: key {key!r} is given twice (first on line {first}); keep one")
+
+
+def test_an_error_never_prints_a_whole_value(tmp_path):
+    path = tmp_path / "long.yaml"
+    path.write_text("out: [" + ", ".join(f"item{i}" for i in range(5000)) + "]\nseed: '" + "9" * 5000 + "x'\n",
+                    encoding="utf-8")
+    line = _one_error_line(["generate", "--config", str(path)])
+    assert line.startswith(f"error: {path}: out: expected text") and "item0" in line and len(line) < 300
+    path.write_text("seed: '" + "9" * 5000 + "x'\n", encoding="utf-8")
+    line = _one_error_line(["generate", "--config", str(path)])
+    assert "seed: '999" in line and "is not a whole number" in line and len(line) < 300

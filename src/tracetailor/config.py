@@ -39,6 +39,18 @@ class ExperimentError(ConfigError):
 _MISSING = dataclasses.MISSING
 
 
+def _shown(value: Any, width: int = 80) -> str:
+    """`repr(value)` cut to about `width` characters, never built whole: an error quotes a value, not all of it
+    (a YAML value can be a nested list of a billion items that share their parts)."""
+    import reprlib
+
+    short = reprlib.Repr()
+    short.maxlevel, short.maxtuple, short.maxlist, short.maxdict, short.maxset = 3, 4, 4, 4, 4
+    short.maxstring = short.maxother = short.maxlong = width
+    text = short.repr(value)
+    return text if len(text) <= width + 2 else text[: width - 3] + "..."
+
+
 def option(default: Any = _MISSING, help: str = "", *, factory=None, low=None, high=None, above=None, below=None,
            choices: tuple | None = None, flags: tuple[str, ...] | None = None, resumable: bool = False,
            cli: bool = True, shown: str | None = None):
@@ -93,29 +105,29 @@ def _convert(name: str, value: Any, kind) -> Any:
             number = None
         if number is not None and number.is_integer():
             return int(number)
-        raise ConfigError(f"{name}: {value!r} is not a whole number")
+        raise ConfigError(f"{name}: {_shown(value)} is not a whole number")
     if float in allowed and isinstance(value, str):
         try:
             return float(value)  # YAML reads 1e-5 (no dot) as text
         except ValueError:
-            raise ConfigError(f"{name}: {value!r} is not a number") from None
+            raise ConfigError(f"{name}: {_shown(value)} is not a number") from None
     if float in allowed:
-        raise ConfigError(f"{name}: {value!r} is not a number")
+        raise ConfigError(f"{name}: {_shown(value)} is not a number")
     if bool in allowed:
-        raise ConfigError(f"{name}: expected true or false, got {value!r}")
+        raise ConfigError(f"{name}: expected true or false, got {_shown(value)}")
     wanted = " or ".join(sorted("text" if t is str else "a mapping" if t is dict else getattr(t, "__name__", str(t))
                                 for t in allowed))
-    raise ConfigError(f"{name}: expected {wanted}, got {value!r} ({type(value).__name__}); quote it in YAML")
+    raise ConfigError(f"{name}: expected {wanted}, got {_shown(value)} ({type(value).__name__}); quote it in YAML")
 
 
 def _string_list(name: str, value: Any) -> list[str]:
     if isinstance(value, str):
         return [value]  # one item: `stop: "</think>"` is one stop string, not eight
     if not isinstance(value, (list, tuple)):
-        raise ConfigError(f"{name}: expected a list of strings, got {value!r} ({type(value).__name__})")
+        raise ConfigError(f"{name}: expected a list of strings, got {_shown(value)} ({type(value).__name__})")
     bad = [v for v in value if not isinstance(v, str)]
     if bad:
-        raise ConfigError(f"{name}: expected a list of strings, but it holds {bad[0]!r} ({type(bad[0]).__name__})")
+        raise ConfigError(f"{name}: expected a list of strings, but it holds {_shown(bad[0])} ({type(bad[0]).__name__})")
     return list(value)
 
 
@@ -124,7 +136,7 @@ def _bounds(name: str, value: Any, m: dict) -> None:
         return
     low, high, above, below = m["low"], m["high"], m["above"], m["below"]
     if m["choices"] and value not in m["choices"]:
-        raise ConfigError(f"{name}: {value!r} is not one of {', '.join(map(str, m['choices']))}")
+        raise ConfigError(f"{name}: {_shown(value)} is not one of {', '.join(map(str, m['choices']))}")
     inside = ((low is None or value >= low) and (high is None or value <= high)
               and (above is None or value > above) and (below is None or value < below))
     if inside:
@@ -546,7 +558,7 @@ class TrainConfig(Settings):
 
         schedulers = [s.value for s in SchedulerType]
         if self.lr_scheduler not in schedulers:
-            raise ConfigError(f"lr_scheduler: {self.lr_scheduler!r} is not one of {', '.join(schedulers)}")
+            raise ConfigError(f"lr_scheduler: {_shown(self.lr_scheduler)} is not one of {', '.join(schedulers)}")
         if self.save_steps is not None and self.save_strategy == "end":
             self.save_strategy = "steps"  # --save-steps N alone saves every N steps, as in TRL's scripts
         return self
@@ -663,9 +675,9 @@ class SweepConfig(ExperimentConfig):
         try:
             seeds = [int(s) for s in str(self.seeds).split(",") if s.strip()]
         except ValueError:
-            raise ConfigError(f"seeds: {self.seeds!r} is not a comma-separated list of whole numbers") from None
+            raise ConfigError(f"seeds: {_shown(self.seeds)} is not a comma-separated list of whole numbers") from None
         if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
-            raise ConfigError(f"seeds: {self.seeds!r}: give distinct seeds >= 0, e.g. 0,1,2")
+            raise ConfigError(f"seeds: {_shown(self.seeds)}: give distinct seeds >= 0, e.g. 0,1,2")
         return seeds
 
     def grid_points(self) -> list[dict[str, Any]]:
@@ -675,7 +687,7 @@ class SweepConfig(ExperimentConfig):
             name, _, values = str(item).partition("=")
             name = name.strip().replace("-", "_")
             if name not in SWEEPABLE or not values.strip():
-                raise ConfigError(f"grid: {item!r} is not SETTING=V1,V2,... with SETTING one of {', '.join(SWEEPABLE)}")
+                raise ConfigError(f"grid: {_shown(item)} is not SETTING=V1,V2,... with SETTING one of {', '.join(SWEEPABLE)}")
             if name in (a for a, _ in axes):
                 raise ConfigError(f"grid: {name} is given twice")
             converted = [_convert(name, v.strip(), hints[name]) for v in values.split(",") if v.strip()]
@@ -704,7 +716,64 @@ def settings_changes(before: dict[str, Any], now: dict[str, Any], most: int = 6,
         return before.get(k) != now[k]
 
     changed = sorted(k for k in now if differs(k))
-    return "; ".join(f"{k}: {before.get(k)!r} -> {now[k]!r}" for k in changed[:most]) if changed else None
+    return "; ".join(f"{k}: {_shown(before.get(k), 200)} -> {_shown(now[k], 200)}" for k in changed[:most]) if changed else None
+
+
+YAML_ALIAS_LIMIT = 1000  # the most values that aliases (*name) may add to a config file, all expanded
+
+
+def _expanded_size(node, memo: dict, open_nodes: set) -> int:
+    """How many values `node` stands for with every alias written out (shared parts counted once per use)."""
+    import yaml
+
+    if id(node) in memo:
+        return memo[id(node)]
+    if id(node) in open_nodes:
+        raise ConfigError(f"line {node.start_mark.line + 1}: a value that contains itself (a recursive alias)")
+    open_nodes.add(id(node))
+    children = ([n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode)
+                else node.value if isinstance(node, yaml.SequenceNode) else [])
+    memo[id(node)] = 1 + sum(_expanded_size(child, memo, open_nodes) for child in children)
+    open_nodes.discard(id(node))
+    return memo[id(node)]
+
+
+def _yaml_loader(path: Path):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (naming it and its lines) and aliases
+    that expand beyond YAML_ALIAS_LIMIT values (a few hundred bytes can stand for billions of values)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def get_single_node(self):
+            node = super().get_single_node()
+            if node is not None:
+                memo: dict = {}
+                try:
+                    added = _expanded_size(node, memo, set()) - len(memo)
+                except ConfigError as e:
+                    raise ConfigError(f"{path}: {e}") from None
+                if added > YAML_ALIAS_LIMIT:
+                    raise ConfigError(f"{path}: its aliases (*name) expand to more than {YAML_ALIAS_LIMIT} values; "
+                                      "write the values out instead")
+            return node
+
+        def construct_mapping(self, node, deep=False):
+            first_line: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *base` keys may be overridden: that is what merge keys are for
+                key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+                try:
+                    given = key in first_line
+                except TypeError:
+                    continue  # an unhashable key: the constructor names it
+                first_line.setdefault(key, line)
+                if given:
+                    raise ConfigError(f"{path}: line {line}: key {_shown(key)} is given twice (first on line "
+                                      f"{first_line[key]}); keep one")
+            return super().construct_mapping(node, deep)
+
+    return Loader
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -714,12 +783,14 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        data = yaml.load(p.read_text(encoding="utf-8"), Loader=_yaml_loader(p)) or {}  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as e:
         first = str(e).strip().splitlines()
-        raise ConfigError(f"{p}: not valid YAML: {' '.join(line.strip() for line in first[:3])}") from e
+        raise ConfigError(f"{p}: not valid YAML: {' '.join(line.strip()[:200] for line in first[:3])}") from e
     except UnicodeDecodeError as e:
         raise ConfigError(f"{p}: not valid UTF-8 ({e})") from e
+    except RecursionError:
+        raise ConfigError(f"{p}: nested too deeply to read; flatten it") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: expected a mapping of option names to values")
     return data
@@ -747,9 +818,9 @@ def merge(cls, file_values: dict[str, Any] | None, flag_values: dict[str, Any], 
     for key, value in (file_values or {}).items():
         name = str(key).replace("-", "_")
         if name in RENAMED and RENAMED[name][0] == cls.__name__ and name not in known:
-            raise ConfigError(f"{source}: option {key!r} was renamed; use {RENAMED[name][1]}")
+            raise ConfigError(f"{source}: option {_shown(key)} was renamed; use {RENAMED[name][1]}")
         if name not in known:
-            raise ConfigError(f"{source}: unknown option {key!r}; known options: {', '.join(sorted(known))}")
+            raise ConfigError(f"{source}: unknown option {_shown(key)}; known options: {', '.join(sorted(known))}")
         values[name] = value
     for name, value in flag_values.items():
         if value is None or (isinstance(value, (list, tuple)) and not value):
