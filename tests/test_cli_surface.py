@@ -150,3 +150,190 @@ def test_an_error_never_prints_a_whole_value(tmp_path):
     path.write_text("seed: '" + "9" * 5000 + "x'\n", encoding="utf-8")
     line = _one_error_line(["generate", "--config", str(path)])
     assert "seed: '999" in line and "is not a whole number" in line and len(line) < 300
+
+
+# ---------------------------------------------------------------- one meaning per flag
+
+
+def _all_commands():
+    """(name, click command) for every command, `world build` included."""
+    for name, command in typer.main.get_command(app).commands.items():
+        for sub_name, sub in getattr(command, "commands", {None: command}).items():
+            yield (f"{name} {sub_name}" if sub_name else name), sub
+
+
+def _kind(param) -> tuple:
+    """What a parameter takes, as far as its meaning shows in the parser: a switch, or values of a kind (one or
+    several: score's --data takes several datasets, train's one)."""
+    import enum
+
+    annotation = getattr(getattr(param, "type_descriptor", None), "annotation", None)
+    args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    kind = args[0]
+    if isinstance(kind, type) and issubclass(kind, enum.Enum) or typing.get_origin(kind) is list:
+        kind = str
+    return (bool(param.is_flag) if hasattr(param, "is_flag") else False, kind)
+
+
+def _shared_flags() -> dict[str, list]:
+    found: dict[str, list] = {}
+    for name, command in _all_commands():
+        for param in command.params:
+            if getattr(param, "hidden", False):
+                continue
+            for flag in list(param.opts) + list(param.secondary_opts):
+                if flag.startswith("--"):
+                    found.setdefault(flag, []).append((name, param))
+    return {flag: uses for flag, uses in found.items() if len(uses) > 1}
+
+
+SHARED = _shared_flags()
+SYNONYMS = {"student": "model"}  # score's and train's model is the student: the field is named after its role
+
+
+@pytest.mark.parametrize("flag", sorted(SHARED))
+def test_each_shared_flag_has_one_meaning_across_commands(flag):
+    uses = SHARED[flag]
+    fields_filled = {SYNONYMS.get(p.name, p.name) for _, p in uses}
+    assert len(fields_filled) == 1, (flag, [(c, p.name) for c, p in uses])  # e.g. --gguf-file: the model's
+    kinds = {_kind(p) for _, p in uses}
+    assert len(kinds) == 1, (flag, [(c, _kind(p)) for c, p in uses])
+    choices = [set(getattr(p, "choices", None) or ()) for _, p in uses if getattr(p, "choices", None)]
+    for a in choices:
+        for b in choices:
+            assert a <= b or b <= a, (flag, choices)  # a value means one thing wherever it is accepted
+
+
+def test_gguf_file_is_the_models_in_every_command_and_generate_keeps_the_old_spelling(monkeypatch):
+    assert {c for c, _ in SHARED["--gguf-file"]} == {"eval", "score", "train"}
+    seen = _capture(monkeypatch)
+    result = CliRunner().invoke(app, ["generate", "--gguf-file", "s.gguf"])
+    assert result.exit_code == 0 and seen["cfg"].student_gguf_file == "s.gguf"
+    assert "warning: --gguf-file is deprecated and goes in the next release; use --student-gguf-file" in result.output
+
+
+def test_out_is_a_directory_everywhere_and_select_and_view_write_out_file(monkeypatch):
+    assert not {"select", "view"} & {c for c, _ in SHARED["--out"]}
+    assert {c for c, _ in SHARED["--out-file"]} == {"select", "view"}
+    seen = _capture(monkeypatch)
+    for command in ("select", "view"):
+        result = CliRunner().invoke(app, [command, "t.jsonl", "--out", "x.file"])
+        assert result.exit_code == 0 and seen["cfg"].out == "x.file", result.output
+        assert "--out is deprecated and goes in the next release; use --out-file" in result.output
+        result = CliRunner().invoke(app, [command, "t.jsonl", "--out-file", "y.file", "--out", "x.file"])
+        assert seen["cfg"].out == "y.file"  # the new spelling wins
+
+
+def test_dtype_auto_means_bf16_on_cuda_everywhere_and_train_defaults_to_float32(caplog):
+    from tracetailor.config import DTYPE_HELP, TrainConfig
+    from tracetailor.models import resolve_dtype
+
+    helps = {c: p.help for c, p in SHARED["--dtype"]}
+    assert all(h.startswith(DTYPE_HELP) for c, h in helps.items() if c != "train"), helps
+    assert TrainConfig().dtype == "float32" and "auto is deprecated" in helps["train"]
+    cfg = TrainConfig(model="m", data="d", dtype="auto").validate()
+    assert cfg.dtype == "float32" and "train --dtype auto" in caplog.text and "deprecated" in caplog.text
+    import torch
+
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+
+
+def test_top_k_has_one_meaning_in_every_command():
+    from tracetailor.config import TOP_K_HELP
+
+    assert {c for c, _ in SHARED["--top-k"]} >= {"generate", "eval"}
+    assert all(p.help.startswith(TOP_K_HELP) for _, p in SHARED["--top-k"])
+
+
+def test_demo_spells_epochs_as_train_does_and_keeps_the_old_spelling_hidden():
+    demo = _click_command("demo")
+    visible = {o for p in demo.params if not p.hidden for o in p.opts}
+    assert "--num-train-epochs" in visible and "--epochs" not in visible
+    assert any("--epochs" in p.opts for p in demo.params if p.hidden)
+
+
+@pytest.mark.parametrize("command", ["generate", "score", "select", "eval", "train", "export", "sweep", "view",
+                                     "demo", "world build", "assets"])
+def test_every_command_takes_the_common_flags(command):
+    options = {o for name, c in _all_commands() if name == command for p in c.params for o in p.opts}
+    assert {"-q", "-v", "--quiet", "--verbose"} <= options
+    if command not in ("world build", "assets"):
+        assert "--no-progress" in options
+    if command not in ("world build", "assets", "demo"):
+        assert "--config" in options
+
+
+def test_trl_spellings_fill_the_same_fields_as_flags_and_yaml_keys(monkeypatch):
+    from tracetailor.config import TrainConfig
+
+    seen = _capture(monkeypatch)
+    result = CliRunner().invoke(app, ["train", "--model-name-or-path", "m", "--dataset-name", "d", "--output-dir",
+                                      "o", "--lr-scheduler-type", "linear", "--use-peft", "--hub-model-id", "a/b"])
+    assert result.exit_code == 0, result.output
+    cfg = seen["cfg"]
+    assert (cfg.model, cfg.data, cfg.out, cfg.lr_scheduler, cfg.lora, cfg.push_to_hub) == ("m", "d", "o", "linear",
+                                                                                            True, "a/b")
+    cfg = merge(TrainConfig, {"model_name_or_path": "m", "output_dir": "o", "use_peft": True}, {})
+    assert (cfg.model, cfg.out, cfg.lora) == ("m", "o", True)
+    with pytest.raises(ConfigError, match=r"c.yaml: out and output_dir are one option \(out\); keep one"):
+        merge(TrainConfig, {"out": "a", "output_dir": "b"}, {}, source="c.yaml")
+
+
+def _capture(monkeypatch) -> dict:
+    """Run commands up to their merged config only; the config lands in the returned dict."""
+    seen: dict = {}
+
+    def run_with_config(cls, run, flags, config, no_progress=False, log=None, resumable=True):
+        seen["cfg"] = merge(cls, None, flags)
+
+    monkeypatch.setattr(cli, "_run_with_config", run_with_config)
+    monkeypatch.setattr(cli, "require_extras", lambda *a: None)
+    return seen
+
+
+# ---------------------------------------------------------------- -q, -v, warnings, close matches
+
+
+def _fake_select(monkeypatch):
+    import warnings
+
+    import tracetailor.select
+
+    def run_select(cfg, log):
+        log("an info line")
+        log("warning: a warning line")
+        warnings.warn_explicit("a python warning", UserWarning, filename=cli._PACKAGE_DIR + "/sampling.py",
+                               lineno=1)
+
+    monkeypatch.setattr(tracetailor.select, "run_select", run_select)
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_q_and_v_work_after_the_subcommand_and_q_keeps_warnings(monkeypatch, where):
+    import warnings
+
+    _fake_select(monkeypatch)
+
+    def invoke(flag):
+        args = ["select", "t.jsonl"]
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            return CliRunner().invoke(app, [flag, *args] if where == "before" else [*args, flag])
+
+    quiet = invoke("-q")
+    assert quiet.exit_code == 0, quiet.output
+    assert "an info line" not in quiet.output and "warning: a warning line" in quiet.output
+    assert "warning: a python warning" in quiet.stderr and "sampling.py" not in quiet.output
+    verbose = invoke("-v")
+    assert "an info line" in verbose.output and "settings: " in verbose.output and "flags given:" in verbose.output
+
+
+def test_an_unknown_yaml_key_or_flag_gets_a_close_match(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("student: s\ntreshold: 0.1\n", encoding="utf-8")
+    line = _one_error_line(["generate", "--config", str(path)])
+    assert line.startswith(f"error: {path}: unknown option 'treshold' (did you mean threshold?); known options: ")
+    path.write_text("model: m\noutput_dri: o\n", encoding="utf-8")
+    assert "(did you mean output_dir?)" in _one_error_line(["train", "--config", str(path)])
+    result = CliRunner().invoke(app, ["generate", "--stundent", "s"])
+    assert result.exit_code == 2 and "--student" in result.output
