@@ -87,6 +87,14 @@ def test_generate_carry_and_stop_given_twice_keep_both(monkeypatch):
     assert seen["cfg"].carry == ["answer", "meta"] and seen["cfg"].stop == ["=", "</think>"]
 
 
+def test_sweep_grid_given_twice_is_a_two_way_grid(monkeypatch):
+    seen = _capture(monkeypatch)
+    result = CliRunner().invoke(app, ["sweep", "--grid", "threshold=0.01,0.3", "--grid", "trials=1,5"])
+    assert result.exit_code == 0, result.output
+    assert seen["cfg"].grid_points() == [{"threshold": 0.01, "trials": 1}, {"threshold": 0.01, "trials": 5},
+                                         {"threshold": 0.3, "trials": 1}, {"threshold": 0.3, "trials": 5}]
+
+
 def test_a_list_option_not_given_keeps_the_yaml_value_or_the_default():
     from tracetailor.config import SweepConfig
 
@@ -316,8 +324,9 @@ def test_q_and_v_work_after_the_subcommand_and_q_keeps_warnings(monkeypatch, whe
 
     def invoke(flag):
         args = ["select", "t.jsonl"]
-        with warnings.catch_warnings():
+        with warnings.catch_warnings():  # as main() sets it up
             warnings.simplefilter("always")
+            cli.warnings_as_lines()
             return CliRunner().invoke(app, [flag, *args] if where == "before" else [*args, flag])
 
     quiet = invoke("-q")
@@ -337,3 +346,14 @@ def test_an_unknown_yaml_key_or_flag_gets_a_close_match(tmp_path):
     assert "(did you mean output_dir?)" in _one_error_line(["train", "--config", str(path)])
     result = CliRunner().invoke(app, ["generate", "--stundent", "s"])
     assert result.exit_code == 2 and "--student" in result.output
+
+
+def test_the_entry_point_shows_warnings_as_lines(monkeypatch):
+    import warnings
+
+    seen = {}
+    monkeypatch.setattr(cli, "app", lambda: seen.update(hook=warnings.showwarning))
+    monkeypatch.setattr(cli, "stop_like_ctrl_c", lambda: None)
+    with warnings.catch_warnings():
+        cli.main()
+    assert seen["hook"] is cli._show_warning

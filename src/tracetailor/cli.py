@@ -50,6 +50,11 @@ def _setup_logging(level: int) -> None:
         logger.addHandler(_EchoHandler())
     logger.setLevel(level)
     logger.propagate = False
+
+
+def warnings_as_lines() -> None:
+    """Show tracetailor's own UserWarnings as `warning: ...` lines through the logger (main() calls it: a
+    caller that records warnings, such as a test, keeps them)."""
     if warnings.showwarning is not _show_warning:
         _show_warning.default = warnings.showwarning
         warnings.showwarning = _show_warning
@@ -476,6 +481,7 @@ def world_build(
 
 def main() -> None:
     _setup_logging(logging.INFO)
+    warnings_as_lines()
     stop_like_ctrl_c()
     app()
 
