@@ -71,12 +71,18 @@ class ModelServer:
         """The float32-rounded log-probs after `ids`, from one forward of `ids` alone."""
         return torch.log_softmax(self.model(torch.tensor([ids])).logits[0, -1], -1).float()
 
-    def _greedy(self, ids: list[int], n: int) -> tuple[list[int], list[torch.Tensor]]:
+    def _greedy(self, ids: list[int], n: int, temperature: float = 0.0, seed: int = 0
+                ) -> tuple[list[int], list[torch.Tensor]]:
+        """Greedy tokens (temperature 0) or sampled ones (seeded), up to n, ending at EOS."""
         tokens, rows = [], []
         ctx = list(ids)
+        gen = torch.Generator().manual_seed(seed)
         for _ in range(n):
             row = self._last(ctx)
-            tok = int(row.double().argmax())
+            if temperature > 0:
+                tok = int(torch.multinomial(torch.softmax(row.double() / temperature, -1), 1, generator=gen))
+            else:
+                tok = int(row.double().argmax())
             tokens.append(tok)
             rows.append(row)
             ctx.append(tok)
@@ -109,8 +115,10 @@ class ModelServer:
                                                  f"is greater than max allowed: {self.max_logprobs}",
                                                  "type": "BadRequestError", "code": 400}}, status=400)
         ids = body["prompt"]
-        tokens, rows = self._greedy(ids, body.get("max_tokens", 16))
-        choice = {"index": 0, "text": "", "finish_reason": "length", "stop_reason": None,
+        tokens, rows = self._greedy(ids, body.get("max_tokens", 16), body.get("temperature", 1.0), body.get("seed", 0))
+        eos = self.model.config.eos_token_id
+        choice = {"index": 0, "text": "", "finish_reason": "stop" if tokens and tokens[-1] == eos else "length",
+                  "stop_reason": None,
                   "logprobs": {"text_offset": list(range(len(tokens))),
                                "tokens": [f"token_id:{t}" for t in tokens],
                                "token_logprobs": [float(r[t]) for t, r in zip(tokens, rows)],

@@ -106,7 +106,7 @@ def test_import_unclosed_think_is_dropped(tmp_path, student):
 
 
 def test_import_missing_field_is_one_line(tmp_path, student):
-    result = CliRunner().invoke(app, ["import", s1k_file(tmp_path), "--student", student, "--out",
+    result = CliRunner().invoke(app, ["import", s1k_file(tmp_path), "--student", student, "--out-file",
                                       str(tmp_path / "x.jsonl"), "--thinking-field", "reasoning",
                                       "--response-field", "deepseek_attempt", "--prompt-field", "question"])
     assert result.exit_code == 2
@@ -115,7 +115,7 @@ def test_import_missing_field_is_one_line(tmp_path, student):
 
 def test_import_cli_with_preset(tmp_path, student):
     result = CliRunner().invoke(app, ["import", s1k_file(tmp_path), "--preset", "paper", "--student", student,
-                                      "--out", str(tmp_path / "cli.jsonl")])
+                                      "--out-file", str(tmp_path / "cli.jsonl")])
     assert result.exit_code == 0, result.output
     assert "import funnel" in result.output and len(read_rows(tmp_path / "cli.jsonl")) == 3
 

@@ -82,9 +82,10 @@ def test_served_run_gives_the_in_process_tokens(tiny_pair, servers, tmp_path):
     assert stats["kv_cache"] == "served" and stats["teacher_passes_per_token"] == 1.0
 
 
-@pytest.mark.parametrize("protocol", ["openai", "llama.cpp"])
-def test_drafted_served_records_equal_lockstep(tiny_pair, servers, tmp_path, protocol):
-    kw = dict(student_protocol=protocol, teacher_protocol=protocol)
+@pytest.mark.parametrize("protocol, verify", [("openai", "prompt-logprobs"), ("openai", "prefixes"),
+                                              ("llama.cpp", "prefixes")])
+def test_drafted_served_records_equal_lockstep(tiny_pair, servers, tmp_path, protocol, verify):
+    kw = dict(student_protocol=protocol, teacher_protocol=protocol, verify_with=verify)
     run_generate(served_config(tiny_pair, servers, tmp_path / "lock", **kw), log=lambda *_: None)
     run_generate(served_config(tiny_pair, servers, tmp_path / "draft", draft_tokens=3, **kw), log=lambda *_: None)
     assert records(tmp_path / "lock") == records(tmp_path / "draft") or _diff(tmp_path)
@@ -137,7 +138,8 @@ def test_drafting_without_prompt_logprobs_is_refused_in_one_line(tiny_pair, tmp_
     student = ModelServer(tiny_pair["student"], name="stu")
     teacher = ModelServer(tiny_pair["teacher"], name="tea", prompt_logprobs=False)
     try:
-        cfg = served_config(tiny_pair, {"student": student, "teacher": teacher}, tmp_path / "o", draft_tokens=3)
+        cfg = served_config(tiny_pair, {"student": student, "teacher": teacher}, tmp_path / "o", draft_tokens=3,
+                            verify_with="prompt-logprobs")
         with pytest.raises(UserError, match="prompt_logprobs is not supported"):
             run_generate(cfg, log=lambda *_: None)
     finally:
@@ -159,3 +161,51 @@ def test_served_settings_a_server_cannot_give_are_refused(tiny_pair, change, mes
         setattr(cfg, key, value)
     with pytest.raises((ConfigError, UserError), match=message):
         cfg.validate()
+
+
+def test_eval_through_a_served_model(tiny_pair, servers, tmp_path):
+    """eval --model-url: the server samples each completion (many in flight); samples graded and resumable."""
+    from tracetailor.config import EvalConfig
+    from tracetailor.evaluate.run import run_eval
+
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text("".join(json.dumps({"question": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n"
+                             for i in range(3)))
+    cfg = dict(model=tiny_pair["student"], model_url=servers["student"].url, benchmark=str(bench), samples=2,
+               max_new_tokens=8, out=str(tmp_path / "res"), progress=False, answer_mode="strict-boxed")
+    before = servers["student"].requests
+    summary = run_eval(EvalConfig(**cfg), log=lambda *_: None)
+    bench_name = next(iter(summary["benchmarks"]))
+    assert summary["benchmarks"][bench_name]["completions"] == 6
+    # one probe, then one request per completion
+    assert servers["student"].requests - before == 1 + 6
+    lines = (tmp_path / "res" / summary["benchmarks"][bench_name]["file"]).read_text().splitlines()
+    assert len(lines) == 6 and all(json.loads(line)["completion"] is not None for line in lines)
+    again = run_eval(EvalConfig(**cfg), log=lambda *_: None)  # a finished evaluation: nothing asked again
+    assert again["benchmarks"][bench_name]["completions"] == 6
+
+
+def test_score_through_a_served_model_equals_in_process(tiny_pair, servers, tmp_path):
+    """score --model-url: every completion token's log-prob from prompt log-probs, one request per example."""
+    from tracetailor.config import ScoreConfig
+    from tracetailor.score import run_score
+
+    run_generate(served_config(tiny_pair, servers, tmp_path / "traces"), log=lambda *_: None)
+    kw = dict(student=tiny_pair["student"], data=[str(tmp_path / "traces")], progress=False)
+    served = run_score(ScoreConfig(**kw, out=str(tmp_path / "s1"), model_url=servers["student"].url),
+                       log=lambda *_: None)
+    local = run_score(ScoreConfig(**kw, out=str(tmp_path / "s2")), log=lambda *_: None)
+    a, b = served["datasets"], local["datasets"]
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name]["tokens"] == b[name]["tokens"] > 0
+        assert abs(a[name]["nll"] - b[name]["nll"]) < 1e-4
+
+
+def test_score_over_llamacpp_is_refused_in_one_line(tiny_pair, servers, tmp_path):
+    from tracetailor.config import ScoreConfig
+    from tracetailor.score import run_score
+
+    with pytest.raises(UserError, match="no prompt log-probs"):
+        run_score(ScoreConfig(student=tiny_pair["student"], data=[tiny_pair["prompts"]], out=str(tmp_path / "s"),
+                              model_url=servers["student"].url, protocol="llama.cpp"), log=lambda *_: None)

@@ -95,12 +95,9 @@ def load_pair(cfg: GenerateConfig, log=print):
 
 def make_bridge(student, teacher, log=print):
     """The vocabulary bridge from the student's tokens to the teacher's (identity for one tokenizer)."""
-    from .vocab import build_bridge
+    from .vocab import bridge_between
 
-    bridge = build_bridge(student.tokenizer, teacher.tokenizer, student.vocab_size, teacher.vocab_size)
-    if not bridge.identity:
-        log(f"vocabulary bridge: {bridge.shared_fraction:.2%} of the student's tokens have a teacher counterpart")
-    return bridge
+    return bridge_between(student, teacher, log)
 
 
 def load_prompt_set(cfg: GenerateConfig, tokenizer, context: int | None = None) -> list:
@@ -258,6 +255,7 @@ def write_stats(out: Path, mode: str, *, prompts: int, skipped: list[str], seque
         "draft_tokens": (draft or {}).get("draft_tokens"),
         "kv_cache": (draft or {}).get("kv_cache"),
         "draft_acceptance": (draft or {}).get("draft_acceptance"),
+        **({"served": draft["served"]} if (draft or {}).get("served") else {}),  # requests and round trips
         "this_run": {"sequences": sequences, "tokens": tokens, "seconds": round(seconds, 3),
                      "tokens_per_second": tokens_per_second(tokens, seconds), **(extra or {})},
     })

@@ -256,14 +256,11 @@ def load_specs(cfg: EvalConfig) -> tuple[dict[str, BenchmarkSpec], dict[str, lis
 
 def run_eval(cfg: EvalConfig, log=print) -> dict[str, Any]:
     """Run `eval` end to end; return the summary written to OUT/summary.json."""
-    from ..models import load_model
-
     cfg.validate()
     started = time.time()
     specs, benchmarks = load_specs(cfg)
     with open_run_dir(cfg, list(specs)) as rundir:
-        model = load_model(cfg.model, gguf_file=cfg.gguf_file, device=cfg.device, dtype=cfg.dtype,
-                           trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle, role="model")
+        model = _load(cfg, log)
         prefill = resolve_prefill(cfg.prefill, model.tokenizer)
         thinking = uses_thinking(prefill)
         rundir.started()
@@ -290,11 +287,29 @@ def run_eval(cfg: EvalConfig, log=print) -> dict[str, Any]:
     return summary
 
 
+def _load(cfg: EvalConfig, log):
+    """The model in this process, or (--model-url) its tokenizer with its servers probed."""
+    if cfg.model_url:
+        from ..serving.load import load_served, make_client
+
+        return load_served("model", cfg.model, cfg.model_url, cfg.protocol, cfg.served_name, make_client(cfg),
+                           k=1, gguf_file=cfg.gguf_file, trust_remote_code=cfg.trust_remote_code, log=log)
+    from ..models import load_model
+
+    return load_model(cfg.model, gguf_file=cfg.gguf_file, device=cfg.device, dtype=cfg.dtype,
+                      trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle, role="model")
+
+
 def _engine(cfg: EvalConfig, model):
     from ..decoding.engine import DecodeSettings, Engine
 
     settings = DecodeSettings(mode="student", temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                               seed=cfg.seed)
+    if cfg.model_url:
+        from ..serving.engine import ServedEngine
+
+        return ServedEngine(model.model, settings=settings, eos_ids=set(model.eos_ids()),
+                            rows_in_flight=cfg.max_in_flight, server_sampling=True)
     return Engine(model.model, settings=settings, eos_ids=set(model.eos_ids()), batch_size=cfg.batch_size,
                   kv_cache=cfg.kv_cache)
 

@@ -62,7 +62,7 @@ class ServedEngine:
     def __init__(self, student: ServedModel, teacher: ServedModel | None = None, bridge=None,
                  settings: DecodeSettings | None = None, eos_ids: Iterable[int] = (),
                  stop_fn: Callable[[list[int]], bool] | None = None, on_step: Callable[[int, int], None] | None = None,
-                 rows_in_flight: int = 256):
+                 rows_in_flight: int = 256, server_sampling: bool = False):
         self.settings = settings or DecodeSettings()
         if self.settings.mode != "student" and teacher is None:
             raise ValueError(f"mode {self.settings.mode!r} needs a teacher")
@@ -75,6 +75,9 @@ class ServedEngine:
         self.stop_fn = stop_fn
         self.on_step = on_step
         self.rows_in_flight = rows_in_flight
+        # eval: plain sampling done by the server, one request per completion (its sampler and seed, not
+        # the counter-based draws: the traces' exactness is generate's contract, not eval's)
+        self.server_sampling = server_sampling and self.settings.mode == "student"
         self.batch_size = rows_in_flight  # what OOM halving reads (a server never runs out of our memory)
         self.k = self.settings.rsd.top_k if self.settings.mode == "rsd" else self.settings.top_k
         self.teacher_passes = self.tokens_emitted = self.draft_proposed = self.draft_accepted = 0
@@ -156,7 +159,10 @@ class ServedEngine:
                 yield item
         finally:
             if worker.is_alive():
-                loop.call_soon_threadsafe(lambda: main["task"].cancel() if "task" in main else None)
+                try:
+                    loop.call_soon_threadsafe(lambda: main["task"].cancel() if "task" in main else None)
+                except RuntimeError:  # the loop closed meanwhile: nothing left to cancel
+                    pass
                 worker.join(30)
 
     # -- one sequence ------------------------------------------------------------------------------
@@ -164,6 +170,8 @@ class ServedEngine:
         if not r.student_ids:
             raise EngineError(f"{r.label or f'request {r.handle}'} has an empty prompt; a server needs at least one "
                               "prompt token")
+        if self.server_sampling:
+            return await self._server_sample(r, out)
         seq = _Seq(r, list(r.student_ids), list(r.teacher_ids if r.teacher_ids is not None else r.student_ids),
                    [], [], [], [])
         while True:
@@ -174,6 +182,15 @@ class ServedEngine:
             out.put((emitted, sum(o == "T" for o in seq.origin[-emitted:]) if emitted else 0))
             if reason is not None:
                 return Finished(r.handle, seq.tokens, "".join(seq.origin), seq.student_lp, seq.teacher_lp, reason)
+
+    async def _server_sample(self, r: Request, out: queue.Queue) -> Finished:
+        s = self.settings
+        seed = (s.seed * 1_000_003 + r.prompt_key * 65_537 + r.sample) % (1 << 31)  # per sequence, repeatable
+        tokens, lps, reason = await self.student.sample(r.student_ids, r.max_new_tokens, s.temperature, s.top_p,
+                                                        s.top_k, seed)
+        self.tokens_emitted += len(tokens)
+        out.put((len(tokens), 0))
+        return Finished(r.handle, tokens, "S" * len(tokens), lps, [None] * len(tokens), reason)
 
     async def _lockstep_step(self, seq: _Seq) -> tuple[int, str | None]:
         if self.teacher is None:

@@ -18,7 +18,7 @@ import itertools
 from dataclasses import dataclass, field
 
 from .http import HttpClient, ServerError
-from .protocol import TopK, make_protocol
+from .protocol import TopK, make_protocol, prompt_token_logprobs
 
 
 @dataclass
@@ -29,6 +29,7 @@ class ServedModel:
     served_name: str | None
     client: HttpClient
     vocab_size: int | None = None  # ids at or above it are refused (a server of another model)
+    prompt_logprobs: bool = False  # verify a draft with one prompt-log-prob request (where the protocol has them)
     requests: int = 0
     rounds: int = 0
     info: dict = field(default_factory=dict)
@@ -63,6 +64,25 @@ class ServedModel:
         self.rounds += 1
         return await self._generate(ids, n, k)
 
+    async def sample(self, ids: list[int], n: int, temperature: float, top_p: float, top_k: int, seed: int
+                     ) -> tuple[list[int], list[float | None], str]:
+        """A whole completion sampled by the server: (ids, log-probs, "stop" or "length")."""
+        self.rounds += 1
+        reply, url = await self._post(self.protocol.sample(ids, n, temperature, top_p, top_k, seed))
+        tokens, lps, reason = self.protocol.read_sample(reply, self._where(url))
+        self._check_ids(tokens, self._where(url))
+        return tokens, lps, reason
+
+    async def token_logprobs(self, ids: list[int], start: int) -> list[float]:
+        """Teacher-forced: the log-prob of each of ids[start:] under its prefix, in one request (prompt
+        log-probs; refused up front where the protocol has none)."""
+        if not self.protocol.has_prompt_logprobs:
+            raise ServerError(f"the {self.role} server speaks {self.protocol_name}, which has no prompt log-probs, so "
+                              "it cannot score given tokens; use a vLLM server, or score the model in-process")
+        self.rounds += 1
+        reply, url = await self._post(self.protocol.verify(ids, 1))
+        return prompt_token_logprobs(reply, ids, start, self._where(url))
+
     async def next_topk(self, ids: list[int], k: int) -> TopK:
         """The distribution at the position after `ids`."""
         return (await self.generate(ids, 1, k))[1][0]
@@ -71,7 +91,7 @@ class ServedModel:
         """The distribution after `ids[:e]` for each e in `ends` (ascending, each <= len(ids)). One request
         with prompt log-probs, or one per prefix in parallel; either way one round trip."""
         self.rounds += 1
-        if self.protocol.has_prompt_logprobs:
+        if self.prompt_logprobs and self.protocol.has_prompt_logprobs:
             reply, url = await self._post(self.protocol.verify(ids, k))
             start = ends[0]
             dists = self.protocol.read_verify(reply, start, k, self._where(url))
@@ -97,7 +117,7 @@ class ServedModel:
                                   f"set --{self.role}-served-name to one of them")
             reply = await self.client.post_json(url + self.protocol.path, self.protocol.generate(prompt, 1, k))
             self.protocol.read_generation(reply, k, where)
-            if draft and self.protocol.has_prompt_logprobs:
+            if draft and self.prompt_logprobs and self.protocol.has_prompt_logprobs:
                 reply = await self.client.post_json(url + self.protocol.path, self.protocol.verify(prompt, k))
                 self.protocol.read_verify(reply, 1, k, where)
             infos.append(info)
