@@ -22,11 +22,11 @@ class _Cycle:
     """A chooser that runs a fixed schedule of K, so that every switch between lockstep's and drafted passes
     happens whatever the timings."""
 
-    static = False
     width = None
 
-    def __init__(self, schedule):
+    def __init__(self, schedule, engine):
         self.schedule, self.i, self.last = list(schedule), 0, 0
+        self.layout = engine._kv  # the engine keeps a chooser made for its layout object
 
     def choose(self, rows, left):
         self.last = self.schedule[self.i % len(self.schedule)]
@@ -72,8 +72,7 @@ def test_any_schedule_of_k_gives_the_lockstep_records(pair, kv_cache):  # noqa: 
                                       draft_tokens="auto", top_k=5)
             engine = Engine(student.model, student.model, None, settings, batch_size=batch_size, kv_cache=kv_cache,
                             **engine_kw)
-            engine.chooser = _Cycle(schedule)
-            engine.chooser.static = kv_cache == "static"
+            engine.chooser = _Cycle(schedule, engine)
             got = {f.handle: f for f in engine.run(requests)}
             _assert_same(lockstep, got)
             assert engine.teacher_passes < engine.tokens_emitted  # some drafts were accepted
@@ -90,7 +89,7 @@ def test_auto_with_a_bridge_gives_the_lockstep_records(bridged):  # noqa: F811
     settings = DecodeSettings(mode="rsd", rsd=RSDParams(threshold=0.005, trials=5, top_k=40), seed=3,
                               draft_tokens="auto", top_k=5)
     engine = Engine(student.model, teacher.model, bridge, settings, batch_size=4)
-    engine.chooser = _Cycle([0, 2, 0, 3, 1])
+    engine.chooser = _Cycle([0, 2, 0, 3, 1], engine)
     _assert_same(lockstep, {f.handle: f for f in engine.run(requests)})
 
 

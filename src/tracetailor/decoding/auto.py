@@ -94,6 +94,7 @@ class DraftChooser:
         self.cost: dict[tuple, float] = {}  # (part, bucket, width) -> seconds, moving average
         self.warm: set[tuple] = set()  # static: (bucket, width) seen once (its compile)
         self.chosen: Counter[int] = Counter()
+        self.layout = None  # the engine's layout object these costs were measured on
         self.passes = 0
         self._fallback_probe = 64
 

@@ -37,7 +37,7 @@ import torch
 
 from .auto import (KMAX, PRIOR_SLOPE, PRIOR_SLOPE_OVERHEAD, DraftChooser, PassClock, _full_attention,
                    choose_layout)
-from .kv import KVBatch, SlackLayer
+from .kv import KVBatch
 from .paged import LAYOUTS, PagedKVBatch
 from .static import StaticLayout
 from .rules import DrawKeys, RSDParams, propose, rsd_choose, sample_choose
@@ -369,11 +369,15 @@ class Engine:
         self._pick_layout(list(queue))
         auto = self.auto_draft and all(r.student_ids and r.teacher_ids for r in queue)  # empty prompts: lockstep
         static = isinstance(self._kv, StaticLayout)
-        if auto and (self.chooser is None or self.chooser.static != static):
-            # rollback needs full attention: a model with other layers stays at K = 0
+        if auto and (self.chooser is None or self.chooser.layout is not self._kv):
+            # a new layout object (auto's choice changed, or out of memory halved the batch): costs start over,
+            # the counts carry on. Rollback needs full attention: a model with other layers stays at K = 0
             full = all(_full_attention(m) for m in (self.student, self.teacher))
+            chosen = self.chooser.chosen if self.chooser is not None else None
             self.chooser = DraftChooser(static_width=static, kmax=KMAX if full else 0, prior_slope=(
                 PRIOR_SLOPE_OVERHEAD if static or self.device.type == "cuda" else PRIOR_SLOPE))
+            self.chooser.layout = self._kv
+            self.chooser.chosen.update(chosen or {})
         drafted = auto or (self.draft_tokens != "auto" and self.draft_tokens > 0)
         admit, step = (self._admit_drafted, self._draft_step) if drafted else (self._admit, self._lockstep_step)
         most = KMAX if auto else self.draft_tokens if drafted else 0
@@ -493,9 +497,14 @@ class Engine:
         tokens, from_teacher, s_lp, t_lp, topk = self._choose(s_logits.flatten(0, 1), t_logits.flatten(0, 1), keys)
         tokens = tokens.view(b, width)
         matched = (tokens[:, :k] == guesses).long().cumprod(1).sum(1).tolist() if k else [0] * b
-        tok_list, flags, s_lps = tokens.tolist(), from_teacher.view(b, width).tolist(), s_lp.view(b, width).tolist()
-        # auto: the student's argmax after the last guess, against the rule's token there (a free observation)
-        last_hit = (s_logits[:, k].argmax(-1) == tokens[:, k]).tolist() if auto else None
+        last_hit = None
+        if auto:  # the student's argmax after the last guess against the rule's token there, in the same transfer
+            hit = (s_logits[:, k].argmax(-1) == tokens[:, k]).long().unsqueeze(1)
+            packed = torch.cat([tokens, hit], 1).tolist()
+            tok_list, last_hit = [row[:width] for row in packed], [row[width] for row in packed]
+        else:
+            tok_list = tokens.tolist()
+        flags, s_lps = from_teacher.view(b, width).tolist(), s_lp.view(b, width).tolist()
         t_lps = t_lp.view(b, width).tolist()
         if topk is not None:  # [b * width, K] -> [b, width, K]
             topk = tuple(a.reshape(b, width, -1) for a in topk)
