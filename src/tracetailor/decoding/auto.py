@@ -91,7 +91,7 @@ class DraftChooser:
         self.width: int | None = None  # static: the verify width fixed by the first drafted pass
         self.hits = np.ones(kmax + 1)  # per depth, decayed: a weak prior of 1 hit in 2
         self.seen = np.full(kmax + 1, 2.0)
-        self.cost: dict[tuple, float] = {}  # (part, bucket, width) -> seconds, moving average
+        self.cost: dict[tuple, dict[int, float]] = {}  # (part, bucket) -> {width: seconds, a moving average}
         self.warm: set[tuple] = set()  # static: (bucket, width) seen once (its compile)
         self.chosen: Counter[int] = Counter()
         self.layout = None  # the engine's layout object these costs were measured on
@@ -102,32 +102,34 @@ class DraftChooser:
     def bucket(self, rows: int) -> int:
         return 0 if self.static else 1 << max(0, rows - 1).bit_length()
 
-    def _avg(self, key: tuple, value: float) -> None:
-        old = self.cost.get(key)
-        self.cost[key] = value if old is None else 0.7 * old + 0.3 * value
+    def _avg(self, part: str, b: int, w: int, value: float) -> None:
+        table = self.cost.setdefault((part, b), {})
+        old = table.get(w)
+        table[w] = value if old is None else 0.7 * old + 0.3 * value
 
     def observe_time(self, rows: int, k: int, student: float, teacher: float, total: float) -> None:
         b, w = self.bucket(rows), k + 1
         if self.static and (b, w) not in self.warm:
             self.warm.add((b, w))  # this shape's first pass compiled it
             return
-        self._avg(("s", b, 0), student / w)
-        self._avg(("v", b, w), teacher)
-        self._avg(("r", b, w), max(0.0, total - student - teacher))
+        self._avg("s", b, 0, student / w)
+        self._avg("v", b, w, teacher)
+        self._avg("r", b, w, max(0.0, total - student - teacher))
 
     def _nearest_bucket(self, b: int) -> int | None:
-        have = {key[1] for key in self.cost if key[0] == "s"}
+        have = [key[1] for key in self.cost if key[0] == "s"]
         return min(have, key=lambda x: (abs(math.log2(max(x, 1)) - math.log2(max(b, 1))), -x)) if have else None
 
     def _part(self, part: str, b: int, w: int, slope: float | None = None) -> tuple[float, bool]:
         """(seconds of `part` at width w, whether measured): measured, or a line through the measured widths."""
-        if (part, b, w) in self.cost and slope is None:
-            return self.cost[(part, b, w)], True
-        have = sorted((key[2], v) for key, v in self.cost.items() if key[0] == part and key[1] == b)
-        (w0, c0) = min(have, key=lambda x: abs(x[0] - w))
-        if slope is None and len(have) > 1:
-            (wa, ca), (wb, cb) = sorted(sorted(have, key=lambda x: abs(x[0] - w))[:2])
-            per = max(0.0, (cb - ca) / (wb - wa))
+        table = self.cost[(part, b)]
+        if w in table and slope is None:
+            return table[w], True
+        near = sorted(table, key=lambda x: abs(x - w))
+        w0, c0 = near[0], table[near[0]]
+        if slope is None and len(near) > 1:
+            wa, wb = sorted(near[:2])
+            per = max(0.0, (table[wb] - table[wa]) / (wb - wa))
             return max(0.0, c0 + per * (w - w0)), False
         slope = self.prior_slope if slope is None else slope
         return c0 / (1 + slope * (w0 - 1)) * (1 + slope * (w - 1)), False
@@ -140,7 +142,7 @@ class DraftChooser:
         w = k + 1
         if self.static and k and self.width:
             w = self.width  # the static layout pads every verify pass to its one width
-        s = self.cost[("s", b, 0)]
+        s = self.cost[("s", b)][0]
         v, v_known = self._part("v", b, w, slope)
         r, r_known = self._part("r", b, w, slope)
         return s * (k + 1) + v + r, v_known and r_known
@@ -178,8 +180,8 @@ class DraftChooser:
         alpha = np.clip(scale[:, None] * rates[None, :], 0.0, 0.999)  # [B, KMAX+1]
         reach = np.concatenate([np.ones((len(rows), 1)), np.cumprod(alpha, axis=1)], axis=1)  # P(reach depth j)
         cum = np.cumsum(reach, axis=1)  # cum[:, k]: expected tokens with k guesses
-        cap = np.array(budgets)
-        return np.array([cum[np.arange(len(rows)), np.minimum(k, cap)].sum() for k in self.choices])
+        at = np.minimum(np.array(self.choices)[None, :], np.array(budgets)[:, None])  # [B, choices]
+        return np.take_along_axis(cum, at, axis=1).sum(0)
 
     # -- the choice -----------------------------------------------------------------------------------
     def choose(self, rows, budgets: list[int]) -> int:
