@@ -513,7 +513,7 @@ class Engine:
         for i, row in enumerate(rows):
             accepted = min(matched[i], usable[i])
             n = accepted + 1  # tokens this pass gives the row: the accepted guesses, then the rule's own
-            if usable[i] == K:
+            if K and usable[i] == K:  # (auto: a K = 0 pass is no draft)
                 self.accepted_lengths[accepted] += 1
             self.draft_proposed += usable[i]
             reason = None
