@@ -16,6 +16,7 @@ from test_drafting import _assert_same, _requests, _run, bridged, pair  # noqa: 
 from tracetailor.decoding.auto import DraftChooser, choose_layout, simulate_passes
 from tracetailor.decoding.engine import Request
 from tracetailor.decoding.rules import prompt_key
+from tracetailor.models import load_model
 
 
 class _Cycle:
@@ -58,19 +59,21 @@ def test_auto_draft_tokens_give_the_lockstep_records(pair, mode):  # noqa: F811
 
 
 @pytest.mark.parametrize("kv_cache", ["rectangle", "paged", "static"])
-def test_any_schedule_of_k_gives_the_lockstep_records(pair, kv_cache):  # noqa: F811
+def test_any_schedule_of_k_gives_the_lockstep_records(pair, tiny_pair, kv_cache):  # noqa: F811
     """Self-drafting (most guesses match) with K switching every pass between 0 and drafts of several lengths:
     rows change between lockstep's and drafted passes mid-run, in every layout."""
     student, _ = pair
+    # the teacher: a second copy of the student's weights (the static layout keeps one store per model object)
+    twin = load_model(tiny_pair["student"]).model
     requests = _requests(student, None, samples=2, max_new_tokens=20)
-    lockstep, _ = _run(student.model, student.model, requests, k=0, batch_size=8)
+    lockstep, _ = _run(student.model, twin, requests, k=0, batch_size=8)
     for schedule in ([0, 3, 0, 1, 5, 2, 0, 0, 4],):  # every switch: 0 -> K, K -> 0, K -> K', K -> K
         for batch_size in (1, 5):
             engine_kw = {"captured": False} if kv_cache == "static" else {}
             from test_drafting import DecodeSettings, Engine, RSDParams
             settings = DecodeSettings(mode="rsd", rsd=RSDParams(threshold=0.005, trials=5, top_k=40), seed=3,
                                       draft_tokens="auto", top_k=5)
-            engine = Engine(student.model, student.model, None, settings, batch_size=batch_size, kv_cache=kv_cache,
+            engine = Engine(student.model, twin, None, settings, batch_size=batch_size, kv_cache=kv_cache,
                             **engine_kw)
             engine.chooser = _Cycle(schedule, engine)
             got = {f.handle: f for f in engine.run(requests)}
