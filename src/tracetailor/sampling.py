@@ -75,7 +75,12 @@ class Progress:
 # -- the steps of a run, shared by run_generate and the Ray workers (distributed.py) --------
 
 def load_pair(cfg: GenerateConfig, log=print):
-    """(student, teacher, bridge); teacher and bridge are None in mode student."""
+    """(student, teacher, bridge); teacher and bridge are None in mode student. Served models (--student-url):
+    their tokenizers, with the servers probed (serving/load.py)."""
+    if getattr(cfg, "served", False):
+        from .serving.load import load_served_pair
+
+        return load_served_pair(cfg, log)
     from .models import load_model
 
     student = load_model(cfg.student, gguf_file=cfg.student_gguf_file, device=cfg.device, dtype=cfg.dtype,
@@ -91,12 +96,9 @@ def load_pair(cfg: GenerateConfig, log=print):
 
 def make_bridge(student, teacher, log=print):
     """The vocabulary bridge from the student's tokens to the teacher's (identity for one tokenizer)."""
-    from .vocab import build_bridge
+    from .vocab import bridge_between
 
-    bridge = build_bridge(student.tokenizer, teacher.tokenizer, student.vocab_size, teacher.vocab_size)
-    if not bridge.identity:
-        log(f"vocabulary bridge: {bridge.shared_fraction:.2%} of the student's tokens have a teacher counterpart")
-    return bridge
+    return bridge_between(student, teacher, log)
 
 
 def load_prompt_set(cfg: GenerateConfig, tokenizer, context: int | None = None) -> list:
@@ -156,6 +158,7 @@ def warn_skipped(skipped: list[str], context: int | None) -> None:
 
 
 def make_engine(cfg: GenerateConfig, student, teacher, bridge, on_step=None) -> Engine:
+    """The engine of a config: in-process (decoding/engine.py) or over served models (serving/engine.py)."""
     settings = DecodeSettings(
         mode=cfg.mode,
         rsd=RSDParams(cfg.threshold, cfg.trials, cfg.top_k, cfg.teacher_temperature),
@@ -163,6 +166,14 @@ def make_engine(cfg: GenerateConfig, student, teacher, bridge, on_step=None) -> 
         draft_tokens=parse_draft_tokens("draft_tokens", cfg.draft_tokens) if cfg.mode != "student" else 0,
         teacher_topk=cfg.save_teacher_topk if cfg.mode != "student" else 0,
     )
+    if getattr(cfg, "served", False):
+        from .serving.engine import ServedEngine
+
+        if settings.draft_tokens == "auto":  # served models: no measured costs to choose from, so lockstep
+            settings.draft_tokens = 0
+        return ServedEngine(student.model, teacher.model if teacher else None, bridge, settings,
+                            eos_ids=set(student.eos_ids()), stop_fn=stop_checker(student.tokenizer, cfg.stop),
+                            on_step=on_step, rows_in_flight=cfg.max_in_flight)
     return Engine(
         student.model, teacher.model if teacher else None, bridge, settings, eos_ids=set(student.eos_ids()),
         batch_size=cfg.batch_size, stop_fn=stop_checker(student.tokenizer, cfg.stop), on_step=on_step,
@@ -170,12 +181,25 @@ def make_engine(cfg: GenerateConfig, student, teacher, bridge, on_step=None) -> 
     )
 
 
-def run_info(student_name: str, teacher_name: str | None, bridge) -> dict[str, Any]:
-    """What generate's run.json holds beside the config, versions and seed (`RunDir.write_run_json`)."""
-    return {
+def run_info(student_name: str, teacher_name: str | None, bridge, served: dict | None = None) -> dict[str, Any]:
+    """What generate's run.json holds beside the config, versions and seed (`RunDir.write_run_json`);
+    `served`: per role, the endpoints and what each server said of itself (never a key)."""
+    info = {
         "models": {"student": student_name, "teacher": teacher_name},
         "bridge": None if bridge is None else {"identity": bridge.identity, "shared_fraction": bridge.shared_fraction},
     }
+    if served:
+        info["served"] = served
+    return info
+
+
+def served_info(student, teacher) -> dict | None:
+    """Per role, what the served models' probes found (None for in-process models)."""
+    from .serving.load import ServedEnd
+
+    if not isinstance(student, ServedEnd):
+        return None
+    return {role: end.model.info for role, end in (("student", student), ("teacher", teacher)) if end is not None}
 
 
 def stopped_by(fin: Finished, tokenizer, eos: set[int], stops: list[str] | tuple = ()) -> str | None:
@@ -222,6 +246,7 @@ def write_stats(out: Path, mode: str, *, prompts: int, skipped: list[str], seque
         # auto: the layout's reason and how often each K and layout was chosen (Engine.counters)
         **{k: v for k, v in (draft or {}).items() if k.startswith(("kv_cache_", "passes_by_", "mean_draft",
                                                                      "match_rate"))},
+        **({"served": draft["served"]} if (draft or {}).get("served") else {}),  # requests and round trips
         "this_run": {"sequences": sequences, "tokens": tokens, "seconds": round(seconds, 3),
                      "tokens_per_second": tokens_per_second(tokens, seconds), **(extra or {})},
     })
