@@ -216,12 +216,27 @@ def _required(name: str, what: str, value) -> None:
 
 MODEL_HELP = "a hub id such as Qwen/Qwen3-0.6B, a local dir or a .gguf file"
 KV_LAYOUTS = ("rectangle", "paged", "static")
+KV_CHOICES = ("auto",) + KV_LAYOUTS
 KV_CACHE_HELP = ("How the KV cache is laid out: rectangle (each row left-padded to the longest), paged (a pool of "
                  "token slots: holds only real tokens, and a prompt's samples share its slots, so a device holds a "
                  "bigger batch when lengths are mixed) or static (fixed shapes, --batch-size slots of a capacity "
                  "that grows in powers of two, so that each model's decode step is compiled once with "
                  "torch.compile, replayed as a CUDA graph on a GPU: for small models bound by per-step "
-                 "overhead; the first steps wait for the compile).")
+                 "overhead; the first steps wait for the compile). auto picks one from the device, the batch, the "
+                 "models and the prompts, and stats.json says which and why.")
+
+
+def parse_draft_tokens(name: str, value) -> int | str:
+    """`--draft-tokens`: "auto" or a whole number >= 0 (as given, or as text from the CLI or YAML)."""
+    if value == "auto":
+        return value
+    try:
+        k = int(value) if not isinstance(value, bool) and float(value) == int(float(value)) else None
+    except (TypeError, ValueError):
+        k = None
+    if k is None or k < 0:
+        raise ConfigError(f"{name}: {value!r} is neither auto nor a whole number >= 0 (0 = one teacher pass per token)")
+    return k
 DEVICE_HELP = "auto, cpu, cuda, cuda:1, mps."
 DTYPES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
 DTYPE_HELP = "auto (bf16 on CUDA, fp32 elsewhere), float32, bfloat16, float16."
@@ -302,10 +317,11 @@ class GenerateConfig(Settings):
     teacher_device_map: str | dict | None = option(
         None, "accelerate device map for the teacher, e.g. auto: spread a teacher too large for one GPU over the "
         "GPUs (of each worker).", resumable=True)
-    draft_tokens: int = option(0, "Modes rsd and teacher: the student guesses this many tokens and the teacher checks "
-                               "them in one pass; the traces are the same, with fewer teacher passes. 0 = one teacher "
-                               "pass per token.", low=0, resumable=True)
-    kv_cache: str = option("rectangle", KV_CACHE_HELP + " The traces are the same.", choices=KV_LAYOUTS,
+    draft_tokens: str | int = option("auto", "Modes rsd and teacher: the student guesses this many tokens and the "
+                                     "teacher checks them in one pass; the traces are the same, with fewer teacher "
+                                     "passes. 0 = one teacher pass per token; auto = chosen per pass from the measured "
+                                     "step costs and match rates (0 where drafts do not pay).", resumable=True)
+    kv_cache: str = option("auto", KV_CACHE_HELP + " The traces are the same.", choices=KV_CHOICES,
                            resumable=True)
     save_teacher_topk: int = option(0, "Modes rsd and teacher: also store, per completion token, the teacher's K "
                                     "likeliest tokens (student ids) and log-probs in OUT/teacher_topk/*.parquet, for "
@@ -340,6 +356,7 @@ class GenerateConfig(Settings):
 
     def validate(self) -> "GenerateConfig":
         check_fields(self)
+        self.draft_tokens = parse_draft_tokens("draft_tokens", self.draft_tokens)
         _required("student", MODEL_HELP, self.student)
         if self.mode != "student" and not self.teacher:
             raise ConfigError(f"teacher: required for --mode {self.mode}")
@@ -417,7 +434,7 @@ class EvalConfig(Settings):
     chat_template: bool = option(True, "Apply the model's chat template.", flags=("--chat-template/--no-chat-template",),
                                  shown="on")
     batch_size: int = option(32, "Sequences decoded together.", low=1, resumable=True)
-    kv_cache: str = option("rectangle", KV_CACHE_HELP + " The samples are the same.", choices=KV_LAYOUTS,
+    kv_cache: str = option("auto", KV_CACHE_HELP + " The samples are the same.", choices=KV_CHOICES,
                            resumable=True)
     seed: int = option(0, "Seed of the counter-based sampler.", low=0)
     limit: int | None = option(None, "Only the first N questions of each benchmark.", low=1, resumable=True)
