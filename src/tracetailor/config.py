@@ -517,6 +517,11 @@ class TrainConfig(Settings):
                        "--save-teacher-topk through select).", choices=("sft", "kd"))
     kd_weight: float = option(0.5, "With --loss kd: loss = w * KD + (1 - w) * SFT, both per completion token.",
                               low=0.0, high=1.0)
+    kd_tail: str = option("renormalize", "With --loss kd: the teacher's mass outside its top-K: renormalize (the "
+                          "top-K renormalised) or bucket (one more outcome, against the student's mass outside the "
+                          "same ids).", choices=("renormalize", "bucket"))
+    kd_chunk: int = option(256, "With --loss kd: completion positions per chunk of the loss (0: the whole batch at "
+                           "once, with full-vocabulary float32 tensors).", low=0)
     lora: bool = option(False, "Train a LoRA adapter (PEFT) instead of all weights.", flags=("--lora/--no-lora",),
                         shown="off")
     lora_r: int = option(16, "LoRA rank.", low=1)
