@@ -106,7 +106,7 @@ def read_examples(cfg: TrainConfig, tokenizer) -> list[Example]:
     template = _Template(tokenizer)
     examples = [row_example(row, where(i), tokenizer, template) for i, row in enumerate(rows)]
     if cfg.loss == "kd":
-        attach_teacher_topk(examples, rows, path)
+        attach_teacher_topk(examples, rows, path, cfg.teacher_topk)
     return [prefill_into_completion(ex, tokenizer) for ex in examples] if cfg.prefill_in_loss else examples
 
 
@@ -129,12 +129,13 @@ def prefill_into_completion(ex: Example, tokenizer) -> Example:
     return ex
 
 
-def attach_teacher_topk(examples: list[Example], rows: list[dict], data: Path) -> None:
-    """Give each example its teacher top-K rows from `<data>.topk.parquet` (select writes it from generate's
-    --save-teacher-topk sidecar), matched by row number and checked by record id and length."""
+def attach_teacher_topk(examples: list[Example], rows: list[dict], data: Path, side: str | None = None) -> None:
+    """Give each example its teacher top-K rows from `side`, by default `<data>.topk.parquet` (select writes it
+    from generate's --save-teacher-topk sidecar; score --save-teacher-topk writes one for any dataset), matched
+    by row number and checked by record id and length."""
     from .data.topk import read_sidecar, sft_sidecar_path
 
-    side = sft_sidecar_path(data)
+    side = Path(side).expanduser() if side else sft_sidecar_path(data)
     if not side.is_file():
         raise TrainError(f"--loss kd: no teacher top-K beside {data} (expected {side}); generate with "
                          "--save-teacher-topk K, then run select on those traces again")
