@@ -93,8 +93,9 @@ def require_extras(command: str, *extras: str) -> None:
 
 
 @contextmanager
-def user_errors_as_one_line(out: str | None = None, resumable: bool = True):
-    """The one place where user errors become one line and exit status 2 (and ^C a hint to resume)."""
+def user_errors_as_one_line(out: str | None = None, resumable: bool | str = True):
+    """The one place where user errors become one line and exit status 2 (and ^C a hint to resume;
+    `resumable` as text: the command's own hint)."""
     try:
         yield
     except _user_errors() as e:
@@ -107,7 +108,8 @@ def user_errors_as_one_line(out: str | None = None, resumable: bool = True):
         _fail(f"{e.filename or 'writing output'}: {e.strerror}; free space or fix the permissions, "
               "then run the same command again")
     except KeyboardInterrupt as e:  # ^C, and SIGTERM or SIGHUP (`Stopped`, raised by their handler)
-        then = "run the same command to resume" if resumable else "a new run starts over"
+        then = resumable if isinstance(resumable, str) else \
+            "run the same command to resume" if resumable else "a new run starts over"
         by = f" by {e.signal_name}" if isinstance(e, Stopped) else ""
         typer.echo(f"\ninterrupted{by}: finished work is saved in {out or 'the output directory'}; {then}.", err=True)
         raise typer.Exit(128 + (e.signum if isinstance(e, Stopped) else signal.SIGINT))
@@ -132,7 +134,7 @@ def stop_like_ctrl_c() -> None:
 
 
 def _run_with_config(cls, run, flags: dict, config: str | None, no_progress: bool = False, log=None,
-                     resumable: bool = True):
+                     resumable: bool | str = True):
     """Merge the flags given over the YAML file into `cls` and run it; `--no-progress` (or -q) also
     silences transformers' model-loading bars."""
     from .config import load_yaml, merge
@@ -219,7 +221,7 @@ def _common_parameters() -> list[inspect.Parameter]:
     ]
 
 
-def config_command(name: str, cls, run_path: str, doc: str, *, stream: str = "err", resumable: bool = True,
+def config_command(name: str, cls, run_path: str, doc: str, *, stream: str = "err", resumable: bool | str = True,
                    arguments: dict[str, str] | None = None, progress: bool = True, extras: tuple[str, ...] = ()):
     """Register `tracetailor NAME`: options from `cls`, then `run_path` ("module:function") on the merged config.
     `extras`: the optional-dependency groups it needs, checked before anything else (extras.py)."""
@@ -246,6 +248,11 @@ def config_command(name: str, cls, run_path: str, doc: str, *, stream: str = "er
     return command
 
 
+# what ^C tells a train run (its checkpoints, if --save-steps wrote any, are whole: checkpoints.py)
+TRAIN_RESUME = ("run the same command with --resume-from-checkpoint auto to go on from its last checkpoint "
+                "(--save-steps), or with --overwrite to start over")
+
+
 def _register() -> None:
     from .config import EvalConfig, GenerateConfig, ScoreConfig, SelectConfig, SweepConfig, TrainConfig
 
@@ -263,7 +270,7 @@ def _register() -> None:
                    stream="out", extras=("eval",))
     config_command("train", TrainConfig, ".train:run_train",
                    "Fine-tune the student on an SFT set with TRL, loss on the completion only: a from_pretrained "
-                   "checkpoint.", resumable=False, extras=("train",))
+                   "checkpoint.", resumable=TRAIN_RESUME, extras=("train",))
     from .export import ExportConfig
 
     config_command("export", ExportConfig, ".export:run_export",

@@ -181,6 +181,11 @@ def _check_judge(cfg) -> None:
                           "http://localhost:8000/v1), or drop --judge-model")
     if cfg.judge_url and not cfg.judge_model:
         raise ConfigError("judge_url: given without --judge-model; name the judge's model at that endpoint")
+    if cfg.judge_url:  # before any work: a typo costs no retries (evaluate/judge.py)
+        from .evaluate.judge import chat_endpoint, check_cache_path
+
+        chat_endpoint(cfg.judge_url)
+        check_cache_path(cfg.judge_cache)
 
 
 def _required(name: str, what: str, value) -> None:
@@ -206,8 +211,17 @@ JUDGE_URL_HELP = ("An OpenAI-compatible endpoint (e.g. http://localhost:8000/v1)
                   "an answer equals the reference when the offline checks say no (the paper's LLM judge).")
 JUDGE_MODEL_HELP = "The judge's model name at --judge-url."
 JUDGE_KEY_HELP = "Environment variable holding the judge's API key (unset: no key is sent)."
-JUDGE_CACHE_HELP = "JSONL cache of the judge's replies: a rerun asks nothing twice."
+JUDGE_CACHE_HELP = "JSONL cache of the judge's verdicts: a rerun asks nothing twice."
+JUDGE_TIMEOUT_HELP = "Seconds one request to the judge may take in all (reply included) before it is retried."
 
+
+SERVED_PROTOCOLS = ("openai", "llama.cpp")
+SERVED_URL_HELP = ("Serve the {role} behind this URL (several, comma-separated, for replicas), e.g. "
+                   "http://127.0.0.1:8000: vLLM/SGLang's OpenAI-compatible server or llama.cpp's llama-server "
+                   "(see --{role}-protocol). Its tokenizer still comes from --{role}.")
+SERVED_NAME_HELP = "The {role}'s model name at --{role}-url (vLLM: --served-model-name); unset: the server's only model."
+SERVED_PROTOCOL_HELP = ("openai: /v1/completions with token ids and vLLM's prompt_logprobs (vLLM, SGLang); llama.cpp: "
+                        "llama-server's native /completion.")
 
 # ---------------------------------------------------------------- generate
 
@@ -274,6 +288,31 @@ class GenerateConfig(Settings):
                                     "`train --loss kd`. 0 = off.", low=0)
     preset: str | None = option(None, "A named table of settings (paper: the paper's procedure, docs/paper.md) laid "
                                 "under --config and the flags, which override it.", resumable=True)
+    # served models (serving/): the tokenizers still come from --student / --teacher
+    teacher_url: str | None = option(None, SERVED_URL_HELP.format(role="teacher"), resumable=True)
+    student_url: str | None = option(None, SERVED_URL_HELP.format(role="student"), resumable=True)
+    teacher_served_name: str | None = option(None, SERVED_NAME_HELP.format(role="teacher"), resumable=True)
+    student_served_name: str | None = option(None, SERVED_NAME_HELP.format(role="student"), resumable=True)
+    teacher_protocol: str = option("openai", SERVED_PROTOCOL_HELP, choices=SERVED_PROTOCOLS, resumable=True)
+    student_protocol: str = option("openai", SERVED_PROTOCOL_HELP, choices=SERVED_PROTOCOLS, resumable=True)
+    max_in_flight: int = option(256, "Served models: most requests in flight at once (over all sequences and "
+                                "replicas).", low=1, resumable=True)
+    api_key_env: str = option("TRACETAILOR_API_KEY", "Served models: environment variable holding the servers' "
+                              "API key (unset: no key is sent; the key is never written anywhere).", resumable=True)
+    request_timeout: float = option(600.0, "Served models: seconds one request may take, reply included, before it "
+                                    "is retried.", above=0.0, resumable=True)
+    verify_with: str = option("prefixes", "Served drafting: how the distributions at the drafted positions are asked: "
+                              "prefixes (one request per prefix, all at once: prefix-cache hits on every server) or "
+                              "prompt-logprobs (one request; vLLM skips its prefix cache for these and returns every "
+                              "prompt position, so only for short contexts). The traces are the same.",
+                              choices=("prefixes", "prompt-logprobs"), resumable=True)
+    request_retries: int = option(8, "Served models: retries of a failed request (429, 5xx, timeout, reset) with "
+                                  "backoff doubling from 0.5 s to 10 s (8: about 45 s, a server restart).", low=0,
+                                  resumable=True)
+
+    @property
+    def served(self) -> bool:
+        return bool(self.student_url or self.teacher_url)
 
     def validate(self) -> "GenerateConfig":
         check_fields(self)
@@ -287,7 +326,33 @@ class GenerateConfig(Settings):
         _check_temperature("temperature", self.temperature)
         if self.save_teacher_topk and self.mode == "student":
             raise ConfigError("save_teacher_topk: mode student runs no teacher; use --mode rsd or teacher, or 0")
+        if self.served:
+            self._validate_served()
         return self
+
+    def _validate_served(self) -> None:
+        """Served models: both ends served, settings a server can give, refused before any request."""
+        from .serving.http import check_url
+
+        for role in ("student", "teacher"):
+            urls = getattr(self, f"{role}_url")
+            if urls:
+                setattr(self, f"{role}_url", ",".join(check_url(u, f"--{role}-url") for u in urls.split(",") if u.strip()))
+        if not self.student_url:
+            raise ConfigError("student_url: a served teacher needs a served student too (--student-url URL); serve "
+                              "the student with llama-server, vLLM or SGLang, or drop --teacher-url")
+        if self.mode != "student" and not self.teacher_url:
+            raise ConfigError(f"teacher_url: --mode {self.mode} with a served student needs a served teacher too "
+                              "(--teacher-url URL)")
+        if self.top_k == 0:
+            raise ConfigError("top_k: 0 (no cut) needs the whole distribution, and a server gives at most its log-prob "
+                              "cap (vLLM: 20 by default); set --top-k between 1 and that cap (the paper's is 20)")
+        for name, why in (("workers", "one driver keeps --max-in-flight requests in flight; scale the servers "
+                                      "instead (several URLs per model)"),
+                          ("save_teacher_topk", "the stored top-K of a served teacher is not built yet"),
+                          ("teacher_device_map", "the server places the model")):
+            if getattr(self, name):
+                raise ConfigError(f"{name}: not with served models: {why}")
 
     def trace_settings(self) -> dict[str, Any]:
         """The fields that decide the traces; a resumed run must match them."""
@@ -320,10 +385,11 @@ class EvalConfig(Settings):
                                flags=("--instruction/--no-instruction",), shown="on")
     answer_mode: str = option("math-verify", "How math answers are checked: math-verify, strict-boxed (the paper's "
                               "extraction, exact match) or strict-math-verify.", choices=tuple(ANSWER_MODES))
-    judge_url: str | None = option(None, JUDGE_URL_HELP, shown="none: offline checks only")
+    judge_url: str | None = option(None, JUDGE_URL_HELP, shown="none: offline checks only", resumable=True)
     judge_model: str | None = option(None, JUDGE_MODEL_HELP)
     judge_api_key_env: str = option("OPENAI_API_KEY", JUDGE_KEY_HELP, resumable=True)
     judge_cache: str | None = option(None, JUDGE_CACHE_HELP, resumable=True, shown="OUT/judge-cache.jsonl")
+    judge_timeout: float = option(60.0, JUDGE_TIMEOUT_HELP, above=0.0, resumable=True)
     chat_template: bool = option(True, "Apply the model's chat template.", flags=("--chat-template/--no-chat-template",),
                                  shown="on")
     batch_size: int = option(32, "Sequences decoded together.", low=1, resumable=True)
@@ -343,6 +409,19 @@ class EvalConfig(Settings):
     preset: str | None = option(None, "A named table of settings (paper: the paper's procedure, docs/paper.md) laid "
                                 "under --config and the flags, which override it.", resumable=True)
 
+    # a model behind a server (serving/): the server samples each completion, many in flight
+    model_url: str | None = option(None, "Evaluate the model served behind this URL (several, comma-separated, for "
+                                   "replicas): the server samples each completion; the tokenizer comes from --model.",
+                                   resumable=True)
+    served_name: str | None = option(None, "The model's name at --model-url; unset: the server's only model.",
+                                     resumable=True)
+    protocol: str = option("openai", SERVED_PROTOCOL_HELP, choices=SERVED_PROTOCOLS, resumable=True)
+    max_in_flight: int = option(64, "Served model: most requests in flight at once.", low=1, resumable=True)
+    api_key_env: str = option("TRACETAILOR_API_KEY", "Served model: environment variable holding its API key.",
+                              resumable=True)
+    request_timeout: float = option(1800.0, "Served model: seconds one completion may take before it is retried.",
+                                    above=0.0, resumable=True)
+
     def validate(self) -> "EvalConfig":
         from .evaluate.benchmarks import split_benchmarks
 
@@ -352,6 +431,10 @@ class EvalConfig(Settings):
         if not split_benchmarks(self.benchmark or ""):
             raise ConfigError("benchmark: required (e.g. aime24,math500, or a JSONL/Parquet file)")
         _check_temperature("temperature", self.temperature)
+        if self.model_url:
+            from .serving.http import check_url
+
+            self.model_url = ",".join(check_url(u, "--model-url") for u in self.model_url.split(",") if u.strip())
         return self
 
     def settings(self) -> dict[str, Any]:
@@ -446,10 +529,11 @@ class SelectConfig(Settings):
                                    shown="none: count </think> in the text")
     answer_mode: str = option("math-verify", "How answers are checked: math-verify, strict-boxed (the paper's "
                               "extraction, exact match) or strict-math-verify.", choices=tuple(ANSWER_MODES))
-    judge_url: str | None = option(None, JUDGE_URL_HELP, shown="none: offline checks only")
+    judge_url: str | None = option(None, JUDGE_URL_HELP, shown="none: offline checks only", resumable=True)
     judge_model: str | None = option(None, JUDGE_MODEL_HELP)
     judge_api_key_env: str = option("OPENAI_API_KEY", JUDGE_KEY_HELP, resumable=True)
     judge_cache: str | None = option(None, JUDGE_CACHE_HELP, resumable=True, shown="OUT.judge-cache.jsonl")
+    judge_timeout: float = option(60.0, JUDGE_TIMEOUT_HELP, above=0.0, resumable=True)
     overwrite: bool = option(False, "Replace an SFT set already at --out.", resumable=True)
     preset: str | None = option(None, "A named table of settings (paper: the paper's procedure, docs/paper.md) laid "
                                 "under --config and the flags, which override it.", resumable=True)
@@ -515,8 +599,9 @@ class TrainConfig(Settings):
     save_steps: int | None = option(None, "Save OUT/checkpoint-N every N optimizer steps (sets --save-strategy steps).",
                                     low=1, shown="500 with --save-strategy steps")
     resume_from_checkpoint: str | None = option(
-        None, "Go on from a checkpoint that --save-steps wrote: its directory, or auto / latest (the latest in --out; "
-        "none there: start afresh). The result equals an uninterrupted run's.")
+        None, "Go on from a checkpoint that --save-steps wrote: its directory, or auto / latest (the newest whole one "
+        "in --out; none there: start afresh). The settings must be the run's; the result equals an uninterrupted "
+        "run's.")
     report_to: str = option("none", "Where the Trainer also logs: none, tensorboard (OUT/runs) or wandb.",
                             choices=("none", "tensorboard", "wandb"))
     loss: str = option("sft", "sft (the trace's tokens) or kd (also the teacher's stored top-K, from generate "
