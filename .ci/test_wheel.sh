@@ -66,8 +66,8 @@ rm -rf "$RUN"
   --stop e --stop a --stop o  # random weights rarely end by EOS: stop strings end most of them, for select
 expect_extra data generate --student "$RUN/student" --teacher "$RUN/teacher" --prompts "$RUN/prompts.jsonl" \
   --prompt-field question --save-teacher-topk 3 --out "$RUN/topk"
-expect_extra eval select "$RUN/traces" --out "$RUN/sft-default.jsonl"
-"$TT" select "$RUN/traces" --out "$RUN/sft.jsonl" --answer-mode strict-boxed --no-correct-only --no-require-think \
+expect_extra eval select "$RUN/traces" --out-file "$RUN/sft-default.jsonl"
+"$TT" select "$RUN/traces" --out-file "$RUN/sft.jsonl" --answer-mode strict-boxed --no-correct-only --no-require-think \
   --max-fallback-rate 1
 test -s "$RUN/sft.jsonl" && test -f "$RUN/sft.jsonl.funnel.json"
 "$TT" score --student "$RUN/student" --data "$RUN/sft.jsonl" --out "$RUN/score" --no-progress

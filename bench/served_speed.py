@@ -78,8 +78,8 @@ def bench_rounds(pair_name: str, prompts: int, max_new_tokens: int, ks: list[int
     prompt_file = tmp / "prompts.jsonl"
     prompt_file.write_text("".join(json.dumps({"id": f"p{i}", "prompt": text}) + "\n"
                                    for i, text in enumerate(_prompts(pair_name, prompts))))
-    teacher = start_llama_server(pair["teacher_gguf"], parallel=8, alias="teacher")
-    student = start_llama_server(pair["student_gguf"], parallel=8, alias="student")
+    teacher = start_llama_server(pair["teacher_gguf"], parallel=8, threads=1, alias="teacher")
+    student = start_llama_server(pair["student_gguf"], parallel=8, threads=1, alias="student")
     common = dict(student=str(pair["student_dir"]), teacher=str(pair["teacher_dir"]), prompts=str(prompt_file),
                   id_field="id", samples=1, max_new_tokens=max_new_tokens, seed=0, progress=False)
     if pair_name == "world":

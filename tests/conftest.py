@@ -76,14 +76,15 @@ def pytest_collection_modifyitems(config, items):
 def llama_servers():
     """Real llama.cpp servers on 127.0.0.1 (tests/serving.py), for the whole session:
     {'teacher': handle, 'student': handle, 'teacher_dir', 'student_dir', 'teacher_gguf', 'student_gguf'}.
-    The teacher is the SmolLM2-135M-Instruct Q4_1 GGUF; the student its first 4 + last 2 layers in f32,
+    The teacher is the SmolLM2-135M-Instruct Q4_1 GGUF; the student its first 4 + last 2 layers in q8_0,
     same tokenizer. `handle.url`, `.stop()`, `.restart()`, `.kill()`; the *_dir folders hold each HF tokenizer."""
     from serving import smollm2_pair, start_llama_server
 
     pair = smollm2_pair()
-    teacher = start_llama_server(pair["teacher_gguf"], parallel=4, alias="smollm2-135m-teacher")
+    # one thread each: two servers on a 2-core machine, each spinning a pool of 2, starve each other
+    teacher = start_llama_server(pair["teacher_gguf"], parallel=4, threads=1, alias="smollm2-135m-teacher")
     try:
-        student = start_llama_server(pair["student_gguf"], parallel=4, alias="smollm2-135m-student")
+        student = start_llama_server(pair["student_gguf"], parallel=4, threads=1, alias="smollm2-135m-student")
     except BaseException:
         teacher.stop()
         raise

@@ -138,7 +138,9 @@ def smollm2_pair(first: int = 4, last: int = 2) -> dict:
     from tracetailor.assets import pruned_student, smollm2_gguf
 
     student_dir = pruned_student(first=first, last=last)
-    student_gguf = hf_to_gguf(student_dir, _cache() / "gguf" / f"{student_dir.name}.f32.gguf")
+    # q8_0, not f32: llama.cpp's quantized kernels give a position the same bits however it was computed (alone,
+    # or inside a multi-token prefill after a prefix-cache miss); f32 ones do not (docs/serving-protocols.md)
+    student_gguf = hf_to_gguf(student_dir, _cache() / "gguf" / f"{student_dir.name}.q8_0.gguf", outtype="q8_0")
     return {"teacher_gguf": smollm2_gguf(), "teacher_dir": teacher_tokenizer_dir(),
             "student_gguf": student_gguf, "student_dir": student_dir}
 

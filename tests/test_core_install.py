@@ -43,7 +43,7 @@ def _traces(tmp_path):
 def test_select_strict_boxed_runs_without_pyarrow_or_math_verify(tmp_path, monkeypatch):
     _without(monkeypatch, "pyarrow", "math_verify")
     out = tmp_path / "sft.jsonl"
-    result = CliRunner().invoke(app, ["select", str(_traces(tmp_path)), "--out", str(out),
+    result = CliRunner().invoke(app, ["select", str(_traces(tmp_path)), "--out-file", str(out),
                                       "--answer-mode", "strict-boxed"])
     assert result.exit_code == 0, result.output
     assert len(out.read_text().splitlines()) == 1 and (tmp_path / "sft.jsonl.funnel.json").is_file()
@@ -52,7 +52,7 @@ def test_select_strict_boxed_runs_without_pyarrow_or_math_verify(tmp_path, monke
 def test_select_default_mode_without_math_verify_is_one_line_naming_the_extra(tmp_path, monkeypatch):
     _without(monkeypatch, "math_verify")
     out = tmp_path / "sft.jsonl"
-    result = CliRunner().invoke(app, ["select", str(_traces(tmp_path)), "--out", str(out)])
+    result = CliRunner().invoke(app, ["select", str(_traces(tmp_path)), "--out-file", str(out)])
     assert result.exit_code == 2
     assert result.output == ("error: select --answer-mode math-verify needs the 'eval' extra (missing: math_verify): "
                              "pip install 'tracetailor[eval]'; or pass --answer-mode strict-boxed (exact match), "

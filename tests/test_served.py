@@ -183,3 +183,29 @@ def test_eval_through_a_served_model(tiny_pair, servers, tmp_path):
     assert len(lines) == 6 and all(json.loads(line)["completion"] is not None for line in lines)
     again = run_eval(EvalConfig(**cfg), log=lambda *_: None)  # a finished evaluation: nothing asked again
     assert again["benchmarks"][bench_name]["completions"] == 6
+
+
+def test_score_through_a_served_model_equals_in_process(tiny_pair, servers, tmp_path):
+    """score --model-url: every completion token's log-prob from prompt log-probs, one request per example."""
+    from tracetailor.config import ScoreConfig
+    from tracetailor.score import run_score
+
+    run_generate(served_config(tiny_pair, servers, tmp_path / "traces"), log=lambda *_: None)
+    kw = dict(student=tiny_pair["student"], data=[str(tmp_path / "traces")], progress=False)
+    served = run_score(ScoreConfig(**kw, out=str(tmp_path / "s1"), model_url=servers["student"].url),
+                       log=lambda *_: None)
+    local = run_score(ScoreConfig(**kw, out=str(tmp_path / "s2")), log=lambda *_: None)
+    a, b = served["datasets"], local["datasets"]
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name]["tokens"] == b[name]["tokens"] > 0
+        assert abs(a[name]["nll"] - b[name]["nll"]) < 1e-4
+
+
+def test_score_over_llamacpp_is_refused_in_one_line(tiny_pair, servers, tmp_path):
+    from tracetailor.config import ScoreConfig
+    from tracetailor.score import run_score
+
+    with pytest.raises(UserError, match="no prompt log-probs"):
+        run_score(ScoreConfig(student=tiny_pair["student"], data=[tiny_pair["prompts"]], out=str(tmp_path / "s"),
+                              model_url=servers["student"].url, protocol="llama.cpp"), log=lambda *_: None)

@@ -94,12 +94,9 @@ def load_pair(cfg: GenerateConfig, log=print):
 
 def make_bridge(student, teacher, log=print):
     """The vocabulary bridge from the student's tokens to the teacher's (identity for one tokenizer)."""
-    from .vocab import build_bridge
+    from .vocab import bridge_between
 
-    bridge = build_bridge(student.tokenizer, teacher.tokenizer, student.vocab_size, teacher.vocab_size)
-    if not bridge.identity:
-        log(f"vocabulary bridge: {bridge.shared_fraction:.2%} of the student's tokens have a teacher counterpart")
-    return bridge
+    return bridge_between(student, teacher, log)
 
 
 def load_prompt_set(cfg: GenerateConfig, tokenizer, context: int | None = None) -> list:

@@ -54,7 +54,7 @@ def _config_facts(name: str, tokenizer) -> tuple[int, int | None, set[int]]:
 def load_served_pair(cfg, log=print):
     """(student, teacher, bridge) for a config with --student-url (and --teacher-url): tokenizers loaded,
     servers probed (reachable, the model served, k log-probs, prompt log-probs when drafting needs them)."""
-    from ..sampling import make_bridge
+    from ..vocab import bridge_between
 
     client = make_client(cfg)
     roles = ("student",) if cfg.mode == "student" else ("student", "teacher")
@@ -65,7 +65,7 @@ def load_served_pair(cfg, log=print):
                               prompt_logprobs=cfg.verify_with == "prompt-logprobs", log=log)
             for role in roles}
     student, teacher = ends["student"], ends.get("teacher")
-    bridge = make_bridge(student, teacher, log) if teacher is not None else None
+    bridge = bridge_between(student, teacher, log) if teacher is not None else None
     return student, teacher, bridge
 
 

@@ -18,7 +18,7 @@ import itertools
 from dataclasses import dataclass, field
 
 from .http import HttpClient, ServerError
-from .protocol import TopK, make_protocol
+from .protocol import TopK, make_protocol, prompt_token_logprobs
 
 
 @dataclass
@@ -72,6 +72,16 @@ class ServedModel:
         tokens, lps, reason = self.protocol.read_sample(reply, self._where(url))
         self._check_ids(tokens, self._where(url))
         return tokens, lps, reason
+
+    async def token_logprobs(self, ids: list[int], start: int) -> list[float]:
+        """Teacher-forced: the log-prob of each of ids[start:] under its prefix, in one request (prompt
+        log-probs; refused up front where the protocol has none)."""
+        if not self.protocol.has_prompt_logprobs:
+            raise ServerError(f"the {self.role} server speaks {self.protocol_name}, which has no prompt log-probs, so "
+                              "it cannot score given tokens; use a vLLM server, or score the model in-process")
+        self.rounds += 1
+        reply, url = await self._post(self.protocol.verify(ids, 1))
+        return prompt_token_logprobs(reply, ids, start, self._where(url))
 
     async def next_topk(self, ids: list[int], k: int) -> TopK:
         """The distribution at the position after `ids`."""

@@ -16,7 +16,6 @@ exactly the k likeliest ids, likeliest first, ties by the lowest id: the order t
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from .http import ServerError
@@ -45,18 +44,22 @@ def take_top(pairs: dict[int, float], k: int, where: str) -> TopK:
     if len(pairs) < k:
         raise ServerError(f"{where}: the server returned {len(pairs)} log-probs where {k} were asked for; raise "
                           "its log-prob cap (vLLM: --max-logprobs) or lower --top-k")
-    for i, lp in pairs.items():
-        if not isinstance(i, int) or i < 0 or not isinstance(lp, (int, float)) or math.isnan(lp) or lp > 1e-6:
-            raise ServerError(f"{where}: the server returned a malformed log-prob entry ({i!r}: {lp!r})")
-    best = sorted(pairs.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
-    return TopK(tuple(i for i, _ in best), tuple(min(float(lp), 0.0) for _, lp in best))
+    try:
+        best = sorted(pairs.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
+    except TypeError:  # a log-prob that is not a number
+        best = []
+    if len(best) < k or any(i < 0 or not lp <= 1e-6 for i, lp in best):  # `not <=` also catches NaN
+        bad = next(((i, lp) for i, lp in pairs.items()
+                    if not isinstance(lp, (int, float)) or not isinstance(i, int) or i < 0 or not lp <= 1e-6), None)
+        raise ServerError(f"{where}: the server returned a malformed log-prob entry ({bad!r})")
+    return TopK(tuple(i for i, _ in best), tuple(lp if lp < 0.0 else 0.0 for _, lp in best))
 
 
 def _token_id(key, where: str) -> int:
     """vLLM's `token_id:123` (return_tokens_as_token_ids) or a plain integer (prompt log-probs' keys)."""
-    text = str(key)
-    if text.startswith("token_id:"):
-        text = text[len("token_id:"):]
+    if type(key) is int:
+        return key
+    text = key[9:] if type(key) is str and key.startswith("token_id:") else str(key)
     try:
         return int(text)
     except ValueError:
@@ -133,6 +136,25 @@ class OpenAIProtocol:
             dists.append(take_top(_prompt_entry(entry, k, where), k, where))
         _, after = self.read_generation(reply, k, where)
         return dists + after[:1]
+
+
+def prompt_token_logprobs(reply: dict, ids: list[int], start: int, where: str) -> list[float]:
+    """The log-prob of each prompt token ids[start:] under its prefix, from vLLM's prompt log-probs (every
+    entry holds the prompt's own token, whatever its rank)."""
+    choice = _first_choice(reply, where)
+    entries = choice.get("prompt_logprobs")
+    if not isinstance(entries, list) or len(entries) != len(ids):
+        raise ServerError(f"{where}: the reply has no prompt log-probs for the {len(ids)} tokens sent; scoring "
+                          "needs a server with prompt_logprobs (vLLM)")
+    out = []
+    for j in range(start, len(ids)):
+        entry = entries[j] if isinstance(entries[j], dict) else {}
+        value = entry.get(str(ids[j]), entry.get(ids[j]))
+        lp = value.get("logprob") if isinstance(value, dict) else value
+        if not isinstance(lp, (int, float)):
+            raise ServerError(f"{where}: no log-prob for prompt token {j} (id {ids[j]}) in the reply")
+        out.append(float(lp))
+    return out
 
 
 def _prompt_entry(entry: dict, k: int, where: str) -> dict[int, float]:
