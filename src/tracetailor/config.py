@@ -523,6 +523,10 @@ class ScoreConfig(Settings):
     allow_pickle: bool = option(False, PICKLE_HELP, resumable=True)
     overwrite: bool = option(False, "Replace a finished score in --out.", resumable=True)
     progress: bool = option(True, "Progress bars.", cli=False, resumable=True)
+    save_teacher_topk: int = option(0, "Also store, per completion token, --teacher's K likeliest tokens (student ids) "
+                                    "and log-probs from a teacher-forced pass, in OUT/teacher_topk/<name>.topk.parquet, "
+                                    "for `train --loss kd --teacher-topk`. 0 = off.", low=0)
+    teacher: str | None = option(None, f"With --save-teacher-topk: the teacher, {MODEL_HELP}.")
 
     # a model behind a server (serving/): prompt log-probs give every completion token's log-prob
     model_url: str | None = option(None, "Score with the model served behind this URL (vLLM: prompt log-probs; "
@@ -541,6 +545,8 @@ class ScoreConfig(Settings):
     def validate(self) -> "ScoreConfig":
         check_fields(self)
         _required("student", MODEL_HELP, self.student)
+        if self.save_teacher_topk and not self.teacher:
+            raise ConfigError("teacher: required with --save-teacher-topk (the model whose top-K is stored)")
         if not self.data:
             raise ConfigError("data: give at least one dataset (--data FILE, repeatable)")
         if self.name and len(self.name) != len(self.data):
@@ -666,6 +672,14 @@ class TrainConfig(Settings):
                        "--save-teacher-topk through select).", choices=("sft", "kd"))
     kd_weight: float = option(0.5, "With --loss kd: loss = w * KD + (1 - w) * SFT, both per completion token.",
                               low=0.0, high=1.0)
+    kd_tail: str = option("renormalize", "With --loss kd: the teacher's mass outside its top-K: renormalize (the "
+                          "top-K renormalised) or bucket (one more outcome, against the student's mass outside the "
+                          "same ids).", choices=("renormalize", "bucket"))
+    teacher_topk: str | None = option(None, "With --loss kd: the teacher top-K file (select's, or score "
+                                      "--save-teacher-topk's OUT/teacher_topk/<name>.topk.parquet).",
+                                      shown="DATA.topk.parquet")
+    kd_chunk: int = option(256, "With --loss kd: completion positions per chunk of the loss (0: the whole batch at "
+                           "once, with full-vocabulary float32 tensors).", low=0)
     lora: bool = option(False, "Train a LoRA adapter (PEFT) instead of all weights.", flags=("--lora/--no-lora", "--use-peft"),
                         shown="off")
     lora_r: int = option(16, "LoRA rank.", low=1)

@@ -130,7 +130,7 @@ class GenerateWorker:
                                                     token_budget(self.context, self.cfg.max_length),
                                                     self.cfg.max_new_tokens)
         sequences = tokens = 0
-        with trace_writer(self.path, self.cfg) as writer:
+        with trace_writer(self.path, self.cfg, self.student, self.teacher.name if self.teacher else None) as writer:
             for fin in sample(self.engine, requests, log=print):  # print: to this worker's Ray log
                 prompt, sample = handles[fin.handle]
                 record = build_record(prompt, sample, fin, self.student.tokenizer, self.eos, self.cfg.mode,

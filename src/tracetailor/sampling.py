@@ -300,14 +300,18 @@ def sync_sidecar(out: Path, cfg: GenerateConfig) -> None:
             part.unlink()
 
 
-def trace_writer(path: Path, cfg: GenerateConfig):
-    """The writer of one trace file: plain (`TraceWriter`), or with the teacher's top-K sidecar."""
+def trace_writer(path: Path, cfg: GenerateConfig, student=None, teacher_name: str | None = None):
+    """The writer of one trace file: plain (`TraceWriter`), or with the teacher's top-K sidecar, whose schema
+    metadata names K, the temperature (1: the engine keeps the teacher's plain log-probs) and `student`'s
+    tokenizer, whose ids the rows hold."""
     from .data.traces import TraceWriter
 
     if cfg.save_teacher_topk:
-        from .data.topk import TopkTraceWriter
+        from .data.topk import TopkTraceWriter, topk_metadata
 
-        return TopkTraceWriter(path)
+        meta = None if student is None else topk_metadata(cfg.save_teacher_topk, 1.0, student.tokenizer,
+                                                          student.name, teacher_name)
+        return TopkTraceWriter(path, meta)
     return TraceWriter(path)
 
 
