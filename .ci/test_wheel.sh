@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # A clean `pip install`: build the wheel, install it with only the core dependencies into a fresh venv
 # (torch first, the CPU build pinned here), then run every command's --help and check that each command
-# whose extra is missing says so in one line (exit 2) before doing anything. `make test-wheel` runs it.
+# whose extra is missing says so in one line (exit 2) before doing anything; then generate -> select -> score
+# on tiny random-weight models (.ci/tiny_models.py), as the README says the core install runs them, and check
+# that the resolver picked a transformers in the tested range. `make test-wheel` runs it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -53,4 +55,21 @@ assert not installed, f"the core install brought optional packages: {installed}"
 assert not loaded, loaded
 print("ok: core install holds no optional package")
 EOF
+stage "transformers in the tested range"
+"$VENV/bin/python" -m tracetailor.extras
+stage "generate -> select -> score on the core install"
+RUN=build/wheel-run
+rm -rf "$RUN"
+"$VENV/bin/python" .ci/tiny_models.py "$RUN"
+"$TT" generate --student "$RUN/student" --teacher "$RUN/teacher" --prompts "$RUN/prompts.jsonl" \
+  --prompt-field question --carry answer --samples 2 --max-new-tokens 12 --batch-size 8 --out "$RUN/traces" --no-progress \
+  --stop e --stop a --stop o  # random weights rarely end by EOS: stop strings end most of them, for select
+expect_extra data generate --student "$RUN/student" --teacher "$RUN/teacher" --prompts "$RUN/prompts.jsonl" \
+  --prompt-field question --save-teacher-topk 3 --out "$RUN/topk"
+expect_extra eval select "$RUN/traces" --out-file "$RUN/sft-default.jsonl"
+"$TT" select "$RUN/traces" --out-file "$RUN/sft.jsonl" --answer-mode strict-boxed --no-correct-only --no-require-think \
+  --max-fallback-rate 1
+test -s "$RUN/sft.jsonl" && test -f "$RUN/sft.jsonl.funnel.json"
+"$TT" score --student "$RUN/student" --data "$RUN/sft.jsonl" --out "$RUN/score" --no-progress
+test -f "$RUN/score/stats.json"
 echo "test-wheel passed in $(( $(date +%s) - start ))s (load $(cut -d' ' -f1-3 /proc/loadavg))"

@@ -17,6 +17,11 @@ training prompts (think prefill), `--batch` rows, exactly `--new-tokens` tokens 
    A third prediction takes the run's own count of batch passes (teacher calls over at most K + 1
    tokens: a batch goes at its slowest row's pace, so there are more of them than B / passes per
    token) and of prefills (each costed as one prompt's prefill through both models).
+   A fourth prediction needs no count from the run it predicts: the batch passes, the rows each holds and
+   the admissions come from `decoding/auto.py`'s `simulate_passes` (rows admitted as the engine admits
+   them, each row's accepted lengths drawn from the distribution the run measured, the batch draining at
+   its slowest row's pace), and each pass is costed at its own row count (step costs interpolated between
+   batch 1 and `--batch`). This is the model `--draft-tokens auto` relies on.
 
 Timings are noisy on a shared machine: the load average is printed with them.
 
@@ -32,6 +37,7 @@ import os
 import statistics
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -132,7 +138,7 @@ def main() -> None:
         tokens = sum(len(f.token_ids) for f in engine.run(reqs))
         wall = time.perf_counter() - t0
         return {"tokens": tokens, "tps": tokens / wall, "ppt": engine.teacher_passes / engine.tokens_emitted,
-                **clock.split(wall)}
+                "accepted": Counter(engine.accepted_lengths), **clock.split(wall)}
 
     def reference_side(chunks: list, new_tokens: int) -> dict:
         clock.reset(decode_width=1)
@@ -186,6 +192,8 @@ def main() -> None:
     batch_passes = {side: measured[side]["tokens"] / (
         measured[side]["decode_calls"] * (pass_cost[side] + calibration[side]["host_per_call"])
         + measured[side]["prefill_calls"] * c["prefill_b1"]) for side in pass_cost}
+    simulated = {side: simulated_tps(side, c, b, k, len(prompts), args.new_tokens, measured, calibration)
+                 for side in (k, 0)}
     print(f"world {world.name}; {len(prompts)} prompts, batch {b}, {args.new_tokens} new tokens, K = {k}, "
           f"{args.threads} thread(s)")
     print(f"step costs (ms; load avg {load_costs:.2f}): " + ", ".join(f"{n} {1e3 * v:.2f}" for n, v in c.items()))
@@ -193,23 +201,49 @@ def main() -> None:
           f"batch {b} {c[f'student_step_b{b}'] / c[f'teacher_step_b{b}']:.2f}")
     print(f"host ms per teacher call, calibrated on one batch of {args.calibrate_tokens} tokens: "
           + ", ".join(f"{names_of(side, k)} {1e3 * calibration[side]['host_per_call']:.2f}" for side in pass_cost))
-    print("| side | teacher passes / token | predicted tok/s (step costs; + host; + host, batch passes) | "
-          "measured tok/s | measured / predicted (the three) | host share of measured time | "
-          "teacher decode calls x B / tokens (prefill calls) | vs reference (measured) | load avg |")
+    print("| side | teacher passes / token | predicted tok/s (step costs; + host; + host, batch passes; simulated "
+          "batch passes) | measured tok/s | measured / predicted (the four) | host share of measured time | "
+          "teacher decode calls x B / tokens (prefill calls; simulated) | vs reference (measured) | load avg |")
     print("|---|---|---|---|---|---|---|---|---|")
     for side in (k, 0, "reference"):
         m = measured[side]
         tps = m["tps"]
+        sim_tps, sim_calls = simulated.get(side, (batch_passes[side], None))
         print(f"| {names_of(side, k)} | {m['ppt']:.3f} | {predicted[side]:.0f}; {with_host[side]:.0f}; "
-              f"{batch_passes[side]:.0f} | {tps:.0f} | "
-              f"{tps / predicted[side]:.2f}, {tps / with_host[side]:.2f}, {tps / batch_passes[side]:.2f} | "
-              f"{m['host_share']:.2f} | {m['decode_calls'] * b / m['tokens']:.3f} ({m['prefill_calls']}) | "
+              f"{batch_passes[side]:.0f}; {sim_tps:.0f} | {tps:.0f} | "
+              f"{tps / predicted[side]:.2f}, {tps / with_host[side]:.2f}, {tps / batch_passes[side]:.2f}, "
+              f"{tps / sim_tps:.2f} | "
+              f"{m['host_share']:.2f} | {m['decode_calls'] * b / m['tokens']:.3f} ({m['prefill_calls']}; "
+              + (f"{sim_calls * b / m['tokens']:.3f}" if sim_calls is not None else "-") + ") | "
               f"{tps / measured['reference']['tps']:.2f} | {m['load']:.2f} |")
     if args.rounds > 1:
         for side in (k, 0):
             ratios = _per_round(rounds, side)
             print(f"{names_of(side, k)} / teacher alone, per round: " + ", ".join(f"{x:.2f}" for x in ratios)
                   + f"; median {statistics.median(ratios):.2f}")
+
+
+def simulated_tps(side: int, c: dict, b: int, k: int, rows: int, new_tokens: int, measured: dict,
+                  calibration: dict) -> tuple[float, float]:
+    """(predicted tokens/s, predicted teacher decode calls) of an engine side from the simulated batch passes:
+    each pass costed at its row count (linear between the batch-1 and batch-b step costs)."""
+    from tracetailor.decoding.auto import simulate_passes
+
+    # lockstep's first token comes from the prefill; a drafted row reads its last prompt token in its first pass
+    sim = simulate_passes(rows, b, new_tokens - (0 if side else 1), side, measured[side]["accepted"])
+    passes, held = sim["passes"], sim["row_passes"]
+
+    def summed(at1: float, atb: float) -> float:  # sum over the passes of a cost linear in the rows
+        return passes * at1 + (atb - at1) * (held - passes) / max(1, b - 1)
+
+    student = summed(c["student_step_b1"], c[f"student_step_b{b}"])
+    teacher = summed(c["teacher_step_b1"], c[f"teacher_step_b{b}"])
+    if side:  # k + 1 student steps; the verify pass scaled from batch b by the teacher step's own scaling
+        student *= side + 1
+        teacher *= c["teacher_verify"] / c[f"teacher_step_b{b}"]
+    rule = c[f"rule_x{side + 1}"] * held / b
+    seconds = student + teacher + rule + passes * calibration[side]["host_per_call"] + sim["admissions"] * c["prefill_b1"]
+    return rows * new_tokens / seconds, passes
 
 
 def load_pair(world_dir: str | None, n_prompts: int):

@@ -60,7 +60,8 @@ def run_once(world: Path, prompts: Path, k: int, args, kv_cache: str = "rectangl
         results[f.handle] = (f.token_ids, f.origin, f.finish_reason)
         logprobs[f.handle] = f.student_logprobs + [t for t in f.teacher_logprobs if t is not None]
     seconds = time.perf_counter() - start
-    return {"k": k, "layout": kv_cache, "results": results, "logprobs": logprobs, "seconds": seconds, "load": load, "tokens": engine.tokens_emitted,
+    layout = kv_cache if kv_cache != "auto" else f"auto ({engine.kv_cache})"
+    return {"k": k, "layout": layout, "results": results, "logprobs": logprobs, "seconds": seconds, "load": load, "tokens": engine.tokens_emitted,
             "passes": engine.teacher_passes, "proposed": engine.draft_proposed, "accepted": engine.draft_accepted,
             "lengths": dict(engine.accepted_lengths), "kv": engine.kv_use}
 
@@ -74,8 +75,9 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--k", type=int, nargs="+", default=[0, 2, 3, 4, 5, 6])
-    ap.add_argument("--kv-cache", nargs="+", default=["rectangle"], choices=["rectangle", "paged", "static"],
+    ap.add_argument("--k", type=lambda v: v if v == "auto" else int(v), nargs="+", default=[0, 2, 3, 4, 5, 6],
+                    help="K values; auto: --draft-tokens auto")
+    ap.add_argument("--kv-cache", nargs="+", default=["rectangle"], choices=["rectangle", "paged", "static", "auto"],
                     help="cache layouts to run each K with (the records must not change)")
     args = ap.parse_args()
 
@@ -100,7 +102,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in runs:
         full = sum(r["lengths"].values())
-        dist = " / ".join(f"{100 * r['lengths'].get(a, 0) / full:.0f}" for a in range(r["k"] + 1)) if full else "-"
+        dist = " / ".join(f"{100 * r['lengths'].get(a, 0) / full:.0f}" for a in range(
+            r["k"] + 1 if r["k"] != "auto" else max(r["lengths"]) + 1)) if full else "-"
         acc = f"{r['accepted'] / r['proposed']:.3f}" if r["proposed"] else "-"
         same = "-" if base is None or r is base else ("yes" if r["results"] == base["results"] else
                                                         f"NO ({sum(r['results'][h] != v for h, v in base['results'].items())} differ)")

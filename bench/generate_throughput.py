@@ -18,6 +18,7 @@ and token budget:
   rsd-static, draft-static (optional, --in-memory) rsd in lockstep and with --draft-tokens K, with
              --kv-cache static (decoding/static.py: the decode step compiled, a CUDA graph on a GPU);
              the warm-up run holds the compiles (its capacity is the timed run's)
+  rsd-auto   (optional, --in-memory) rsd with --draft-tokens auto --kv-cache auto (decoding/auto.py)
 
 What is timed, equally on both sides: decoding only, prefill included, model
 loading excluded. For rsd that is the `this_run.seconds` that run_generate
@@ -67,7 +68,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SIDES = ("rsd", "reference", "engine-teacher", "rsd-draft", "self-draft", "rsd-paged", "rsd-static", "draft-static")
+SIDES = ("rsd", "reference", "engine-teacher", "rsd-draft", "self-draft", "rsd-paged", "rsd-static", "draft-static",
+         "rsd-auto")
 REQUIRED, AIM = 0.8, 0.9
 
 # Model shapes. `arch` picks the transformers class; `init` is initializer_range
@@ -206,7 +208,7 @@ def _gen_config(spec: dict, prompts: str, out: Path, new_tokens: int, mode: str,
         student=str(d / "student"), teacher=str(d / "teacher"), prompts=prompts, out=str(out), mode=mode,
         max_new_tokens=new_tokens, batch_size=spec["batch"], seed=spec["seed"], top_k=20, temperature=1.0,
         teacher_temperature=1.0, chat_template=False, device=spec["device"], dtype=spec["dtype"],
-        overwrite=True, progress=False, draft_tokens=draft,
+        overwrite=True, progress=False, draft_tokens=draft, kv_cache=spec.get("kv_cache", "rectangle"),
     )
 
 
@@ -270,7 +272,7 @@ def side_engine(spec: dict, mode: str, draft: int = 0, self_draft: bool = False,
 
     layout = kv_cache or spec.get("kv_cache", "rectangle")
     # static: the warm-up's capacity is the timed run's, so that its compiles are the ones the run uses
-    columns = max(len(p) for p in spec["prompt_ids"]) + spec["new_tokens"] + draft + 1
+    columns = max(len(p) for p in spec["prompt_ids"]) + spec["new_tokens"] + (8 if draft == "auto" else draft) + 1
 
     def generate(new_tokens: int, prompts: list[list[int]]):
         engines.append(Engine(student, teacher, bridge, settings, eos_ids=(), batch_size=spec["batch"],
@@ -297,6 +299,7 @@ def side_engine(spec: dict, mode: str, draft: int = 0, self_draft: bool = False,
         "acceptance_rate": origin.count("T") / len(origin) if mode == "rsd" and origin else None,
         "gpu_weights_mb": weights_mb, "warmup_seconds": warmup,
         "teacher_passes_per_token": engines[-1].counters()["teacher_passes_per_token"],
+        "auto": {k: v for k, v in engines[-1].counters().items() if k.startswith(("kv_cache", "passes_by"))},
         "timed": "Engine.run (prefill + decode; in-memory: no run_generate, no record writing)",
     }
 
@@ -362,9 +365,10 @@ def worker(spec_path: str, side: str, result_path: str) -> None:
     else:
         mode = "teacher" if side == "engine-teacher" else "rsd"
         draft = spec["draft_tokens"] if side in ("rsd-draft", "self-draft", "draft-static") else 0
-        if side in ("self-draft", "rsd-paged", "rsd-static", "draft-static") and not spec["in_memory"]:
+        draft = "auto" if side == "rsd-auto" else draft
+        if side in ("self-draft", "rsd-paged", "rsd-static", "draft-static", "rsd-auto") and not spec["in_memory"]:
             raise SystemExit(f"side {side} needs --in-memory")
-        layout = {"rsd-paged": "paged", "rsd-static": "static", "draft-static": "static"}.get(side)
+        layout = {"rsd-paged": "paged", "rsd-static": "static", "draft-static": "static", "rsd-auto": "auto"}.get(side)
         res = (side_engine(spec, mode, draft, side == "self-draft", layout)
                if spec["in_memory"]
                else side_run_generate(spec, mode, draft))

@@ -58,8 +58,9 @@ echo "gpu: $GPU"
 # the upper bound of drafting (random weights of two different models accept few guesses); rsd-paged: lockstep
 # with --kv-cache paged (equal lengths here: its cost, and its peak memory beside the rectangle's); draft-static and
 # rsd-static: --kv-cache static, the decode steps captured as CUDA graphs (the warm-up holds the compiles). The
-# sides run in this order until the deadline: the captured ones come before the less telling ones.
-timeout 450 "$PY" bench/generate_throughput.py "${ARGS[@]}" --sides rsd,reference,rsd-draft,draft-static,self-draft,rsd-static,rsd-paged,engine-teacher \
+# sides run in this order until the deadline: the captured ones come before the less telling ones. rsd-auto:
+# --draft-tokens auto --kv-cache auto (decoding/auto.py), beside the fixed choices it should match or beat.
+timeout 450 "$PY" bench/generate_throughput.py "${ARGS[@]}" --sides rsd,reference,rsd-auto,rsd-draft,draft-static,self-draft,rsd-static,rsd-paged,engine-teacher \
   --draft-tokens "${DRAFT:-4}" --deadline 400 --json "$OUT/gpu_bench.json" --markdown "$OUT/gpu_bench.table.md" || status=$?
 
 {

@@ -56,7 +56,7 @@ def one_run(pair: dict, out: Path, k: int, args) -> tuple[float, int, int, list]
 
     cfg = GenerateConfig(**pair, id_field="id", out=str(out), samples=args.samples, max_new_tokens=args.new_tokens,
                          batch_size=args.batch_size, seed=0, device="cpu", dtype="float32", progress=False,
-                         draft_tokens=args.draft_tokens, save_teacher_topk=k)
+                         draft_tokens=args.draft_tokens, kv_cache="rectangle", save_teacher_topk=k)
     stats = run_generate(cfg, log=lambda m: None)
     size = sum(p.stat().st_size for p in part_files(out))
     records = sorted((json.loads(line) for line in open(out / "traces.jsonl", encoding="utf-8")),

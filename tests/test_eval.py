@@ -423,7 +423,7 @@ def test_results_and_details_in_lighteval_layout(tiny_pair, tmp_path):
     results = json.loads(results_path.read_text())
     assert set(results) >= {"config_general", "results", "versions", "config_tasks", "summary_tasks", "summary_general"}
     bench = summary["benchmarks"]["mine"]
-    task = "tracetailor|mine|0"
+    task = "mine|0"
     assert results["results"][task] == {"acc": bench["accuracy"], "acc_stderr": bench["stderr"],
                                         "pass@3": bench["pass_at_k"], "maj@3": bench["majority_at_k"]}
     assert results["results"]["all"]["acc"] == pytest.approx(bench["accuracy"])

@@ -145,7 +145,7 @@ def test_push_to_hub_creates_the_repo_and_uploads_the_card_and_data(trace_dir, t
     (create, repo, create_kw), (upload, repo2, upload_kw) = FakeApi.calls
     assert (create, repo, upload, repo2) == ("create_repo", "me/rsd-traces", "upload_folder", "me/rsd-traces")
     assert create_kw == {"repo_type": "dataset", "private": True, "exist_ok": True}
-    assert upload_kw["repo_type"] == "dataset" and upload_kw["allow_patterns"] == ["README.md", "data/*.parquet"]
+    assert upload_kw["repo_type"] == "dataset" and upload_kw["allow_patterns"] == ["README.md", "data/*.parquet", "teacher_topk/*.parquet"]
     assert {"README.md", "data/train-00000-of-00001.parquet"} <= set(upload_kw["held"])
     assert result["pushed"].endswith("/commit/abc")
     assert "load_dataset('me/rsd-traces'" in (tmp_path / "ds" / "README.md").read_text()

@@ -217,12 +217,27 @@ def _required(name: str, what: str, value) -> None:
 
 MODEL_HELP = "a hub id such as Qwen/Qwen3-0.6B, a local dir or a .gguf file"
 KV_LAYOUTS = ("rectangle", "paged", "static")
+KV_CHOICES = ("auto",) + KV_LAYOUTS
 KV_CACHE_HELP = ("How the KV cache is laid out: rectangle (each row left-padded to the longest), paged (a pool of "
                  "token slots: holds only real tokens, and a prompt's samples share its slots, so a device holds a "
                  "bigger batch when lengths are mixed) or static (fixed shapes, --batch-size slots of a capacity "
                  "that grows in powers of two, so that each model's decode step is compiled once with "
                  "torch.compile, replayed as a CUDA graph on a GPU: for small models bound by per-step "
-                 "overhead; the first steps wait for the compile).")
+                 "overhead; the first steps wait for the compile). auto picks one from the device, the batch, the "
+                 "models and the prompts, and stats.json says which and why.")
+
+
+def parse_draft_tokens(name: str, value) -> int | str:
+    """`--draft-tokens`: "auto" or a whole number >= 0 (as given, or as text from the CLI or YAML)."""
+    if value == "auto":
+        return value
+    try:
+        k = int(value) if not isinstance(value, bool) and float(value) == int(float(value)) else None
+    except (TypeError, ValueError):
+        k = None
+    if k is None or k < 0:
+        raise ConfigError(f"{name}: {value!r} is neither auto nor a whole number >= 0 (0 = one teacher pass per token)")
+    return k
 DEVICE_HELP = "auto, cpu, cuda, cuda:1, mps."
 DTYPES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
 DTYPE_HELP = "auto (bf16 on CUDA, fp32 elsewhere), float32, bfloat16, float16."
@@ -321,10 +336,11 @@ class GenerateConfig(Settings):
     teacher_device_map: str | dict | None = option(
         None, "accelerate device map for the teacher, e.g. auto: spread a teacher too large for one GPU over the "
         "GPUs (of each worker).", resumable=True)
-    draft_tokens: int = option(0, "Modes rsd and teacher: the student guesses this many tokens and the teacher checks "
-                               "them in one pass; the traces are the same, with fewer teacher passes. 0 = one teacher "
-                               "pass per token.", low=0, resumable=True)
-    kv_cache: str = option("rectangle", KV_CACHE_HELP + " The traces are the same.", choices=KV_LAYOUTS,
+    draft_tokens: str | int = option("auto", "Modes rsd and teacher: the student guesses this many tokens and the "
+                                     "teacher checks them in one pass; the traces are the same, with fewer teacher "
+                                     "passes. 0 = one teacher pass per token; auto = chosen per pass from the measured "
+                                     "step costs and match rates (0 where drafts do not pay).", resumable=True)
+    kv_cache: str = option("auto", KV_CACHE_HELP + " The traces are the same.", choices=KV_CHOICES,
                            resumable=True)
     save_teacher_topk: int = option(0, "Modes rsd and teacher: also store, per completion token, the teacher's K "
                                     "likeliest tokens (student ids) and log-probs in OUT/teacher_topk/*.parquet, for "
@@ -359,6 +375,7 @@ class GenerateConfig(Settings):
 
     def validate(self) -> "GenerateConfig":
         check_fields(self)
+        self.draft_tokens = parse_draft_tokens("draft_tokens", self.draft_tokens)
         _required("student", MODEL_HELP, self.student)
         if self.mode != "student" and not self.teacher:
             raise ConfigError(f"teacher: required for --mode {self.mode}")
@@ -444,7 +461,7 @@ class EvalConfig(Settings):
     chat_template: bool = option(True, "Apply the model's chat template.", flags=("--chat-template/--no-chat-template",),
                                  shown="on")
     batch_size: int = option(32, "Sequences decoded together.", low=1, resumable=True)
-    kv_cache: str = option("rectangle", KV_CACHE_HELP + " The samples are the same.", choices=KV_LAYOUTS,
+    kv_cache: str = option("auto", KV_CACHE_HELP + " The samples are the same.", choices=KV_CHOICES,
                            resumable=True)
     seed: int = option(0, "Seed of the counter-based sampler.", low=0)
     limit: int | None = option(None, "Only the first N questions of each benchmark.", low=1, resumable=True)
@@ -534,6 +551,10 @@ class ScoreConfig(Settings):
     allow_pickle: bool = option(False, PICKLE_HELP, resumable=True)
     overwrite: bool = option(False, "Replace a finished score in --out.", resumable=True)
     progress: bool = option(True, "Progress bars.", cli=False, resumable=True)
+    save_teacher_topk: int = option(0, "Also store, per completion token, --teacher's K likeliest tokens (student ids) "
+                                    "and log-probs from a teacher-forced pass, in OUT/teacher_topk/<name>.topk.parquet, "
+                                    "for `train --loss kd --teacher-topk`. 0 = off.", low=0)
+    teacher: str | None = option(None, f"With --save-teacher-topk: the teacher, {MODEL_HELP}.")
 
     # a model behind a server (serving/): prompt log-probs give every completion token's log-prob
     model_url: str | None = option(None, "Score with the model served behind this URL (vLLM: prompt log-probs; "
@@ -552,6 +573,8 @@ class ScoreConfig(Settings):
     def validate(self) -> "ScoreConfig":
         check_fields(self)
         _required("student", MODEL_HELP, self.student)
+        if self.save_teacher_topk and not self.teacher:
+            raise ConfigError("teacher: required with --save-teacher-topk (the model whose top-K is stored)")
         if not self.data:
             raise ConfigError("data: give at least one dataset (--data FILE, repeatable)")
         if self.name and len(self.name) != len(self.data):
@@ -746,6 +769,14 @@ class TrainConfig(Settings):
                        "--save-teacher-topk through select).", choices=("sft", "kd"))
     kd_weight: float = option(0.5, "With --loss kd: loss = w * KD + (1 - w) * SFT, both per completion token.",
                               low=0.0, high=1.0)
+    kd_tail: str = option("renormalize", "With --loss kd: the teacher's mass outside its top-K: renormalize (the "
+                          "top-K renormalised) or bucket (one more outcome, against the student's mass outside the "
+                          "same ids).", choices=("renormalize", "bucket"))
+    teacher_topk: str | None = option(None, "With --loss kd: the teacher top-K file (select's, or score "
+                                      "--save-teacher-topk's OUT/teacher_topk/<name>.topk.parquet).",
+                                      shown="DATA.topk.parquet")
+    kd_chunk: int = option(256, "With --loss kd: completion positions per chunk of the loss (0: the whole batch at "
+                           "once, with full-vocabulary float32 tensors).", low=0)
     lora: bool = option(False, "Train a LoRA adapter (PEFT) instead of all weights.", flags=("--lora/--no-lora", "--use-peft"),
                         shown="off")
     lora_r: int = option(16, "LoRA rank.", low=1)

@@ -31,7 +31,7 @@ import math
 import os
 import socket
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -125,11 +125,12 @@ class GenerateWorker:
 
         started = time.perf_counter()
         passes_before, emitted_before = self.engine.teacher_passes, self.engine.tokens_emitted
+        chosen_before, layouts_before = self._choices()
         requests, handles, skipped = build_requests(((prompts[i], s) for i, s in pairs), self.bridge,
                                                     token_budget(self.context, self.cfg.max_length),
                                                     self.cfg.max_new_tokens)
         sequences = tokens = 0
-        with trace_writer(self.path, self.cfg) as writer:
+        with trace_writer(self.path, self.cfg, self.student, self.teacher.name if self.teacher else None) as writer:
             for fin in sample(self.engine, requests, log=print):  # print: to this worker's Ray log
                 prompt, sample = handles[fin.handle]
                 record = build_record(prompt, sample, fin, self.student.tokenizer, self.eos, self.cfg.mode,
@@ -145,7 +146,14 @@ class GenerateWorker:
         return {"sequences": sequences, "tokens": tokens, "skipped": skipped, "context": self.context,
                 "seconds": time.perf_counter() - started,
                 "teacher_passes": self.engine.teacher_passes - passes_before,
-                "tokens_emitted": self.engine.tokens_emitted - emitted_before}
+                "tokens_emitted": self.engine.tokens_emitted - emitted_before,
+                "passes_by_draft_tokens": dict(self._choices()[0] - chosen_before),
+                "kv_cache_runs": dict(self._choices()[1] - layouts_before)}
+
+    def _choices(self):
+        """(passes per K, runs per KV layout) so far: what the auto settings chose (Engine.counters)."""
+        chooser = self.engine.chooser
+        return Counter(chooser.chosen if chooser is not None else {}), Counter(self.engine.layouts_chosen)
 
     def _driver_gone(self) -> bool:
         if self.driver is None or self.driver[0] != socket.gethostname():
@@ -315,6 +323,10 @@ def _drive(ray, cfg: GenerateConfig, rundir, log) -> dict[str, Any]:
         emitted = totals["tokens_emitted"]  # of the shards that finished (a dead worker's count is lost)
         draft = {"teacher_passes_per_token": round(totals["teacher_passes"] / emitted, 4) if emitted else None,
                  "draft_tokens": cfg.draft_tokens if cfg.mode != "student" else 0, "kv_cache": cfg.kv_cache}
+        if totals["passes_by_draft_tokens"]:  # auto: the workers' choices, summed
+            draft["passes_by_draft_tokens"] = {str(k): n for k, n in sorted(totals["passes_by_draft_tokens"].items())}
+        if cfg.kv_cache == "auto":
+            draft["kv_cache_runs"] = dict(totals["kv_cache_runs"])
         return write_stats(out, cfg.mode, prompts=len(prompts), skipped=skipped, sequences=totals["sequences"],
                            tokens=totals["tokens"], seconds=seconds, log=log, extra=extra, draft=draft)
     finally:
@@ -345,7 +357,8 @@ class _Driver:
         self.queue, self.futures, self.idle = deque(shards), {}, []
         self.infos: dict[int, dict] = {}
         self.totals = {"sequences": 0, "tokens": 0, "deaths": 0, "setup_deaths": 0, "worker_seconds": 0.0,
-                       "teacher_passes": 0, "tokens_emitted": 0}
+                       "teacher_passes": 0, "tokens_emitted": 0, "passes_by_draft_tokens": Counter(),
+                       "kv_cache_runs": Counter()}
         self.skipped: list[str] = []
         self.context = None
         self.next_index = 0
@@ -410,6 +423,8 @@ class _Driver:
         self.totals["worker_seconds"] += result["seconds"]
         self.totals["teacher_passes"] += result["teacher_passes"]
         self.totals["tokens_emitted"] += result["tokens_emitted"]
+        for key in ("passes_by_draft_tokens", "kv_cache_runs"):
+            self.totals[key].update(result.get(key, {}))
         self.skipped += [p for p in result["skipped"] if p not in self.skipped]
         self.context = result["context"]
         self.bar.update(result["sequences"]

@@ -7,7 +7,9 @@ the funnel, summary.json): a stopped run is refused, as select refuses nothing l
 The rows are written unchanged, one column per field (a field whose values mix types, which
 Parquet cannot hold in one column, is written as JSON text and the card says so), to
 OUT/data/train-00000-of-00001.parquet, the file name the Hub reads as the train split; then
-OUT/README.md, the card (hub.py), then OUT/export.json, which marks a finished export. `--push-to-hub REPO` uploads
+OUT/README.md, the card (hub.py), then OUT/export.json, which marks a finished export. The teacher's top-K
+(generate --save-teacher-topk; select's `<set>.topk.parquet`) goes along, unchanged (its schema metadata too), to
+OUT/teacher_topk/*.parquet, the card's second config (`teacher_topk`). `--push-to-hub REPO` uploads
 OUT as a dataset repository. Nothing here loads a model.
 """
 
@@ -25,6 +27,7 @@ from .errors import UserError
 from .hub import front_matter, hub_id_or_none, json_block, push_folder, require_token, settings_table
 
 PARQUET_NAME = "train-00000-of-00001.parquet"
+TOPK_DIR = "teacher_topk"  # the sidecar's folder in OUT: the card's config "teacher_topk"
 KINDS = {"traces": "reasoning traces from `tracetailor generate`", "sft": "an SFT set from `tracetailor select`",
          "eval": "graded samples from `tracetailor eval`"}
 
@@ -144,6 +147,36 @@ def write_parquet(rows: list[dict], data_dir: Path) -> tuple[Path, list[str], An
     return path, as_json, table.schema
 
 
+def sidecar_files(src: Path, kind: str) -> list[Path]:
+    """The teacher top-K files that belong to SRC: a trace dir's parts, an SFT set's `<set>.topk.parquet`."""
+    from .data.topk import part_files, sft_sidecar_path
+
+    if kind == "traces":
+        return part_files(src)
+    if kind == "sft" and sft_sidecar_path(src).is_file():
+        return [sft_sidecar_path(src)]
+    return []
+
+
+def copy_sidecar(files: list[Path], out_dir: Path) -> list[Path]:
+    """`files` into OUT/teacher_topk/ byte for byte (temporary name, then renamed); what was written."""
+    import shutil
+
+    if out_dir.exists():
+        shutil.rmtree(out_dir)  # an earlier export's (--overwrite): ours, under the lock
+    if not files:
+        return []
+    out_dir.mkdir(parents=True)
+    written = []
+    for i, path in enumerate(files):
+        name = path.name if len(files) > 1 else "topk-00000-of-00001.parquet"
+        tmp = out_dir / f".{name}.{os.getpid()}.tmp"
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, out_dir / name)
+        written.append(out_dir / name)
+    return written
+
+
 # ---------------------------------------------------------------- the card
 
 
@@ -189,7 +222,7 @@ def _made_sections(kind: str, made: dict[str, Any]) -> list[str]:
 
 
 def dataset_card(kind: str, made: dict[str, Any], rows: int, schema, as_json: list[str], license: str,
-                 repo: str | None) -> str:
+                 repo: str | None, topk: bool = False) -> str:
     """README.md: YAML front matter as the Hub reads it, then models, settings, funnel or scores, versions."""
     from . import __version__
 
@@ -199,7 +232,9 @@ def dataset_card(kind: str, made: dict[str, Any], rows: int, schema, as_json: li
         + ", ".join(f"{r} {hub_id_or_none(m) or Path(m).name}" for r, m in models.items()),
         "tags": ["tracetailor", "synthetic", "reasoning"] + (["rsd"] if _mode(kind, made) == "rsd" else []),
         "task_categories": ["text-generation"], "size_categories": [size_category(rows)],
-        "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*"}]}],
+        "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*"}]}]
+        + ([{"config_name": TOPK_DIR, "data_files": [{"split": "train", "path": f"{TOPK_DIR}/*.parquet"}]}]
+           if topk else []),
     }
     load = repo or "path/to/this/folder"
     lines = [front_matter(meta), f"# {meta['pretty_name']}\n", f"{KINDS[kind][0].upper()}{KINDS[kind][1:]}, "
@@ -209,10 +244,18 @@ def dataset_card(kind: str, made: dict[str, Any], rows: int, schema, as_json: li
              "## Columns\n", *[f"- `{f.name}`: {f.type}" + (" (JSON text: its values mix types)" if f.name in as_json
                                                             else "") for f in schema], "",
              "## Load it\n", f"```python\nfrom datasets import load_dataset\nrows = load_dataset({load!r}, "
-             "split=\"train\")\n```\n", *_made_sections(kind, made),
+             "split=\"train\")\n```\n", *(_topk_section(load) if topk else []), *_made_sections(kind, made),
              f"## License\n\n`{license}` as given to `tracetailor export --license`; the text was written by the "
              "models above from the prompts of the source: their licenses apply too.\n"]
     return "\n".join(lines)
+
+
+def _topk_section(load: str) -> list[str]:
+    return ["## The teacher's top-K\n", f"`{TOPK_DIR}/` holds, per record `id`, the teacher's K likeliest tokens per "
+            "completion position (`topk_ids`, `topk_logprobs`: n_positions x k, row-major) for logit distillation "
+            "(`tracetailor train --loss kd`); K, the temperature and the tokenizer of the ids are in each file's "
+            "Parquet schema metadata (`tracetailor.topk`).\n",
+            f"```python\ntopk = load_dataset({load!r}, {TOPK_DIR!r}, split=\"train\")\n```\n"]
 
 
 def _mode(kind: str, made: dict[str, Any]) -> str | None:
@@ -244,13 +287,15 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = print) -> dict[st
         rundir.started()
         rundir.begin()
         path, as_json, schema = write_parquet(rows, rundir.path("data"))
+        topk = copy_sidecar(sidecar_files(src, kind), rundir.path(TOPK_DIR))
         with AtomicWriter(rundir.path("README.md")) as f:
-            f.write(dataset_card(kind, made, len(rows), schema, as_json, cfg.license, cfg.push_to_hub))
+            f.write(dataset_card(kind, made, len(rows), schema, as_json, cfg.license, cfg.push_to_hub, bool(topk)))
         result = rundir.finish({"src": str(src), "kind": kind, "rows": len(rows), "parquet": str(path),
+                                "teacher_topk": [str(p) for p in topk],
                                 "json_columns": as_json, "settings": asdict(cfg)})  # export.json last: finished
     log(f"exported {len(rows)} rows of {KINDS[kind]} to {path} with its card {rundir.path('README.md')}")
     if cfg.push_to_hub:
         result["pushed"] = push_folder(rundir.root, cfg.push_to_hub, repo_type="dataset", private=cfg.private,
-                                       allow_patterns=["README.md", "data/*.parquet"],
+                                       allow_patterns=["README.md", "data/*.parquet", f"{TOPK_DIR}/*.parquet"],
                                        message=f"tracetailor export of {src.name}", log=log)
     return result

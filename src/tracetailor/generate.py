@@ -44,6 +44,10 @@ from .sampling import (
 def run_generate(cfg: GenerateConfig, log=print) -> dict[str, Any]:
     """Run `generate` end to end (over Ray workers with `cfg.workers`); return the stats in OUT/stats.json."""
     cfg.validate()
+    if cfg.save_teacher_topk:  # before the models load: the sidecar is Parquet
+        from .data.topk import require_pyarrow
+
+        require_pyarrow("generate --save-teacher-topk")
     if cfg.workers:  # the same steps, spread over Ray actors
         from .distributed import run_distributed
 
@@ -83,7 +87,7 @@ def _run_here(cfg: GenerateConfig, rundir: RunDir, log) -> dict[str, Any]:
     started = time.perf_counter()
     new_tokens = 0
     try:
-        with trace_writer(out / "traces.jsonl", cfg) as writer:
+        with trace_writer(out / "traces.jsonl", cfg, student, teacher.name if teacher else None) as writer:
             for fin in sample(engine, requests, log):  # out of memory: half the batch, go on
                 prompt, s = handles[fin.handle]
                 new_tokens += len(fin.token_ids)

@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from .config import GenerateConfig
+from .config import GenerateConfig, parse_draft_tokens
 from .data.rundir import RunDir, tokens_per_second, versions
 from .data.traces import TRACE_GLOBS, TraceRecord, finished_ids, read_records, summarize, trace_files, write_json_atomic
 from .decoding.engine import DecodeSettings, Engine, Finished, Request, run_halving_on_oom
@@ -64,6 +64,8 @@ class Progress:
             if self.engine is not None and self.engine.draft_proposed:
                 post["draft"] = f"{self.engine.draft_accepted / self.engine.draft_proposed:.0%}"
                 post["passes/tok"] = f"{self.engine.teacher_passes / max(self.engine.tokens_emitted, 1):.2f}"
+            if self.engine is not None and "auto" in (self.engine.settings.draft_tokens, self.engine.kv_setting):
+                post["in use"] = self.engine.k_in_use()  # e.g. "K=3 paged"
             self.bar.set_postfix(post, refresh=True)
 
     def close(self):
@@ -177,12 +179,14 @@ def make_engine(cfg: GenerateConfig, student, teacher, bridge, on_step=None) -> 
         mode=cfg.mode,
         rsd=RSDParams(cfg.threshold, cfg.trials, cfg.top_k, cfg.teacher_temperature),
         temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, seed=cfg.seed,
-        draft_tokens=cfg.draft_tokens if cfg.mode != "student" else 0,
+        draft_tokens=parse_draft_tokens("draft_tokens", cfg.draft_tokens) if cfg.mode != "student" else 0,
         teacher_topk=cfg.save_teacher_topk if cfg.mode != "student" else 0,
     )
     if getattr(cfg, "served", False):
         from .serving.engine import ServedEngine
 
+        if settings.draft_tokens == "auto":  # served models: no measured costs to choose from, so lockstep
+            settings.draft_tokens = 0
         return ServedEngine(student.model, teacher.model if teacher else None, bridge, settings,
                             eos_ids=set(student.eos_ids()), stop_fn=stop_checker(student.tokenizer, cfg.stop),
                             on_step=on_step, rows_in_flight=cfg.max_in_flight)
@@ -255,6 +259,9 @@ def write_stats(out: Path, mode: str, *, prompts: int, skipped: list[str], seque
         "draft_tokens": (draft or {}).get("draft_tokens"),
         "kv_cache": (draft or {}).get("kv_cache"),
         "draft_acceptance": (draft or {}).get("draft_acceptance"),
+        # auto: the layout's reason and how often each K and layout was chosen (Engine.counters)
+        **{k: v for k, v in (draft or {}).items() if k.startswith(("kv_cache_", "passes_by_", "mean_draft",
+                                                                     "match_rate"))},
         **({"served": draft["served"]} if (draft or {}).get("served") else {}),  # requests and round trips
         "this_run": {"sequences": sequences, "tokens": tokens, "seconds": round(seconds, 3),
                      "tokens_per_second": tokens_per_second(tokens, seconds), **(extra or {})},
@@ -309,14 +316,18 @@ def sync_sidecar(out: Path, cfg: GenerateConfig) -> None:
             part.unlink()
 
 
-def trace_writer(path: Path, cfg: GenerateConfig):
-    """The writer of one trace file: plain (`TraceWriter`), or with the teacher's top-K sidecar."""
+def trace_writer(path: Path, cfg: GenerateConfig, student=None, teacher_name: str | None = None):
+    """The writer of one trace file: plain (`TraceWriter`), or with the teacher's top-K sidecar, whose schema
+    metadata names K, the temperature (1: the engine keeps the teacher's plain log-probs) and `student`'s
+    tokenizer, whose ids the rows hold."""
     from .data.traces import TraceWriter
 
     if cfg.save_teacher_topk:
-        from .data.topk import TopkTraceWriter
+        from .data.topk import TopkTraceWriter, topk_metadata
 
-        return TopkTraceWriter(path)
+        meta = None if student is None else topk_metadata(cfg.save_teacher_topk, 1.0, student.tokenizer,
+                                                          student.name, teacher_name)
+        return TopkTraceWriter(path, meta)
     return TraceWriter(path)
 
 

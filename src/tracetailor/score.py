@@ -79,6 +79,7 @@ class Example:
     completion_ids: list[int]
     extra: dict = field(default_factory=dict)  # fields carried into tokens_*.jsonl
     truncated: bool = False
+    row: int | None = None  # the row of its dataset (0-based): the top-K file's `row`
 
 
 # ---------------------------------------------------------------------------- figures
@@ -207,7 +208,7 @@ def _trace_example(row: dict, at: str, index: int, i: int, tokenizer) -> Example
     completion = record.completion if record.completion is not None else decode(completion_ids)
     skip = {"id", "prompt", "completion", "prompt_token_ids", "completion_token_ids", "student_logprobs"}
     extra = {k: v for k, v in row.items() if k not in skip}
-    return Example(index, str(row.get("id", i)), at, prompt, completion, prompt_ids, completion_ids, extra)
+    return Example(index, str(row.get("id", i)), at, prompt, completion, prompt_ids, completion_ids, extra, row=i)
 
 
 def _outside_examples(rows, where, fmt: str, index: int, cfg: ScoreConfig, tokenizer) -> list[Example]:
@@ -243,7 +244,7 @@ def _outside_examples(rows, where, fmt: str, index: int, cfg: ScoreConfig, token
     completion_ids = tokenizer(completions, add_special_tokens=False)["input_ids"]
     return [
         Example(index, p.prompt_id, where(i), p.text, completions[i], p.token_ids, list(completion_ids[i]) + eos,
-                {"prompt_id": p.prompt_id, **p.carry})
+                {"prompt_id": p.prompt_id, **p.carry}, row=i)
         for i, p in enumerate(prompts)
     ]
 
@@ -458,7 +459,8 @@ def _write_jsonl(path: Path, rows) -> None:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-SCORE_FILES = ("stats.json", "per_example.jsonl", "tokens_*.jsonl", "logprob_hist.png", "viewer.html")
+SCORE_FILES = ("stats.json", "per_example.jsonl", "tokens_*.jsonl", "logprob_hist.png", "viewer.html",
+               "teacher_topk/*.topk.parquet")
 
 
 def open_run_dir(cfg: ScoreConfig):
@@ -476,6 +478,10 @@ def run_score(cfg: ScoreConfig, log=print) -> dict[str, Any]:
     from .data.rundir import versions
 
     cfg.validate()
+    if cfg.save_teacher_topk:  # before the models load: the rows are Parquet
+        from .data.topk import require_pyarrow
+
+        require_pyarrow("score --save-teacher-topk")
     names = dataset_names(cfg.data, cfg.name)
     with open_run_dir(cfg) as rundir:
         student = _load_student(cfg, log)
@@ -489,6 +495,7 @@ def run_score(cfg: ScoreConfig, log=print) -> dict[str, Any]:
                                  "tokens_per_second": round(n_tokens / seconds, 1) if seconds > 0 else None,
                                  "settings": cfg.run_settings(), "versions": versions()}
         write_outputs(rundir.root, names, cfg, formats, examples, logprobs, student.tokenizer, stats, log)
+        stats["teacher_topk"] = save_teacher_topk(cfg, student, examples, names, rundir.root, log)
         stats["skipped_prompt_too_long"] = dropped
         rundir.finish(stats)
     out = rundir.root
@@ -521,6 +528,43 @@ def read_and_fit(cfg: ScoreConfig, student) -> tuple[list[str], list[Example], i
                       f"dropped from the end)" + (f"; {dropped} whose prompt alone fills it were skipped" if dropped else ""),
                       stacklevel=3)
     return formats, examples, max_length, dropped
+
+
+def save_teacher_topk(cfg: ScoreConfig, student, examples: list[Example], names: list[str], out: Path,
+                      log) -> dict[str, Any] | None:
+    """With --save-teacher-topk: the teacher's top-K of every example (teacher_topk.py), one file per dataset,
+    OUT/teacher_topk/<name>.topk.parquet (the sidecar's columns plus `row`; K, the teacher and the student's
+    tokenizer in its schema metadata); what was written. Without: an earlier run's files go."""
+    import shutil
+
+    side = out / "teacher_topk"
+    if side.exists():
+        shutil.rmtree(side)  # an earlier score's (--overwrite): ours, under the lock
+    if not cfg.save_teacher_topk:
+        return None
+    import pyarrow as pa
+
+    from .data.topk import rows_table, topk_metadata, write_parquet_atomic
+    from .models import load_model
+    from .sampling import make_bridge
+    from .teacher_topk import teacher_topk_rows
+
+    teacher = load_model(cfg.teacher, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
+                         allow_pickle=cfg.allow_pickle, role="teacher")
+    bridge = make_bridge(student, teacher, log)
+    rows = teacher_topk_rows(teacher, bridge, examples, cfg.save_teacher_topk, cfg.max_batch_tokens)
+    meta = topk_metadata(cfg.save_teacher_topk, 1.0, student.tokenizer, student.name, teacher.name)
+    side.mkdir()
+    files = []
+    for d, name in enumerate(names):
+        mine = [(ex, r) for ex, r in zip(examples, rows) if ex.dataset == d]
+        table = rows_table([ex.id for ex, _ in mine], [r for _, r in mine], meta=meta,
+                           extra={"row": pa.array([ex.row for ex, _ in mine], pa.int32())})
+        write_parquet_atomic(side / f"{name}.topk.parquet", table)
+        files.append(str(side / f"{name}.topk.parquet"))
+    log(f"teacher top-K (K={cfg.save_teacher_topk}, {teacher.name}) in {', '.join(files)}: "
+        "train --loss kd --teacher-topk FILE reads it")
+    return {"k": cfg.save_teacher_topk, "teacher": teacher.name, "files": files}
 
 
 def _load_student(cfg: ScoreConfig, log):

@@ -289,7 +289,7 @@ def run_select(cfg: SelectConfig, log: Callable[[str], None] = print) -> dict:
     if out.is_dir() or any(out.resolve() == p.resolve() for p in paths):
         raise SelectError(f"out: {out} is a directory or one of the input trace files; name a new .jsonl file")
     if cfg.correct_only and cfg.answer_mode != "strict-boxed":
-        require_math_verify()
+        require_answer_checking(cfg.answer_mode)
     unfinished = unfinished_runs(paths)
     for folder in unfinished:
         log(f"warning: {folder} holds a generate run that did not finish (run.json but no stats.json): the set "
@@ -319,11 +319,22 @@ def run_select(cfg: SelectConfig, log: Callable[[str], None] = print) -> dict:
     return funnel
 
 
+def require_answer_checking(mode: str) -> None:
+    """The math-verify answer modes need the 'eval' extra; strict-boxed (exact match) runs on the core install.
+    One line saying both, before any work."""
+    from .extras import MissingExtra, missing_modules
+
+    if "math_verify" in missing_modules("eval"):
+        raise MissingExtra(f"select --answer-mode {mode} needs the 'eval' extra (missing: math_verify): pip install "
+                           "'tracetailor[eval]'; or pass --answer-mode strict-boxed (exact match), which needs none")
+    require_math_verify()
+
+
 def copy_teacher_topk(kept: list[tuple[str, str]], out: Path, log) -> str | None:
     """The kept rows' teacher top-K (generate --save-teacher-topk) to `<out>.topk.parquet`, with `row`, the
     row's line in the set (0-based), so that `train --loss kd` finds them; its path, or None when the traces
     have no sidecar (or only some of them do: said in one warning)."""
-    from .data.topk import part_files, read_sidecar, rows_table, write_parquet_atomic
+    from .data.topk import part_files, read_metadata, read_sidecar, rows_table, write_parquet_atomic
 
     folders: dict[Path, set[str]] = {}
     for where, rid in kept:
@@ -341,8 +352,13 @@ def copy_teacher_topk(kept: list[tuple[str, str]], out: Path, log) -> str | None
         return None
     import pyarrow as pa
 
+    metas = {json.dumps(read_metadata(p), sort_keys=True) for f in folders for p in part_files(f)}
+    if len(metas) > 1:
+        log(f"warning: the teacher top-K of the {len(folders)} input run(s) disagree on K, temperature or tokenizer "
+            f"(their schema metadata); {sft_sidecar_path(out).name} is written without it")
     table = rows_table([rid for _, rid in keys], [found[k] for k in keys],
-                       extra={"row": pa.array(range(len(keys)), pa.int32())})
+                       extra={"row": pa.array(range(len(keys)), pa.int32())},
+                       meta=json.loads(metas.pop()) if len(metas) == 1 else None)
     write_parquet_atomic(sft_sidecar_path(out), table)
     return str(sft_sidecar_path(out))
 

@@ -38,9 +38,10 @@ gradient checkpointing. `lora=True` trains a LoRA adapter through PEFT and, with
 `loss="kd"` adds logit distillation from the teacher's top-K that generate stored
 (`--save-teacher-topk`) and select copied beside the SFT set (`<data>.topk.parquet`,
 data/topk.py): loss = kd_weight * KD + (1 - kd_weight) * SFT, where KD is the forward
-KL from the stored top-K, renormalised over its K ids, to the student's softmax at
+KL from the stored top-K, renormalised over its K ids (`kd_tail` renormalize) or with the
+mass outside the top-K as one more bucket (bucket), to the student's softmax at
 temperature 1, and both terms are means over the micro-batch's completion tokens
-(`kd_losses`). `save_steps` keeps `OUT/checkpoint-N` (weights, optimizer, scheduler, RNG
+(`kd_position_terms`), computed `kd_chunk` completion positions at a time (`kd_loss_chunked`). `save_steps` keeps `OUT/checkpoint-N` (weights, optimizer, scheduler, RNG
 and data position: the Trainer's own), and `resume_from_checkpoint` (a path, or auto for
 the newest complete one) goes on from one: a killed run resumed so ends with the uninterrupted run's
 weights (tests/test_kd.py checks them bit for bit on CPU). checkpoints.py writes each checkpoint aside
@@ -109,7 +110,7 @@ def read_examples(cfg: TrainConfig, tokenizer) -> list[Example]:
         examples = [retokenized(ex, tokenizer) for ex in examples]
     if cfg.loss == "kd":
         try:
-            attach_teacher_topk(examples, rows, path)
+            attach_teacher_topk(examples, rows, path, cfg.teacher_topk)
         except UserError:
             raise
         except Exception as e:  # whatever the sidecar reader raises on a damaged or foreign file: one line
@@ -163,12 +164,13 @@ def prefill_into_completion(ex: Example, tokenizer) -> Example:
     return ex
 
 
-def attach_teacher_topk(examples: list[Example], rows: list[dict], data: Path) -> None:
-    """Give each example its teacher top-K rows from `<data>.topk.parquet` (select writes it from generate's
-    --save-teacher-topk sidecar), matched by row number and checked by record id and length."""
+def attach_teacher_topk(examples: list[Example], rows: list[dict], data: Path, side: str | None = None) -> None:
+    """Give each example its teacher top-K rows from `side`, by default `<data>.topk.parquet` (select writes it
+    from generate's --save-teacher-topk sidecar; score --save-teacher-topk writes one for any dataset), matched
+    by row number and checked by record id and length."""
     from .data.topk import read_sidecar, sft_sidecar_path
 
-    side = sft_sidecar_path(data)
+    side = Path(side).expanduser() if side else sft_sidecar_path(data)
     if not side.is_file():
         raise TrainError(f"--loss kd: no teacher top-K beside {data} (expected {side}); generate with "
                          "--save-teacher-topk K, then run select on those traces again")
@@ -325,26 +327,86 @@ def _topk_batch(rows: Sequence[dict], width: int) -> dict:
     return {"teacher_topk_ids": ids, "teacher_topk_logprobs": lps}
 
 
-def kd_losses(logits, labels, topk_ids, topk_logprobs):
-    """(SFT loss, KD loss), each a mean over the completion tokens of the batch.
+KD_TAILS = ("renormalize", "bucket")
 
-    SFT: the negative log-likelihood of each completion token. KD: the forward KL from the teacher's stored
-    top-K, renormalised over its K ids (p), to the student's full softmax at temperature 1 (q), at the position
-    that predicts the token: sum_i p_i (log p_i - log q_i). Positions without a top-K row add 0 to the KD sum."""
+
+def kd_position_terms(x, labels, ids, t_lp, tail: str = "renormalize"):
+    """Per position (rows of `x`: float logits [n, V] at the positions that predict `labels` [n]): (NLL, KL).
+
+    KL is the forward KL from the teacher's stored top-K to the student's softmax q at temperature 1. `tail`:
+    renormalize: p is the top-K renormalised over its ids, sum_i p_i (log p_i - log q_i); bucket: p is the
+    stored probabilities as they are plus one more outcome, the teacher's mass outside its top-K
+    (1 - sum_i p_i), matched against the student's mass outside those ids (1 - sum_i q_i), as distillation
+    from a server's top-K does. Ids < 0 (no student counterpart, or no row) take no part."""
     import torch
 
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    lse = torch.logsumexp(x, dim=-1, keepdim=True)
+    nll = (lse - x.gather(-1, labels.clamp(min=0).unsqueeze(-1))).squeeze(-1)
+    valid = ids >= 0
+    q_lp = x.gather(-1, ids.clamp(min=0)) - lse
+    if tail == "bucket":
+        p = t_lp.exp().masked_fill(~valid, 0.0)
+        p_tail = (1.0 - p.sum(-1)).clamp(min=0.0)
+        q_in = torch.logsumexp(q_lp.masked_fill(~valid, float("-inf")), dim=-1)
+        q_tail_lp = torch.log1p(-q_in.exp().clamp(max=1.0 - 1e-6))
+        tail_kl = torch.xlogy(p_tail, p_tail) - p_tail * q_tail_lp
+    else:
+        p = torch.softmax(t_lp.masked_fill(~valid, float("-inf")), dim=-1).nan_to_num(0.0)  # rows with no id: 0
+        tail_kl = 0.0
+    kl = (torch.xlogy(p, p) - p * q_lp).masked_fill(~valid, 0.0).sum(-1) + tail_kl
+    return nll, kl * valid.any(-1)
+
+
+def kd_losses(logits, labels, topk_ids, topk_logprobs, tail: str = "renormalize"):
+    """(SFT loss, KD loss), each a mean over the completion tokens of the batch, computed over the whole
+    batch at once (the reference `KDLoss` is checked against; it holds full-vocabulary fp32 tensors).
+
+    SFT: the negative log-likelihood of each completion token. KD: `kd_position_terms`' KL at the position
+    that predicts the token. Positions without a top-K row add 0 to the KD sum."""
     labels, ids, t_lp = labels[:, 1:], topk_ids[:, 1:], topk_logprobs[:, 1:].float()
     mask = labels != IGNORE
     tokens = mask.sum().clamp(min=1)
-    nll = -logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    sft = (nll * mask).sum() / tokens
-    valid = ids >= 0
-    p = torch.softmax(t_lp.masked_fill(~valid, float("-inf")), dim=-1).nan_to_num(0.0)  # rows with no id: 0
-    q_lp = logp.gather(-1, ids.clamp(min=0))
-    kl = (torch.xlogy(p, p) - p * q_lp).masked_fill(~valid, 0.0).sum(-1)
-    kd = (kl * (mask & valid.any(-1))).sum() / tokens
-    return sft, kd
+    nll, kl = kd_position_terms(logits[:, :-1].float(), labels, ids, t_lp, tail)
+    return (nll * mask).sum() / tokens, (kl * mask).sum() / tokens
+
+
+def kd_loss_chunked(logits, labels, topk_ids, topk_logprobs, kd_weight: float, tail: str = "renormalize",
+                    chunk: int = 256):
+    """(loss, SFT, KD): loss = kd_weight * KD + (1 - kd_weight) * SFT as `kd_losses` gives it, computed over
+    `chunk` completion positions at a time: the forward pass works out each chunk's loss and its gradient
+    (float32, [chunk, V]) and keeps only the gradient, in the logits' dtype; no full-vocabulary float32
+    tensor of the whole batch exists. SFT and KD come back detached, for the logs."""
+    import torch
+
+    class _Chunked(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):  # x: all positions; position t predicts token t + 1
+            lab, ids, t_lp = labels[:, 1:], topk_ids[:, 1:], topk_logprobs[:, 1:].float()
+            where = (lab != IGNORE).nonzero(as_tuple=True)
+            tokens = max(int(where[0].numel()), 1)
+            grad = torch.zeros_like(x)  # the only full-size tensor: x's gradient, in x's dtype
+            sums = torch.zeros(2, dtype=torch.float32, device=x.device)
+            for start in range(0, where[0].numel(), chunk):
+                b, t = where[0][start:start + chunk], where[1][start:start + chunk]
+                with torch.enable_grad():
+                    xc = x[b, t].detach().float().requires_grad_()
+                    nll, kl = kd_position_terms(xc, lab[b, t], ids[b, t], t_lp[b, t], tail)
+                    part = torch.stack([nll.sum(), kl.sum()]) / tokens
+                    (g,) = torch.autograd.grad((1.0 - kd_weight) * part[0] + kd_weight * part[1], xc)
+                grad[b, t] = g.to(grad.dtype)
+                sums += part.detach()
+            ctx.save_for_backward(grad)
+            sft, kd = sums[0].clone(), sums[1].clone()
+            ctx.mark_non_differentiable(sft, kd)
+            return (1.0 - kd_weight) * sums[0] + kd_weight * sums[1], sft, kd
+
+        @staticmethod
+        def backward(ctx, grad_loss, _sft, _kd):
+            (grad,) = ctx.saved_tensors
+            return grad.mul_(grad_loss.to(grad.dtype))  # in place: the forward's buffer is used once
+
+    loss, sft, kd = _Chunked.apply(logits)
+    return loss, sft.detach(), kd.detach()
 
 
 # ---------------------------------------------------------------- model
@@ -587,8 +649,9 @@ def _run_identity(cfg: TrainConfig, examples: list[Example]) -> dict[str, Any]:
     return run_identity(cfg.run_settings(), examples, input_identity(cfg.model, model=True))
 
 
-def _kd_trainer_class(kd_weight: float):
-    """TRL's SFTTrainer whose loss is `kd_weight` * KD + (1 - kd_weight) * SFT (`kd_losses`)."""
+def _kd_trainer_class(kd_weight: float, tail: str = "renormalize", chunk: int = 256):
+    """TRL's SFTTrainer whose loss is `kd_weight` * KD + (1 - kd_weight) * SFT (`kd_loss_chunked`, or with
+    chunk 0 `kd_losses` over the whole batch at once)."""
     from trl import SFTTrainer
 
     class KDTrainer(SFTTrainer):
@@ -602,8 +665,11 @@ def _kd_trainer_class(kd_weight: float):
             ids, lps = inputs.pop("teacher_topk_ids"), inputs.pop("teacher_topk_logprobs")
             labels = inputs.pop("labels")
             outputs = model(**inputs, use_cache=False)
-            sft, kd = kd_losses(outputs.logits, labels, ids, lps)
-            loss = kd_weight * kd + (1.0 - kd_weight) * sft
+            if chunk:
+                loss, _, _ = kd_loss_chunked(outputs.logits, labels, ids, lps, kd_weight, tail, chunk)
+            else:
+                sft, kd = kd_losses(outputs.logits, labels, ids, lps, tail)
+                loss = kd_weight * kd + (1.0 - kd_weight) * sft
             return (loss, outputs) if return_outputs else loss
 
     return KDTrainer
@@ -622,8 +688,8 @@ def _fit(cfg: TrainConfig, out: Path, tokenizer, examples: list[Example], cut: i
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     from .checkpoints import atomic_checkpoints
 
-    trainer_class = atomic_checkpoints(_kd_trainer_class(cfg.kd_weight) if cfg.loss == "kd" else SFTTrainer,
-                                       identity or _run_identity(cfg, examples))
+    trainer_class = atomic_checkpoints(_kd_trainer_class(cfg.kd_weight, cfg.kd_tail, cfg.kd_chunk)
+                                       if cfg.loss == "kd" else SFTTrainer, identity or _run_identity(cfg, examples))
     trainer = trainer_class(
         model=model,
         args=sft_config(cfg, bf16, checkpointing),

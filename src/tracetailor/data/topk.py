@@ -12,10 +12,18 @@ sidecar holds exactly the finished records.
 
 `select` copies the kept records' rows to `<sft.jsonl>.topk.parquet` (the same columns plus `row`, the line of
 the SFT set, 0-based); `train --loss kd` reads that file. It knows nothing of models or decoding.
+
+Every file's Parquet schema metadata holds, under `tracetailor.topk`, a JSON object saying how to read the
+rows (`topk_metadata`): `k`, `temperature` (of the teacher's distribution), `teacher`, `tokenizer` (the
+name or path of the tokenizer whose ids the rows hold: the student's), `tokenizer_vocab_sha256` (of its
+sorted token -> id map) and `vocab_size`. pyarrow is imported only where a sidecar is written or read: with
+none present nothing here needs it, and where one is needed without it the error names the 'data' extra.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import time
@@ -28,6 +36,7 @@ from ..errors import UserError
 from .traces import TraceWriter, _write_failed, read_records, trace_files
 
 SIDECAR_DIR = "teacher_topk"
+META_KEY = b"tracetailor.topk"
 _PART = re.compile(r"(?P<stem>.+)-(?P<n>[0-9]{6})\.parquet")
 
 
@@ -35,11 +44,31 @@ class TopkError(UserError, ValueError):
     """A teacher top-K sidecar is missing, unreadable or does not match its traces; the message says what to do."""
 
 
-def _schema():
-    import pyarrow as pa
+def require_pyarrow(what: str) -> None:
+    """One line naming the extra when pyarrow, which every sidecar file needs, is not installed."""
+    from ..extras import require_module
 
-    return pa.schema([("id", pa.string()), ("k", pa.int16()), ("topk_ids", pa.list_(pa.int32())),
-                      ("topk_logprobs", pa.list_(pa.float16()))])
+    require_module(what, "pyarrow", "data")
+
+
+def vocab_sha256(tokenizer) -> str:
+    """A hash of the tokenizer's token -> id map: two tokenizers with the same ids hash alike."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: (kv[1], kv[0]))
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
+
+
+def topk_metadata(k: int, temperature: float, tokenizer, tokenizer_name: str, teacher: str | None) -> dict:
+    """What a reader needs to use the rows: K, the teacher's temperature, and the vocabulary of the ids."""
+    return {"k": int(k), "temperature": float(temperature), "teacher": teacher, "tokenizer": tokenizer_name,
+            "tokenizer_vocab_sha256": vocab_sha256(tokenizer), "vocab_size": len(tokenizer)}
+
+
+def read_metadata(path: Path) -> dict | None:
+    """The `tracetailor.topk` schema metadata of a sidecar file (None in files written before it existed)."""
+    import pyarrow.parquet as pq
+
+    raw = (pq.read_schema(path).metadata or {}).get(META_KEY)
+    return json.loads(raw) if raw else None
 
 
 def write_parquet_atomic(path: Path, table) -> None:
@@ -55,8 +84,10 @@ def write_parquet_atomic(path: Path, table) -> None:
         raise _write_failed(path, e, "the trace lines of its records were not written; a rerun makes them again") from e
 
 
-def rows_table(ids: list[str], topks: list[tuple[np.ndarray, np.ndarray]], extra: dict | None = None):
-    """A sidecar table: one row per record id; `topks` holds ([n, k] int ids, [n, k] log-probs) per record."""
+def rows_table(ids: list[str], topks: list[tuple[np.ndarray, np.ndarray]], extra: dict | None = None,
+               meta: dict | None = None):
+    """A sidecar table: one row per record id; `topks` holds ([n, k] int ids, [n, k] log-probs) per record;
+    `meta` (`topk_metadata`) goes into the schema metadata."""
     import pyarrow as pa
 
     k = [int(t[0].shape[1]) if t[0].ndim == 2 else 0 for t in topks]
@@ -64,7 +95,8 @@ def rows_table(ids: list[str], topks: list[tuple[np.ndarray, np.ndarray]], extra
     flat_lp = [np.ascontiguousarray(t[1], dtype=np.float16).ravel() for t in topks]
     columns = {"id": pa.array(ids, pa.string()), "k": pa.array(k, pa.int16()),
                "topk_ids": _list_array(flat_ids, pa.int32()), "topk_logprobs": _list_array(flat_lp, pa.float16())}
-    return pa.table({**columns, **(extra or {})})
+    table = pa.table({**columns, **(extra or {})})
+    return table.replace_schema_metadata({META_KEY: json.dumps(meta)}) if meta else table
 
 
 def _list_array(parts: list[np.ndarray], kind):
@@ -84,7 +116,8 @@ class TopkTraceWriter:
     FLUSH_S = 30.0
     FLUSH_POSITIONS = 1 << 18
 
-    def __init__(self, trace_path: Path):
+    def __init__(self, trace_path: Path, meta: dict | None = None):
+        self.meta = meta
         self.traces = TraceWriter(trace_path)
         self.dir = trace_path.parent / SIDECAR_DIR
         self.dir.mkdir(exist_ok=True)
@@ -112,7 +145,7 @@ class TopkTraceWriter:
     def flush(self) -> None:
         if not self._records:
             return
-        table = rows_table([r["id"] for r in self._records], self._topks)
+        table = rows_table([r["id"] for r in self._records], self._topks, meta=self.meta)
         write_parquet_atomic(self.dir / f"{self.stem}-{self.next_part:06d}.parquet", table)
         self.next_part += 1
         for record in self._records:
@@ -140,6 +173,7 @@ def prune_sidecar(out: Path) -> int:
     """Make OUT's sidecar hold exactly the records of its trace files: drop rows whose trace line was never
     written (a kill between a part and its lines) and dead temporaries; refuse traces that have no row.
     Returns the rows dropped."""
+    require_pyarrow("the teacher top-K sidecar (--save-teacher-topk)")
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -170,10 +204,11 @@ def prune_sidecar(out: Path) -> int:
 
 def read_sidecar(paths: Iterable[Path], wanted: set[str] | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """{record id: ([n, k] int32 ids, [n, k] float32 log-probs)} from part files (only `wanted` ids if given)."""
-    import pyarrow.parquet as pq
-
     found: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for path in paths:
+        require_pyarrow(f"reading the teacher top-K {path}")
+        import pyarrow.parquet as pq
+
         table = pq.read_table(path, columns=["id", "k", "topk_ids", "topk_logprobs"])
         for rid, k, ids, lps in zip(*(table.column(c).to_pylist() if c in ("id", "k") else table.column(c)
                                       for c in ("id", "k", "topk_ids", "topk_logprobs"))):

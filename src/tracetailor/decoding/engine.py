@@ -15,6 +15,11 @@ caches, row by row. The tokens are therefore lockstep's tokens; only the number
 of teacher passes changes. Each row keeps one "pending" token: emitted (or the
 prompt's last) but not yet read by the models, fed at the head of the next pass.
 
+`draft_tokens="auto"` runs the drafted loop with K chosen per pass (decoding/auto.py: measured step
+costs and match rates); a pass with K = 0 is lockstep's work (one student and one teacher step per
+token), so the engine falls back to it where drafts do not pay, with the same records whatever the
+schedule. `kv_cache="auto"` picks the layout at each `run()` from the device, batch, pair and requests.
+
 The engine knows nothing of files or text: token ids in, token ids and per-token
 facts (origin, student and teacher log-probs) out. Stop strings reach it as a
 callable over token ids. It needs only torch and transformers.
@@ -30,6 +35,8 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
+from .auto import (KMAX, PRIOR_SLOPE, PRIOR_SLOPE_OVERHEAD, DraftChooser, PassClock, _full_attention,
+                   choose_layout)
 from .kv import KVBatch
 from .paged import LAYOUTS, PagedKVBatch
 from .static import StaticLayout
@@ -76,7 +83,8 @@ class DecodeSettings:
     top_p: float = 1.0  # plain modes
     top_k: int = 20  # plain modes
     seed: int = 0
-    draft_tokens: int = 0  # K > 0: exact speculative decoding with K student guesses per teacher pass (rsd, teacher)
+    draft_tokens: int | str = 0  # K > 0: exact speculative decoding with K student guesses per teacher pass (rsd,
+    # teacher); "auto": K chosen per pass from measured costs and match rates (decoding/auto.py)
     teacher_topk: int = 0  # K > 0: keep, per token, the teacher's K likeliest student-mappable tokens (T = 1)
 
 
@@ -91,6 +99,8 @@ class _Row:
     pending_teacher: list[int] = field(default_factory=list)  # ... and the teacher ids that spell it
     topk_ids: list[np.ndarray] = field(default_factory=list)  # per token, the teacher's top-K (teacher_topk > 0)
     topk_lp: list[np.ndarray] = field(default_factory=list)
+    match_hits: float = 0.0  # draft_tokens "auto": the student's guesses that matched, and the matches expected
+    match_expected: float = 0.0  # of it at the depths it reached (its own match rate against the batch's)
 
     def finish(self, reason: str) -> Finished:
         topk = (np.stack(self.topk_ids), np.stack(self.topk_lp)) if self.topk_ids else None
@@ -162,13 +172,18 @@ class Engine:
             raise ValueError(f"unknown mode {self.settings.mode!r}; choose one of {', '.join(MODES)}")
         if self.settings.mode != "student" and teacher is None:
             raise ValueError(f"mode {self.settings.mode!r} needs a teacher model")
-        if self.settings.draft_tokens < 0:
-            raise ValueError(f"draft_tokens must be 0 (lockstep) or more, not {self.settings.draft_tokens}")
-        if kv_cache not in LAYOUTS:
-            raise ValueError(f"unknown kv_cache {kv_cache!r}; choose one of {', '.join(LAYOUTS)}")
+        k = self.settings.draft_tokens
+        if k != "auto" and (not isinstance(k, int) or k < 0):
+            raise ValueError(f"draft_tokens must be 0 (lockstep), more, or 'auto', not {k!r}")
+        if kv_cache not in LAYOUTS + ("auto",):
+            raise ValueError(f"unknown kv_cache {kv_cache!r}; choose one of {', '.join(LAYOUTS)} or auto")
         # rectangle: each layer's cache one left-padded tensor (kv.py); paged: a pool of token slots (paged.py);
-        # static: fixed slots and capacity, the decode step compiled (static.py; `captured=False` runs it eager)
+        # static: fixed slots and capacity, the decode step compiled (static.py; `captured=False` runs it eager).
+        # "auto": `run()` picks one (auto.py `choose_layout`); kv_cache is then the layout in use
+        self.kv_setting = kv_cache
         self.kv_cache = kv_cache
+        self.kv_reason = None if kv_cache == "auto" else "as set"
+        self.layouts_chosen: Counter[str] = Counter()  # runs per layout
         self.captured = captured
         self.student = student
         self.teacher = teacher if self.settings.mode != "student" else None
@@ -197,6 +212,8 @@ class Engine:
         # paged the slots rows refer to), then the most held, the most reserved (paged: the pools' slots, free or
         # not; rectangle: as held) and the most real tokens at once (a device sync per step: for benchmarks)
         self.kv_use: dict[str, list[int]] | None = {} if measure_kv else None
+        self.chooser: DraftChooser | None = None  # draft_tokens "auto": K per pass (made at the first run)
+        self._clock = PassClock(self.device)
 
     def _measure_kv(self, live: "_Live") -> None:
         for name, batch in (("student", live.student), ("teacher", live.teacher)):
@@ -210,13 +227,19 @@ class Engine:
                 use[4] = max(use[4], real)
 
     @property
-    def draft_tokens(self) -> int:
-        """Guesses per teacher pass in effect: 0 in lockstep (also in mode student, which has no teacher)."""
+    def draft_tokens(self) -> int | str:
+        """Guesses per teacher pass in effect: 0 in lockstep (also in mode student, which has no teacher), or
+        "auto" (chosen per pass)."""
         return self.settings.draft_tokens if self.teacher is not None else 0
 
+    @property
+    def auto_draft(self) -> bool:
+        return self.draft_tokens == "auto"
+
     def counters(self) -> dict:
-        """`teacher_passes_per_token` (None before any token), `draft_tokens` and the draft acceptance."""
-        return {
+        """`teacher_passes_per_token` (None before any token), `draft_tokens` and the draft acceptance; the KV
+        layout in use and why; with "auto", how often each K and each layout was chosen."""
+        out = {
             "teacher_passes_per_token": (round(self.teacher_passes / self.tokens_emitted, 4)
                                          if self.tokens_emitted else None),
             "draft_tokens": self.draft_tokens,
@@ -224,6 +247,20 @@ class Engine:
             "draft_acceptance": (round(self.draft_accepted / self.draft_proposed, 4)
                                  if self.draft_proposed else None),
         }
+        if self.kv_setting == "auto":
+            out.update(kv_cache_setting="auto", kv_cache_reason=self.kv_reason,
+                       kv_cache_runs=dict(self.layouts_chosen))
+        if self.auto_draft and self.chooser is not None:
+            out.update(self.chooser.summary())
+        return out
+
+    def k_in_use(self) -> str:
+        """The K of the last pass and the layout, for a progress bar: e.g. "K=3 paged"."""
+        if self.chooser is None:
+            return f"K={self.draft_tokens} {self.kv_cache}"
+        chosen, total = self.chooser.chosen, max(1, sum(self.chooser.chosen.values()))
+        shares = ", ".join(f"{k}: {n / total:.0%}" for k, n in chosen.most_common(3))
+        return f"K={self.chooser.last} ({shares}) {self.kv_cache}"
 
     @property
     def batch_size(self) -> int:
@@ -233,8 +270,18 @@ class Engine:
     def batch_size(self, value: int) -> None:
         """A new size (out of memory: halved) gets a fresh layout; the static one's stores have that many slots."""
         self._batch_size = value
-        self._kv = {"paged": PagedKVBatch, "rectangle": KVBatch}.get(self.kv_cache) or StaticLayout(
-            value, compiled=self.captured)
+        self._kv = None if self.kv_cache == "auto" else {"paged": PagedKVBatch, "rectangle": KVBatch}.get(
+            self.kv_cache) or StaticLayout(value, compiled=self.captured)
+
+    def _pick_layout(self, requests: list[Request]) -> None:
+        """--kv-cache auto: the layout for this run (a layout object is kept while the choice stays)."""
+        if self.kv_setting == "auto":
+            layout, self.kv_reason = choose_layout(self.device, self.batch_size, self.student, self.teacher,
+                                                   requests)
+            if layout != self.kv_cache or self._kv is None:
+                self.kv_cache = layout
+                self.batch_size = self.batch_size  # a fresh layout object
+        self.layouts_chosen[self.kv_cache] += 1
 
     @property
     def admit_at(self) -> int:
@@ -317,13 +364,26 @@ class Engine:
 
     def run(self, requests: Iterable[Request]) -> Iterator[Finished]:
         """Yield each request's result as soon as it finishes (not in input order)."""
-        drafted = self.draft_tokens > 0
-        admit, step = (self._admit_drafted, self._draft_step) if drafted else (self._admit, self._lockstep_step)
         # longest prompts first: similar lengths share a batch, and the long tail starts early
         queue = deque(sorted(requests, key=lambda r: -len(r.student_ids)))
+        self._pick_layout(list(queue))
+        auto = self.auto_draft and all(r.student_ids and r.teacher_ids for r in queue)  # empty prompts: lockstep
+        static = isinstance(self._kv, StaticLayout)
+        if auto and (self.chooser is None or self.chooser.layout is not self._kv):
+            # a new layout object (auto's choice changed, or out of memory halved the batch): costs start over,
+            # the counts carry on. Rollback needs full attention: a model with other layers stays at K = 0
+            full = all(_full_attention(m) for m in (self.student, self.teacher))
+            chosen = self.chooser.chosen if self.chooser is not None else None
+            self.chooser = DraftChooser(static_width=static, kmax=KMAX if full else 0, prior_slope=(
+                PRIOR_SLOPE_OVERHEAD if static or self.device.type == "cuda" else PRIOR_SLOPE))
+            self.chooser.layout = self._kv
+            self.chooser.chosen.update(chosen or {})
+        drafted = auto or (self.draft_tokens != "auto" and self.draft_tokens > 0)
+        admit, step = (self._admit_drafted, self._draft_step) if drafted else (self._admit, self._lockstep_step)
+        most = KMAX if auto else self.draft_tokens if drafted else 0
         if isinstance(self._kv, StaticLayout) and queue:  # the run's longest row, read ahead, and a draft's width
             self._kv.reserve(max(max(len(r.student_ids), len(r.teacher_ids or ())) + r.max_new_tokens
-                                 for r in queue) + self.draft_tokens + 1, width=self.draft_tokens + 1 if drafted else 0)
+                                 for r in queue) + most + 1, width=most + 1 if drafted and not auto else 0)
         live: _Live | None = None
         while queue or live is not None:
             live = self._refill(queue, live, admit)
@@ -412,13 +472,21 @@ class Engine:
     def _draft_step(self, live: "_Live"):
         """One teacher pass: draft, verify, record, roll back. Returns (rows that go on, Finished rows, None:
         nothing to feed, the next pass starts from each row's pending token)."""
-        rows, K = live.rows, self.settings.draft_tokens
+        rows, auto = live.rows, self.auto_draft
         # a row with n tokens of budget left can use at most n - 1 guesses (its last token is the rule's own)
-        budgets = [min(K, r.request.max_new_tokens - len(r.tokens) - 1) for r in rows]
+        left = [r.request.max_new_tokens - len(r.tokens) - 1 for r in rows]
+        K = self._choose_k(rows, left) if auto else self.settings.draft_tokens
+        budgets = [min(K, n) for n in left]
         k = max(budgets)
+        if auto:
+            self._clock.start()
         s_logits, guesses = self._draft(live.student, [r.pending for r in rows], k)
+        if auto:
+            self._clock.mark()
         guess_list = guesses.tolist()
         usable, t_logits, t_fed, t_ends = self._verify(live.teacher, rows, guess_list, budgets, k)
+        if auto:
+            self._clock.mark()
         self.teacher_passes += len(rows)
 
         # the rule at every drafted position, with that position's keyed draws, in one batched call
@@ -429,7 +497,14 @@ class Engine:
         tokens, from_teacher, s_lp, t_lp, topk = self._choose(s_logits.flatten(0, 1), t_logits.flatten(0, 1), keys)
         tokens = tokens.view(b, width)
         matched = (tokens[:, :k] == guesses).long().cumprod(1).sum(1).tolist() if k else [0] * b
-        tok_list, flags, s_lps = tokens.tolist(), from_teacher.view(b, width).tolist(), s_lp.view(b, width).tolist()
+        last_hit = None
+        if auto:  # the student's argmax after the last guess against the rule's token there, in the same transfer
+            hit = (s_logits[:, k].argmax(-1) == tokens[:, k]).long().unsqueeze(1)
+            packed = torch.cat([tokens, hit], 1).tolist()
+            tok_list, last_hit = [row[:width] for row in packed], [row[width] for row in packed]
+        else:
+            tok_list = tokens.tolist()
+        flags, s_lps = from_teacher.view(b, width).tolist(), s_lp.view(b, width).tolist()
         t_lps = t_lp.view(b, width).tolist()
         if topk is not None:  # [b * width, K] -> [b, width, K]
             topk = tuple(a.reshape(b, width, -1) for a in topk)
@@ -438,7 +513,7 @@ class Engine:
         for i, row in enumerate(rows):
             accepted = min(matched[i], usable[i])
             n = accepted + 1  # tokens this pass gives the row: the accepted guesses, then the rule's own
-            if usable[i] == K:
+            if K and usable[i] == K:  # (auto: a K = 0 pass is no draft)
                 self.accepted_lengths[accepted] += 1
             self.draft_proposed += usable[i]
             reason = None
@@ -462,11 +537,43 @@ class Engine:
             self.on_step(sum(emitted), teacher_tokens)
 
         # both caches forget what was read past each row's last kept guess; the new pending token is unread
+        # (a pass without guesses kept all it read: nothing to roll back)
         n_t = torch.tensor(emitted, device=self.device)
-        live.student.rollback(width - n_t)
-        live.teacher.rollback(torch.tensor([fed - ends[m - 1] for fed, ends, m in zip(t_fed, t_ends, emitted)]))
+        if k:
+            live.student.rollback(width - n_t)
+            live.teacher.rollback(torch.tensor([fed - ends[m - 1] for fed, ends, m in zip(t_fed, t_ends, emitted)]))
         live.keys.positions = live.keys.positions + n_t
+        if auto:
+            self._observe(rows, k, matched, usable, last_hit)
         return keep, done, None
+
+    def _choose_k(self, rows: list[_Row], left: list[int]) -> int:
+        """draft_tokens "auto": this pass's K (the static layout: its one verify width reserved)."""
+        K = self.chooser.choose(rows, left)
+        if K and self.chooser.width and isinstance(self._kv, StaticLayout):
+            self._kv.reserve(0, width=self.chooser.width)
+        return K
+
+    def _observe(self, rows, k: int, matched: list[int], usable: list[int], last_hit: list[bool]) -> None:
+        """Hand the pass's phase times and each row's matches to the chooser (after the pass's own sync)."""
+        self._clock.mark()
+        self.chooser.observe_time(len(rows), k, *self._clock.phases())
+        # a row's guesses matched up to `matched`; past its usable ones, the next position is observed when all
+        # usable ones matched (at the bonus position k, from the argmax; before k, from the guess itself)
+        chains = []
+        for m, u, hit in zip(matched, usable, last_hit):
+            accepted = min(m, u)
+            nxt = None
+            if accepted < u:
+                nxt = False
+            elif u == k:
+                nxt = bool(hit)
+            elif m > u:
+                nxt = True
+            else:
+                nxt = False
+            chains.append((accepted, nxt))
+        self.chooser.observe_matches(rows, chains)
 
     def _draft(self, student: KVBatch, pending: list[int], k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The student reads each row's pending token and then guesses `k` tokens greedily, reading each.
@@ -494,7 +601,8 @@ class Engine:
             # one teacher id per student token: every row reads all k guesses, no padding (a row's guesses
             # past its budget are read and rolled back, never used)
             ids = torch.tensor([[sp[0] for sp in sp_row] for sp_row in spells], dtype=torch.long, device=self.device)
-            logits = teacher.feed_many(ids).to(self.device)
+            # k = 0 (auto's lockstep pass): a one-token step (the static layout's, not its padded verify pass)
+            logits = (teacher.feed_many(ids) if k else teacher.feed(ids[:, 0]).unsqueeze(1)).to(self.device)
             return usable, logits, [k + 1] * len(rows), [list(range(1, k + 2))] * len(rows)
         chunks, ends = [], []
         for sp_row, n in zip(spells, usable):

@@ -2,16 +2,20 @@
 
 Beside our per-sample JSONL and summary.json, `write_lighteval_files` puts under OUT:
 
-- results/<model>/results_<date>.json with lighteval's top-level keys: "config_general" (model,
-  times, generation settings), "results" ({task: {metric: value, metric_stderr: ...}} and "all",
-  the mean over tasks), "versions", "config_tasks", "summary_tasks", "summary_general";
+- results/<model>/results_<date>.json with lighteval's top-level keys: "config_general" (times,
+  "model_name" and "model_config": the model's name, dtype, generation_parameters and system prompt,
+  as lighteval dumps its ModelConfig), "results" ({task: {metric: value, metric_stderr: ...}} and
+  "all", the mean over tasks), "versions", "config_tasks", "summary_tasks", "summary_general";
 - details/<model>/<date>/details_<task>_<date>.parquet, one row per question with lighteval's
-  columns: "doc" (query, choices, gold_index, task_name, specific), "model_response" (the text of
-  every sample and the answer extracted from each) and "metric" (the question's scores).
+  columns: "doc" (its Doc's fields: query, choices, gold_index, task_name, specific, ...),
+  "model_response" (its ModelResponse's: the text of every sample, the answer extracted from each
+  as text_post_processed, ...) and "metric" (the question's scores).
 
-<date> is the finish time as lighteval spells it (ISO 8601 with ":" as "-"), a task is named
-"tracetailor|<benchmark>|0" (suite|task|few-shot count), <model> is a hub id as given or a local
-model's directory name. Metrics: "acc" is our accuracy (mean over questions of the per-question
+This is the layout of lighteval's current writer (0.12 and later: EvaluationTracker.save); 0.11
+and before named tasks "suite|task|fewshot" and put model_sha / model_dtype / generation_parameters
+directly in config_general. <date> is the finish time as lighteval spells it (ISO 8601 with ":" as
+"-"), a task is named "<benchmark>|0" (task|few-shot count), <model> is a hub id as given or a
+local model's directory name. Metrics: "acc" is our accuracy (mean over questions of the per-question
 accuracy over the samples, avg@n) with "acc_stderr" across questions; "pass@k" and "maj@k" are
 summary.json's pass_at_k and majority_at_k at k = the samples per question. The files are derived
 from the samples files: each finished run replaces the previous run's. Our own code, after
@@ -32,7 +36,6 @@ from ..data.traces import AtomicWriter, read_records
 from .metrics import majority_at_k, pass_at_k
 from .answers import normalize
 
-SUITE = "tracetailor"
 
 
 def date_id(when: float) -> str:
@@ -41,7 +44,8 @@ def date_id(when: float) -> str:
 
 
 def task_name(benchmark: str) -> str:
-    return f"{SUITE}|{benchmark}|0"
+    """lighteval's task key: name|few-shot count (no suite since lighteval 0.12)."""
+    return f"{benchmark}|0"
 
 
 def model_dir_name(model: str) -> str:
@@ -77,26 +81,31 @@ def results_json(summary: dict[str, Any], run: dict[str, Any], started: float, e
                              "num_truncated_few_shots": 0} for n, b in benches.items()}
     return {
         "config_general": {
-            "lighteval_sha": None, "tracetailor_version": run["versions"].get("tracetailor"), "num_fewshot_seeds": 1,
-            "max_samples": cfg.get("limit"), "job_id": "0", "start_time": started, "end_time": ended,
-            "total_evaluation_time_secondes": str(ended - started), "model_name": summary["model"],
-            "model_sha": "", "model_dtype": cfg.get("dtype"), "model_size": "",
-            "generation_parameters": {k: cfg.get(k) for k in ("temperature", "top_p", "top_k", "max_new_tokens",
-                                                               "seed")},
-            "system_prompt": cfg.get("system_prompt"), "prefill": summary["prefill"], "samples": cfg.get("samples"),
+            "lighteval_sha": None, "num_fewshot_seeds": 1, "max_samples": cfg.get("limit"), "job_id": 0,
+            "start_time": started, "end_time": ended, "total_evaluation_time_secondes": str(ended - started),
+            "model_config": model_config(summary, cfg), "model_name": summary["model"],
         },
         "results": {**results, "all": _mean_of_tasks(results)},
         "versions": {**{t: 0 for t in results}, "all": 0},
-        "config_tasks": {task_name(n): {"name": n, "suite": [SUITE], "hf_repo": b["source"],
+        "config_tasks": {task_name(n): {"name": n, "hf_repo": b["source"], "hf_subset": None,
                                         "evaluation_splits": ["test"], "metrics": list(task_results(b)),
                                         "num_samples": [b["samples_per_question"]],
                                         "original_num_docs": b["questions_asked"], "effective_num_docs": b["questions"],
-                                        "version": 0} for n, b in benches.items()},
+                                        "num_fewshots": 0, "version": 0} for n, b in benches.items()},
         "summary_tasks": counts,
         "summary_general": {key: sum(c[key] for c in counts.values())
                             for key in ("truncated", "non_truncated", "padded", "non_padded", "num_truncated_few_shots")},
         "versions_of_tools": run["versions"],
     }
+
+
+def model_config(summary: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
+    """config_general's "model_config" as lighteval dumps its ModelConfig (model_name, generation_parameters,
+    system_prompt and the transformers backend's dtype), plus what tracetailor adds (prefill, samples)."""
+    gen = {"temperature": cfg.get("temperature"), "top_p": cfg.get("top_p"), "top_k": cfg.get("top_k") or None,
+           "max_new_tokens": cfg.get("max_new_tokens"), "seed": cfg.get("seed")}
+    return {"model_name": summary["model"], "generation_parameters": gen, "system_prompt": cfg.get("system_prompt"),
+            "dtype": cfg.get("dtype"), "prefill": summary["prefill"], "samples": cfg.get("samples")}
 
 
 def detail_rows(records: list[dict], benchmark: str, samples: int, questions: set[str] | None = None
@@ -117,12 +126,14 @@ def detail_rows(records: list[dict], benchmark: str, samples: int, questions: se
         first = recs[0]
         rows.append({
             "doc": {"query": first["question"], "choices": [str(first["gold"])], "gold_index": 0,
-                    "task_name": task_name(benchmark),
-                    "specific": {"question_id": qid, "options": first.get("choices")}},
-            "model_response": {"text": [r["completion"] for r in recs],
+                    "instruction": None, "id": qid, "task_name": task_name(benchmark), "num_samples": samples,
+                    "specific": {"question_id": qid, "options": first.get("choices"),  # ours: not Doc's fields
+                                 "finish_reason": [r["finish_reason"] for r in recs],
+                                 "output_tokens_count": [r["completion_tokens"] for r in recs]}},
+            "model_response": {"input": first.get("prompt"), "text": [r["completion"] for r in recs],
                                "text_post_processed": [r["extracted"] for r in recs],
-                               "finish_reason": [r["finish_reason"] for r in recs],
-                               "output_tokens_count": [r["completion_tokens"] for r in recs]},
+                               "reasonings": [None] * len(recs),
+                               "truncated_tokens_count": 0, "padded_tokens_count": 0},
             "metric": metric,
         })
     return rows

@@ -80,11 +80,15 @@ class ServedEngine:
         self.server_sampling = server_sampling and self.settings.mode == "student"
         self.batch_size = rows_in_flight  # what OOM halving reads (a server never runs out of our memory)
         self.k = self.settings.rsd.top_k if self.settings.mode == "rsd" else self.settings.top_k
+        self.kv_setting = "served"  # what the progress bar reads beside the in-process engine's layout choice
         self.teacher_passes = self.tokens_emitted = self.draft_proposed = self.draft_accepted = 0
 
     @property
     def draft_tokens(self) -> int:
         return self.settings.draft_tokens if self.teacher is not None else 0
+
+    def k_in_use(self) -> str:
+        return f"K={self.draft_tokens} served"
 
     def counters(self) -> dict:
         """As `Engine.counters()`, plus the requests and round trips of each served model."""

@@ -60,7 +60,7 @@ def load_served_pair(cfg, log=print):
     roles = ("student",) if cfg.mode == "student" else ("student", "teacher")
     ends = {role: load_served(role, getattr(cfg, role), getattr(cfg, f"{role}_url"), getattr(cfg, f"{role}_protocol"),
                               getattr(cfg, f"{role}_served_name"), client, k=cfg.top_k,
-                              draft=cfg.draft_tokens > 0 and cfg.mode != "student",
+                              draft=cfg.draft_tokens not in (0, "auto") and cfg.mode != "student",
                               gguf_file=getattr(cfg, f"{role}_gguf_file"), trust_remote_code=cfg.trust_remote_code,
                               prompt_logprobs=cfg.verify_with == "prompt-logprobs", log=log)
             for role in roles}

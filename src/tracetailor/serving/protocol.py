@@ -187,9 +187,12 @@ class LlamaCppProtocol:
         self.served_name = served_name  # one model per llama-server: the name is informative only
 
     def generate(self, ids: list[int], n: int, k: int) -> dict:
-        # temperature 0: greedy; n_probs: the raw softmax at temperature 1, before the sampler chain
+        # temperature 0: greedy; n_probs: the raw softmax at temperature 1, before the sampler chain. ignore_eos:
+        # a token llama-server samples as the end is not returned, nor its position's log-probs, so a position
+        # whose greedy token is the end would come back empty; its bias acts in the sampler chain only, and the
+        # returned log-probs keep the end token's own (checked on llama-server 0.3.36's build)
         return {"prompt": list(ids), "n_predict": n, "n_probs": k, "temperature": 0.0, "cache_prompt": True,
-                "return_tokens": True, "post_sampling_probs": False}
+                "return_tokens": True, "post_sampling_probs": False, "ignore_eos": True}
 
     def sample(self, ids: list[int], n: int, temperature: float, top_p: float, top_k: int, seed: int) -> dict:
         return {"prompt": list(ids), "n_predict": n, "temperature": temperature, "top_p": top_p, "top_k": top_k,
