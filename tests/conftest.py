@@ -52,3 +52,23 @@ def tiny_pair(tmp_path_factory) -> dict:
     prompts = root / "prompts.jsonl"
     prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS), encoding="utf-8")
     return {"student": str(student), "teacher": str(teacher), "prompts": str(prompts), "root": root}
+
+
+@pytest.fixture
+def warned():
+    """The lines said through the `tracetailor` logger at level WARNING or above while the test runs (what
+    `tracetailor.errors.warn` says: `warning: ...`)."""
+    import logging
+
+    lines: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+
+    handler, logger = Keep(logging.WARNING), logging.getLogger("tracetailor")
+    logger.addHandler(handler)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)

@@ -30,8 +30,8 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from .kv import KVBatch
-from .paged import LAYOUTS, PagedKVBatch
+from .kv import KVBatch, RectangleLayout
+from .paged import LAYOUTS, PagedLayout
 from .static import StaticLayout
 from .rules import DrawKeys, RSDParams, propose, rsd_choose, sample_choose
 
@@ -233,8 +233,8 @@ class Engine:
     def batch_size(self, value: int) -> None:
         """A new size (out of memory: halved) gets a fresh layout; the static one's stores have that many slots."""
         self._batch_size = value
-        self._kv = {"paged": PagedKVBatch, "rectangle": KVBatch}.get(self.kv_cache) or StaticLayout(
-            value, compiled=self.captured)
+        self._kv = (RectangleLayout() if self.kv_cache == "rectangle" else PagedLayout(value)
+                    if self.kv_cache == "paged" else StaticLayout(value, compiled=self.captured))
 
     @property
     def admit_at(self) -> int:
@@ -321,9 +321,8 @@ class Engine:
         admit, step = (self._admit_drafted, self._draft_step) if drafted else (self._admit, self._lockstep_step)
         # longest prompts first: similar lengths share a batch, and the long tail starts early
         queue = deque(sorted(requests, key=lambda r: -len(r.student_ids)))
-        if isinstance(self._kv, StaticLayout) and queue:  # the run's longest row, read ahead, and a draft's width
-            self._kv.reserve(max(max(len(r.student_ids), len(r.teacher_ids or ())) + r.max_new_tokens
-                                 for r in queue) + self.draft_tokens + 1, width=self.draft_tokens + 1 if drafted else 0)
+        if queue:  # every layout: no cache allocated past what this run can use
+            self._kv.reserve(*self.run_needs(queue))
         live: _Live | None = None
         while queue or live is not None:
             live = self._refill(queue, live, admit)
@@ -338,6 +337,16 @@ class Engine:
                 live.keep(keep)
             if feed is not None:
                 feed(keep)
+
+    def run_needs(self, requests) -> tuple[int, int]:
+        """(the most cache columns a row of `requests` can hold, the widest verify pass: K + 1 drafted, else 0).
+        A row with n tokens of budget uses at most n - 1 guesses (`_draft_step`), so K counts up to the longest
+        budget less one, whatever --draft-tokens says; a pass may read that many guesses past a row's end."""
+        requests = list(requests)
+        k = min(self.draft_tokens, max(r.max_new_tokens for r in requests) - 1) if self.draft_tokens else 0
+        k = max(k, 0)
+        longest = max(max(len(r.student_ids), len(r.teacher_ids or ())) + r.max_new_tokens for r in requests)
+        return longest + k + 1, (k + 1 if self.draft_tokens else 0)
 
     def _lockstep_step(self, live: "_Live"):
         """One token per row from the logits in hand. Returns (rows that go on, Finished rows, and what feeds the
