@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: install test test-fast test-world test-wheel test-versions demo bench clean
+.PHONY: install test test-fast test-serve test-world test-wheel test-versions demo bench clean
 
 install: $(VENV)/.installed
 
@@ -19,10 +19,14 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not serve"
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not serve"
+
+# against real llama.cpp servers on 127.0.0.1; the first run builds llama-server (.ci/build_llama_server.sh, 55 min on 2 busy cores)
+test-serve: install
+	$(PY) -m pytest -q -m serve
 
 test-world: install
 	TRACETAILOR_REBUILD_WORLD=1 $(PY) -m pytest -q tests/test_toyworld.py

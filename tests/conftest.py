@@ -72,3 +72,42 @@ def warned():
         yield lines
     finally:
         logger.removeHandler(handler)
+
+
+@pytest.fixture
+def stub_server():
+    """An OpenAI-compatible stub on 127.0.0.1 for the served client's error paths (tests/stub_server.py):
+    `.plan("429", "hang", ...)` queues faults, `.kill()` / `.restart()`, `.requests`, `.url`."""
+    from stub_server import StubServer
+
+    stub = StubServer(hang_s=5.0, slow_s=0.5)
+    yield stub
+    stub.close()
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that uses a real llama-server carries the `serve` marker (`-m serve` / `-m "not serve"`)."""
+    for item in items:
+        if "llama_servers" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.serve)
+
+
+@pytest.fixture(scope="session")
+def llama_servers():
+    """Real llama.cpp servers on 127.0.0.1 (tests/serving.py), for the whole session:
+    {'teacher': handle, 'student': handle, 'teacher_dir', 'student_dir', 'teacher_gguf', 'student_gguf'}.
+    The teacher is the SmolLM2-135M-Instruct Q4_1 GGUF; the student its first 4 + last 2 layers in q8_0,
+    same tokenizer. `handle.url`, `.stop()`, `.restart()`, `.kill()`; the *_dir folders hold each HF tokenizer."""
+    from serving import smollm2_pair, start_llama_server
+
+    pair = smollm2_pair()
+    # one thread each: two servers on a 2-core machine, each spinning a pool of 2, starve each other
+    teacher = start_llama_server(pair["teacher_gguf"], parallel=4, threads=1, alias="smollm2-135m-teacher")
+    try:
+        student = start_llama_server(pair["student_gguf"], parallel=4, threads=1, alias="smollm2-135m-student")
+    except BaseException:
+        teacher.stop()
+        raise
+    yield {"teacher": teacher, "student": student, **{k: str(v) for k, v in pair.items()}}
+    teacher.stop()
+    student.stop()

@@ -385,6 +385,6 @@ def test_a_select_killed_while_its_old_set_was_aside_gets_it_back(tmp_path):
 def test_view_names_the_line_and_field_of_a_bad_record(tmp_path):
     bad = tmp_path / "t.jsonl"
     bad.write_text(json.dumps({"prompt_id": "a", "completion_token_ids": [1], "student_logprobs": "high"}) + "\n")
-    result = CliRunner().invoke(app, ["view", str(bad), "--out", str(tmp_path / "v.html"), "--tokenizer", "x"])
+    result = CliRunner().invoke(app, ["view", str(bad), "--out-file", str(tmp_path / "v.html"), "--tokenizer", "x"])
     assert result.exit_code == 2
     assert result.stderr.strip() == f"error: {bad}:1: field 'student_logprobs' holds str, expected a list of numbers"

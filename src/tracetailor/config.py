@@ -39,16 +39,30 @@ class ExperimentError(ConfigError):
 _MISSING = dataclasses.MISSING
 
 
+def _shown(value: Any, width: int = 80) -> str:
+    """`repr(value)` cut to about `width` characters, never built whole: an error quotes a value, not all of it
+    (a YAML value can be a nested list of a billion items that share their parts)."""
+    import reprlib
+
+    short = reprlib.Repr()
+    short.maxlevel, short.maxtuple, short.maxlist, short.maxdict, short.maxset = 3, 4, 4, 4, 4
+    short.maxstring = short.maxother = short.maxlong = width
+    text = short.repr(value)
+    return text if len(text) <= width + 2 else text[: width - 3] + "..."
+
+
 def option(default: Any = _MISSING, help: str = "", *, factory=None, low=None, high=None, above=None, below=None,
            choices: tuple | None = None, flags: tuple[str, ...] | None = None, resumable: bool = False,
-           cli: bool = True, shown: str | None = None):
+           cli: bool = True, shown: str | None = None, deprecated: tuple[str, ...] = ()):
     """A config field: its default and what the CLI and `check_fields` need to know about it.
 
     low/high: inclusive bounds; above/below: exclusive ones; choices: the allowed values
     (the parser lists them); flags: the CLI's names (default --field-name, and --x/--no-x for
-    booleans); resumable: a resumed run may change it; shown: the default as `--help` shows it."""
+    booleans; every name is also a YAML key, `--output-dir` as `output_dir`); resumable: a resumed run may change
+    it; shown: the default as `--help` shows it; deprecated: old flag names, still accepted for a release with a
+    one-line notice (hidden from `--help`, not YAML keys)."""
     meta = {"help": help, "low": low, "high": high, "above": above, "below": below, "choices": choices,
-            "flags": flags, "resumable": resumable, "cli": cli, "shown": shown}
+            "flags": flags, "resumable": resumable, "cli": cli, "shown": shown, "deprecated": deprecated}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -93,29 +107,29 @@ def _convert(name: str, value: Any, kind) -> Any:
             number = None
         if number is not None and number.is_integer():
             return int(number)
-        raise ConfigError(f"{name}: {value!r} is not a whole number")
+        raise ConfigError(f"{name}: {_shown(value)} is not a whole number")
     if float in allowed and isinstance(value, str):
         try:
             return float(value)  # YAML reads 1e-5 (no dot) as text
         except ValueError:
-            raise ConfigError(f"{name}: {value!r} is not a number") from None
+            raise ConfigError(f"{name}: {_shown(value)} is not a number") from None
     if float in allowed:
-        raise ConfigError(f"{name}: {value!r} is not a number")
+        raise ConfigError(f"{name}: {_shown(value)} is not a number")
     if bool in allowed:
-        raise ConfigError(f"{name}: expected true or false, got {value!r}")
+        raise ConfigError(f"{name}: expected true or false, got {_shown(value)}")
     wanted = " or ".join(sorted("text" if t is str else "a mapping" if t is dict else getattr(t, "__name__", str(t))
                                 for t in allowed))
-    raise ConfigError(f"{name}: expected {wanted}, got {value!r} ({type(value).__name__}); quote it in YAML")
+    raise ConfigError(f"{name}: expected {wanted}, got {_shown(value)} ({type(value).__name__}); quote it in YAML")
 
 
 def _string_list(name: str, value: Any) -> list[str]:
     if isinstance(value, str):
         return [value]  # one item: `stop: "</think>"` is one stop string, not eight
     if not isinstance(value, (list, tuple)):
-        raise ConfigError(f"{name}: expected a list of strings, got {value!r} ({type(value).__name__})")
+        raise ConfigError(f"{name}: expected a list of strings, got {_shown(value)} ({type(value).__name__})")
     bad = [v for v in value if not isinstance(v, str)]
     if bad:
-        raise ConfigError(f"{name}: expected a list of strings, but it holds {bad[0]!r} ({type(bad[0]).__name__})")
+        raise ConfigError(f"{name}: expected a list of strings, but it holds {_shown(bad[0])} ({type(bad[0]).__name__})")
     return list(value)
 
 
@@ -124,7 +138,7 @@ def _bounds(name: str, value: Any, m: dict) -> None:
         return
     low, high, above, below = m["low"], m["high"], m["above"], m["below"]
     if m["choices"] and value not in m["choices"]:
-        raise ConfigError(f"{name}: {value!r} is not one of {', '.join(map(str, m['choices']))}")
+        raise ConfigError(f"{name}: {_shown(value)} is not one of {', '.join(map(str, m['choices']))}")
     inside = ((low is None or value >= low) and (high is None or value <= high)
               and (above is None or value > above) and (below is None or value < below))
     if inside:
@@ -150,7 +164,14 @@ def check_fields(cfg) -> None:
 
 
 _NO_META = {"help": "", "low": None, "high": None, "above": None, "below": None, "choices": None, "flags": None,
-            "resumable": False, "cli": True, "shown": None}
+            "resumable": False, "cli": True, "shown": None, "deprecated": ()}
+
+
+def deprecated(old: str, new: str) -> None:
+    """The one-line notice of an old spelling still accepted for a release (a warning: -q does not hide it)."""
+    import logging
+
+    logging.getLogger("tracetailor").warning(f"warning: {old} is deprecated and goes in the next release; use {new}")
 
 
 class Settings:
@@ -181,6 +202,11 @@ def _check_judge(cfg) -> None:
                           "http://localhost:8000/v1), or drop --judge-model")
     if cfg.judge_url and not cfg.judge_model:
         raise ConfigError("judge_url: given without --judge-model; name the judge's model at that endpoint")
+    if cfg.judge_url:  # before any work: a typo costs no retries (evaluate/judge.py)
+        from .evaluate.judge import chat_endpoint, check_cache_path
+
+        chat_endpoint(cfg.judge_url)
+        check_cache_path(cfg.judge_cache)
 
 
 def _required(name: str, what: str, value) -> None:
@@ -199,6 +225,9 @@ KV_CACHE_HELP = ("How the KV cache is laid out: rectangle (each row left-padded 
 DEVICE_HELP = "auto, cpu, cuda, cuda:1, mps."
 DTYPES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16")
 DTYPE_HELP = "auto (bf16 on CUDA, fp32 elsewhere), float32, bfloat16, float16."
+TOP_K_HELP = ("Top-k cut of every distribution the command samples from (RSD: the teacher's proposal and the student's "
+              "check); 0 = none.")
+GGUF_HELP = "GGUF file name inside --model's dir or hub repo."
 REMOTE_HELP = "Allow model code from the hub (off by default)."
 PICKLE_HELP = "Load pickle .bin weights, which can run code (off: safetensors or GGUF only)."
 # the LLM judge's four fields, the same on select and eval (evaluate/judge.py `judge_from`)
@@ -206,8 +235,17 @@ JUDGE_URL_HELP = ("An OpenAI-compatible endpoint (e.g. http://localhost:8000/v1)
                   "an answer equals the reference when the offline checks say no (the paper's LLM judge).")
 JUDGE_MODEL_HELP = "The judge's model name at --judge-url."
 JUDGE_KEY_HELP = "Environment variable holding the judge's API key (unset: no key is sent)."
-JUDGE_CACHE_HELP = "JSONL cache of the judge's replies: a rerun asks nothing twice."
+JUDGE_CACHE_HELP = "JSONL cache of the judge's verdicts: a rerun asks nothing twice."
+JUDGE_TIMEOUT_HELP = "Seconds one request to the judge may take in all (reply included) before it is retried."
 
+
+SERVED_PROTOCOLS = ("openai", "llama.cpp")
+SERVED_URL_HELP = ("Serve the {role} behind this URL (several, comma-separated, for replicas), e.g. "
+                   "http://127.0.0.1:8000: vLLM/SGLang's OpenAI-compatible server or llama.cpp's llama-server "
+                   "(see --{role}-protocol). Its tokenizer still comes from --{role}.")
+SERVED_NAME_HELP = "The {role}'s model name at --{role}-url (vLLM: --served-model-name); unset: the server's only model."
+SERVED_PROTOCOL_HELP = ("openai: /v1/completions with token ids and vLLM's prompt_logprobs (vLLM, SGLang); llama.cpp: "
+                        "llama-server's native /completion.")
 
 # ---------------------------------------------------------------- generate
 
@@ -220,7 +258,7 @@ class GenerateConfig(Settings):
     teacher: str | None = option(None, "Teacher model: hub id, local dir or .gguf file (not needed for --mode student).")
     teacher_gguf_file: str | None = option(None, "GGUF file name inside the teacher's dir or hub repo.")
     student_gguf_file: str | None = option(None, "GGUF file name inside the student's dir or hub repo.",
-                                           flags=("--gguf-file", "--student-gguf-file"))
+                                           deprecated=("--gguf-file",))  # --gguf-file: --model's elsewhere
     prompts: str = option("", "Prompts: JSONL, JSON, Parquet, CSV, a dataset dir, or a hub dataset id.")
     split: str = option("train", "Split of a hub or saved dataset.")
     subset: str | None = option(None, "Subset (config name) of a hub dataset, e.g. main for openai/gsm8k.")
@@ -241,7 +279,7 @@ class GenerateConfig(Settings):
                        choices=("rsd", "teacher", "student"))
     threshold: float = option(0.01, "RSD: least student probability for a teacher token.", low=0.0, high=1.0)
     trials: int = option(5, "RSD: teacher draws before the student writes; 0 = exact constrained sampling.", low=0)
-    top_k: int = option(20, "Top-k on both sides (RSD) or of the sampled model; 0 = none.", low=0)
+    top_k: int = option(20, TOP_K_HELP, low=0)
     teacher_temperature: float = option(1.0, "RSD: temperature of the teacher's proposal.", above=0.0)
     temperature: float = option(1.0, "Plain modes: sampling temperature.", above=0.0)
     top_p: float = option(1.0, "Plain modes: nucleus mass.", above=0.0, high=1.0)
@@ -274,6 +312,31 @@ class GenerateConfig(Settings):
                                     "`train --loss kd`. 0 = off.", low=0)
     preset: str | None = option(None, "A named table of settings (paper: the paper's procedure, docs/paper.md) laid "
                                 "under --config and the flags, which override it.", resumable=True)
+    # served models (serving/): the tokenizers still come from --student / --teacher
+    teacher_url: str | None = option(None, SERVED_URL_HELP.format(role="teacher"), resumable=True)
+    student_url: str | None = option(None, SERVED_URL_HELP.format(role="student"), resumable=True)
+    teacher_served_name: str | None = option(None, SERVED_NAME_HELP.format(role="teacher"), resumable=True)
+    student_served_name: str | None = option(None, SERVED_NAME_HELP.format(role="student"), resumable=True)
+    teacher_protocol: str = option("openai", SERVED_PROTOCOL_HELP, choices=SERVED_PROTOCOLS, resumable=True)
+    student_protocol: str = option("openai", SERVED_PROTOCOL_HELP, choices=SERVED_PROTOCOLS, resumable=True)
+    max_in_flight: int = option(256, "Served models: most requests in flight at once (over all sequences and "
+                                "replicas).", low=1, resumable=True)
+    api_key_env: str = option("TRACETAILOR_API_KEY", "Served models: environment variable holding the servers' "
+                              "API key (unset: no key is sent; the key is never written anywhere).", resumable=True)
+    request_timeout: float = option(600.0, "Served models: seconds one request may take, reply included, before it "
+                                    "is retried.", above=0.0, resumable=True)
+    verify_with: str = option("prefixes", "Served drafting: how the distributions at the drafted positions are asked: "
+                              "prefixes (one request per prefix, all at once: prefix-cache hits on every server) or "
+                              "prompt-logprobs (one request; vLLM skips its prefix cache for these and returns every "
+                              "prompt position, so only for short contexts). The traces are the same.",
+                              choices=("prefixes", "prompt-logprobs"), resumable=True)
+    request_retries: int = option(8, "Served models: retries of a failed request (429, 5xx, timeout, reset) with "
+                                  "backoff doubling from 0.5 s to 10 s (8: about 45 s, a server restart).", low=0,
+                                  resumable=True)
+
+    @property
+    def served(self) -> bool:
+        return bool(self.student_url or self.teacher_url)
 
     def validate(self) -> "GenerateConfig":
         check_fields(self)
@@ -287,7 +350,33 @@ class GenerateConfig(Settings):
         _check_temperature("temperature", self.temperature)
         if self.save_teacher_topk and self.mode == "student":
             raise ConfigError("save_teacher_topk: mode student runs no teacher; use --mode rsd or teacher, or 0")
+        if self.served:
+            self._validate_served()
         return self
+
+    def _validate_served(self) -> None:
+        """Served models: both ends served, settings a server can give, refused before any request."""
+        from .serving.http import check_url
+
+        for role in ("student", "teacher"):
+            urls = getattr(self, f"{role}_url")
+            if urls:
+                setattr(self, f"{role}_url", ",".join(check_url(u, f"--{role}-url") for u in urls.split(",") if u.strip()))
+        if not self.student_url:
+            raise ConfigError("student_url: a served teacher needs a served student too (--student-url URL); serve "
+                              "the student with llama-server, vLLM or SGLang, or drop --teacher-url")
+        if self.mode != "student" and not self.teacher_url:
+            raise ConfigError(f"teacher_url: --mode {self.mode} with a served student needs a served teacher too "
+                              "(--teacher-url URL)")
+        if self.top_k == 0:
+            raise ConfigError("top_k: 0 (no cut) needs the whole distribution, and a server gives at most its log-prob "
+                              "cap (vLLM: 20 by default); set --top-k between 1 and that cap (the paper's is 20)")
+        for name, why in (("workers", "one driver keeps --max-in-flight requests in flight; scale the servers "
+                                      "instead (several URLs per model)"),
+                          ("save_teacher_topk", "the stored top-K of a served teacher is not built yet"),
+                          ("teacher_device_map", "the server places the model")):
+            if getattr(self, name):
+                raise ConfigError(f"{name}: not with served models: {why}")
 
     def trace_settings(self) -> dict[str, Any]:
         """The fields that decide the traces; a resumed run must match them."""
@@ -302,13 +391,13 @@ class EvalConfig(Settings):
     """Everything `tracetailor eval` needs. Defaults are the paper's evaluation settings."""
 
     model: str = option("", f"Model to evaluate: {MODEL_HELP}.")
-    gguf_file: str | None = option(None, "GGUF file name inside the model's dir or hub repo.")
+    gguf_file: str | None = option(None, GGUF_HELP)
     benchmark: str = option("aime24,aime25,math500,gpqa-diamond", "Comma list of aime24, aime25, math500, gpqa-diamond, "
                             "gsm8k, gsm8k-offline, champ, or JSONL/Parquet files.", resumable=True)
     samples: int = option(16, "Samples per question.", low=1, resumable=True)
     temperature: float = option(0.7, "Sampling temperature.", above=0.0)
     top_p: float = option(0.95, "Nucleus mass.", above=0.0, high=1.0)
-    top_k: int = option(0, "Top-k; 0 = none.", low=0)
+    top_k: int = option(0, TOP_K_HELP, low=0)
     max_new_tokens: int = option(8192, "Token limit per completion.", low=1)
     max_length: int | None = option(None, "Most tokens in all, prompt included (binds before --max-new-tokens when "
                                     "the prompt is long).", low=2, shown="none: the models' context")
@@ -320,10 +409,11 @@ class EvalConfig(Settings):
                                flags=("--instruction/--no-instruction",), shown="on")
     answer_mode: str = option("math-verify", "How math answers are checked: math-verify, strict-boxed (the paper's "
                               "extraction, exact match) or strict-math-verify.", choices=tuple(ANSWER_MODES))
-    judge_url: str | None = option(None, JUDGE_URL_HELP, shown="none: offline checks only")
+    judge_url: str | None = option(None, JUDGE_URL_HELP, shown="none: offline checks only", resumable=True)
     judge_model: str | None = option(None, JUDGE_MODEL_HELP)
     judge_api_key_env: str = option("OPENAI_API_KEY", JUDGE_KEY_HELP, resumable=True)
     judge_cache: str | None = option(None, JUDGE_CACHE_HELP, resumable=True, shown="OUT/judge-cache.jsonl")
+    judge_timeout: float = option(60.0, JUDGE_TIMEOUT_HELP, above=0.0, resumable=True)
     chat_template: bool = option(True, "Apply the model's chat template.", flags=("--chat-template/--no-chat-template",),
                                  shown="on")
     batch_size: int = option(32, "Sequences decoded together.", low=1, resumable=True)
@@ -343,6 +433,19 @@ class EvalConfig(Settings):
     preset: str | None = option(None, "A named table of settings (paper: the paper's procedure, docs/paper.md) laid "
                                 "under --config and the flags, which override it.", resumable=True)
 
+    # a model behind a server (serving/): the server samples each completion, many in flight
+    model_url: str | None = option(None, "Evaluate the model served behind this URL (several, comma-separated, for "
+                                   "replicas): the server samples each completion; the tokenizer comes from --model.",
+                                   resumable=True)
+    served_name: str | None = option(None, "The model's name at --model-url; unset: the server's only model.",
+                                     resumable=True)
+    protocol: str = option("openai", SERVED_PROTOCOL_HELP, choices=SERVED_PROTOCOLS, resumable=True)
+    max_in_flight: int = option(64, "Served model: most requests in flight at once.", low=1, resumable=True)
+    api_key_env: str = option("TRACETAILOR_API_KEY", "Served model: environment variable holding its API key.",
+                              resumable=True)
+    request_timeout: float = option(1800.0, "Served model: seconds one completion may take before it is retried.",
+                                    above=0.0, resumable=True)
+
     def validate(self) -> "EvalConfig":
         from .evaluate.benchmarks import split_benchmarks
 
@@ -352,6 +455,10 @@ class EvalConfig(Settings):
         if not split_benchmarks(self.benchmark or ""):
             raise ConfigError("benchmark: required (e.g. aime24,math500, or a JSONL/Parquet file)")
         _check_temperature("temperature", self.temperature)
+        if self.model_url:
+            from .serving.http import check_url
+
+            self.model_url = ",".join(check_url(u, "--model-url") for u in self.model_url.split(",") if u.strip())
         return self
 
     def settings(self) -> dict[str, Any]:
@@ -367,7 +474,7 @@ class ScoreConfig(Settings):
     """Everything `tracetailor score` needs."""
 
     student: str = option("", f"Student model: {MODEL_HELP}.", flags=("--model", "--student"))
-    gguf_file: str | None = option(None, "GGUF file name inside the model's dir or hub repo.")
+    gguf_file: str | None = option(None, GGUF_HELP)
     data: list[str] = option(factory=list, help="Dataset to score (repeatable): a trace file or generate's OUT dir, "
                              "JSONL/JSON/Parquet/CSV, a dataset dir or a hub id.")
     name: list[str] = option(factory=list, help="Display name of each --data, same order (repeatable).",
@@ -400,6 +507,20 @@ class ScoreConfig(Settings):
     overwrite: bool = option(False, "Replace a finished score in --out.", resumable=True)
     progress: bool = option(True, "Progress bars.", cli=False, resumable=True)
 
+    # a model behind a server (serving/): prompt log-probs give every completion token's log-prob
+    model_url: str | None = option(None, "Score with the model served behind this URL (vLLM: prompt log-probs; "
+                                   "several, comma-separated, for replicas); the tokenizer comes from --model.",
+                                   resumable=True)
+    served_name: str | None = option(None, "The model's name at --model-url; unset: the server's only model.",
+                                     resumable=True)
+    protocol: str = option("openai", "openai: vLLM's /v1/completions with prompt_logprobs (llama.cpp has none).",
+                           choices=SERVED_PROTOCOLS, resumable=True)
+    max_in_flight: int = option(64, "Served model: most requests in flight at once.", low=1, resumable=True)
+    api_key_env: str = option("TRACETAILOR_API_KEY", "Served model: environment variable holding its API key.",
+                              resumable=True)
+    request_timeout: float = option(600.0, "Served model: seconds one request may take before it is retried.",
+                                    above=0.0, resumable=True)
+
     def validate(self) -> "ScoreConfig":
         check_fields(self)
         _required("student", MODEL_HELP, self.student)
@@ -408,6 +529,10 @@ class ScoreConfig(Settings):
         if self.name and len(self.name) != len(self.data):
             raise ConfigError(f"name: {len(self.name)} name(s) for {len(self.data)} dataset(s); give one --name per "
                               "--data, in order")
+        if self.model_url:
+            from .serving.http import check_url
+
+            self.model_url = ",".join(check_url(u, "--model-url") for u in self.model_url.split(",") if u.strip())
         return self
 
 
@@ -422,7 +547,8 @@ class SelectConfig(Settings):
     """Everything `tracetailor select` needs. Defaults are the paper's settings."""
 
     traces: list[str] = option(factory=list, help="Trace files (or generate's output dirs).", cli=False)
-    out: str = option("sft.jsonl", "The SFT JSONL to write; the funnel goes to OUT.funnel.json.", resumable=True)
+    out: str = option("sft.jsonl", "The SFT JSONL file to write; the funnel goes to OUT.funnel.json.", resumable=True,
+                      flags=("--out-file",), deprecated=("--out",))  # --out is a directory everywhere else
     answer_field: str | None = option("answer", 'Record field with the gold answer ("" for none).')
     require_think: bool | None = option(None, "Demand (or ignore) one </think> per trace.",
                                         flags=("--require-think/--no-require-think",),
@@ -440,10 +566,11 @@ class SelectConfig(Settings):
                                    shown="none: count </think> in the text")
     answer_mode: str = option("math-verify", "How answers are checked: math-verify, strict-boxed (the paper's "
                               "extraction, exact match) or strict-math-verify.", choices=tuple(ANSWER_MODES))
-    judge_url: str | None = option(None, JUDGE_URL_HELP, shown="none: offline checks only")
+    judge_url: str | None = option(None, JUDGE_URL_HELP, shown="none: offline checks only", resumable=True)
     judge_model: str | None = option(None, JUDGE_MODEL_HELP)
     judge_api_key_env: str = option("OPENAI_API_KEY", JUDGE_KEY_HELP, resumable=True)
     judge_cache: str | None = option(None, JUDGE_CACHE_HELP, resumable=True, shown="OUT.judge-cache.jsonl")
+    judge_timeout: float = option(60.0, JUDGE_TIMEOUT_HELP, above=0.0, resumable=True)
     overwrite: bool = option(False, "Replace an SFT set already at --out.", resumable=True)
     preset: str | None = option(None, "A named table of settings (paper: the paper's procedure, docs/paper.md) laid "
                                 "under --config and the flags, which override it.", resumable=True)
@@ -475,12 +602,14 @@ SAVE_STRATEGIES = {"end": "no", "epoch": "epoch", "steps": "steps"}  # ours -> T
 class TrainConfig(Settings):
     """Everything `tracetailor train` needs. Defaults are the paper's (s1's) SFT recipe."""
 
-    model: str = option("", f"Student to fine-tune: {MODEL_HELP}.", flags=("--model", "--student"))
-    gguf_file: str | None = option(None, "GGUF file name inside the model's dir or hub repo.")
-    data: str = option("", "SFT set: select's output (trained on its exact token ids), or rows with messages or "
+    model: str = option("", f"Student to fine-tune: {MODEL_HELP}.",
+                        flags=("--model", "--student", "--model-name-or-path"))  # the last: TRL's
+    gguf_file: str | None = option(None, GGUF_HELP)
+    data: str = option("", flags=("--data", "--dataset-name"), help="SFT set: select's output (trained on its exact token ids), or rows with messages or "
                        "prompt + completion.")
     split: str = option("train", "Split of a hub or saved dataset.")
-    out: str = option("ckpt", "Checkpoint directory (weights, tokenizer, chat template, train.json).", resumable=True)
+    out: str = option("ckpt", "Checkpoint directory (weights, tokenizer, chat template, train.json).", resumable=True,
+                      flags=("--out", "--output-dir"))
     learning_rate: float = option(1e-5, "Peak learning rate.", above=0.0)
     num_train_epochs: float = option(5.0, "Passes over the data.", above=0.0, shown="5")
     max_steps: int | None = option(None, "Stop after N optimizer steps (overrides the epochs).", low=1)
@@ -488,7 +617,8 @@ class TrainConfig(Settings):
     adam_beta1: float = option(0.9, "AdamW beta1.", low=0.0, below=1.0)
     adam_beta2: float = option(0.95, "AdamW beta2.", low=0.0, below=1.0)
     warmup_ratio: float = option(0.05, "Share of the steps spent warming up.", low=0.0, below=1.0)
-    lr_scheduler: str = option("cosine", "Schedule after warm-up: cosine, linear, constant, ...")
+    lr_scheduler: str = option("cosine", "Schedule after warm-up: cosine, linear, constant, ...",
+                               flags=("--lr-scheduler", "--lr-scheduler-type"))
     per_device_train_batch_size: int = option(1, "Sequences per device per micro-step.", low=1)
     gradient_accumulation_steps: int = option(16, "Micro-steps per optimizer step, per device (batch = GPUs x this x "
                                               "per-device batch).", low=1)
@@ -498,8 +628,9 @@ class TrainConfig(Settings):
     gradient_checkpointing: bool | None = option(
         None, "Recompute activations to save memory.", flags=("--gradient-checkpointing/--no-gradient-checkpointing",),
         shown="on with CUDA, off under FSDP activation checkpointing")
-    dtype: str = option("auto", "Weights while training: auto (float32), float32, bfloat16 (pure bf16, the "
-                        "paper's).", choices=DTYPES)
+    dtype: str = option("float32", "Weights while training: float32 (--bf16 autocasts over them), bfloat16 (pure "
+                        "bf16, the paper's) or float16; auto is deprecated here: it meant float32 in train, unlike "
+                        "elsewhere, and still does for this release, with a notice.", choices=DTYPES)
     prefill_in_loss: bool = option(False, "Train the prefill that ends a templated prompt (e.g. <think>) as part of "
                                    "the completion.", flags=("--prefill-in-loss/--no-prefill-in-loss",), shown="off")
     seed: int = option(0, "Seed of shuffling and initialisation.", low=0)
@@ -509,15 +640,16 @@ class TrainConfig(Settings):
     save_steps: int | None = option(None, "Save OUT/checkpoint-N every N optimizer steps (sets --save-strategy steps).",
                                     low=1, shown="500 with --save-strategy steps")
     resume_from_checkpoint: str | None = option(
-        None, "Go on from a checkpoint that --save-steps wrote: its directory, or auto / latest (the latest in --out; "
-        "none there: start afresh). The result equals an uninterrupted run's.")
+        None, "Go on from a checkpoint that --save-steps wrote: its directory, or auto / latest (the newest whole one "
+        "in --out; none there: start afresh). The settings must be the run's; the result equals an uninterrupted "
+        "run's.")
     report_to: str = option("none", "Where the Trainer also logs: none, tensorboard (OUT/runs) or wandb.",
                             choices=("none", "tensorboard", "wandb"))
     loss: str = option("sft", "sft (the trace's tokens) or kd (also the teacher's stored top-K, from generate "
                        "--save-teacher-topk through select).", choices=("sft", "kd"))
     kd_weight: float = option(0.5, "With --loss kd: loss = w * KD + (1 - w) * SFT, both per completion token.",
                               low=0.0, high=1.0)
-    lora: bool = option(False, "Train a LoRA adapter (PEFT) instead of all weights.", flags=("--lora/--no-lora",),
+    lora: bool = option(False, "Train a LoRA adapter (PEFT) instead of all weights.", flags=("--lora/--no-lora", "--use-peft"),
                         shown="off")
     lora_r: int = option(16, "LoRA rank.", low=1)
     lora_alpha: int = option(32, "LoRA alpha.", above=0)
@@ -530,7 +662,8 @@ class TrainConfig(Settings):
     overwrite: bool = option(False, "Replace a checkpoint already in --out.", resumable=True)
     limit: int | None = option(None, "Only the first N examples.", low=1)
     push_to_hub: str | None = option(None, "Upload OUT (model, tokenizer, README.md model card) to this Hub model "
-                                     "repo (org/name) at the end; the token is huggingface_hub's.", resumable=True)
+                                     "repo (org/name) at the end; the token is huggingface_hub's.", resumable=True,
+                                     flags=("--push-to-hub", "--hub-model-id"))
     private: bool = option(False, "With --push-to-hub: create the repo private.", flags=("--private/--public",),
                            shown="public", resumable=True)
     progress: bool = option(True, "Progress bars.", cli=False, resumable=True)
@@ -539,6 +672,10 @@ class TrainConfig(Settings):
 
     def validate(self) -> "TrainConfig":
         check_fields(self)
+        if self.dtype == "auto":  # one meaning of auto (bf16 on CUDA) everywhere: train's old one, kept a release
+            deprecated("train --dtype auto (float32 weights here, bf16 on CUDA in every other command)",
+                       "--dtype float32, which it means for this release")
+            self.dtype = "float32"
         _required("model", MODEL_HELP, self.model)
         _required("data", "select's output, e.g. sft.jsonl", self.data)
         _required("out", "the checkpoint directory to write", self.out)
@@ -546,7 +683,7 @@ class TrainConfig(Settings):
 
         schedulers = [s.value for s in SchedulerType]
         if self.lr_scheduler not in schedulers:
-            raise ConfigError(f"lr_scheduler: {self.lr_scheduler!r} is not one of {', '.join(schedulers)}")
+            raise ConfigError(f"lr_scheduler: {_shown(self.lr_scheduler)} is not one of {', '.join(schedulers)}")
         if self.save_steps is not None and self.save_strategy == "end":
             self.save_strategy = "steps"  # --save-steps N alone saves every N steps, as in TRL's scripts
         return self
@@ -580,7 +717,7 @@ class ExperimentConfig(Settings):
     max_new_tokens: int = option(96, "Token limit per completion (seed 0's longest reference solution is 46).", low=1)
     threshold: float = option(0.01, "RSD acceptance threshold (the paper's).", low=0.0, high=1.0)
     trials: int = option(5, "RSD teacher draws before the student writes.", low=0)
-    top_k: int = option(20, "Top-k of both sides.", low=0)
+    top_k: int = option(20, TOP_K_HELP, low=0)
     temperature: float = option(1.0, "Temperature of the teacher's and the student's own trace sets.", above=0.0)
     teacher_temperature: float = option(1.0, "RSD: temperature of the teacher's proposal.", above=0.0)
     learning_rate: float = option(1e-4, "SFT learning rate (chosen on validation; s1 uses 1e-5 on 7B+).", above=0.0)
@@ -663,9 +800,9 @@ class SweepConfig(ExperimentConfig):
         try:
             seeds = [int(s) for s in str(self.seeds).split(",") if s.strip()]
         except ValueError:
-            raise ConfigError(f"seeds: {self.seeds!r} is not a comma-separated list of whole numbers") from None
+            raise ConfigError(f"seeds: {_shown(self.seeds)} is not a comma-separated list of whole numbers") from None
         if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
-            raise ConfigError(f"seeds: {self.seeds!r}: give distinct seeds >= 0, e.g. 0,1,2")
+            raise ConfigError(f"seeds: {_shown(self.seeds)}: give distinct seeds >= 0, e.g. 0,1,2")
         return seeds
 
     def grid_points(self) -> list[dict[str, Any]]:
@@ -675,7 +812,7 @@ class SweepConfig(ExperimentConfig):
             name, _, values = str(item).partition("=")
             name = name.strip().replace("-", "_")
             if name not in SWEEPABLE or not values.strip():
-                raise ConfigError(f"grid: {item!r} is not SETTING=V1,V2,... with SETTING one of {', '.join(SWEEPABLE)}")
+                raise ConfigError(f"grid: {_shown(item)} is not SETTING=V1,V2,... with SETTING one of {', '.join(SWEEPABLE)}")
             if name in (a for a, _ in axes):
                 raise ConfigError(f"grid: {name} is given twice")
             converted = [_convert(name, v.strip(), hints[name]) for v in values.split(",") if v.strip()]
@@ -688,6 +825,28 @@ class SweepConfig(ExperimentConfig):
         if len(axes) == 2:
             points = [{**p, axes[1][0]: w} for p in points for w in axes[1][1]]
         return points
+
+
+# ---------------------------------------------------------------- view
+
+
+@dataclass
+class ViewConfig(Settings):
+    """Everything `tracetailor view` needs."""
+
+    traces: list[str] = option(factory=list, help="Trace files (JSONL) or run directories holding traces*.jsonl.",
+                               cli=False)
+    out: str = option("traces.html", "The HTML page to write.", flags=("--out-file",), deprecated=("--out",))
+    tokenizer: str | None = option(None, "Student tokenizer: hub id, model dir or .gguf file.",
+                                   shown="the student named in the run.json next to the traces")
+    limit: int | None = option(None, "Only the first N traces.")
+    title: str | None = option(None, "Page title.")
+
+    def validate(self) -> "ViewConfig":
+        check_fields(self)
+        if not self.traces:
+            raise ConfigError("traces: give at least one trace file (or generate's output directory)")
+        return self
 
 
 # ---------------------------------------------------------------- YAML and flags
@@ -704,7 +863,64 @@ def settings_changes(before: dict[str, Any], now: dict[str, Any], most: int = 6,
         return before.get(k) != now[k]
 
     changed = sorted(k for k in now if differs(k))
-    return "; ".join(f"{k}: {before.get(k)!r} -> {now[k]!r}" for k in changed[:most]) if changed else None
+    return "; ".join(f"{k}: {_shown(before.get(k), 200)} -> {_shown(now[k], 200)}" for k in changed[:most]) if changed else None
+
+
+YAML_ALIAS_LIMIT = 1000  # the most values that aliases (*name) may add to a config file, all expanded
+
+
+def _expanded_size(node, memo: dict, open_nodes: set) -> int:
+    """How many values `node` stands for with every alias written out (shared parts counted once per use)."""
+    import yaml
+
+    if id(node) in memo:
+        return memo[id(node)]
+    if id(node) in open_nodes:
+        raise ConfigError(f"line {node.start_mark.line + 1}: a value that contains itself (a recursive alias)")
+    open_nodes.add(id(node))
+    children = ([n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode)
+                else node.value if isinstance(node, yaml.SequenceNode) else [])
+    memo[id(node)] = 1 + sum(_expanded_size(child, memo, open_nodes) for child in children)
+    open_nodes.discard(id(node))
+    return memo[id(node)]
+
+
+def _yaml_loader(path: Path):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (naming it and its lines) and aliases
+    that expand beyond YAML_ALIAS_LIMIT values (a few hundred bytes can stand for billions of values)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def get_single_node(self):
+            node = super().get_single_node()
+            if node is not None:
+                memo: dict = {}
+                try:
+                    added = _expanded_size(node, memo, set()) - len(memo)
+                except ConfigError as e:
+                    raise ConfigError(f"{path}: {e}") from None
+                if added > YAML_ALIAS_LIMIT:
+                    raise ConfigError(f"{path}: its aliases (*name) expand to more than {YAML_ALIAS_LIMIT} values; "
+                                      "write the values out instead")
+            return node
+
+        def construct_mapping(self, node, deep=False):
+            first_line: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *base` keys may be overridden: that is what merge keys are for
+                key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+                try:
+                    given = key in first_line
+                except TypeError:
+                    continue  # an unhashable key: the constructor names it
+                first_line.setdefault(key, line)
+                if given:
+                    raise ConfigError(f"{path}: line {line}: key {_shown(key)} is given twice (first on line "
+                                      f"{first_line[key]}); keep one")
+            return super().construct_mapping(node, deep)
+
+    return Loader
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -714,12 +930,14 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        data = yaml.load(p.read_text(encoding="utf-8"), Loader=_yaml_loader(p)) or {}  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as e:
         first = str(e).strip().splitlines()
-        raise ConfigError(f"{p}: not valid YAML: {' '.join(line.strip() for line in first[:3])}") from e
+        raise ConfigError(f"{p}: not valid YAML: {' '.join(line.strip()[:200] for line in first[:3])}") from e
     except UnicodeDecodeError as e:
         raise ConfigError(f"{p}: not valid UTF-8 ({e})") from e
+    except RecursionError:
+        raise ConfigError(f"{p}: nested too deeply to read; flatten it") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: expected a mapping of option names to values")
     return data
@@ -734,26 +952,57 @@ RENAMED = {"gguf_file": ("GenerateConfig", "teacher_gguf_file (the teacher's GGU
                           "student's)")}
 
 
+def spellings(cls) -> dict[str, str]:
+    """Every YAML key a field of `cls` answers to -> the field: its name and its flags' names (TRL's `--output-dir`
+    as `output_dir`); deprecated flags are not keys."""
+    table: dict[str, str] = {}
+    for f in fields(cls):
+        table[f.name] = f.name
+        for flag in f.metadata.get("flags") or ():
+            key = flag.split("/")[0].strip().lstrip("-").replace("-", "_")
+            table.setdefault(key, f.name)
+    return table
+
+
+def close_match(word: str, candidates) -> str:
+    """ " (did you mean X?)" for the candidate nearest to a misspelt `word` (difflib), else ""."""
+    import difflib
+
+    found = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean {found[0]}?)" if found else ""
+
+
+def _file_fields(cls, file_values: dict[str, Any], source: str) -> dict[str, Any]:
+    """The file's keys as field names: each key checked, spelled any way its field answers to, given once."""
+    table, values, keys = spellings(cls), {}, {}
+    for key, value in file_values.items():
+        name = str(key).replace("-", "_")
+        if name in RENAMED and RENAMED[name][0] == cls.__name__ and name not in table:
+            raise ConfigError(f"{source}: option {_shown(key)} was renamed; use {RENAMED[name][1]}")
+        if name not in table:
+            known = sorted({f.name for f in fields(cls)})
+            raise ConfigError(f"{source}: unknown option {_shown(key)}{close_match(name, table)}; known options: "
+                              f"{', '.join(known)}")
+        field_name = table[name]
+        if field_name in keys:
+            raise ConfigError(f"{source}: {keys[field_name]} and {key} are one option ({field_name}); keep one")
+        keys[field_name], values[field_name] = key, value
+    return values
+
+
 def merge(cls, file_values: dict[str, Any] | None, flag_values: dict[str, Any], source: str = "config"):
     """Build `cls` from defaults <- file values <- flags that were given (not None), each value converted to
     its field's type (a wrong type is one line naming `source` and the key)."""
     known = {f.name for f in fields(cls)}
-    values: dict[str, Any] = {}
-    preset = flag_values.get("preset") or (file_values or {}).get("preset")
+    values = _file_fields(cls, file_values or {}, source)
+    preset = flag_values.get("preset") or values.get("preset")
     if preset and "preset" in known:  # the preset's table goes under the file and the flags
         from .presets import load_preset
 
-        file_values = {**load_preset(str(preset), PRESET_COMMANDS[cls.__name__]), **(file_values or {})}
-    for key, value in (file_values or {}).items():
-        name = str(key).replace("-", "_")
-        if name in RENAMED and RENAMED[name][0] == cls.__name__ and name not in known:
-            raise ConfigError(f"{source}: option {key!r} was renamed; use {RENAMED[name][1]}")
-        if name not in known:
-            raise ConfigError(f"{source}: unknown option {key!r}; known options: {', '.join(sorted(known))}")
-        values[name] = value
+        values = {**load_preset(str(preset), PRESET_COMMANDS[cls.__name__]), **values}
     for name, value in flag_values.items():
-        if value is None or (isinstance(value, (list, tuple)) and not value and name in values):
-            continue
+        if value is None or (isinstance(value, (list, tuple)) and not value):
+            continue  # not given (a repeatable flag not given is empty): the file's value or the default stays
         values[name] = list(value) if isinstance(value, tuple) else value
     hints = _types(cls)
     try:

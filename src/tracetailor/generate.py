@@ -31,6 +31,7 @@ from .sampling import (
     make_engine,
     run_info,
     sample,
+    served_info,
     sync_sidecar,
     token_budget,
     trace_writer,
@@ -72,7 +73,8 @@ def _run_here(cfg: GenerateConfig, rundir: RunDir, log) -> dict[str, Any]:
         done -= lost
         requests, handles, skipped = plan()
     rundir.write_run_json(dataclasses.asdict(cfg), seed=cfg.seed,
-                          **run_info(student.name, teacher.name if teacher else None, bridge))
+                          **run_info(student.name, teacher.name if teacher else None, bridge,
+                                     served_info(student, teacher)))
     rundir.begin()  # stats.json marks a finished run: a run stopped from here on has none
     if done:
         log(f"resuming: {len(done)} sequence(s) already in {out}, {len(requests)} to go")

@@ -72,7 +72,12 @@ class Progress:
 # -- the steps of a run, shared by run_generate and the Ray workers (distributed.py) --------
 
 def load_pair(cfg: GenerateConfig, log=print):
-    """(student, teacher, bridge); teacher and bridge are None in mode student."""
+    """(student, teacher, bridge); teacher and bridge are None in mode student. Served models (--student-url):
+    their tokenizers, with the servers probed (serving/load.py)."""
+    if getattr(cfg, "served", False):
+        from .serving.load import load_served_pair
+
+        return load_served_pair(cfg, log)
     from .models import load_model
 
     student = load_model(cfg.student, gguf_file=cfg.student_gguf_file, device=cfg.device, dtype=cfg.dtype,
@@ -88,12 +93,9 @@ def load_pair(cfg: GenerateConfig, log=print):
 
 def make_bridge(student, teacher, log=print):
     """The vocabulary bridge from the student's tokens to the teacher's (identity for one tokenizer)."""
-    from .vocab import build_bridge
+    from .vocab import bridge_between
 
-    bridge = build_bridge(student.tokenizer, teacher.tokenizer, student.vocab_size, teacher.vocab_size)
-    if not bridge.identity:
-        log(f"vocabulary bridge: {bridge.shared_fraction:.2%} of the student's tokens have a teacher counterpart")
-    return bridge
+    return bridge_between(student, teacher, log)
 
 
 def load_prompt_set(cfg: GenerateConfig, tokenizer, context: int | None = None) -> list:
@@ -191,6 +193,7 @@ def warn_skipped(skipped: list[str], prompts: list, context: int | None, max_len
 
 
 def make_engine(cfg: GenerateConfig, student, teacher, bridge, on_step=None) -> Engine:
+    """The engine of a config: in-process (decoding/engine.py) or over served models (serving/engine.py)."""
     settings = DecodeSettings(
         mode=cfg.mode,
         rsd=RSDParams(cfg.threshold, cfg.trials, cfg.top_k, cfg.teacher_temperature),
@@ -198,6 +201,12 @@ def make_engine(cfg: GenerateConfig, student, teacher, bridge, on_step=None) -> 
         draft_tokens=cfg.draft_tokens if cfg.mode != "student" else 0,
         teacher_topk=cfg.save_teacher_topk if cfg.mode != "student" else 0,
     )
+    if getattr(cfg, "served", False):
+        from .serving.engine import ServedEngine
+
+        return ServedEngine(student.model, teacher.model if teacher else None, bridge, settings,
+                            eos_ids=set(student.eos_ids()), stop_fn=stop_checker(student.tokenizer, cfg.stop),
+                            on_step=on_step, rows_in_flight=cfg.max_in_flight)
     return Engine(
         student.model, teacher.model if teacher else None, bridge, settings, eos_ids=set(student.eos_ids()),
         batch_size=cfg.batch_size, stop_fn=stop_checker(student.tokenizer, cfg.stop), on_step=on_step,
@@ -205,12 +214,25 @@ def make_engine(cfg: GenerateConfig, student, teacher, bridge, on_step=None) -> 
     )
 
 
-def run_info(student_name: str, teacher_name: str | None, bridge) -> dict[str, Any]:
-    """What generate's run.json holds beside the config, versions and seed (`RunDir.write_run_json`)."""
-    return {
+def run_info(student_name: str, teacher_name: str | None, bridge, served: dict | None = None) -> dict[str, Any]:
+    """What generate's run.json holds beside the config, versions and seed (`RunDir.write_run_json`);
+    `served`: per role, the endpoints and what each server said of itself (never a key)."""
+    info = {
         "models": {"student": student_name, "teacher": teacher_name},
         "bridge": None if bridge is None else {"identity": bridge.identity, "shared_fraction": bridge.shared_fraction},
     }
+    if served:
+        info["served"] = served
+    return info
+
+
+def served_info(student, teacher) -> dict | None:
+    """Per role, what the served models' probes found (None for in-process models)."""
+    from .serving.load import ServedEnd
+
+    if not isinstance(student, ServedEnd):
+        return None
+    return {role: end.model.info for role, end in (("student", student), ("teacher", teacher)) if end is not None}
 
 
 def stopped_by(fin: Finished, tokenizer, eos: set[int], stops: list[str] | tuple = ()) -> str | None:
@@ -254,6 +276,7 @@ def write_stats(out: Path, mode: str, *, prompts: int, skipped: list[str], seque
         "draft_tokens": (draft or {}).get("draft_tokens"),
         "kv_cache": (draft or {}).get("kv_cache"),
         "draft_acceptance": (draft or {}).get("draft_acceptance"),
+        **({"served": draft["served"]} if (draft or {}).get("served") else {}),  # requests and round trips
         "this_run": {"sequences": sequences, "tokens": tokens, "seconds": round(seconds, 3),
                      "tokens_per_second": tokens_per_second(tokens, seconds), **(extra or {})},
     })

@@ -473,13 +473,11 @@ def open_run_dir(cfg: ScoreConfig):
 def run_score(cfg: ScoreConfig, log=print) -> dict[str, Any]:
     """Run `score` end to end; return the stats written to OUT/stats.json."""
     from .data.rundir import versions
-    from .models import load_model
 
     cfg.validate()
     names = dataset_names(cfg.data, cfg.name)
     with open_run_dir(cfg) as rundir:
-        student = load_model(cfg.student, gguf_file=cfg.gguf_file, device=cfg.device, dtype=cfg.dtype,
-                             trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle, role="student")
+        student = _load_student(cfg, log)
         formats, examples, max_length, dropped = read_and_fit(cfg, student)
         rundir.started()
         rundir.begin()  # every file goes to a temporary name and is renamed; stats.json, written last, marks the end
@@ -523,12 +521,52 @@ def read_and_fit(cfg: ScoreConfig, student) -> tuple[list[str], list[Example], i
     return formats, examples, max_length, dropped
 
 
+def _load_student(cfg: ScoreConfig, log):
+    """The student in this process, or (--model-url) its tokenizer with its server probed."""
+    if cfg.model_url:
+        from .serving.load import load_served, make_client
+
+        if cfg.protocol != "openai":
+            raise ScoreInputError(f"--protocol {cfg.protocol} has no prompt log-probs, so a served model cannot score "
+                                  "given tokens there; use a vLLM server (--protocol openai) or score in-process")
+        return load_served("student", cfg.student, cfg.model_url, cfg.protocol, cfg.served_name, make_client(cfg),
+                           k=1, gguf_file=cfg.gguf_file, trust_remote_code=cfg.trust_remote_code,
+                           prompt_logprobs=True, draft=True, log=log)
+    from .models import load_model
+
+    return load_model(cfg.student, gguf_file=cfg.gguf_file, device=cfg.device, dtype=cfg.dtype,
+                      trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle, role="student")
+
+
+def score_served(model, examples: Sequence[Example], on_done=None) -> list[np.ndarray]:
+    """Each example's completion log-probs from a served model: one prompt-log-prob request per example,
+    many in flight (the client bounds them)."""
+    import asyncio
+
+    from .serving.http import run_sync
+
+    async def one(ex: Example) -> np.ndarray:
+        lps = await model.token_logprobs(ex.prompt_ids + ex.completion_ids, len(ex.prompt_ids))
+        if on_done is not None:
+            on_done(1)
+        return np.asarray(lps, dtype=np.float32)
+
+    async def all_():
+        try:
+            return await asyncio.gather(*[one(ex) for ex in examples])
+        finally:
+            await model.client.close()
+    return list(run_sync(all_()))
+
+
 def _score_all(cfg: ScoreConfig, student, examples: list[Example]) -> tuple[list[np.ndarray], float]:
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(examples), unit="ex", desc="score", disable=not cfg.progress, dynamic_ncols=True)
     started = time.perf_counter()
     try:
+        if cfg.model_url:
+            return score_served(student.model, examples, on_done=bar.update), time.perf_counter() - started
         logprobs = score_examples(student.model, examples, cfg.batch_size, cfg.max_batch_tokens, on_batch=bar.update)
     finally:
         bar.close()

@@ -51,7 +51,7 @@ from .data.topk import sft_sidecar_path
 from .data.traces import (AtomicWriter, TraceRecord, json_text, read_numbered_records, resolve_trace_paths,
                           write_json_atomic)
 from .evaluate.answers import check_answer, gold_answers, require_math_verify
-from .evaluate.judge import judge_from
+from .evaluate.judge import judge_from, judged
 from .thinking import ThinkIds, count_think_marks, text_after_think_end
 
 THINK_START, THINK_END = "<think>", "</think>"
@@ -389,15 +389,15 @@ def _stream(cfg: SelectConfig, records: Iterable[tuple[str, dict]], inputs: list
     """Screen every record, offer the passing ones to `picker`; the funnel. `judge_cache`: the LLM judge's cache
     unless --judge-cache names one."""
     by_id = _think_ids(cfg, inputs)
-    llm_judge = judge_from(cfg, judge_cache)
+    llm_judge = judge_from(cfg, judge_cache, log)
     removed = {key: 0 for key, _ in STEPS}
     prompts: dict[str, int] = {}  # prompt id -> traces that passed the filters, in first-seen order
     read = no_answer = kept_unverifiable = 0
-    for where, rec in records:
-        trace = read_trace(rec, where, cfg)
+    traces = (read_trace(rec, where, cfg) for where, rec in records)
+    # with a judge, a chunk's questions are asked all at once (evaluate/judge.py `judged`)
+    for trace, (reason, predicted) in judged(traces, lambda t, j: screen(t, cfg, by_id, j), llm_judge):
         read += 1
         prompts.setdefault(trace.prompt_id, 0)
-        reason, predicted = screen(trace, cfg, by_id, llm_judge)
         if reason == "empty" and removed["empty"] < 5:
             log(f"warning: {trace.where}: empty completion (counted as malformed)")
         if reason in removed:

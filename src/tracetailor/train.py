@@ -40,8 +40,10 @@ KL from the stored top-K, renormalised over its K ids, to the student's softmax 
 temperature 1, and both terms are means over the micro-batch's completion tokens
 (`kd_losses`). `save_steps` keeps `OUT/checkpoint-N` (weights, optimizer, scheduler, RNG
 and data position: the Trainer's own), and `resume_from_checkpoint` (a path, or auto for
-the latest) goes on from one: a killed run resumed so ends with the uninterrupted run's
-weights (tests/test_kd.py checks them bit for bit on CPU). `report_to` hands the logs to
+the newest complete one) goes on from one: a killed run resumed so ends with the uninterrupted run's
+weights (tests/test_kd.py checks them bit for bit on CPU). checkpoints.py writes each checkpoint aside
+and renames it when whole, refuses a resume with other settings, and a rerun over a killed run's
+checkpoints without the resume flag or --overwrite. `report_to` hands the logs to
 tensorboard or wandb too.
 
 Multi-GPU is `accelerate launch` (README, configs/accelerate_*.yaml): nothing
@@ -60,16 +62,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from .checkpoints import TrainError  # one class for train and its checkpoints (defined there: no import cycle)
 from .config import SAVE_STRATEGIES, TrainConfig
 from .errors import UserError
 from .data.chat import check_message, is_hub_id
 from .data.lengths import fit_to_length
 
 IGNORE = -100  # the label that the loss skips
-
-
-class TrainError(UserError, ValueError):
-    """The training data or output cannot be used as given; the message says where and what to do."""
 
 
 # ---------------------------------------------------------------- data
@@ -105,8 +104,26 @@ def read_examples(cfg: TrainConfig, tokenizer) -> list[Example]:
     template = _Template(tokenizer)
     examples = [row_example(row, where(i), tokenizer, template) for i, row in enumerate(rows)]
     if cfg.loss == "kd":
-        attach_teacher_topk(examples, rows, path)
+        try:
+            attach_teacher_topk(examples, rows, path)
+        except UserError:
+            raise
+        except Exception as e:  # whatever the sidecar reader raises on a damaged or foreign file: one line
+            if not _is_sidecar_error(e):
+                raise
+            raise TrainError(f"--loss kd: the teacher top-K beside {cfg.data} cannot be read ({_first_line(e)}); "
+                             "run select again on traces generated with --save-teacher-topk") from e
     return [prefill_into_completion(ex, tokenizer) for ex in examples] if cfg.prefill_in_loss else examples
+
+
+def _is_sidecar_error(e: BaseException) -> bool:
+    """A damaged or foreign Parquet file (pyarrow's errors, a missing column), not a bug of ours."""
+    return isinstance(e, (OSError, KeyError, ValueError)) or type(e).__module__.startswith("pyarrow")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0][:200] if text else "") or type(e).__name__
 
 
 PREFILL_MAX_TOKENS = 16  # a prefill is a few tokens ("<think>", "<think>\n"); longer tails are not looked for
@@ -453,21 +470,11 @@ def _require_reporter(report_to: str) -> None:
 
 
 def resume_point(cfg: TrainConfig, out: Path, say: Callable[[str], None]) -> str | None:
-    """The checkpoint directory to resume from (None: start afresh). auto: the latest OUT/checkpoint-N."""
-    if not cfg.resume_from_checkpoint:
-        return None
-    if cfg.resume_from_checkpoint in ("auto", "latest"):
-        from transformers.trainer_utils import get_last_checkpoint
+    """The checkpoint directory to resume from (None: start afresh). auto: the newest complete OUT/checkpoint-N
+    (checkpoints.py: torn ones are skipped, a torn or foreign path is refused in one line)."""
+    from .checkpoints import resume_point as find
 
-        last = get_last_checkpoint(str(out)) if out.is_dir() else None
-        say(f"resuming from {last}" if last else f"--resume-from-checkpoint auto: no checkpoint in {out}; starting afresh")
-        return last
-    path = Path(cfg.resume_from_checkpoint).expanduser()
-    if not (path / "trainer_state.json").is_file():
-        raise TrainError(f"--resume-from-checkpoint {cfg.resume_from_checkpoint}: not a checkpoint (no "
-                         "trainer_state.json); give an OUT/checkpoint-N directory that --save-steps wrote, or auto")
-    say(f"resuming from {path}")
-    return str(path)
+    return find(cfg.resume_from_checkpoint, out, say)
 
 
 # not README.md: TRL writes its own card into OUT at every checkpoint save, so a run killed mid-training would
@@ -537,16 +544,32 @@ def run_train(cfg: TrainConfig, log: Callable[[str], None] = print, callbacks: S
 
         require_token(cfg.push_to_hub)  # before the training, not after it
     say = log if _is_main() else (lambda message: None)
+    from . import checkpoints
+
     with open_run_dir(cfg) as rundir:
         out = Path(cfg.out).expanduser()
+        checkpoints.refuse_unasked_restart(out, cfg.out, cfg.resume_from_checkpoint, cfg.overwrite)
+        resume = resume_point(cfg, out, say)
         tokenizer = load_tokenizer(cfg)
         examples, cut, dropped = prepare_examples(cfg, tokenizer, say)
         model = load_for_training(cfg)
         _check_vocab(examples, model)
+        identity = _run_identity(cfg, examples)
+        checkpoints.check_resume_settings(resume, identity, say)
         if rundir is not None:
             rundir.started()  # the model and the data are loaded: a checkpoint replaced by --overwrite can go
-        resume = resume_point(cfg, out, say)
-        return _fit(cfg, out, tokenizer, examples, cut, dropped, model, say, rundir, resume, callbacks)
+            checkpoints.remove_unfinished(out)  # a checkpoint save that a killed run left half-written
+            if cfg.overwrite and not cfg.resume_from_checkpoint:
+                checkpoints.remove_checkpoints(out)  # the replaced run's: a later auto must not pick them
+        return _fit(cfg, out, tokenizer, examples, cut, dropped, model, say, rundir, resume, callbacks, identity)
+
+
+def _run_identity(cfg: TrainConfig, examples: list[Example]) -> dict[str, Any]:
+    """What each checkpoint records of this run, for a resume to compare (checkpoints.run_identity)."""
+    from .checkpoints import run_identity
+    from .data.rundir import input_identity
+
+    return run_identity(cfg.run_settings(), examples, input_identity(cfg.model, model=True))
 
 
 def _kd_trainer_class(kd_weight: float):
@@ -572,8 +595,8 @@ def _kd_trainer_class(kd_weight: float):
 
 
 def _fit(cfg: TrainConfig, out: Path, tokenizer, examples: list[Example], cut: int, dropped: int, model,
-         say: Callable[[str], None], rundir=None, resume: str | None = None, callbacks: Sequence = ()
-         ) -> dict[str, Any]:
+         say: Callable[[str], None], rundir=None, resume: str | None = None, callbacks: Sequence = (),
+         identity: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train `model` on `examples` with TRL and save the checkpoint; the run's summary."""
     use_cache = getattr(model.config, "use_cache", None)  # the Trainer turns it off; the checkpoint keeps it
     bf16, checkpointing = _auto_flags(cfg)
@@ -582,7 +605,10 @@ def _fit(cfg: TrainConfig, out: Path, tokenizer, examples: list[Example], cut: i
     from trl import SFTTrainer
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    trainer_class = _kd_trainer_class(cfg.kd_weight) if cfg.loss == "kd" else SFTTrainer
+    from .checkpoints import atomic_checkpoints
+
+    trainer_class = atomic_checkpoints(_kd_trainer_class(cfg.kd_weight) if cfg.loss == "kd" else SFTTrainer,
+                                       identity or _run_identity(cfg, examples))
     trainer = trainer_class(
         model=model,
         args=sft_config(cfg, bf16, checkpointing),
@@ -651,8 +677,16 @@ def prepare_examples(cfg: TrainConfig, tokenizer, say: Callable[[str], None]) ->
 def save_checkpoint(trainer, tokenizer, cfg: TrainConfig, out: Path) -> tuple[Path, bool]:
     """Model (or adapter) and tokenizer into `out`; with LoRA + merge, the adapter into out/adapter and the
     merged model into `out`. Every rank calls it (FSDP gathers the shards); rank 0 writes. -> (adapter dir, merged)"""
+    from .checkpoints import is_write_error, write_failed
+
     adapter_dir = out / "adapter" if cfg.lora and cfg.merge_lora else out
-    trainer.save_model(str(adapter_dir))  # a PEFT model saves its adapter only
+    try:
+        trainer.save_model(str(adapter_dir))  # a PEFT model saves its adapter only
+    except Exception as e:
+        if not is_write_error(e):
+            raise
+        raise write_failed(adapter_dir, e, "run the same command again (with --resume-from-checkpoint auto when "
+                                           "--save-steps kept checkpoints)") from e
     merged = False
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(out))  # the chat template travels with the checkpoint

@@ -241,3 +241,12 @@ def _id_tensors(matched: dict[int, int], student_to_teacher: list[tuple[int, ...
         s_idx, t_idx = zip(*singles)
         s2t_single[torch.tensor(s_idx, dtype=torch.int64)] = torch.tensor(t_idx, dtype=torch.int64)
     return t2s, s2t_single
+
+
+def bridge_between(student, teacher, log=print) -> Bridge:
+    """The bridge between two loaded models (anything with `.tokenizer` and `.vocab_size`: in-process or
+    served), saying how much they share when they are not one vocabulary."""
+    bridge = build_bridge(student.tokenizer, teacher.tokenizer, student.vocab_size, teacher.vocab_size)
+    if not bridge.identity:
+        log(f"vocabulary bridge: {bridge.shared_fraction:.2%} of the student's tokens have a teacher counterpart")
+    return bridge

@@ -321,6 +321,7 @@ def summarize(records: Iterable[dict]) -> dict[str, Any]:
     reasons: dict[str, int] = {}
     stops: dict[str, int] = {}
     lp_sum = 0.0
+    scored = 0
     for rec in records:
         n += 1
         origin = rec.get("origin", "")
@@ -329,7 +330,9 @@ def summarize(records: Iterable[dict]) -> dict[str, Any]:
         reasons[rec.get("finish_reason", "?")] = reasons.get(rec.get("finish_reason", "?"), 0) + 1
         if rec.get("stopped_by"):
             stops[rec["stopped_by"]] = stops.get(rec["stopped_by"], 0) + 1
-        lp_sum += sum(rec.get("student_logprobs", []))
+        known = [lp for lp in rec.get("student_logprobs") or [] if lp is not None]  # served: None outside top-k
+        lp_sum += sum(known)
+        scored += len(known)
     return {
         "sequences": n,
         "tokens": tokens,
@@ -337,7 +340,7 @@ def summarize(records: Iterable[dict]) -> dict[str, Any]:
         "student_tokens": tokens - teacher,
         "acceptance_rate": teacher / tokens if tokens else None,
         "fallback_rate": (tokens - teacher) / tokens if tokens else None,
-        "mean_student_logprob": lp_sum / tokens if tokens else None,
+        "mean_student_logprob": lp_sum / scored if scored else None,
         "finish_reasons": reasons,
         "stopped_by": stops,
     }

@@ -158,6 +158,13 @@ def propose(
         probs, ids = nucleus_candidates(probs, top_p)
     else:
         ids = torch.arange(probs.shape[-1], device=probs.device).expand_as(probs)
+    return _truncated_proposal(probs, ids, top_p, id_map)
+
+
+def _truncated_proposal(probs: torch.Tensor, ids: torch.Tensor, top_p: float, id_map: torch.Tensor | None
+                        ) -> Proposal:
+    """The end of `propose` and `propose_topk`: candidates in descending order (a top-k cut already
+    renormalised) -> top-p cut, ids mapped (unmapped ones lose their mass), renormalised."""
     if top_p < 1.0:
         # keep the smallest prefix (in descending order) whose mass reaches top_p
         probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)
@@ -249,16 +256,51 @@ def rsd_choose(
     params: RSDParams,
     teacher_to_student: torch.Tensor | None = None,
 ) -> Choice:
-    """One RSD step for every row (see the module docstring)."""
+    """One RSD step for every row (see the module docstring), from full-vocabulary distributions."""
     q = propose(teacher_logits, params.teacher_temperature, params.top_k, 1.0, teacher_to_student)
     fallback = student_top_k(student_probs, params.top_k)
     truncated = 0 < params.top_k < student_probs.shape[-1]
     in_a = accept_mask(q, student_probs, fallback if truncated else None, params.threshold)
+    return rsd_draw(q, fallback, in_a, keys, params.trials)
 
+
+def rsd_choose_topk(teacher: "TopKBatch", student: "TopKBatch", keys: DrawKeys, params: RSDParams,
+                    teacher_to_student: torch.Tensor | None = None) -> Choice:
+    """One RSD step from what a server gives: each side's top-k ids and log-probs (at temperature 1, of the
+    full distribution), rows ordered likeliest first with ties by the lowest id (`top_k_set`'s order). With
+    k = `params.top_k` this is the law of `rsd_choose` exactly: the proposal is the teacher's top-k at
+    `teacher_temperature`, renormalised; A and the fallback are the student's top-k, with p(x) its own."""
+    q = propose_topk(teacher, params.teacher_temperature, 1.0, teacher_to_student)
+    fallback = Proposal(student.logprobs.exp() / student.logprobs.exp().sum(-1, keepdim=True), student.ids)
+    p_x = torch.where(q.ids.unsqueeze(-1) == student.ids.unsqueeze(-2), student.logprobs.exp().unsqueeze(-2),
+                      0.0).amax(-1)  # p(x) for candidates in the student's top-k, 0 elsewhere
+    in_a = (q.ids >= 0) & (q.probs > 0) & (p_x >= params.threshold) & (p_x > 0)
+    return rsd_draw(q, fallback, in_a, keys, params.trials)
+
+
+@dataclass(frozen=True)
+class TopKBatch:
+    """Rows of top-k distributions: `ids` [B, k] (long) and `logprobs` [B, k] (float64), likeliest first."""
+
+    ids: torch.Tensor
+    logprobs: torch.Tensor
+
+
+def propose_topk(dist: TopKBatch, temperature: float = 1.0, top_p: float = 1.0,
+                 id_map: torch.Tensor | None = None) -> Proposal:
+    """`propose` over a top-k that a server gave: softmax of the log-probs at `temperature` over the k (what
+    `propose` computes after its top-k cut), then top-p, mapped through `id_map`, renormalised."""
+    probs = torch.softmax(dist.logprobs.double() / temperature, dim=-1)
+    return _truncated_proposal(probs, dist.ids, top_p, id_map)
+
+
+def rsd_draw(q: Proposal, fallback: Proposal, in_a: torch.Tensor, keys: DrawKeys, trials: int) -> Choice:
+    """The draws of one RSD step: up to `trials` draws from `q`, the first in `in_a` emitted; else (or with
+    trials = 0, `q` restricted to `in_a` when it has mass) a draw from `fallback`."""
     # every draw of the step in one call: the trials (or the constrained draw), then the fallback
-    u = keys.uniform(list(range(params.trials)) + [FALLBACK] if params.trials > 0 else [CONSTRAINED, FALLBACK])
+    u = keys.uniform(list(range(trials)) + [FALLBACK] if trials > 0 else [CONSTRAINED, FALLBACK])
     u_fallback = u[:, -1]
-    if params.trials > 0:
+    if trials > 0:
         drawn = sample_index(q.probs, u[:, :-1])  # [B, trials]
         hit = in_a.gather(-1, drawn) & (q.probs.sum(-1, keepdim=True) > 0)
         accepted = hit.any(-1)

@@ -40,7 +40,7 @@ from typing import Any, Iterable, Sequence
 
 from ..config import EvalConfig
 from ..data.traces import AtomicWriter
-from .judge import judge_from
+from .judge import judge_from, judged
 from .answers import (THINK_END, check_answer, extract_answer, is_correct, multiple_choice_letter, normalize,
                       require_math_verify)
 from .lighteval_files import write_lighteval_files
@@ -238,14 +238,11 @@ def load_specs(cfg: EvalConfig) -> tuple[dict[str, BenchmarkSpec], dict[str, lis
 
 def run_eval(cfg: EvalConfig, log=print) -> dict[str, Any]:
     """Run `eval` end to end; return the summary written to OUT/summary.json."""
-    from ..models import load_model
-
     cfg.validate()
     started = time.time()
     specs, benchmarks = load_specs(cfg)
     with open_run_dir(cfg, list(specs)) as rundir:
-        model = load_model(cfg.model, gguf_file=cfg.gguf_file, device=cfg.device, dtype=cfg.dtype,
-                           trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle, role="model")
+        model = _load(cfg, log)
         prefill = resolve_prefill(cfg.prefill, model.tokenizer)
         thinking = uses_thinking(prefill)
         rundir.started()
@@ -256,7 +253,7 @@ def run_eval(cfg: EvalConfig, log=print) -> dict[str, Any]:
         rundir.begin()
         log(f"model {model.name}; prefill {prefill!r}" + (" (thinking: graded after </think>)" if thinking else ""))
         engine = _engine(cfg, model)
-        judge = judge_from(cfg, rundir.path("judge-cache.jsonl"))
+        judge = judge_from(cfg, rundir.path("judge-cache.jsonl"), log)
         results = {name: eval_benchmark(name, specs[name], items, cfg, model, engine, prefill, thinking,
                                         rundir.root, log, judge=judge) for name, items in benchmarks.items()}
         summary = _summary(cfg, model.name, prefill, thinking, results, judge)
@@ -270,11 +267,29 @@ def run_eval(cfg: EvalConfig, log=print) -> dict[str, Any]:
     return summary
 
 
+def _load(cfg: EvalConfig, log):
+    """The model in this process, or (--model-url) its tokenizer with its servers probed."""
+    if cfg.model_url:
+        from ..serving.load import load_served, make_client
+
+        return load_served("model", cfg.model, cfg.model_url, cfg.protocol, cfg.served_name, make_client(cfg),
+                           k=1, gguf_file=cfg.gguf_file, trust_remote_code=cfg.trust_remote_code, log=log)
+    from ..models import load_model
+
+    return load_model(cfg.model, gguf_file=cfg.gguf_file, device=cfg.device, dtype=cfg.dtype,
+                      trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle, role="model")
+
+
 def _engine(cfg: EvalConfig, model):
     from ..decoding.engine import DecodeSettings, Engine
 
     settings = DecodeSettings(mode="student", temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                               seed=cfg.seed)
+    if cfg.model_url:
+        from ..serving.engine import ServedEngine
+
+        return ServedEngine(model.model, settings=settings, eos_ids=set(model.eos_ids()),
+                            rows_in_flight=cfg.max_in_flight, server_sampling=True)
     return Engine(model.model, settings=settings, eos_ids=set(model.eos_ids()), batch_size=cfg.batch_size,
                   kv_cache=cfg.kv_cache)
 
@@ -310,10 +325,14 @@ def eval_benchmark(name: str, spec: BenchmarkSpec, items: list[Item], cfg: EvalC
     tokens, started = 0, time.perf_counter()
     try:
         with TraceWriter(path) as writer:
-            for fin in sample(engine, requests, log):  # out of memory: half the batch, go on
+            def grade(fin, with_judge):
                 prompt, s = handles[fin.handle]
-                record = sample_record(name, by_id[prompt.prompt_id], s, fin, tok, eos, thinking, cfg.answer_mode,
-                                       judge)
+                return sample_record(name, by_id[prompt.prompt_id], s, fin, tok, eos, thinking, cfg.answer_mode,
+                                     with_judge)
+
+            # out of memory: half the batch, go on; with a judge, up to a batch of finished samples wait while
+            # their questions are asked at once (evaluate/judge.py `judged`)
+            for fin, record in judged(sample(engine, requests, log), grade, judge, chunk=cfg.batch_size):
                 tokens += len(fin.token_ids)
                 writer.write(record)
                 records.append(record)

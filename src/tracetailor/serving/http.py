@@ -91,6 +91,7 @@ class HttpClient:
 
             connector = aiohttp.TCPConnector(limit=self.max_in_flight, limit_per_host=0, ttl_dns_cache=300)
             self._session = aiohttp.ClientSession(connector=connector, headers=self._headers)
+            self._timeout = aiohttp.ClientTimeout(total=self.timeout)
             self._slots = asyncio.Semaphore(self.max_in_flight)
         return self._session
 
@@ -120,8 +121,8 @@ class HttpClient:
                 async with self._slots:
                     self.stats["requests"] += 1
                     self.stats["bytes_sent"] += len(body or b"")
-                    status, data = await asyncio.wait_for(self._attempt(session, method, url, body), self.timeout)
-            except asyncio.TimeoutError:
+                    status, data = await self._attempt(session, method, url, body)
+            except asyncio.TimeoutError:  # aiohttp's total timeout: connect, send and the whole reply
                 last = f"no complete reply within {self.timeout:g} s"
                 continue
             except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, ConnectionError) as e:
@@ -145,7 +146,7 @@ class HttpClient:
                           "serves this endpoint")
 
     async def _attempt(self, session, method: str, url: str, body: bytes | None) -> tuple[int, bytes]:
-        async with session.request(method, url, data=body) as reply:
+        async with session.request(method, url, data=body, timeout=self._timeout) as reply:
             size = reply.content_length
             if size is not None and size > self.max_reply_bytes:
                 raise _TooLarge(f"Content-Length {size}")

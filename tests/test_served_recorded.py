@@ -1,0 +1,89 @@
+"""The served client's readers against recorded replies in the exact shapes of vLLM 0.33 (rendered field for
+field from its source) and llama-server (real captures): tests/data/served/, docs/serving-protocols.md.
+vLLM cannot run on this machine; these are the paths of the client that only its replies exercise."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from test_http_client import LocalServer
+from tracetailor.serving.http import HttpClient, ServerError, run_sync
+from tracetailor.serving.protocol import LlamaCppProtocol, OpenAIProtocol
+
+DATA = Path(__file__).parent / "data" / "served"
+
+
+def fixture(name: str) -> dict:
+    return json.loads((DATA / f"{name}.json").read_text())
+
+
+def tops(dist):
+    return [[i, pytest.approx(lp, abs=1e-6)] for i, lp in zip(dist.ids, dist.logprobs)]
+
+
+def test_vllm_generated_logprobs_read_as_ids():
+    f = fixture("vllm_completion_logprobs")
+    ids, dists = OpenAIProtocol(None).read_generation(f["response"], f["request"]["logprobs"], "vllm")
+    assert ids == [e["token"] for e in f["expected"]]
+    assert [tops(d) for d in dists] == [e["top"] for e in f["expected"]]
+
+
+def test_vllm_sampled_token_outside_the_topk_is_not_taken_into_it():
+    """vLLM shows the sampled token first, then the top-k: k + 1 entries when it ranks below k."""
+    f = fixture("vllm_completion_logprobs_sampled_outside_topk")
+    k = f["request"]["logprobs"]
+    assert len(f["response"]["choices"][0]["logprobs"]["top_logprobs"][0]) == k + 1
+    ids, dists = OpenAIProtocol(None).read_generation(f["response"], k, "vllm")
+    assert ids == [f["expected"][0]["token"]] and tops(dists[0]) == f["expected"][0]["top"]
+    assert dists[0].logprob_of(ids[0]) is None  # outside the top-k: null in a record
+
+
+def test_vllm_prompt_logprobs_give_the_drafted_positions():
+    f = fixture("vllm_prompt_logprobs")
+    guesses = f["expected"]["guess_positions"]
+    start = len(f["request"]["prompt"]) - len(guesses)
+    dists = OpenAIProtocol(None).read_verify(f["response"], start, f["request"]["prompt_logprobs"], "vllm")
+    assert [tops(d) for d in dists[:-1]] == [g["top"] for g in guesses]
+    assert tops(dists[-1]) == f["expected"]["after_last_guess"][0]["top"]
+
+
+def test_vllm_tokens_as_text_are_refused_in_one_line():
+    f = fixture("vllm_completion_logprobs_strings")
+    with pytest.raises(ServerError, match="as text, not as an id"):
+        OpenAIProtocol(None).read_generation(f["response"], f["request"]["logprobs"], "vllm")
+
+
+@pytest.mark.parametrize("name, says", [("vllm_error_logprobs_cap", "greater than max allowed: 20"),
+                                        ("vllm_error_prompt_logprobs_cap", "max allowed"),
+                                        ("vllm_error_model_not_found", "does not exist")])
+def test_vllm_errors_come_back_as_one_line(name, says):
+    f = fixture(name)
+
+    async def reply(request, n):
+        return web.json_response(f["response"], status=f["status"])
+    server = LocalServer({"/v1/completions": reply})
+    try:
+        async def go():
+            async with HttpClient() as client:
+                return await client.post_json(server.url + "/v1/completions", f["request"])
+        with pytest.raises(ServerError) as e:
+            run_sync(go())
+        assert says in str(e.value) and "\n" not in str(e.value) and f"HTTP {f['status']}" in str(e.value)
+        assert server.hits["/v1/completions"] == 1  # a 4xx is not retried
+    finally:
+        server.stop()
+
+
+def test_llamacpp_native_reply_reads_ids_and_topk():
+    f = fixture("llamacpp_completion_native")
+    k = f["request"]["n_probs"]
+    ids, dists = LlamaCppProtocol().read_generation(f["response"], k, "llama.cpp")
+    probs = f["response"]["completion_probabilities"]
+    assert ids == f["response"]["tokens"] == [p["id"] for p in probs]
+    for d, p in zip(dists, probs):
+        assert list(d.ids) == [t["id"] for t in p["top_logprobs"]]
+        assert list(d.logprobs) == pytest.approx([t["logprob"] for t in p["top_logprobs"]])
