@@ -55,6 +55,26 @@ def tiny_pair(tmp_path_factory) -> dict:
 
 
 @pytest.fixture
+def warned():
+    """The lines said through the `tracetailor` logger at level WARNING or above while the test runs (what
+    `tracetailor.errors.warn` says: `warning: ...`)."""
+    import logging
+
+    lines: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+
+    handler, logger = Keep(logging.WARNING), logging.getLogger("tracetailor")
+    logger.addHandler(handler)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+
+
+@pytest.fixture
 def stub_server():
     """An OpenAI-compatible stub on 127.0.0.1 for the served client's error paths (tests/stub_server.py):
     `.plan("429", "hang", ...)` queues faults, `.kill()` / `.restart()`, `.requests`, `.url`."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -268,43 +267,41 @@ def test_histogram_png_has_one_curve_per_dataset(tiny_pair, traces, tmp_path, mo
     assert len(seen["labels"]) == 2 and seen["labels"][0].startswith("RSD (")
 
 
-def test_missing_matplotlib_skips_the_png_with_a_hint(tmp_path, monkeypatch):
+def test_missing_matplotlib_skips_the_png_with_a_hint(tmp_path, monkeypatch, warned):
     import tracetailor.score as score
 
     for mod in ("matplotlib", "matplotlib.figure", "matplotlib.backends", "matplotlib.backends.backend_agg"):
         monkeypatch.setitem(sys.modules, mod, None)
-    with pytest.warns(UserWarning, match="pip install matplotlib"):
-        assert score.plot_logprob_hist({"a": np.zeros(3)}, tmp_path / "h.png") is None
+    assert score.plot_logprob_hist({"a": np.zeros(3)}, tmp_path / "h.png") is None
+    assert len(warned) == 1 and warned[0].startswith("warning: matplotlib is not installed") and "pip install matplotlib" in warned[0]
     assert not (tmp_path / "h.png").exists()
 
 
-def test_a_run_without_matplotlib_does_not_claim_the_png(tiny_pair, traces, tmp_path, monkeypatch):
+def test_a_run_without_matplotlib_does_not_claim_the_png(tiny_pair, traces, tmp_path, monkeypatch, warned):
     """The last line names the files written: no logprob_hist.png when matplotlib is missing (nor an old one left)."""
     for mod in ("matplotlib", "matplotlib.figure", "matplotlib.backends", "matplotlib.backends.backend_agg"):
         monkeypatch.setitem(sys.modules, mod, None)
     (tmp_path / "logprob_hist.png").write_bytes(b"an earlier run's plot")
     logs = []
-    with pytest.warns(UserWarning, match="pip install matplotlib"):
-        stats = run_score(_cfg(tiny_pair, tmp_path, [traces / "rsd"], overwrite=True), log=logs.append)
+    stats = run_score(_cfg(tiny_pair, tmp_path, [traces / "rsd"], overwrite=True), log=logs.append)
+    assert any("pip install matplotlib" in line for line in warned)
     assert "logprob_hist.png" not in logs[-1] and "per_example.jsonl" in logs[-1]
     assert not (tmp_path / "logprob_hist.png").exists() and "logprob_hist.png" not in stats["files"]
     assert "viewer.html" in logs[-1] and (tmp_path / "viewer.html").exists()
 
 
-def test_long_examples_are_cut_with_one_counted_warning(tiny_pair, traces, tmp_path):
+def test_long_examples_are_cut_with_one_counted_warning(tiny_pair, traces, tmp_path, warned):
     logged = _jsonl(traces / "rsd" / "traces.jsonl")
     max_length = 40
     too_long = [r for r in logged if len(r["prompt_token_ids"]) + len(r["completion_token_ids"]) > max_length]
     no_room = [r for r in too_long if len(r["prompt_token_ids"]) >= max_length]
     assert len(too_long) - len(no_room) >= 2, "fixture should have examples to cut"
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        stats = run_score(_cfg(tiny_pair, tmp_path, [traces / "rsd"], max_length=max_length), log=lambda m: None)
-    cut_warnings = [w for w in caught if "longer than --max-length" in str(w.message)]
-    assert len(cut_warnings) == 1
-    assert f"{len(too_long) - len(no_room)} example(s)" in str(cut_warnings[0].message)
+    stats = run_score(_cfg(tiny_pair, tmp_path, [traces / "rsd"], max_length=max_length), log=lambda m: None)
+    cut_warnings = [line for line in warned if "longer than --max-length" in line]
+    assert len(cut_warnings) == 1 and cut_warnings[0].startswith("warning: ")
+    assert f"{len(too_long) - len(no_room)} example(s)" in cut_warnings[0]
     if no_room:
-        assert f"{len(no_room)} whose prompt alone fills it were skipped" in str(cut_warnings[0].message)
+        assert f"{len(no_room)} whose prompt alone fills it were skipped" in cut_warnings[0]
     assert stats["datasets"]["rsd"]["truncated"] == len(too_long) - len(no_room)
     by_id = {r["id"]: r for r in logged}
     for rec in _jsonl(tmp_path / "tokens_rsd.jsonl"):

@@ -16,7 +16,7 @@ import torch
 from test_engine_bridge import bridged  # noqa: F401  (a module fixture: two tokenizers and a bridge)
 from test_generate import _cfg, _records
 from tracetailor.config import ConfigError
-from tracetailor.data.topk import TopkError, part_files, read_sidecar, rows_table, write_parquet_atomic
+from tracetailor.data.topk import part_files, read_sidecar, rows_table, write_parquet_atomic
 from tracetailor.decoding.engine import DecodeSettings, Engine, Request
 from tracetailor.decoding.rules import RSDParams, prompt_key
 from tracetailor.generate import run_generate
@@ -144,7 +144,9 @@ def test_killed_between_part_and_lines_resumes_to_exactly_the_finished_records(t
         np.testing.assert_allclose(rows[rid][1], whole_rows[rid][1], atol=1e-2)
 
 
-def test_trace_records_without_rows_are_refused_on_resume(tiny_pair, topk_runs, tmp_path):
+def test_trace_records_without_rows_are_generated_again_on_resume(tiny_pair, topk_runs, tmp_path, warned):
+    """A row removed from the sidecar: its trace line goes too (said in one warning), and the resumed run makes
+    both again, equal to the uninterrupted run's (issue 23: what a lost row held is regenerated, not refused)."""
     import shutil
 
     out = tmp_path / "edited"
@@ -153,8 +155,13 @@ def test_trace_records_without_rows_are_refused_on_resume(tiny_pair, topk_runs, 
     first = part_files(out)[0]
     table = __import__("pyarrow.parquet").parquet.read_table(first)
     write_parquet_atomic(first, table.slice(1))
-    with pytest.raises(TopkError, match="no teacher top-K rows for 1 trace record"):
-        run_generate(_cfg(tiny_pair, out, save_teacher_topk=K), **QUIET)
+    lost = table.column("id")[0].as_py()
+    run_generate(_cfg(tiny_pair, out, save_teacher_topk=K), **QUIET)
+    said, = [line for line in warned if "teacher top-K" in line]
+    assert "1 finished trace(s) had no usable teacher top-K row (a part was removed)" in said and repr(lost) in said
+    whole, resumed, rows = _records(topk_runs["lockstep"]), _records(out), _sidecar(out)
+    assert resumed.keys() == whole.keys() == rows.keys()
+    assert resumed[lost]["completion_token_ids"] == whole[lost]["completion_token_ids"]
 
 
 def test_sidecar_bytes_per_token_at_k20():

@@ -294,7 +294,11 @@ def _drive(ray, cfg: GenerateConfig, rundir, log) -> dict[str, Any]:
     pending = [(i, s) for i, p in enumerate(prompts) for s in range(cfg.samples)
                if record_id(p.prompt_id, s) not in done]
     rundir.started()
-    sync_sidecar(out, cfg)  # the teacher's top-K rows: exactly the finished records
+    lost = sync_sidecar(out, cfg)  # the teacher's top-K rows: exactly the finished records
+    if lost:  # finished records whose row was lost (their lines removed): generated again
+        done -= lost
+        pending = [(i, s) for i, p in enumerate(prompts) for s in range(cfg.samples)
+                   if record_id(p.prompt_id, s) not in done]
     if not rundir.run_json.exists() or pending:
         # a first version now, so that workers can check they see OUT; the models' own names come with them
         rundir.write_run_json(dataclasses.asdict(cfg), seed=cfg.seed, **run_info(cfg.student, cfg.teacher, None))
@@ -316,7 +320,7 @@ def _drive(ray, cfg: GenerateConfig, rundir, log) -> dict[str, Any]:
 
         driver = _Driver(ray, cfg, out, prompts, shards, log, on_first_ready=write_run_json)
         totals, skipped, context, seconds = driver.run()
-        warn_skipped(skipped, context)
+        warn_skipped(skipped, prompts, context, cfg.max_length)
         write_run_json(driver.infos)
         extra = {"workers": driver.n, "worker_deaths": totals["deaths"], "shards": len(shards),
                  "worker_seconds": round(totals["worker_seconds"], 3)}

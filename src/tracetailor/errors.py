@@ -2,7 +2,9 @@
 
 Every such error of tracetailor derives from `UserError`; the CLI catches it in one place
 (cli.py) and prints its message as one line with exit status 2. Anything else is a bug
-and keeps its traceback. This module holds no logic. See docs/architecture.md.
+and keeps its traceback. `warn` is the one way a command warns: a `warning: ...` line through
+the `tracetailor` logger (never Python's warnings format, with its file and line). See
+docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -14,3 +16,11 @@ class UserError(Exception):
 
 class OutputDirError(UserError, ValueError):
     """An output directory (or file) that cannot be used as given: another run's, locked, not writable."""
+
+
+def warn(message: str) -> None:
+    """Say `message` as one `warning: ...` line through the `tracetailor` logger (the CLI prints it on stderr;
+    without a handler, Python's last-resort handler prints the same line)."""
+    import logging
+
+    logging.getLogger("tracetailor").warning(f"warning: {message}")

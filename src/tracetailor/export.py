@@ -63,11 +63,42 @@ class ExportConfig(Settings):
 # ---------------------------------------------------------------- what SRC is
 
 
-def _json(path: Path) -> dict[str, Any]:
+def _json(path: Path, *sections: str) -> dict[str, Any]:
+    """The JSON object in `path`, whose `sections` (if any) must be objects too: anything else is one line."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise ExportError(f"{path}: cannot read it as JSON ({e}); is the run that wrote it finished?") from e
+    for key, value in ((None, data), *((k, data.get(k) if isinstance(data, dict) else None) for k in sections)):
+        if not isinstance(value, dict):
+            what = "it holds" if key is None else f"its {key!r} is"
+            raise ExportError(f"{path}: {what} {_kind_of(value)}, not a JSON object; it is not the file a "
+                              "tracetailor run writes there (rerun that command, or give another source)")
+    return data
+
+
+def _kind_of(value: Any) -> str:
+    return "nothing" if value is None else f"a {type(value).__name__}"
+
+
+def check_out(src: Path, out: Path) -> None:
+    """OUT may be neither SRC nor inside it (export would write into the run it reads), nor hold it."""
+    src_at, out_at = src.resolve(), out.expanduser().resolve()
+    if out_at == src_at or src_at in out_at.parents or (src.is_file() and out_at == src_at.parent):
+        raise ExportError(f"--out {out}: inside the source {src} (or the same place); export writes data/, "
+                          "README.md and export.json there: choose a directory outside it")
+
+
+def check_repo_id(repo_id: str) -> None:
+    """A Hub repo id's form (name or namespace/name), before any token is looked for or anything written."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ExportError(f"--push-to-hub {repo_id!r}: not a valid Hub repo id ({first}); give it as "
+                          "namespace/name, e.g. me/rsd-traces") from None
 
 
 def detect_kind(src: Path) -> str:
@@ -99,20 +130,38 @@ def read_rows(src: Path, kind: str) -> list[dict]:
         return [r for path in trace_files(src) for r in read_records(path)]
     if kind == "sft":
         return list(read_records(src))
-    summary = _json(src / "summary.json")
-    return [r for b in summary["benchmarks"].values() for r in read_records(src / b["file"])]
+    return [r for path in eval_files(src) for r in read_records(path)]
+
+
+def eval_files(src: Path) -> list[Path]:
+    """The sample files that summary.json names, each inside SRC (a name that leads out of it is refused)."""
+    summary = _json(src / "summary.json", "benchmarks")
+    files = []
+    for name, bench in summary["benchmarks"].items():
+        file = bench.get("file") if isinstance(bench, dict) else None
+        path = (src / file).resolve() if isinstance(file, str) and file else None
+        if path is None or src.resolve() not in path.parents:
+            raise ExportError(f"{src / 'summary.json'}: benchmark {name!r} names the file {file!r}, which is not a "
+                              f"file inside {src}; export reads only the eval directory's own files")
+        files.append(path)
+    return files
 
 
 def provenance(src: Path, kind: str) -> dict[str, Any]:
     """What the card tells of how SRC was made: the run.json, stats/funnel/summary, and the generate runs
     an SFT set came from."""
     if kind == "traces":
-        return {"run": _json(src / "run.json"), "stats": _json(src / "stats.json")}
+        return {"run": _json(src / "run.json", "config"), "stats": _json(src / "stats.json")}
     if kind == "eval":
-        return {"run": _json(src / "run.json"), "summary": _json(src / "summary.json")}
+        return {"run": _json(src / "run.json", "config"), "summary": _json(src / "summary.json")}
     funnel = _json(Path(f"{src}.funnel.json"))
-    folders = sorted({Path(p).parent for p in funnel.get("inputs", [])})
-    return {"funnel": funnel, "sources": {str(f): _json(f / "run.json") for f in folders if (f / "run.json").is_file()}}
+    inputs = funnel.get("inputs", [])
+    if not isinstance(inputs, list) or not all(isinstance(p, str) for p in inputs):
+        raise ExportError(f"{src}.funnel.json: its 'inputs' is not a list of trace files; it is not the funnel "
+                          "select writes (run select again)")
+    folders = sorted({Path(p).parent for p in inputs})
+    return {"funnel": funnel,
+            "sources": {str(f): _json(f / "run.json", "config") for f in folders if (f / "run.json").is_file()}}
 
 
 # ---------------------------------------------------------------- Parquet
@@ -191,7 +240,7 @@ def size_category(n: int) -> str:
 def models_of(kind: str, made: dict[str, Any]) -> dict[str, str]:
     """{role: model} of the run(s) behind the data."""
     if kind == "eval":
-        return {"model": made["run"].get("model") or made["run"]["config"].get("model")}
+        return {"model": made["run"].get("model") or made["run"]["config"].get("model") or "unknown"}
     runs = [made["run"]] if kind == "traces" else list(made["sources"].values())
     found: dict[str, str] = {}
     for run in runs:
@@ -273,9 +322,14 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = print) -> dict[st
 
     cfg.validate()
     if cfg.push_to_hub:
+        check_repo_id(cfg.push_to_hub)
         require_token(cfg.push_to_hub)
     src = Path(cfg.src[0]).expanduser()
     kind = detect_kind(src)
+    check_out(src, Path(cfg.out))
+    if cfg.push_to_hub and not cfg.overwrite and _finished_alike(cfg, src):
+        log(f"{cfg.out} holds this export, finished: uploading it")
+        return {**_json(Path(cfg.out).expanduser() / "export.json"), "pushed": _push(cfg, src, log)}
     rows = read_rows(src, kind)
     if not rows:
         raise ExportError(f"{src}: holds no rows; nothing to export")
@@ -295,7 +349,27 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = print) -> dict[st
                                 "json_columns": as_json, "settings": asdict(cfg)})  # export.json last: finished
     log(f"exported {len(rows)} rows of {KINDS[kind]} to {path} with its card {rundir.path('README.md')}")
     if cfg.push_to_hub:
-        result["pushed"] = push_folder(rundir.root, cfg.push_to_hub, repo_type="dataset", private=cfg.private,
-                                       allow_patterns=["README.md", "data/*.parquet", f"{TOPK_DIR}/*.parquet"],
-                                       message=f"tracetailor export of {src.name}", log=log)
+        result["pushed"] = _push(cfg, src, log)
     return result
+
+
+def _finished_alike(cfg: ExportConfig, src: Path) -> bool:
+    """OUT holds a finished export (export.json) of the same source and settings: a rerun only uploads it (the
+    retry of an upload that failed)."""
+    marker = Path(cfg.out).expanduser() / "export.json"
+    try:
+        done = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    now = asdict(cfg)
+    return ((marker.parent / "data" / PARQUET_NAME).is_file() and isinstance(done, dict) and done.get("src") == str(src) and isinstance(done.get("settings"), dict)
+            and {k: v for k, v in done["settings"].items() if k != "overwrite"}
+            == {k: v for k, v in now.items() if k != "overwrite"})
+
+
+def _push(cfg: ExportConfig, src: Path, log) -> str:
+    return push_folder(Path(cfg.out).expanduser(), cfg.push_to_hub, repo_type="dataset", private=cfg.private,
+                       allow_patterns=["README.md", "data/*.parquet", f"{TOPK_DIR}/*.parquet"],
+                       message=f"tracetailor export of {src.name}",
+                       log=log, later="run the same command again: it uploads the finished dataset without writing "
+                       "it again")

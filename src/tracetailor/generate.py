@@ -65,14 +65,18 @@ def _run_here(cfg: GenerateConfig, rundir: RunDir, log) -> dict[str, Any]:
     prompts = load_prompt_set(cfg, student.tokenizer, context)
     check_prompts_unchanged(prompt_texts, prompts)
 
-    # prompts that leave no room to generate are skipped, counted and named
-    pending = ((p, s) for p in prompts for s in range(cfg.samples) if record_id(p.prompt_id, s) not in done)
-    requests, handles, skipped = build_requests(pending, bridge, token_budget(context, cfg.max_length),
-                                                cfg.max_new_tokens)
-    warn_skipped(skipped, context)
+    def plan():  # prompts that leave no room to generate are skipped, counted and named
+        pending = ((p, s) for p in prompts for s in range(cfg.samples) if record_id(p.prompt_id, s) not in done)
+        return build_requests(pending, bridge, token_budget(context, cfg.max_length), cfg.max_new_tokens)
+
+    requests, handles, skipped = plan()
+    warn_skipped(skipped, prompts, context, cfg.max_length)  # none that fits: refused before anything changes
 
     rundir.started()  # models loaded, prompts read: a run replaced by --overwrite can go
-    sync_sidecar(out, cfg)  # the teacher's top-K rows: exactly the finished records
+    lost = sync_sidecar(out, cfg)  # the teacher's top-K rows: exactly the finished records
+    if lost:  # finished records whose row was lost: their lines are gone, they are generated again
+        done -= lost
+        requests, handles, skipped = plan()
     rundir.write_run_json(dataclasses.asdict(cfg), seed=cfg.seed,
                           **run_info(student.name, teacher.name if teacher else None, bridge,
                                      served_info(student, teacher)))

@@ -72,8 +72,9 @@ def require_token(repo_id: str) -> None:
 def push_folder(folder: Path, repo_id: str, *, repo_type: str, private: bool = False,
                 allow_patterns: list[str] | None = None, ignore_patterns: list[str] | None = None,
                 message: str = "Upload with tracetailor",
-                log: Callable[[str], None] = print) -> str:
-    """Create `repo_id` (kept if it exists) and upload `folder` to it in one commit; the commit's URL."""
+                log: Callable[[str], None] = print, later: str | None = None) -> str:
+    """Create `repo_id` (kept if it exists) and upload `folder` to it in one commit; the commit's URL. `later`: how
+    to retry, for the message of a failed upload (default: upload the folder later)."""
     from huggingface_hub import HfApi
 
     api = HfApi()
@@ -85,7 +86,8 @@ def push_folder(folder: Path, repo_id: str, *, repo_type: str, private: bool = F
     except Exception as e:  # no token, no access, offline: one line, with what to do
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise HubError(f"--push-to-hub {repo_id}: the upload failed ({type(e).__name__}: {first}); log in with "
-                       f"`hf auth login` or set HF_TOKEN, check the repo name, or upload {folder} later") from e
+                       f"`hf auth login` or set HF_TOKEN, check the repo name; then {later or f'upload {folder} later'}"
+                       ) from e
     url = getattr(commit, "commit_url", None) or str(commit)
     log(f"pushed {folder} to https://huggingface.co/{'datasets/' if repo_type == 'dataset' else ''}{repo_id}")
     return url

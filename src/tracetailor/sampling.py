@@ -12,7 +12,6 @@ decoding/; the files are data/. See docs/architecture.md ("The sampling path").
 from __future__ import annotations
 
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -21,7 +20,7 @@ from .data.rundir import RunDir, tokens_per_second, versions
 from .data.traces import TRACE_GLOBS, TraceRecord, finished_ids, read_records, summarize, trace_files, write_json_atomic
 from .decoding.engine import DecodeSettings, Engine, Finished, Request, run_halving_on_oom
 from .decoding.rules import RSDParams, prompt_key
-from .errors import OutputDirError
+from .errors import OutputDirError, UserError, warn
 
 
 def stop_checker(tokenizer, stops: list[str]):
@@ -136,7 +135,8 @@ def build_requests(pairs, bridge, context: int | None, max_new_tokens: int):
         if id(p) not in seen:
             teacher_ids = bridge.to_teacher(p.token_ids) if bridge is not None else None
             longest = max(len(p.token_ids), len(teacher_ids or []))
-            if context is not None and (getattr(p, "over_cap", False) or longest >= context):
+            if getattr(p, "invalid", None) or (context is not None and (getattr(p, "over_cap", False)
+                                                                      or longest >= context)):
                 seen[id(p)] = None
                 skipped.append(p.prompt_id)
             else:
@@ -151,11 +151,48 @@ def build_requests(pairs, bridge, context: int | None, max_new_tokens: int):
     return requests, handles, skipped
 
 
-def warn_skipped(skipped: list[str], context: int | None) -> None:
-    if skipped:
-        names = ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else "")
-        warnings.warn(f"skipped {len(skipped)} prompt(s) longer than the context ({context} tokens): {names}",
-                      stacklevel=3)
+class NothingFits(UserError, ValueError):
+    """Every prompt was skipped: nothing can be generated."""
+
+
+def limit_name(context: int | None, max_length: int | None) -> str:
+    """The limit a sequence must fit, as messages name it: `max_length (5 tokens)` when it is the smaller one,
+    else `the context (512 tokens)`."""
+    if max_length and (context is None or max_length < context):
+        return f"max_length ({max_length} tokens, prompt and completion together)"
+    return f"the context ({context} tokens)"
+
+
+def skipped_lines(skipped: list[str], prompts: Iterable, context: int | None, max_length: int | None,
+                  noun: str = "prompt") -> list[str]:
+    """One line per reason prompts were skipped (`build_requests`): longer than the limit, or no Unicode text."""
+    invalid = {p.prompt_id: p.invalid for p in prompts if getattr(p, "invalid", None)}
+    from .data.prompts import shown_id
+
+    def names(ids: list[str], why: bool = False) -> str:
+        return ", ".join(shown_id(i) + (f" ({invalid[i]})" if why else "") for i in ids[:5]) + (
+            " ..." if len(ids) > 5 else "")
+
+    long = [i for i in skipped if i not in invalid]
+    bad = [i for i in skipped if i in invalid]
+    lines = [f"skipped {len(long)} {noun}(s) longer than {limit_name(context, max_length)}: {names(long)}"] if long else []
+    if bad:
+        lines.append(f"skipped {len(bad)} {noun}(s) holding text that no tokenizer can read (JSON can escape half "
+                     f"of a UTF-16 pair; it is not Unicode text): {names(bad, why=True)}; fix those rows")
+    return lines
+
+
+def warn_skipped(skipped: list[str], prompts: list, context: int | None, max_length: int | None = None) -> None:
+    """Say which prompts were skipped and why, one warning line per reason; refuse a run in which no prompt at
+    all can be generated (`NothingFits`)."""
+    lines = skipped_lines(skipped, prompts, context, max_length)
+    if prompts and len(set(skipped)) >= len(prompts):
+        fix = ("raise --max-length" if max_length and (context is None or max_length < context)
+               else "shorten the prompts, or use models with a longer context")
+        raise NothingFits(f"no prompt can be generated: {'; '.join(lines)}"
+                          + (f"; {fix}" if "longer than" in lines[0] else ""))
+    for line in lines:
+        warn(line)
 
 
 def end_ids(student, end_tokens: list[str] | None = None) -> set[int]:
@@ -304,16 +341,18 @@ def finished_in(rundir: RunDir, prompt_texts: dict) -> set[str]:
     return finished_ids(rundir.root, prompt_texts=prompt_texts)
 
 
-def sync_sidecar(out: Path, cfg: GenerateConfig) -> None:
+def sync_sidecar(out: Path, cfg: GenerateConfig) -> set[str]:
     """Once the run has started: with `--save-teacher-topk` the top-K sidecar is cut to the records of the
-    trace files (`prune_sidecar`); without it, a sidecar left by an earlier run (replaced by --overwrite) goes."""
+    trace files (`prune_sidecar`), and the ids of finished records whose row was lost (their trace lines removed:
+    to be generated again) are returned; without it, a sidecar left by an earlier run (replaced by --overwrite)
+    goes."""
     from .data.topk import part_files, prune_sidecar
 
     if cfg.save_teacher_topk:
-        prune_sidecar(out)
-    else:
-        for part in part_files(out):
-            part.unlink()
+        return prune_sidecar(out)
+    for part in part_files(out):
+        part.unlink()
+    return set()
 
 
 def trace_writer(path: Path, cfg: GenerateConfig, student=None, teacher_name: str | None = None):
@@ -335,7 +374,7 @@ def check_prompts_unchanged(prompt_texts: dict, prompts: list) -> None:
     """Refuse to resume when a finished trace's prompt text (from `finished_ids`) differs from the prompt of
     the same id now (the prompts file was edited in place, or another one has the same ids): the run would
     mix the two. Names the first such record in file order."""
-    now = {p.prompt_id: p.text for p in prompts if not getattr(p, "over_cap", False)}
+    now = {p.prompt_id: p.text for p in prompts if not getattr(p, "over_cap", False) and not getattr(p, "invalid", None)}
     changed = [(path, lineno, pid) for pid, texts in prompt_texts.items() if pid in now
                for text, (path, lineno) in texts.items() if text != now[pid]]
     if changed:

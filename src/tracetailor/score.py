@@ -46,7 +46,6 @@ import math
 import os
 import re
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -56,6 +55,7 @@ import numpy as np
 from .config import ScoreConfig
 from .data.prompts import DataError
 from .data.lengths import fit_to_length
+from .errors import warn
 
 THRESHOLDS = (0.001, 0.01, 0.1)  # "unlikely under the student": p below these
 HIST_FLOOR = -20.0  # log-probs below this land in the histogram's first bin
@@ -405,8 +405,7 @@ def plot_logprob_hist(named_logprobs: dict[str, np.ndarray], path: str | Path,
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
-        warnings.warn(f"matplotlib is not installed: skipped {Path(path).name}; "
-                      "pip install matplotlib (or tracetailor[plots])", stacklevel=2)
+        warn(f"matplotlib is not installed: skipped {Path(path).name}; pip install matplotlib (or tracetailor[plots])")
         return None
     fig = Figure(figsize=(8, 4.8), dpi=120)
     FigureCanvasAgg(fig)  # the Agg backend, without touching pyplot's global state
@@ -524,9 +523,8 @@ def read_and_fit(cfg: ScoreConfig, student) -> tuple[list[str], list[Example], i
     examples, cut, dropped = fit_to_length(examples, max_length)
     if cut or dropped:
         limit = f"--max-length {cfg.max_length}" + (f" (the student's context is {max_length})" if max_length < cfg.max_length else "")
-        warnings.warn(f"{cut} example(s) longer than {limit} were cut to fit (prompt kept, completion tokens "
-                      f"dropped from the end)" + (f"; {dropped} whose prompt alone fills it were skipped" if dropped else ""),
-                      stacklevel=3)
+        warn(f"{cut} example(s) longer than {limit} were cut to fit (prompt kept, completion tokens dropped from "
+             "the end)" + (f"; {dropped} whose prompt alone fills it were skipped" if dropped else ""))
     return formats, examples, max_length, dropped
 
 

@@ -51,7 +51,8 @@ from typing import Any, Callable, Iterable
 
 from .config import PICKS, SelectConfig, SelectError  # noqa: F401  (SelectError: raised here too)
 from .data.topk import sft_sidecar_path
-from .data.traces import AtomicWriter, TraceRecord, read_numbered_records, resolve_trace_paths, write_json_atomic
+from .data.traces import (AtomicWriter, TraceRecord, json_text, read_numbered_records, resolve_trace_paths,
+                          write_json_atomic)
 from .evaluate.answers import check_answer, gold_answers, require_math_verify, strict_boxed_answer
 from .evaluate.grading import grading_label, paper_judge, reference_text
 from .evaluate.judge import judge_from, judged
@@ -236,6 +237,7 @@ class Picker:
         self.best: dict[str, tuple[Any, dict, str]] = {}
         self.offered = self.written = 0
         self.kept: list[tuple[str, str]] = []  # (file:line, record id) of each row written, in order
+        self.kept_completions: list[list[int]] = []  # ... and its completion ids (to check its teacher top-K row)
 
     def key(self, trace: Trace, order: int) -> Any:
         if self.pick == "shortest":
@@ -259,9 +261,10 @@ class Picker:
                 self._write(*self.best[prompt_id][1:])
 
     def _write(self, row: dict, where: str) -> None:
-        self.sink.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self.sink.write(json_text(row) + "\n")
         self.written += 1
         self.kept.append((where, row["id"]))
+        self.kept_completions.append(row["completion_token_ids"])
 
 
 # ---------------------------------------------------------------- the run
@@ -309,10 +312,11 @@ def run_select(cfg: SelectConfig, log: Callable[[str], None] = print) -> dict:
             picker = Picker(cfg.pick, cfg.seed, sink)
             funnel = _stream(cfg, records_of(paths), [str(p) for p in paths], picker, log,
                              judge_cache=f"{out}.judge-cache.jsonl")
+            topk = teacher_topk_table(picker, out, log)  # read and checked before anything is replaced
             rundir.started()
             rundir.begin()
             sft_sidecar_path(out).unlink(missing_ok=True)
-        funnel["teacher_topk"] = copy_teacher_topk(picker.kept, out, log)
+        funnel["teacher_topk"] = write_teacher_topk(topk, out)
         funnel["unfinished_runs"] = [str(f) for f in unfinished]
         rundir.finish(funnel)
     log(format_funnel(funnel))
@@ -330,35 +334,56 @@ def require_answer_checking(mode: str) -> None:
     require_math_verify()
 
 
-def copy_teacher_topk(kept: list[tuple[str, str]], out: Path, log) -> str | None:
-    """The kept rows' teacher top-K (generate --save-teacher-topk) to `<out>.topk.parquet`, with `row`, the
-    row's line in the set (0-based), so that `train --loss kd` finds them; its path, or None when the traces
-    have no sidecar (or only some of them do: said in one warning)."""
-    from .data.topk import part_files, read_metadata, read_sidecar, rows_table, write_parquet_atomic
+def teacher_topk_table(picker: Picker, out: Path, log):
+    """The kept rows' teacher top-K (generate --save-teacher-topk) as the table of `<out>.topk.parquet`, with
+    `row`, the row's line in the set (0-based), so that `train --loss kd` finds them, and the runs' schema
+    metadata (K, temperature, tokenizer) when they agree; None when the traces have no sidecar (or only some of
+    them do: said in one warning). A damaged part, or a row that is not its trace's (`SidecarRow.mismatch`:
+    another run's sidecar), is one line saying how generate repairs it."""
+    from .data.topk import DamagedPart, identity_columns, part_files, read_metadata, read_sidecar_rows, rows_table
 
     folders: dict[Path, set[str]] = {}
-    for where, rid in kept:
+    for where, rid in picker.kept:
         folders.setdefault(Path(where.rsplit(":", 1)[0]).parent, set()).add(rid)
-    found: dict[tuple[Path, str], tuple] = {}
+    redo = "run the same generate command on {} again (it generates the traces whose rows are lost again), then select"
+    found: dict[tuple[Path, str], Any] = {}
     for folder, wanted in folders.items():
-        found.update({(folder, rid): rows for rid, rows in read_sidecar(part_files(folder), wanted).items()})
+        try:
+            found.update({(folder, rid): row for rid, row in read_sidecar_rows(part_files(folder), wanted).items()})
+        except DamagedPart as e:
+            raise SelectError(f"{e}: the teacher top-K rows it held are lost; {redo.format(folder)}") from None
     if not found:
         return None
-    keys = [(Path(where.rsplit(":", 1)[0]).parent, rid) for where, rid in kept]
+    keys = [(Path(where.rsplit(":", 1)[0]).parent, rid) for where, rid in picker.kept]
     missing = [k for k in keys if k not in found]
     if missing:
         log(f"warning: {len(missing)} of {len(keys)} kept traces have no teacher top-K (e.g. {missing[0][1]!r} in "
             f"{missing[0][0]}): no {sft_sidecar_path(out).name} written; `train --loss kd` needs every row's")
         return None
+    for (folder, rid), (where, _), completion in zip(keys, picker.kept, picker.kept_completions):
+        wrong = found[(folder, rid)].mismatch(completion)
+        if wrong:
+            raise SelectError(f"{folder}/teacher_topk: the row of {rid!r} is not the row of the trace at {where} "
+                              f"({wrong}: another run's sidecar?); {redo.format(folder)}")
     import pyarrow as pa
 
     metas = {json.dumps(read_metadata(p), sort_keys=True) for f in folders for p in part_files(f)}
     if len(metas) > 1:
         log(f"warning: the teacher top-K of the {len(folders)} input run(s) disagree on K, temperature or tokenizer "
             f"(their schema metadata); {sft_sidecar_path(out).name} is written without it")
-    table = rows_table([rid for _, rid in keys], [found[k] for k in keys],
-                       extra={"row": pa.array(range(len(keys)), pa.int32())},
-                       meta=json.loads(metas.pop()) if len(metas) == 1 else None)
+    rows = [found[k] for k in keys]
+    return rows_table([rid for _, rid in keys], [(r.ids, r.logprobs) for r in rows],
+                      extra={"row": pa.array(range(len(keys)), pa.int32()),
+                             **identity_columns(picker.kept_completions)},
+                      meta=json.loads(metas.pop()) if len(metas) == 1 else None)
+
+
+def write_teacher_topk(table, out: Path) -> str | None:
+    """`<out>.topk.parquet` from `teacher_topk_table`; its path, or None without one."""
+    from .data.topk import write_parquet_atomic
+
+    if table is None:
+        return None
     write_parquet_atomic(sft_sidecar_path(out), table)
     return str(sft_sidecar_path(out))
 

@@ -167,28 +167,31 @@ def prefill_into_completion(ex: Example, tokenizer) -> Example:
 def attach_teacher_topk(examples: list[Example], rows: list[dict], data: Path, side: str | None = None) -> None:
     """Give each example its teacher top-K rows from `side`, by default `<data>.topk.parquet` (select writes it
     from generate's --save-teacher-topk sidecar; score --save-teacher-topk writes one for any dataset), matched
-    by row number and checked by record id and length."""
-    from .data.topk import read_sidecar, sft_sidecar_path
+    by row number and checked by record id, length and completion hash."""
+    from .data.topk import DamagedPart, read_part, sft_sidecar_path
 
     side = Path(side).expanduser() if side else sft_sidecar_path(data)
     if not side.is_file():
         raise TrainError(f"--loss kd: no teacher top-K beside {data} (expected {side}); generate with "
                          "--save-teacher-topk K, then run select on those traces again")
-    import pyarrow.parquet as pq
-
-    order = pq.read_table(side, columns=["row", "id"]).to_pydict()
-    by_row = dict(zip(order["row"], order["id"]))
-    found = read_sidecar([side])
+    try:
+        table, found = read_part(side, extra=("row",))
+    except DamagedPart as e:
+        hint = (" (it is not the file select writes: a part of generate's teacher_topk/?)"
+                if "'row' column" in e.reason else "")
+        raise TrainError(f"--loss kd: {e}{hint}; run select on the traces again to write {side.name}") from None
+    by_row = {r: i for i, r in enumerate(table.column("row").to_pylist())}
     for i, (ex, row) in enumerate(zip(examples, rows)):
-        rid = by_row.get(i)
+        at = by_row.get(i)
+        rid, topk = found[at] if at is not None else (None, None)
         if rid is None or rid != str(row.get("id")):
             raise TrainError(f"{ex.at}: {side} holds no top-K for this row (record {row.get('id')!r}); the SFT set "
                              "and its sidecar do not match: run select again")
-        ids, lps = found[rid]
-        if len(ids) != len(ex.completion_ids):
-            raise TrainError(f"{ex.at}: {side} holds {len(ids)} top-K rows for {len(ex.completion_ids)} completion "
-                             "tokens; the SFT set and its sidecar do not match: run select again")
-        ex.topk = (ids, lps)
+        wrong = topk.mismatch(row.get("completion_token_ids", ex.completion_ids))
+        if wrong:
+            raise TrainError(f"{ex.at}: {side} does not hold this row's top-K ({wrong}); the SFT set and its "
+                             "sidecar do not match: run select again")
+        ex.topk = (topk.ids, topk.logprobs)
 
 
 def row_example(row: dict, at: str, tokenizer, template: "_Template") -> Example:

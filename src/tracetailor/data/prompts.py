@@ -43,6 +43,9 @@ FILE_FORMATS = (".jsonl", ".json", ".parquet", ".csv")
 _FILE_LIKE_SUFFIXES = FILE_FORMATS + (".ndjson", ".txt", ".tsv", ".gz", ".zst", ".arrow", ".xlsx", ".yaml", ".yml")
 _PANDAS_INDEX_COLUMN = re.compile(r"^__index_level_\d+__$")
 _JSON_SPACE = re.compile(r"[ \t\n\r]*")
+# half of a UTF-16 pair on its own: JSON can hold one ("\\ud800"), Python reads it, but it is no Unicode text, so no
+# tokenizer takes it and no UTF-8 file can hold it
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 NO_CHAT_TEMPLATE = (
     "the student tokenizer has no chat template; "
@@ -62,6 +65,7 @@ class Prompt:
     carry: dict  # {field: value} for each carried field
     source_row: int  # 0-based row number in the source
     over_cap: bool = False  # longer than `max_chars`: not tokenised (text and token_ids empty), to be skipped
+    invalid: str | None = None  # why no tokenizer can read it (a lone surrogate, and where): skipped, not tokenised
 
 
 def char_cap(tokenizer: Any, context: int | None) -> int | None:
@@ -394,6 +398,10 @@ def build_prompts(
     carry = (carry,) if isinstance(carry, str) else tuple(carry)
     if chat_template and not getattr(tokenizer, "chat_template", None):
         raise DataError(NO_CHAT_TEMPLATE)
+    for name, value in (("system prompt", system_prompt), ("prefill", prefill)):
+        if (found := surrogate_in(value)) is not None:
+            raise DataError(f"the {name} holds {found}, which is not Unicode text: no tokenizer can read it and "
+                            f"every prompt would carry it; fix the {name}")
     ids, texts, carried, first_row_of = [], [], [], {}
     for i, row in enumerate(rows):
         at = where(i)
@@ -406,6 +414,12 @@ def build_prompts(
                 "prompt ids must be unique: fix the data, or omit --id-field to use row numbers as ids"
             )
         first_row_of[prompt_id] = i
+        invalid = _invalid(row, prompt_id, prompt_field, carry)
+        if invalid is not None:  # skipped with its id named (sampling.warn_skipped), never tokenised nor written
+            ids.append(prompt_id)
+            texts.append(invalid)
+            carried.append({})
+            continue
         messages = _with_system(_prompt_messages(row, at, prompt_field), system_prompt, at, prompt_field)
         text = None
         if max_chars is None or sum(len(m["content"]) for m in messages) <= max_chars:
@@ -416,14 +430,49 @@ def build_prompts(
         texts.append(text)  # None: over the cap
         carried.append({name: _field(row, name, at, "check the names given to --carry") for name in carry})
     # One batched call: fast tokenizers encode a batch in parallel.
-    fitting = [t for t in texts if t is not None]
+    fitting = [t for t in texts if isinstance(t, str)]
     encoded = iter(tokenizer(fitting, add_special_tokens=False)["input_ids"] if fitting else [])
     return [
         Prompt(prompt_id=ids[i], text=texts[i], token_ids=list(next(encoded)), carry=carried[i], source_row=i)
-        if texts[i] is not None else
-        Prompt(prompt_id=ids[i], text="", token_ids=[], carry=carried[i], source_row=i, over_cap=True)
+        if isinstance(texts[i], str) else
+        Prompt(prompt_id=ids[i], text="", token_ids=[], carry=carried[i], source_row=i, over_cap=texts[i] is None,
+               invalid=None if texts[i] is None else texts[i].reason)
         for i in range(len(texts))
     ]
+
+
+class _Invalid:
+    """Why a row's prompt cannot be used (in the place of its text)."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+def surrogate_in(value: Any) -> str | None:
+    """`"a lone surrogate (\\ud800) at character 5"` for the first lone surrogate in a string, or in the strings,
+    keys and items of a JSON value; None when there is none."""
+    if isinstance(value, str):
+        found = _SURROGATE.search(value)
+        return None if found is None else f"a lone surrogate (\\u{ord(found.group()):04x}) at character {found.start() + 1}"
+    if isinstance(value, Mapping):
+        return next((s for k, v in value.items() for s in (surrogate_in(k), surrogate_in(v)) if s), None)
+    if isinstance(value, (list, tuple)):
+        return next((s for v in value if (s := surrogate_in(v))), None)
+    return None
+
+
+def _invalid(row: Mapping, prompt_id: str, prompt_field: str, carry: tuple) -> "_Invalid | None":
+    """A lone surrogate in the prompt's id, its text or a carried field: the prompt is skipped, named."""
+    for what, value in (("its id", prompt_id), (f"field {prompt_field!r}", row.get(prompt_field)),
+                        *((f"field {name!r}", row.get(name)) for name in carry)):
+        if (found := surrogate_in(value)) is not None:
+            return _Invalid(f"{what} holds {found}")
+    return None
+
+
+def shown_id(prompt_id: str) -> str:
+    """An id as a message can print it: a lone surrogate written as its escape (`\\ud800`)."""
+    return prompt_id.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def load_prompts(source: str | os.PathLike, tokenizer: Any, *, split: str = "train", hub: HubOptions | None = None,

@@ -288,6 +288,12 @@ class RunDir:
 
     def _create(self) -> None:
         out = self.root if self.file is None else self.root / self.file
+        for link in (self.root, out):  # mkdir would say only "File exists"
+            if link.is_symlink() and not link.exists():
+                what = "" if str(link) in (self.shown, str(Path(self.shown).expanduser())) else f" ({link})"
+                raise OutputDirError(f"{self.flag} {self.shown}{what} is a dangling symbolic link: it points to "
+                                     f"{os.readlink(link)}, which does not exist; create that directory, remove the "
+                                     f"link, or choose another {self.flag}")
         if self.file is None and out.exists() and not out.is_dir():
             raise OutputDirError(f"{self.flag} {self.shown}: exists and is not a directory")
         if self.file is not None and out.is_dir():

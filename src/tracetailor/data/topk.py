@@ -4,14 +4,20 @@ and their log-probs, stored in Parquet beside the traces, for logit distillation
 Layout (docs/architecture.md, "The teacher top-K sidecar"): `OUT/teacher_topk/<trace file stem>-<n>.parquet`,
 one row per trace record with the columns `id` (the record id), `k`, `topk_ids` (list<int32>, n_positions x k,
 row-major: position p's ids are [p*k, (p+1)*k)) and `topk_logprobs` (list<float16>, same shape), zstd-compressed.
+Each row is keyed to its trace line by `tokens` (the completion's length) and `completion_hash` (BLAKE2b-64 of its
+token ids, `completion_hash`): another run's sidecar with the same ids is told apart (files without these two
+columns, from older versions, are checked by length alone).
 A part file is written whole (temporary name, then renamed) and only then are its records' trace lines appended,
 so every trace line has its row; a kill loses at most the records buffered since the last part (bounded by
 `flush_s` seconds and `flush_positions` positions), which a resumed run generates again, exactly. On resume
 `prune_sidecar` drops the rows whose trace line never got written (a kill between the two writes), so the
-sidecar holds exactly the finished records.
+sidecar holds exactly the finished records; a trace whose row is lost (a damaged part, which is removed and named,
+a row of another trace, a removed part) has its trace line removed, so that the resumed run generates it again.
 
 `select` copies the kept records' rows to `<sft.jsonl>.topk.parquet` (the same columns plus `row`, the line of
-the SFT set, 0-based); `train --loss kd` reads that file. It knows nothing of models or decoding.
+the SFT set, 0-based); `train --loss kd` reads that file. Both check each row against its trace (`SidecarRow.
+mismatch`), and a file that cannot be read is one line naming it (`DamagedPart`). It knows nothing of models or
+decoding.
 
 Every file's Parquet schema metadata holds, under `tracetailor.topk`, a JSON object saying how to read the
 rows (`topk_metadata`): `k`, `temperature` (of the teacher's distribution), `teacher`, `tokenizer` (the
@@ -27,13 +33,14 @@ import json
 import os
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 
-from ..errors import UserError
-from .traces import TraceWriter, _write_failed, read_records, trace_files
+from ..errors import UserError, warn
+from .traces import AtomicWriter, TraceWriter, _write_failed, read_records, trace_files
 
 SIDECAR_DIR = "teacher_topk"
 META_KEY = b"tracetailor.topk"
@@ -69,6 +76,58 @@ def read_metadata(path: Path) -> dict | None:
 
     raw = (pq.read_schema(path).metadata or {}).get(META_KEY)
     return json.loads(raw) if raw else None
+
+
+class DamagedPart(TopkError):
+    """A sidecar file that cannot be read as one (truncated, not Parquet, columns missing or inconsistent)."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+COLUMNS = ("id", "k", "topk_ids", "topk_logprobs")
+
+
+def completion_hash(token_ids) -> str:
+    """16 hex digits of BLAKE2b over a completion's token ids (as little-endian int64): what keys a sidecar row to
+    its trace line, with the ids' count."""
+    return hashlib.blake2b(np.asarray(token_ids, dtype="<i8").tobytes(), digest_size=8).hexdigest()
+
+
+def identity_columns(completions: list[list[int]]) -> dict:
+    """The `tokens` and `completion_hash` columns of the rows of these completions (in order)."""
+    import pyarrow as pa
+
+    return {"tokens": pa.array([len(c) for c in completions], pa.int32()),
+            "completion_hash": pa.array([completion_hash(c) for c in completions], pa.string())}
+
+
+@dataclass
+class SidecarRow:
+    """One record's row: the teacher's top-K ([n, k] student ids, [n, k] log-probs) and what keys it to its trace
+    (None in files written before the keys were)."""
+
+    ids: np.ndarray
+    logprobs: np.ndarray
+    tokens: int | None = None
+    completion_hash: str | None = None
+
+    def mismatch(self, completion_ids) -> str | None:
+        """Why this row is not the row of a trace with these completion ids (None when it is)."""
+        n = len(completion_ids)
+        if len(self.ids) != n or self.tokens not in (None, n):
+            return f"{len(self.ids)} top-K positions for {n} completion tokens"
+        if self.completion_hash is not None and self.completion_hash != completion_hash(completion_ids):
+            return "the row was made for other completion tokens"
+        return None
+
+
+def _schema():
+    import pyarrow as pa
+
+    return pa.schema([("id", pa.string()), ("k", pa.int16()), ("topk_ids", pa.list_(pa.int32())),
+                      ("topk_logprobs", pa.list_(pa.float16()))])
 
 
 def write_parquet_atomic(path: Path, table) -> None:
@@ -145,7 +204,8 @@ class TopkTraceWriter:
     def flush(self) -> None:
         if not self._records:
             return
-        table = rows_table([r["id"] for r in self._records], self._topks, meta=self.meta)
+        table = rows_table([r["id"] for r in self._records], self._topks,
+                           extra=identity_columns([r["completion_token_ids"] for r in self._records]), meta=self.meta)
         write_parquet_atomic(self.dir / f"{self.stem}-{self.next_part:06d}.parquet", table)
         self.next_part += 1
         for record in self._records:
@@ -169,54 +229,106 @@ def part_files(out: Path) -> list[Path]:
     return sorted(p for p in (Path(out) / SIDECAR_DIR).glob("*.parquet") if _PART.fullmatch(p.name))
 
 
-def prune_sidecar(out: Path) -> int:
-    """Make OUT's sidecar hold exactly the records of its trace files: drop rows whose trace line was never
-    written (a kill between a part and its lines) and dead temporaries; refuse traces that have no row.
-    Returns the rows dropped."""
+def read_part(path: Path, extra: Iterable[str] = ()) -> tuple[object, list[tuple[str, SidecarRow]]]:
+    """(the table, [(record id, its row)] in file order) of one sidecar file; `DamagedPart` when it cannot be read
+    as one (also when a column in `COLUMNS` or `extra` is missing, or a row's shape is inconsistent)."""
+    require_pyarrow(f"reading the teacher top-K {path}")
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several types for a damaged file (ArrowInvalid, OSError, ...)
+        raise DamagedPart(path, f"not a readable Parquet file ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+                          ) from None
+    missing = [c for c in (*COLUMNS, *extra) if c not in table.column_names]
+    if missing:
+        raise DamagedPart(path, f"no {', '.join(map(repr, missing))} column (columns: {', '.join(table.column_names)})")
+    keyed = "tokens" in table.column_names and "completion_hash" in table.column_names
+    cols = {c: table.column(c).to_pylist() for c in ("id", "k") + (("tokens", "completion_hash") if keyed else ())}
+    rows = []
+    for i, (ids, lps) in enumerate(zip(table.column("topk_ids"), table.column("topk_logprobs"))):
+        k, flat_ids, flat_lp = cols["k"][i], ids.values, lps.values
+        if flat_ids is None or flat_lp is None or not isinstance(k, int) or k < 0 or len(flat_ids) != len(flat_lp) \
+                or (k and len(flat_ids) % k) or (not k and len(flat_ids)):
+            raise DamagedPart(path, f"row {i} (record {cols['id'][i]!r}) holds top-K lists of inconsistent sizes")
+        row = SidecarRow(_matrix(flat_ids.to_numpy(zero_copy_only=False), k, np.int32),
+                         _matrix(flat_lp.to_numpy(zero_copy_only=False), k, np.float32),
+                         cols["tokens"][i] if keyed else None, cols["completion_hash"][i] if keyed else None)
+        rows.append((str(cols["id"][i]), row))
+    return table, rows
+
+
+def prune_sidecar(out: Path, log: Callable[[str], None] = warn) -> set[str]:
+    """Make OUT's sidecar hold exactly the rows of its trace records: drop rows whose trace line was never written
+    (a kill between a part and its lines), rows that are not their trace's (another run's), repeated rows, dead
+    temporaries and damaged parts (named). A trace left without its row has its line removed from its trace file,
+    so that the resumed run generates it again; returns those record ids."""
     require_pyarrow("the teacher top-K sidecar (--save-teacher-topk)")
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     side = Path(out) / SIDECAR_DIR
     for tmp in side.glob(".*.tmp"):
         tmp.unlink(missing_ok=True)  # the lock of OUT is ours: no live writer
-    traced = {rec["id"] for path in trace_files(Path(out)) for rec in read_records(path)}
+    traced = {rec["id"]: rec["completion_token_ids"] for path in trace_files(Path(out)) for rec in read_records(path)}
     seen: set[str] = set()
-    dropped = 0
+    damaged: list[DamagedPart] = []
+    foreign = 0
     for part in part_files(out):
-        table = pq.read_table(part)
-        ids = table.column("id").to_pylist()
-        keep = [i not in seen and i in traced for i in ids]
-        seen.update(ids)
+        try:
+            table, rows = read_part(part)
+        except DamagedPart as e:
+            damaged.append(e)
+            continue
+        keep = []
+        for rid, row in rows:
+            wrong = rid in traced and row.mismatch(traced[rid]) is not None
+            foreign += wrong
+            keep.append(rid not in seen and rid in traced and not wrong)
+            seen.update([rid] if keep[-1] else [])
         if not all(keep):
-            dropped += keep.count(False)
             kept = table.filter(pa.array(keep))
             if kept.num_rows:
                 write_parquet_atomic(part, kept)
             else:
                 part.unlink()
-    missing = traced - seen
-    if missing:
-        raise TopkError(f"{side}: no teacher top-K rows for {len(missing)} trace record(s) (e.g. "
-                        f"{sorted(missing)[0]!r}); the sidecar was removed or edited. Pass --overwrite to start afresh")
-    return dropped
+    lost = set(traced) - seen
+    if lost:
+        drop_trace_lines(Path(out), lost)
+        why = [f"{e.path.name} is damaged ({e.reason}) and was removed" for e in damaged]
+        why += [f"{foreign} row(s) belong to other traces (another run's sidecar?) and were dropped"] if foreign else []
+        log(f"{side}: {len(lost)} finished trace(s) had no usable teacher top-K row"
+            + (f" ({'; '.join(why)})" if why else " (a part was removed)")
+            + f", e.g. {sorted(lost)[0]!r}: their trace lines were removed and this run generates them again")
+    for e in damaged:
+        e.path.unlink(missing_ok=True)  # after the trace lines: a kill in between leaves traces without rows
+    return lost
+
+
+def drop_trace_lines(out: Path, ids: set[str]) -> None:
+    """Remove the records of `ids` from OUT's trace files, each file rewritten whole (temporary name, rename)."""
+    import json
+
+    for path in trace_files(out):
+        lines = path.read_bytes().splitlines(keepends=True)
+        kept = [line for line in lines if not line.strip() or json.loads(line).get("id") not in ids]
+        if len(kept) < len(lines):
+            with AtomicWriter(path) as f:
+                f.write(b"".join(kept).decode("utf-8"))
+
+
+def read_sidecar_rows(paths: Iterable[Path], wanted: set[str] | None = None) -> dict[str, SidecarRow]:
+    """{record id: its row} from sidecar files (only `wanted` ids if given); `DamagedPart` names a bad file."""
+    found: dict[str, SidecarRow] = {}
+    for path in paths:
+        for rid, row in read_part(path)[1]:
+            if wanted is None or rid in wanted:
+                found.setdefault(rid, row)
+    return found
 
 
 def read_sidecar(paths: Iterable[Path], wanted: set[str] | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """{record id: ([n, k] int32 ids, [n, k] float32 log-probs)} from part files (only `wanted` ids if given)."""
-    found: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for path in paths:
-        require_pyarrow(f"reading the teacher top-K {path}")
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(path, columns=["id", "k", "topk_ids", "topk_logprobs"])
-        for rid, k, ids, lps in zip(*(table.column(c).to_pylist() if c in ("id", "k") else table.column(c)
-                                      for c in ("id", "k", "topk_ids", "topk_logprobs"))):
-            if wanted is not None and rid not in wanted:
-                continue
-            found[rid] = (_matrix(ids.values.to_numpy(zero_copy_only=False), k, np.int32),
-                          _matrix(lps.values.to_numpy(zero_copy_only=False), k, np.float32))
-    return found
+    return {rid: (row.ids, row.logprobs) for rid, row in read_sidecar_rows(paths, wanted).items()}
 
 
 def _matrix(flat: np.ndarray, k: int, dtype) -> np.ndarray:

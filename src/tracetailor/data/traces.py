@@ -22,6 +22,7 @@ from ..errors import UserError
 
 TRACE_GLOBS = ("traces.jsonl", "traces-w[0-9]*.jsonl")  # generate's own files: in this process, per Ray worker
 _TRACE_NAME = re.compile(r"traces(-w[0-9]+)?\.jsonl")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class TraceFileError(UserError, ValueError):
@@ -171,9 +172,17 @@ class AtomicWriter:
             self._tmp.unlink(missing_ok=True)
 
 
+def json_text(data: Any, indent: int | None = None) -> str:
+    """`data` as JSON text that a UTF-8 file can hold: non-ASCII characters as they are, unless a string holds a
+    lone surrogate (half of a UTF-16 pair, which JSON can escape and Python reads, e.g. from a path of bytes that
+    are not UTF-8): then every non-ASCII character is escaped, which reads back to the same value."""
+    text = json.dumps(data, indent=indent, ensure_ascii=False)
+    return text if not _SURROGATE.search(text) else json.dumps(data, indent=indent)
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     with AtomicWriter(path) as f:
-        f.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+        f.write(json_text(data, indent=2) + "\n")
 
 
 def repair_torn_tail(path: Path) -> int:
@@ -283,7 +292,7 @@ class TraceWriter:
     def write(self, record: dict, topk=None) -> None:
         """Append one record (`topk`: the sidecar's part of it, for `data.topk.TopkTraceWriter`; unused here)."""
         try:
-            self._f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self._f.write(json_text(record) + "\n")
             self._f.flush()
         except OSError as e:
             # a part of this line may have reached the file: the next run cuts it (repair_torn_tail)

@@ -37,8 +37,8 @@ import torch
 
 from .auto import (KMAX, PRIOR_SLOPE, PRIOR_SLOPE_OVERHEAD, DraftChooser, PassClock, _full_attention,
                    choose_layout)
-from .kv import KVBatch
-from .paged import LAYOUTS, PagedKVBatch
+from .kv import KVBatch, RectangleLayout
+from .paged import LAYOUTS, PagedLayout
 from .static import StaticLayout
 from .rules import DrawKeys, RSDParams, propose, rsd_choose, sample_choose
 
@@ -270,8 +270,9 @@ class Engine:
     def batch_size(self, value: int) -> None:
         """A new size (out of memory: halved) gets a fresh layout; the static one's stores have that many slots."""
         self._batch_size = value
-        self._kv = None if self.kv_cache == "auto" else {"paged": PagedKVBatch, "rectangle": KVBatch}.get(
-            self.kv_cache) or StaticLayout(value, compiled=self.captured)
+        self._kv = None if self.kv_cache == "auto" else (
+            RectangleLayout() if self.kv_cache == "rectangle" else PagedLayout(value) if self.kv_cache == "paged"
+            else StaticLayout(value, compiled=self.captured))
 
     def _pick_layout(self, requests: list[Request]) -> None:
         """--kv-cache auto: the layout for this run (a layout object is kept while the choice stays)."""
@@ -381,9 +382,8 @@ class Engine:
         drafted = auto or (self.draft_tokens != "auto" and self.draft_tokens > 0)
         admit, step = (self._admit_drafted, self._draft_step) if drafted else (self._admit, self._lockstep_step)
         most = KMAX if auto else self.draft_tokens if drafted else 0
-        if isinstance(self._kv, StaticLayout) and queue:  # the run's longest row, read ahead, and a draft's width
-            self._kv.reserve(max(max(len(r.student_ids), len(r.teacher_ids or ())) + r.max_new_tokens
-                                 for r in queue) + most + 1, width=most + 1 if drafted and not auto else 0)
+        if queue:  # every layout: no cache allocated past what this run can use (auto: its largest K)
+            self._kv.reserve(*self.run_needs(queue, most, fixed_width=drafted and not auto))
         live: _Live | None = None
         while queue or live is not None:
             live = self._refill(queue, live, admit)
@@ -398,6 +398,16 @@ class Engine:
                 live.keep(keep)
             if feed is not None:
                 feed(keep)
+
+    def run_needs(self, requests, most: int, fixed_width: bool) -> tuple[int, int]:
+        """(the most cache columns a row of `requests` can hold, the widest verify pass: K + 1 when the verify
+        width is fixed (a drafted run with a set K), else 0). `most` is the largest K the run may use. A row
+        with n tokens of budget uses at most n - 1 guesses (`_draft_step`), so K counts up to the longest
+        budget less one, whatever was asked; a pass may read that many guesses past a row's end."""
+        requests = list(requests)
+        k = max(min(most, max(r.max_new_tokens for r in requests) - 1), 0) if most else 0
+        longest = max(max(len(r.student_ids), len(r.teacher_ids or ())) + r.max_new_tokens for r in requests)
+        return longest + k + 1, (k + 1 if fixed_width and most else 0)
 
     def _lockstep_step(self, live: "_Live"):
         """One token per row from the logits in hand. Returns (rows that go on, Finished rows, and what feeds the

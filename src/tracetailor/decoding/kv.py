@@ -37,6 +37,9 @@ class SlackLayer(DynamicLayer):
         start = self._start_in_buffer() if old > 0 else None
         if start is None or start + new > self._kbuf.shape[-2]:
             capacity = new + max(64, new // 4)
+            limit = getattr(self, "limit", None)  # the run's longest row (`RectangleLayout.reserve`): no slack past it
+            if limit and new <= limit:  # (a bridged teacher may spell a row in more tokens: then slack as usual)
+                capacity = min(capacity, limit)
             shape = (*key_states.shape[:2], capacity, key_states.shape[-1])
             kbuf = key_states.new_empty(shape)
             vbuf = value_states.new_empty(shape[:-1] + (value_states.shape[-1],))
@@ -63,11 +66,28 @@ class SlackLayer(DynamicLayer):
         return starts.pop() if len(starts) == 1 else None
 
 
-def _new_cache(model) -> DynamicCache:
+def _new_cache(model, limit: int | None = None) -> DynamicCache:
     cache = DynamicCache(config=model.config)
     # only plain full-attention layers get spare capacity; sliding or other kinds keep their own logic
     cache.layers = [SlackLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    for layer in cache.layers:
+        if isinstance(layer, SlackLayer):
+            layer.limit = limit
     return cache
+
+
+class RectangleLayout:
+    """The engine's handle on the rectangle: `reserve(columns)` bounds each layer's spare append capacity by the
+    run's longest row (the most columns a row can hold), so no buffer is allocated past what the run can use."""
+
+    def __init__(self):
+        self.columns: int | None = None
+
+    def reserve(self, columns: int, width: int = 0) -> None:
+        self.columns = columns
+
+    def prefill(self, model, seqs: list[list[int]]) -> tuple["KVBatch", torch.Tensor]:
+        return KVBatch.prefill(model, seqs, limit=self.columns)
 
 
 def _cache_kwarg(model) -> str:
@@ -112,12 +132,14 @@ class KVBatch:
 
     @classmethod
     @torch.inference_mode()
-    def prefill(cls, model, seqs: list[list[int]]) -> tuple["KVBatch", torch.Tensor]:
-        """Run the prompts through `model`; return the batch and each row's next-token logits."""
+    def prefill(cls, model, seqs: list[list[int]], limit: int | None = None) -> tuple["KVBatch", torch.Tensor]:
+        """Run the prompts through `model`; return the batch and each row's next-token logits. `limit`: the most
+        columns a row can take in this run (spare capacity stops there)."""
         device = model.device
         ids, mask = left_padded(seqs, least=1)  # an empty sequence is all padding (its logits mean nothing)
         ids, mask = ids.to(device), mask.to(device)
-        batch = cls(model, _new_cache(model), mask[:, :0], torch.zeros(len(seqs), dtype=torch.long, device=device))
+        batch = cls(model, _new_cache(model, limit), mask[:, :0], torch.zeros(len(seqs), dtype=torch.long,
+                                                                              device=device))
         logits = batch._forward(ids, mask)
         return batch, logits
 

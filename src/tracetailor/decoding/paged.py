@@ -52,14 +52,18 @@ class _Pass:
 class _Slots:
     """The slot allocator shared by one model's layers: capacity and the stack of free slots."""
 
-    def __init__(self, device, capacity: int = 256):
-        self.capacity = max(2, capacity)
+    def __init__(self, device, capacity: int = 256, limit: int | None = None):
+        self.limit = limit  # the most slots the run can fill (`PagedLayout.reserve`): no slack past it
+        self.capacity = max(2, min(capacity, limit or capacity))
         self.free = torch.arange(self.capacity - 1, 0, -1, device=device)  # slot 0 is the dummy
         self.pass_: _Pass | None = None
 
     def take(self, n: int) -> torch.Tensor:
         if n > self.free.numel():
-            grown = max(self.capacity + n - self.free.numel(), self.capacity * 9 // 8 + 64)  # slack <= 1/8
+            needed = self.capacity + n - self.free.numel()
+            grown = max(needed, self.capacity * 9 // 8 + 64)  # slack <= 1/8
+            if self.limit and needed <= self.limit:
+                grown = min(grown, self.limit)
             new = torch.arange(grown - 1, self.capacity - 1, -1, device=self.free.device)
             self.free = torch.cat([new, self.free])  # fresh slots at the bottom: freed ones are reused first
             self.capacity = grown
@@ -134,10 +138,25 @@ def _new_cache(model, slots: _Slots) -> DynamicCache:
     return cache
 
 
+class PagedLayout:
+    """The engine's handle on the paged layout: `reserve(columns)` bounds each pool by what the run can fill
+    (`slots` rows of at most `columns` tokens, and the dummy slot)."""
+
+    def __init__(self, slots: int):
+        self.slots = slots
+        self.limit: int | None = None
+
+    def reserve(self, columns: int, width: int = 0) -> None:
+        self.limit = self.slots * columns + 1
+
+    def prefill(self, model, seqs: list[list[int]]) -> tuple["PagedKVBatch", torch.Tensor]:
+        return PagedKVBatch.prefill(model, seqs, limit=self.limit)
+
+
 class PagedKVBatch:
-    def __init__(self, model, rows: int, device):
+    def __init__(self, model, rows: int, device, limit: int | None = None):
         self.model = model
-        self.slots = _Slots(device)
+        self.slots = _Slots(device, limit=limit)
         self.cache = _new_cache(model, self.slots)
         self.table = torch.zeros(rows, 64, dtype=torch.long, device=device)  # [B, columns]: slot of token t
         self.lengths = torch.zeros(rows, dtype=torch.long, device=device)  # real tokens per row
@@ -152,9 +171,10 @@ class PagedKVBatch:
 
     @classmethod
     @torch.inference_mode()
-    def prefill(cls, model, seqs: list[list[int]]) -> tuple["PagedKVBatch", torch.Tensor]:
-        """Run the prompts through `model`; return the batch and each row's next-token logits."""
-        batch = cls(model, len(seqs), model.device)
+    def prefill(cls, model, seqs: list[list[int]], limit: int | None = None) -> tuple["PagedKVBatch", torch.Tensor]:
+        """Run the prompts through `model`; return the batch and each row's next-token logits. `limit`: the most
+        slots the run can fill (the pool's growth stops there)."""
+        batch = cls(model, len(seqs), model.device, limit=limit)
         ids, mask = left_padded(seqs, least=1)  # an empty sequence is all padding (its logits mean nothing)
         return batch, batch._forward(ids.to(model.device), mask)
 

@@ -37,7 +37,6 @@ import math
 import re
 import statistics
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -320,7 +319,8 @@ def eval_benchmark(name: str, spec: BenchmarkSpec, items: list[Item], cfg: EvalC
     `judge` (an LLMJudge or None) grades the math answers the offline checks reject."""
     from ..data.prompts import build_prompts
     from ..data.traces import TraceWriter, read_repaired
-    from ..sampling import Progress, build_requests, sample, token_budget
+    from ..errors import warn
+    from ..sampling import Progress, build_requests, sample, skipped_lines, token_budget
 
     tok = model.tokenizer
     prompts = build_prompts([{"id": it.id, "prompt": it.prompt if cfg.instruction else it.bare} for it in items], None,
@@ -334,9 +334,8 @@ def eval_benchmark(name: str, spec: BenchmarkSpec, items: list[Item], cfg: EvalC
     pending = ((p, s) for p in prompts for s in range(cfg.samples) if (p.prompt_id, s) not in done)
     requests, handles, skipped = build_requests(pending, None, token_budget(model.context_length, cfg.max_length),
                                                 cfg.max_new_tokens)
-    if skipped:
-        warnings.warn(f"{name}: skipped {len(skipped)} question(s) longer than the context "
-                      f"({model.context_length} tokens)", stacklevel=2)
+    for line in skipped_lines(skipped, prompts, model.context_length, cfg.max_length, noun="question"):
+        warn(f"{name}: {line}")
     if done and requests:
         log(f"{name}: resuming, {len(done)} sample(s) already in {path}, {len(requests)} to go")
     progress = Progress(len(requests), cfg.progress, "student", desc=f"eval [{name}]")

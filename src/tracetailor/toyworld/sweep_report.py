@@ -53,6 +53,9 @@ def aggregate(rows: list[dict], round_number: int = 1) -> list[dict]:
 
 
 def write_sweep_report(cfg, rows: list[dict], out: Path, seconds: float) -> dict[str, Any]:
+    """sweep.md, sweep.png and sweep.json of `cfg.rounds` round(s): a point finished with more rounds (by an
+    earlier run with a larger --rounds) shows only the rounds asked for, as the header says."""
+    rows = [{**row, "rounds": [r for r in row["rounds"] if r["round"] <= cfg.rounds]} for row in rows]
     rounds = max((len(r["rounds"]) for r in rows), default=1)
     result = {"config": dataclasses.asdict(cfg), "rows": rows, "total_s": seconds,
               "points": aggregate(rows), "rounds": [aggregate(rows, r) for r in range(1, rounds + 1)]}
