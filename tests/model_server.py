@@ -12,11 +12,9 @@ this one makes the end-to-end path fast enough for every run of the suite.
 
 from __future__ import annotations
 
-import asyncio
-import socket
-import threading
-
 import torch
+
+from local_app import AppThread
 
 
 class ModelServer:
@@ -33,30 +31,11 @@ class ModelServer:
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/health", lambda r: web.json_response({"status": "ok"}))
         self._web = web
-        self.runner = web.AppRunner(app)
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.port = sock.getsockname()[1]
-        sock.close()
-        self.loop = asyncio.new_event_loop()
-        ready = threading.Event()
-
-        def serve():
-            asyncio.set_event_loop(self.loop)
-            self.loop.run_until_complete(self.runner.setup())
-            self.loop.run_until_complete(web.TCPSite(self.runner, "127.0.0.1", self.port).start())
-            ready.set()
-            self.loop.run_forever()
-
-        self.thread = threading.Thread(target=serve, daemon=True)
-        self.thread.start()
-        assert ready.wait(30)
-        self.url = f"http://127.0.0.1:{self.port}"
+        self._server = AppThread(app)
+        self.port, self.url = self._server.port, self._server.url
 
     def stop(self):
-        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
+        self._server.stop()
 
     # -- the model ---------------------------------------------------------------------------------
     @torch.no_grad()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import threading
 import time
 
 import pytest
@@ -16,35 +15,19 @@ from tracetailor.serving.http import HttpClient, ServerError, check_url, run_syn
 aiohttp = pytest.importorskip("aiohttp")
 from aiohttp import web  # noqa: E402
 
+from local_app import AppThread  # noqa: E402
 
-class LocalServer:
+
+class LocalServer(AppThread):
     """An aiohttp app on 127.0.0.1 in a thread of its own; `hits` counts requests per path."""
 
     def __init__(self, routes):
         self.hits: dict[str, int] = {}
         self.seen_headers: list[dict] = []
-        self.loop = asyncio.new_event_loop()
         app = web.Application()
         for path, handler in routes.items():
             app.router.add_route("*", path, self._counted(path, handler))
-        self.runner = web.AppRunner(app)
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.port = sock.getsockname()[1]
-        sock.close()
-        ready = threading.Event()
-
-        def serve():
-            asyncio.set_event_loop(self.loop)
-            self.loop.run_until_complete(self.runner.setup())
-            self.loop.run_until_complete(web.TCPSite(self.runner, "127.0.0.1", self.port).start())
-            ready.set()
-            self.loop.run_forever()
-
-        self.thread = threading.Thread(target=serve, daemon=True)
-        self.thread.start()
-        assert ready.wait(10)
-        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__(app, ready_timeout=10)
 
     def _counted(self, path, handler):
         async def wrapped(request):
@@ -52,11 +35,6 @@ class LocalServer:
             self.seen_headers.append(dict(request.headers))
             return await handler(request, self.hits[path])
         return wrapped
-
-    def stop(self):
-        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
 
 
 @pytest.fixture
