@@ -221,8 +221,10 @@ def test_gguf_file_is_the_models_in_every_command_and_generate_keeps_the_old_spe
 
 
 def test_out_is_a_directory_everywhere_and_select_and_view_write_out_file(monkeypatch):
-    assert not {"select", "view"} & {c for c, _ in SHARED["--out"]}
-    assert {c for c, _ in SHARED["--out-file"]} == {"select", "view"}
+    """--out is a directory everywhere; the commands that write one file (select's and import's SFT set, view's
+    page) take --out-file."""
+    assert not {"select", "view", "import"} & {c for c, _ in SHARED["--out"]}
+    assert {c for c, _ in SHARED["--out-file"]} == {"select", "view", "import"}
     seen = _capture(monkeypatch)
     for command in ("select", "view"):
         result = CliRunner().invoke(app, [command, "t.jsonl", "--out", "x.file"])
