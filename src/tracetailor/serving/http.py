@@ -118,7 +118,7 @@ class HttpClient:
                 delay = min(self.max_backoff, self.backoff * 2 ** (attempt - 1))
                 await asyncio.sleep(delay * (0.5 + random.random() / 2))  # jitter: replicas are not hit in step
             try:
-                async with self._slots:
+                async with self._slots:  # max_in_flight requests at once (the connector also holds that many)
                     self.stats["requests"] += 1
                     self.stats["bytes_sent"] += len(body or b"")
                     status, data = await self._attempt(session, method, url, body)
@@ -150,7 +150,11 @@ class HttpClient:
             size = reply.content_length
             if size is not None and size > self.max_reply_bytes:
                 raise _TooLarge(f"Content-Length {size}")
-            chunks, total = [], 0
+            if size is not None:  # a known length under the cap: one read (the common, cheap case)
+                data = await reply.read()
+                self.stats["bytes_received"] += len(data)
+                return reply.status, data
+            chunks, total = [], 0  # no length given: read in chunks, stopping at the cap
             async for chunk in reply.content.iter_chunked(1 << 16):
                 total += len(chunk)
                 if total > self.max_reply_bytes:
