@@ -336,11 +336,12 @@ class GenerateConfig(Settings):
     teacher_device_map: str | dict | None = option(
         None, "accelerate device map for the teacher, e.g. auto: spread a teacher too large for one GPU over the "
         "GPUs (of each worker).", resumable=True)
-    draft_tokens: str | int = option("auto", "Modes rsd and teacher: the student guesses this many tokens and the "
-                                     "teacher checks them in one pass; the traces are the same, with fewer teacher "
-                                     "passes. 0 = one teacher pass per token; auto = chosen per pass from the measured "
-                                     "step costs and match rates (0 where drafts do not pay).", resumable=True)
-    kv_cache: str = option("auto", KV_CACHE_HELP + " The traces are the same.", choices=KV_CHOICES,
+    draft_tokens: str | int = option(0, "Modes rsd and teacher: the student guesses this many tokens and the "
+                                     "teacher checks them in one pass; the same tokens, with fewer teacher passes. "
+                                     "0 = one teacher pass per token; auto = chosen per pass from the measured step "
+                                     "costs and match rates (the same tokens; log-probs may differ in the 5th digit "
+                                     "from run to run, as the passes' widths do).", resumable=True)
+    kv_cache: str = option("rectangle", KV_CACHE_HELP + " The traces are the same.", choices=KV_CHOICES,
                            resumable=True)
     save_teacher_topk: int = option(0, "Modes rsd and teacher: also store, per completion token, the teacher's K "
                                     "likeliest tokens (student ids) and log-probs in OUT/teacher_topk/*.parquet, for "
@@ -461,7 +462,7 @@ class EvalConfig(Settings):
     chat_template: bool = option(True, "Apply the model's chat template.", flags=("--chat-template/--no-chat-template",),
                                  shown="on")
     batch_size: int = option(32, "Sequences decoded together.", low=1, resumable=True)
-    kv_cache: str = option("auto", KV_CACHE_HELP + " The samples are the same.", choices=KV_CHOICES,
+    kv_cache: str = option("rectangle", KV_CACHE_HELP + " The samples are the same.", choices=KV_CHOICES,
                            resumable=True)
     seed: int = option(0, "Seed of the counter-based sampler.", low=0)
     limit: int | None = option(None, "Only the first N questions of each benchmark.", low=1, resumable=True)
