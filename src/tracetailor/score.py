@@ -585,9 +585,7 @@ def _load_student(cfg: ScoreConfig, log):
 def score_served(model, examples: Sequence[Example], on_done=None) -> list[np.ndarray]:
     """Each example's completion log-probs from a served model: one prompt-log-prob request per example,
     many in flight (the client bounds them)."""
-    import asyncio
-
-    from .serving.http import run_sync
+    from .serving.http import gather_all, run_sync
 
     async def one(ex: Example) -> np.ndarray:
         lps = await model.token_logprobs(ex.prompt_ids + ex.completion_ids, len(ex.prompt_ids))
@@ -597,7 +595,7 @@ def score_served(model, examples: Sequence[Example], on_done=None) -> list[np.nd
 
     async def all_():
         try:
-            return await asyncio.gather(*[one(ex) for ex in examples])
+            return await gather_all(one(ex) for ex in examples)
         finally:
             await model.client.close()
     return list(run_sync(all_()))

@@ -271,8 +271,9 @@ def rsd_choose_topk(teacher: "TopKBatch", student: "TopKBatch", keys: DrawKeys, 
     k = `params.top_k` this is the law of `rsd_choose` exactly: the proposal is the teacher's top-k at
     `teacher_temperature`, renormalised; A and the fallback are the student's top-k, with p(x) its own."""
     q = propose_topk(teacher, params.teacher_temperature, 1.0, teacher_to_student)
-    fallback = Proposal(student.logprobs.exp() / student.logprobs.exp().sum(-1, keepdim=True), student.ids)
-    p_x = torch.where(q.ids.unsqueeze(-1) == student.ids.unsqueeze(-2), student.logprobs.exp().unsqueeze(-2),
+    p = student.logprobs.exp()  # the student's own probabilities of its top-k (not renormalised)
+    fallback = Proposal(p / p.sum(-1, keepdim=True), student.ids)
+    p_x = torch.where(q.ids.unsqueeze(-1) == student.ids.unsqueeze(-2), p.unsqueeze(-2),
                       0.0).amax(-1)  # p(x) for candidates in the student's top-k, 0 elsewhere
     in_a = (q.ids >= 0) & (q.probs > 0) & (p_x >= params.threshold) & (p_x > 0)
     return rsd_draw(q, fallback, in_a, keys, params.trials)

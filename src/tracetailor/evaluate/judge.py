@@ -275,11 +275,9 @@ class LLMJudge:
         run_sync(self._ask_all(pending))
 
     async def _ask_all(self, pending: dict[str, str]) -> None:
-        import asyncio
-
         from tqdm.auto import tqdm
 
-        from ..serving.http import HttpClient
+        from ..serving.http import HttpClient, gather_all
 
         client = HttpClient(max_in_flight=self.max_in_flight, timeout=self.timeout_s, retries=self.retries,
                             backoff=self.backoff_s, max_reply_bytes=self.max_reply_bytes,
@@ -290,13 +288,9 @@ class LLMJudge:
             self.cache.put(key, self.model, await self._ask(client, prompt))
             bar.update(1)
 
-        tasks = [asyncio.ensure_future(one(key, prompt)) for key, prompt in pending.items()]
         try:
-            await asyncio.gather(*tasks)
+            await gather_all(one(key, prompt) for key, prompt in pending.items())
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
             self.requests += client.stats["requests"]
             bar.close()
             await client.close()

@@ -30,6 +30,7 @@ import torch
 
 from ..decoding.engine import DecodeSettings, EngineError, Finished, Request
 from ..decoding.rules import DrawKeys, TopKBatch, propose_topk, rsd_choose_topk, sample_choose
+from .http import gather_all
 from .model import ServedModel
 from .protocol import TopK
 
@@ -125,13 +126,9 @@ class ServedEngine:
                 async with slots:
                     out.put(await self._sequence(r, out))
 
-            tasks = [asyncio.ensure_future(one(r)) for r in requests]
             try:
-                await asyncio.gather(*tasks)
+                await gather_all(one(r) for r in requests)
             finally:
-                for t in tasks:
-                    t.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
                 await self.student.client.close()
 
         def thread():

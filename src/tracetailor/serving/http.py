@@ -181,6 +181,18 @@ def _error_text(data: bytes) -> str:
     return str(err)
 
 
+async def gather_all(coros) -> list:
+    """Await every coroutine of `coros` at once and return their results in order; when one fails (or this is
+    cancelled), the others are cancelled and awaited before the error goes on, so nothing runs on unseen."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 def run_sync(coro):
     """Run a coroutine to its end from synchronous code: in a fresh event loop, or, when this thread already
     runs one (a notebook), in a thread of its own."""
