@@ -182,7 +182,7 @@ def _run_with_config(cls, run, flags: dict, config: str | None, no_progress: boo
                      resumable: bool | str = True):
     """Merge the flags given over the YAML file into `cls` and run it; `--no-progress` (or -q) also
     silences transformers' model-loading bars."""
-    from .config import _shown, load_yaml, merge
+    from .config import short_repr, load_yaml, merge
     from .models import quiet_progress_bars
 
     if flags.get("prefill"):
@@ -197,7 +197,7 @@ def _run_with_config(cls, run, flags: dict, config: str | None, no_progress: boo
             given = sorted(k for k, v in flags.items() if v is not None and v != [] and v != ())
             logger.debug(f"{type(cfg).__name__}: flags given: {', '.join(given) or 'none'}; config file: "
                          f"{config or 'none'}; preset: {getattr(cfg, 'preset', None) or 'none'}")
-            logger.debug("settings: " + ", ".join(f"{f.name}={_shown(getattr(cfg, f.name), 200)}" for f in fields(cfg)))
+            logger.debug("settings: " + ", ".join(f"{f.name}={short_repr(getattr(cfg, f.name), 200)}" for f in fields(cfg)))
         if getattr(cfg, "preset", None):
             _say_preset(cfg, log or _say())
         if no_progress:
@@ -241,9 +241,11 @@ def _default_text(f, meta: dict) -> str:
 
 def config_parameters(cls, arguments: dict[str, str] | None = None) -> list[inspect.Parameter]:
     """One typer parameter per CLI field of `cls` (None when not given, so the YAML file can fill it)."""
+    from .config import cli_fields
+
     hints = typing.get_type_hints(cls)
     params = []
-    for f in fields(cls):
+    for f in cli_fields(cls):
         meta = dict(f.metadata)
         if f.name in (arguments or {}):
             default = typer.Argument(None, help=arguments[f.name])

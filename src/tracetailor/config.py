@@ -40,7 +40,7 @@ class ExperimentError(ConfigError):
 _MISSING = dataclasses.MISSING
 
 
-def _shown(value: Any, width: int = 80) -> str:
+def short_repr(value: Any, width: int = 80) -> str:
     """`repr(value)` cut to about `width` characters, never built whole: an error quotes a value, not all of it
     (a YAML value can be a nested list of a billion items that share their parts)."""
     import reprlib
@@ -108,29 +108,29 @@ def _convert(name: str, value: Any, kind) -> Any:
             number = None
         if number is not None and number.is_integer():
             return int(number)
-        raise ConfigError(f"{name}: {_shown(value)} is not a whole number")
+        raise ConfigError(f"{name}: {short_repr(value)} is not a whole number")
     if float in allowed and isinstance(value, str):
         try:
             return float(value)  # YAML reads 1e-5 (no dot) as text
         except ValueError:
-            raise ConfigError(f"{name}: {_shown(value)} is not a number") from None
+            raise ConfigError(f"{name}: {short_repr(value)} is not a number") from None
     if float in allowed:
-        raise ConfigError(f"{name}: {_shown(value)} is not a number")
+        raise ConfigError(f"{name}: {short_repr(value)} is not a number")
     if bool in allowed:
-        raise ConfigError(f"{name}: expected true or false, got {_shown(value)}")
+        raise ConfigError(f"{name}: expected true or false, got {short_repr(value)}")
     wanted = " or ".join(sorted("text" if t is str else "a mapping" if t is dict else getattr(t, "__name__", str(t))
                                 for t in allowed))
-    raise ConfigError(f"{name}: expected {wanted}, got {_shown(value)} ({type(value).__name__}); quote it in YAML")
+    raise ConfigError(f"{name}: expected {wanted}, got {short_repr(value)} ({type(value).__name__}); quote it in YAML")
 
 
 def _string_list(name: str, value: Any) -> list[str]:
     if isinstance(value, str):
         return [value]  # one item: `stop: "</think>"` is one stop string, not eight
     if not isinstance(value, (list, tuple)):
-        raise ConfigError(f"{name}: expected a list of strings, got {_shown(value)} ({type(value).__name__})")
+        raise ConfigError(f"{name}: expected a list of strings, got {short_repr(value)} ({type(value).__name__})")
     bad = [v for v in value if not isinstance(v, str)]
     if bad:
-        raise ConfigError(f"{name}: expected a list of strings, but it holds {_shown(bad[0])} ({type(bad[0]).__name__})")
+        raise ConfigError(f"{name}: expected a list of strings, but it holds {short_repr(bad[0])} ({type(bad[0]).__name__})")
     return list(value)
 
 
@@ -139,7 +139,7 @@ def _bounds(name: str, value: Any, m: dict) -> None:
         return
     low, high, above, below = m["low"], m["high"], m["above"], m["below"]
     if m["choices"] and value not in m["choices"]:
-        raise ConfigError(f"{name}: {_shown(value)} is not one of {', '.join(map(str, m['choices']))}")
+        raise ConfigError(f"{name}: {short_repr(value)} is not one of {', '.join(map(str, m['choices']))}")
     inside = ((low is None or value >= low) and (high is None or value <= high)
               and (above is None or value > above) and (below is None or value < below))
     if inside:
@@ -159,9 +159,17 @@ def check_fields(cfg) -> None:
     """Convert every field of `cfg` to its declared type and check its bounds and choices, in place."""
     hints = _types(type(cfg))
     for f in fields(cfg):
-        value = _convert(f.name, getattr(cfg, f.name), hints[f.name])
+        value = _convert(f.name, getattr(cfg, f.name), hints[f.name])  # the identity on a merged config's values
         setattr(cfg, f.name, value)
         _bounds(f.name, value, {**_NO_META, **f.metadata})
+
+
+def check_value(cls, name: str, value: Any) -> Any:
+    """`value` converted and checked as the field `name` of `cls` would be (sweep's grid values)."""
+    meta = next(f.metadata for f in fields(cls) if f.name == name)
+    value = _convert(name, value, _types(cls)[name])
+    _bounds(name, value, {**_NO_META, **meta})
+    return value
 
 
 _NO_META = {"help": "", "low": None, "high": None, "above": None, "below": None, "choices": None, "flags": None,
@@ -182,6 +190,46 @@ class Settings:
         """The fields that decide the results; a resumed run must match them."""
         keep = {f.name for f in fields(self) if not f.metadata.get("resumable")}
         return {k: v for k, v in dataclasses.asdict(self).items() if k in keep}
+
+
+def option_group(cls):
+    """@dataclass for a group of options that several commands share, written once: a command's config
+    inherits the group (and may reword a field of it for itself, `command_config`)."""
+    cls._option_group = True
+    return dataclass(cls)
+
+
+def command_config(**wording):
+    """@dataclass for a command's config, with fields it inherits (from its option groups, or from the config
+    it extends) reworded for this command. Each keyword names such a field and gives its help text, a
+    (default, help) pair, or a dict of what changes: option()'s arguments (default, help, cli, resumable, shown,
+    flags, deprecated, ...) and `type`. The rest is the field as inherited; it keeps its place among the fields."""
+
+    def make(cls):
+        inherited: dict[str, dataclasses.Field] = {}
+        for base in reversed(cls.__mro__[1:]):
+            if dataclasses.is_dataclass(base):
+                inherited.update({f.name: f for f in fields(base)})
+        if "__annotations__" not in cls.__dict__:
+            cls.__annotations__ = {}
+        for name, change in wording.items():
+            change = ({"help": change} if isinstance(change, str) else
+                      dict(zip(("default", "help"), change)) if isinstance(change, tuple) else dict(change))
+            was = inherited[name]
+            cls.__annotations__[name] = change.pop("type", was.type)
+            factory = None if "default" in change or was.default_factory is _MISSING else was.default_factory
+            setattr(cls, name, option(change.pop("default", was.default), factory=factory,
+                                      **{**_NO_META, **was.metadata, **change}))
+        return dataclass(cls)
+
+    return make
+
+
+def cli_fields(cls) -> list[dataclasses.Field]:
+    """`cls`'s fields in the order `--help` lists them: the command's own first, then its option groups'."""
+    groups = [base for base in cls.__mro__ if base.__dict__.get("_option_group")]
+    where = {name: i for i, base in reversed(list(enumerate(groups))) for name in base.__dict__["__annotations__"]}
+    return sorted(fields(cls), key=lambda f: where.get(f.name, -1))
 
 
 MIN_TEMPERATURE = 1e-3
@@ -277,11 +325,74 @@ SERVED_NAME_HELP = "The {role}'s model name at --{role}-url (vLLM: --served-mode
 SERVED_PROTOCOL_HELP = ("openai: /v1/completions with token ids and vLLM's prompt_logprobs (vLLM, SGLang); llama.cpp: "
                         "llama-server's native /completion.")
 
+
+# ---------------------------------------------------------------- the option groups the commands share
+
+
+@option_group
+class LoadOptions:
+    """What a model's files may do when loaded: every command that loads weights."""
+
+    trust_remote_code: bool = option(False, REMOTE_HELP, resumable=True)
+    allow_pickle: bool = option(False, PICKLE_HELP, resumable=True)
+
+
+@option_group
+class ModelOptions(LoadOptions):
+    """Where and at what precision the models run: generate, eval and score (train has its own dtype)."""
+
+    device: str = option("auto", DEVICE_HELP, resumable=True)
+    dtype: str = option("auto", DTYPE_HELP, choices=DTYPES)
+
+
+@option_group
+class PromptOptions:
+    """How a prompt is laid out for the model: generate, eval, score and import."""
+
+    system_prompt: str | None = option(None, "System message put before each prompt.")
+    prefill: str = option("", 'Text that starts every completion, e.g. "<think>\\n" (escapes \\n and \\t are understood).')
+    chat_template: bool = option(True, "Apply the student's chat template.", flags=("--chat-template/--no-chat-template",),
+                                 shown="on")
+
+
+@option_group
+class RunOptions:
+    """The run's output directory: every command that writes one (each gives `out` its default and help)."""
+
+    out: str = option("out", "Output directory.", resumable=True)
+    overwrite: bool = option(False, "Replace a previous run in --out instead of resuming it.", resumable=True)
+    progress: bool = option(True, "Progress bars.", cli=False, resumable=True)
+
+
+@option_group
+class SftSetOptions:
+    """The SFT set that select and import write: one JSONL file and its funnel."""
+
+    out: str = option("sft.jsonl", "The SFT JSONL file to write; the funnel goes to OUT.funnel.json.", resumable=True,
+                      flags=("--out-file",))  # --out is a directory everywhere else
+    overwrite: bool = option(False, "Replace an SFT set already at --out.", resumable=True)
+
+
+@option_group
+class SeedOption:
+    """The seed of a command that draws at random."""
+
+    seed: int = option(0, "Seed of the counter-based sampler.", low=0)
+
+
+@option_group
+class PresetOption:
+    """A named table of settings laid under --config and the flags (presets/)."""
+
+    preset: str | None = option(None, "A named table of settings (paper: the paper's procedure, docs/paper.md) laid "
+                                "under --config and the flags, which override it.", resumable=True)
+
+
 # ---------------------------------------------------------------- generate
 
 
-@dataclass
-class GenerateConfig(Settings):
+@command_config(out=("traces", "Output directory for traces.jsonl, run.json, stats.json."))
+class GenerateConfig(Settings, ModelOptions, PromptOptions, RunOptions, SeedOption, PresetOption):
     """Everything `tracetailor generate` needs. `--preset paper` gives the authors' settings (docs/paper.md)."""
 
     student: str = option("", f"Student model: {MODEL_HELP}.")
@@ -298,13 +409,11 @@ class GenerateConfig(Settings):
     prompt_field: str = option("prompt", "Field holding the prompt (a string or a messages list).")
     id_field: str | None = option(None, "Field holding a unique prompt id.", shown="the row number")
     carry: list[str] = option(factory=list, help="Source field to copy into every record (repeatable), e.g. --carry answer.")
-    out: str = option("traces", "Output directory for traces.jsonl, run.json, stats.json.", resumable=True)
     samples: int = option(1, "Samples per prompt.", low=1)
     max_new_tokens: int = option(1024, "Token limit per completion.", low=1)
     max_length: int | None = option(None, "Most tokens in all, prompt included (binds before --max-new-tokens when "
                                     "the prompt is long).", low=2, shown="none: the models' context")
     batch_size: int = option(32, "Sequences decoded together.", low=1, resumable=True)
-    seed: int = option(0, "Seed of the counter-based sampler.", low=0)
     mode: str = option("rsd", "rsd (teacher proposes, student filters), teacher or student (plain sampling).",
                        choices=("rsd", "teacher", "student"))
     threshold: float = option(0.01, "RSD: least student probability for a teacher token.", low=0.0, high=1.0)
@@ -313,22 +422,12 @@ class GenerateConfig(Settings):
     teacher_temperature: float = option(1.0, "RSD: temperature of the teacher's proposal.", above=0.0)
     temperature: float = option(1.0, "Plain modes: sampling temperature.", above=0.0)
     top_p: float = option(1.0, "Plain modes: nucleus mass.", above=0.0, high=1.0)
-    system_prompt: str | None = option(None, "System message put before each prompt.")
-    prefill: str = option("", 'Text that starts every completion, e.g. "<think>\\n" (escapes \\n and \\t are understood).')
-    chat_template: bool = option(True, "Apply the student's chat template.", flags=("--chat-template/--no-chat-template",),
-                                 shown="on")
     stop: list[str] = option(factory=list, help="Stop string (repeatable); the student's EOS always stops.")
-    device: str = option("auto", DEVICE_HELP, resumable=True)
-    dtype: str = option("auto", DTYPE_HELP, choices=DTYPES)
     teacher_dtype: str | None = option(None, "The teacher's dtype, when it differs from --dtype (the paper's code: "
                                        "float16).", choices=DTYPES, shown="--dtype")
     end_tokens: list[str] = option(factory=list, help="Only these tokens end a completion (repeatable), e.g. "
                                    "--end-tokens '<|im_end|>'.", shown="every EOS id of the student")
-    trust_remote_code: bool = option(False, REMOTE_HELP, resumable=True)
-    allow_pickle: bool = option(False, PICKLE_HELP, resumable=True)
-    overwrite: bool = option(False, "Replace a previous run in --out instead of resuming it.", resumable=True)
     limit: int | None = option(None, "Only the first N prompts.", low=1, resumable=True)
-    progress: bool = option(True, "Progress bars.", cli=False, resumable=True)
     workers: int | None = option(None, "Spread the run over N Ray workers (pip install 'tracetailor\\[ray]'): one GPU "
                                  "each, or a share of the CPU cores.", low=1, resumable=True, shown="none, this process")
     ray_address: str | None = option(None, "Ray cluster to join with --workers (as `ray start --head` prints).",
@@ -346,8 +445,6 @@ class GenerateConfig(Settings):
     save_teacher_topk: int = option(0, "Modes rsd and teacher: also store, per completion token, the teacher's K "
                                     "likeliest tokens (student ids) and log-probs in OUT/teacher_topk/*.parquet, for "
                                     "`train --loss kd`. 0 = off.", low=0)
-    preset: str | None = option(None, "A named table of settings (paper: the paper's procedure, docs/paper.md) laid "
-                                "under --config and the flags, which override it.", resumable=True)
     # served models (serving/): the tokenizers still come from --student / --teacher
     teacher_url: str | None = option(None, SERVED_URL_HELP.format(role="teacher"), resumable=True)
     student_url: str | None = option(None, SERVED_URL_HELP.format(role="student"), resumable=True)
@@ -423,8 +520,15 @@ class GenerateConfig(Settings):
 # ---------------------------------------------------------------- eval
 
 
-@dataclass
-class EvalConfig(Settings):
+@command_config(
+    system_prompt="System message put before each question.",
+    prefill=dict(type="str | None", default=None, help='Text that starts every completion; "" for none.',
+                 shown='"<think>\\n" when the tokenizer has <think>, else none'),
+    chat_template="Apply the model's chat template.",
+    trust_remote_code=dict(resumable=False),
+    out=("results", "Output directory: summary.json, summary.md, <benchmark>.jsonl."),
+    overwrite="Replace an earlier evaluation in --out instead of resuming it.")
+class EvalConfig(Settings, ModelOptions, PromptOptions, RunOptions, SeedOption, PresetOption):
     """Everything `tracetailor eval` needs. The defaults share the authors' sampling; `--preset paper` gives the rest."""
 
     model: str = option("", f"Model to evaluate: {MODEL_HELP}.")
@@ -443,9 +547,6 @@ class EvalConfig(Settings):
     max_new_tokens: int = option(8192, "Token limit per completion.", low=1)
     max_length: int | None = option(None, "Most tokens in all, prompt included (binds before --max-new-tokens when "
                                     "the prompt is long).", low=2, shown="none: the models' context")
-    prefill: str | None = option(None, 'Text that starts every completion; "" for none.',
-                                 shown='"<think>\\n" when the tokenizer has <think>, else none')
-    system_prompt: str | None = option(None, "System message put before each question.")
     instruction: bool = option(True, "Append the answer-format instruction (reason step by step, \\boxed{}) to each "
                                "question; --no-instruction sends the question alone, as the paper does.",
                                flags=("--instruction/--no-instruction",), shown="on")
@@ -459,24 +560,12 @@ class EvalConfig(Settings):
     grading: str = option("strict", GRADING_HELP + " In eval the judge sees the whole completion, cut-off ones too.",
                           choices=GRADINGS)
     judge_prompt: str | None = option(None, JUDGE_PROMPT_HELP, shown="ours")
-    chat_template: bool = option(True, "Apply the model's chat template.", flags=("--chat-template/--no-chat-template",),
-                                 shown="on")
     batch_size: int = option(32, "Sequences decoded together.", low=1, resumable=True)
     kv_cache: str = option("rectangle", KV_CACHE_HELP + " The samples are the same.", choices=KV_CHOICES,
                            resumable=True)
-    seed: int = option(0, "Seed of the counter-based sampler.", low=0)
     limit: int | None = option(None, "Only the first N questions of each benchmark.", low=1, resumable=True)
     question_field: str | None = option(None, "Question field of a local file.", shown="question")
     answer_field: str | None = option(None, "Answer field of a local file.", shown="answer")
-    out: str = option("results", "Output directory: summary.json, summary.md, <benchmark>.jsonl.", resumable=True)
-    device: str = option("auto", DEVICE_HELP, resumable=True)
-    dtype: str = option("auto", DTYPE_HELP, choices=DTYPES)
-    progress: bool = option(True, "Progress bars.", cli=False, resumable=True)
-    trust_remote_code: bool = option(False, REMOTE_HELP)
-    allow_pickle: bool = option(False, PICKLE_HELP, resumable=True)
-    overwrite: bool = option(False, "Replace an earlier evaluation in --out instead of resuming it.", resumable=True)
-    preset: str | None = option(None, "A named table of settings (paper: the paper's procedure, docs/paper.md) laid "
-                                "under --config and the flags, which override it.", resumable=True)
 
     # a model behind a server (serving/): the server samples each completion, many in flight
     model_url: str | None = option(None, "Evaluate the model served behind this URL (several, comma-separated, for "
@@ -515,8 +604,14 @@ class EvalConfig(Settings):
 # ---------------------------------------------------------------- score
 
 
-@dataclass
-class ScoreConfig(Settings):
+@command_config(
+    system_prompt="System message put before each prompt (outside data).",
+    prefill=dict(type="str | None", default=None, help='Text the prompt ends with, e.g. "<think>\\n".',
+                 shown='"<think>\\n" for s1K-style data, else none'),
+    chat_template="Apply the student's chat template (outside data).",
+    out=("score", "Output directory for stats.json, per_example.jsonl, tokens_*.jsonl, logprob_hist.png, viewer.html."),
+    overwrite="Replace a finished score in --out.")
+class ScoreConfig(Settings, ModelOptions, PromptOptions, RunOptions):
     """Everything `tracetailor score` needs."""
 
     student: str = option("", f"Student model: {MODEL_HELP}.", flags=("--model", "--student"))
@@ -525,8 +620,6 @@ class ScoreConfig(Settings):
                              "JSONL/JSON/Parquet/CSV, a dataset dir or a hub id.")
     name: list[str] = option(factory=list, help="Display name of each --data, same order (repeatable).",
                              shown="the file stem")
-    out: str = option("score", "Output directory for stats.json, per_example.jsonl, tokens_*.jsonl, logprob_hist.png, "
-                      "viewer.html.", resumable=True)
     split: str = option("train", "Split of a hub or saved dataset.")
     prompt_field: str | None = option(None, "Prompt field (a string or a messages list).",
                                       shown="question for s1K-style data, else prompt")
@@ -536,22 +629,11 @@ class ScoreConfig(Settings):
     messages_field: str = option("messages", "Messages field; its last (assistant) turn is the completion.")
     id_field: str | None = option(None, "Field holding a unique example id (outside data).", shown="the row number")
     carry: list[str] = option(factory=list, help="Source field to copy into tokens_*.jsonl (repeatable; outside data).")
-    system_prompt: str | None = option(None, "System message put before each prompt (outside data).")
-    prefill: str | None = option(None, 'Text the prompt ends with, e.g. "<think>\\n".',
-                                 shown='"<think>\\n" for s1K-style data, else none')
-    chat_template: bool = option(True, "Apply the student's chat template (outside data).",
-                                 flags=("--chat-template/--no-chat-template",), shown="on")
     max_length: int = option(8192, "Most tokens per example, prompt + completion; longer completions are cut at the end.",
                              low=2)
     batch_size: int = option(8, "Examples per forward pass.", low=1, resumable=True)
     max_batch_tokens: int = option(32768, "Most padded tokens per forward pass.", low=1, resumable=True)
     limit: int | None = option(None, "Only the first N examples of each dataset.", low=1)
-    device: str = option("auto", DEVICE_HELP, resumable=True)
-    dtype: str = option("auto", DTYPE_HELP, choices=DTYPES)
-    trust_remote_code: bool = option(False, REMOTE_HELP, resumable=True)
-    allow_pickle: bool = option(False, PICKLE_HELP, resumable=True)
-    overwrite: bool = option(False, "Replace a finished score in --out.", resumable=True)
-    progress: bool = option(True, "Progress bars.", cli=False, resumable=True)
     save_teacher_topk: int = option(0, "Also store, per completion token, --teacher's K likeliest tokens (student ids) "
                                     "and log-probs from a teacher-forced pass, in OUT/teacher_topk/<name>.topk.parquet, "
                                     "for `train --loss kd --teacher-topk`. 0 = off.", low=0)
@@ -594,13 +676,11 @@ class ScoreConfig(Settings):
 PICKS = ("shortest", "random", "all")
 
 
-@dataclass
-class SelectConfig(Settings):
+@command_config(out=dict(deprecated=("--out",)), seed="Seed for --pick random.")
+class SelectConfig(Settings, SftSetOptions, SeedOption, PresetOption):
     """Everything `tracetailor select` needs. `--preset paper` gives the authors' filters (docs/paper.md)."""
 
     traces: list[str] = option(factory=list, help="Trace files (or generate's output dirs).", cli=False)
-    out: str = option("sft.jsonl", "The SFT JSONL file to write; the funnel goes to OUT.funnel.json.", resumable=True,
-                      flags=("--out-file",), deprecated=("--out",))  # --out is a directory everywhere else
     answer_field: str | None = option("answer", 'Record field with the gold answer ("" for none).')
     require_think: bool | None = option(None, "Demand (or ignore) one </think> per trace.",
                                         flags=("--require-think/--no-require-think",),
@@ -612,7 +692,6 @@ class SelectConfig(Settings):
     keep_unverifiable: bool = option(False, "Keep traces whose gold answer is empty.",
                                      flags=("--keep-unverifiable/--drop-unverifiable",), shown="drop")
     pick: str = option("shortest", "One per prompt: shortest (the paper), random, or all.", choices=PICKS)
-    seed: int = option(0, "Seed for --pick random.", low=0)
     tokenizer: str | None = option(None, "Count </think> and <|im_end|> by token id with this tokenizer (hub id or "
                                    'dir; "auto": the student named in the traces\' run.json), as the paper does.',
                                    shown="none: count </think> in the text")
@@ -626,9 +705,6 @@ class SelectConfig(Settings):
     grading: str = option("strict", GRADING_HELP + " In select the last \\boxed{} after </think> is matched "
                           "exactly, then shown to the judge.", choices=GRADINGS)
     judge_prompt: str | None = option(None, JUDGE_PROMPT_HELP, shown="ours")
-    overwrite: bool = option(False, "Replace an SFT set already at --out.", resumable=True)
-    preset: str | None = option(None, "A named table of settings (paper: the paper's procedure, docs/paper.md) laid "
-                                "under --config and the flags, which override it.", resumable=True)
 
     def validate(self) -> "SelectConfig":
         try:
@@ -654,15 +730,18 @@ class SelectConfig(Settings):
 S1K_MARKERS = ["<|im_start|>think", "<|im_start|>answer"]  # s1K-1.1_tokenized's think/answer markers
 
 
-@dataclass
-class ImportConfig(Settings):
+@command_config(
+    system_prompt="System message put before each question.",
+    prefill='The start of the assistant text that goes at the end of the prompt (e.g. "<think>"), as generate\'s '
+            "--prefill puts it there.",
+    preset="A named table of settings (paper: s1K-1.1's fields and the layout of s1K-1.1_tokenized, docs/paper.md) "
+           "laid under --config and the flags.")
+class ImportConfig(Settings, PromptOptions, SftSetOptions, PresetOption):
     """Everything `tracetailor import` needs: an existing trace dataset -> an SFT set in select's format."""
 
     source: list[str] = option(factory=list, help="The trace dataset: a hub id, a JSONL/JSON/Parquet/CSV file or a "
                                "`datasets` folder.", cli=False)
     student: str = option("", f"The student whose chat template and tokenizer the set is written for: {MODEL_HELP}.")
-    out: str = option("sft.jsonl", "The SFT JSONL file to write; the funnel goes to OUT.funnel.json.", resumable=True,
-                      flags=("--out-file",))  # a file, as select's
     split: str = option("train", "Split of a hub or saved dataset.")
     subset: str | None = option(None, "Subset (config name) of a hub dataset.")
     revision: str | None = option(None, "Revision of a hub dataset (pin it to reproduce).")
@@ -676,11 +755,6 @@ class ImportConfig(Settings):
     think_markers: list[str] = option(factory=lambda: list(S1K_MARKERS), help="Two markers turned into <think> and "
                                       "</think> wherever they occur (repeat the flag twice; s1K's by default).")
     answer_prefix: str = option("", 'Put before the response unless it already holds it (s1K-1.1_tokenized: "Answer: ").')
-    system_prompt: str | None = option(None, "System message put before each question.")
-    prefill: str = option("", 'The start of the assistant text that goes at the end of the prompt (e.g. "<think>"), '
-                          "as generate's --prefill puts it there.")
-    chat_template: bool = option(True, "Apply the student's chat template.", flags=("--chat-template/--no-chat-template",),
-                                 shown="on")
     max_length: int | None = option(None, "Drop rows longer than this many tokens, prompt included.", low=2,
                                     shown="none: keep all (train --max-length truncates)")
     correct_only: bool = option(False, "Keep only rows whose answer matches --gold-field.",
@@ -689,9 +763,6 @@ class ImportConfig(Settings):
                               choices=tuple(ANSWER_MODES))
     limit: int | None = option(None, "Only the first N rows.", low=1)
     trust_remote_code: bool = option(False, REMOTE_HELP)
-    overwrite: bool = option(False, "Replace an SFT set already at --out.", resumable=True)
-    preset: str | None = option(None, "A named table of settings (paper: s1K-1.1's fields and the layout of "
-                                "s1K-1.1_tokenized, docs/paper.md) laid under --config and the flags.", resumable=True)
 
     def validate(self) -> "ImportConfig":
         try:
@@ -716,8 +787,13 @@ class ImportConfig(Settings):
 SAVE_STRATEGIES = {"end": "no", "epoch": "epoch", "steps": "steps"}  # ours -> TrainingArguments'
 
 
-@dataclass
-class TrainConfig(Settings):
+@command_config(
+    trust_remote_code=dict(resumable=False),
+    out=dict(default="ckpt", help="Checkpoint directory (weights, tokenizer, chat template, train.json).",
+             flags=("--out", "--output-dir")),
+    overwrite="Replace a checkpoint already in --out.",
+    seed="Seed of shuffling and initialisation.")
+class TrainConfig(Settings, LoadOptions, RunOptions, SeedOption, PresetOption):
     """Everything `tracetailor train` needs. Defaults are the paper's (s1's) SFT recipe."""
 
     model: str = option("", f"Student to fine-tune: {MODEL_HELP}.",
@@ -726,8 +802,6 @@ class TrainConfig(Settings):
     data: str = option("", flags=("--data", "--dataset-name"), help="SFT set: select's output (trained on its exact token ids), or rows with messages or "
                        "prompt + completion.")
     split: str = option("train", "Split of a hub or saved dataset.")
-    out: str = option("ckpt", "Checkpoint directory (weights, tokenizer, chat template, train.json).", resumable=True,
-                      flags=("--out", "--output-dir"))
     learning_rate: float = option(1e-5, "Peak learning rate.", above=0.0)
     num_train_epochs: float = option(5.0, "Passes over the data.", above=0.0, shown="5")
     max_steps: int | None = option(None, "Stop after N optimizer steps (overrides the epochs).", low=1)
@@ -754,7 +828,6 @@ class TrainConfig(Settings):
     retokenize: bool = option(False, "Decode each row's token ids to text and let the tokenizer encode prompt + "
                               "completion again as one text, as the paper's code (TRL on text) does; off: train on "
                               "the ids as generated.", flags=("--retokenize/--no-retokenize",), shown="off")
-    seed: int = option(0, "Seed of shuffling and initialisation.", low=0)
     logging_steps: int = option(1, "Log the loss every N optimizer steps.", low=1)
     save_strategy: str = option("end", "end (only the final model), epoch or steps (also OUT/checkpoint-*, with the "
                                 "optimizer's state, for --resume-from-checkpoint).", choices=tuple(SAVE_STRATEGIES))
@@ -786,18 +859,12 @@ class TrainConfig(Settings):
     lora_target_modules: str = option("all-linear", 'LoRA modules: "all-linear" or a comma list such as q_proj,v_proj.')
     merge_lora: bool = option(True, "LoRA: save the merged full model in OUT, the adapter in OUT/adapter.",
                               flags=("--merge-lora/--no-merge-lora",), shown="on")
-    trust_remote_code: bool = option(False, REMOTE_HELP)
-    allow_pickle: bool = option(False, PICKLE_HELP, resumable=True)
-    overwrite: bool = option(False, "Replace a checkpoint already in --out.", resumable=True)
     limit: int | None = option(None, "Only the first N examples.", low=1)
     push_to_hub: str | None = option(None, "Upload OUT (model, tokenizer, README.md model card) to this Hub model "
                                      "repo (org/name) at the end; the token is huggingface_hub's.", resumable=True,
                                      flags=("--push-to-hub", "--hub-model-id"))
     private: bool = option(False, "With --push-to-hub: create the repo private.", flags=("--private/--public",),
                            shown="public", resumable=True)
-    progress: bool = option(True, "Progress bars.", cli=False, resumable=True)
-    preset: str | None = option(None, "A named table of settings (paper: the paper's procedure, docs/paper.md) laid "
-                                "under --config and the flags, which override it.", resumable=True)
 
     def validate(self) -> "TrainConfig":
         check_fields(self)
@@ -812,7 +879,7 @@ class TrainConfig(Settings):
 
         schedulers = [s.value for s in SchedulerType]
         if self.lr_scheduler not in schedulers:
-            raise ConfigError(f"lr_scheduler: {_shown(self.lr_scheduler)} is not one of {', '.join(schedulers)}")
+            raise ConfigError(f"lr_scheduler: {short_repr(self.lr_scheduler)} is not one of {', '.join(schedulers)}")
         if self.retokenize and self.loss == "kd":
             raise ConfigError("retokenize: the teacher's top-K of --loss kd is stored per generated token and would "
                               "no longer line up; use --no-retokenize with --loss kd")
@@ -832,14 +899,15 @@ SIZES = ("both", "equal", "all")
 QUICK_SIZES = dict(train_problems=200, samples=2, eval_problems=100, eval_samples=2, num_train_epochs=2)
 
 
-@dataclass
-class ExperimentConfig(Settings):
+@command_config(
+    seed="Seed of the sampling and the fine-tuning.",
+    out=("demo-out", "Where the experiment writes its stages and report.md."),
+    overwrite="Replace a demo already in OUT (a stopped one resumes without it).")
+class ExperimentConfig(Settings, RunOptions, SeedOption):
     """Everything `tracetailor demo` needs: the paper's experiment in the miniature world (toyworld/)."""
 
-    seed: int = option(0, "Seed of the sampling and the fine-tuning.", low=0)
     world_seed: int = option(0, "Which miniature world (seed 0 ships with tracetailor; others build in minutes).", low=0)
     world: str | None = option(None, "A built world's directory (default: the world_seed's, built or reused).")
-    out: str = option("demo-out", "Where the experiment writes its stages and report.md.", resumable=True)
     train_problems: int = option(1000, "Training problems traces are generated for.", low=1)
     samples: int = option(4, "Traces per problem in each set.", low=1)
     eval_split: str = option("test", "Held-out problems to evaluate on: test, or validation while tuning.",
@@ -864,9 +932,6 @@ class ExperimentConfig(Settings):
     kd_student: bool = option(False, "Also fine-tune sft-rsd-kd: the RSD SFT set with the teacher's top-k stored by "
                               "generate (train --loss kd).")
     kd_weight: float = option(0.5, "sft-rsd-kd's loss: w * KD + (1 - w) * SFT.", low=0.0, high=1.0)
-    progress: bool = option(True, "Progress bars.", cli=False, resumable=True)
-    overwrite: bool = option(False, "Replace a demo already in OUT (a stopped one resumes without it).",
-                             resumable=True)
 
     @classmethod
     def quick(cls, **changes) -> "ExperimentConfig":
@@ -888,18 +953,17 @@ DEFAULT_GRID = "threshold=0.001,0.003,0.01,0.03,0.1,0.3"
 QUICK_SWEEP = dict(QUICK_SIZES, grid=["threshold=0.01,0.3"], seeds="0")
 
 
-@dataclass
+@command_config(
+    seed=dict(help="Set per run from --seeds.", cli=False),
+    world_seed=dict(help="Set per run from --seeds.", cli=False),
+    world="A built world's directory for every seed (default: seed S runs on world S, built or reused).",
+    out=("sweep-out", "Where the sweep writes each seed's and each point's stages and sweep.md."),
+    sizes=dict(default="equal", choices=("equal", "all"), help="SFT set sizes: equal (the RSD set and the student's "
+               "own cut to the smaller one's size) or all (each as select kept it)."),
+    overwrite="Replace a sweep already in OUT (a stopped one resumes without it).")
 class SweepConfig(ExperimentConfig):
     """Everything `tracetailor sweep` needs: the demo's settings, a grid of RSD settings and the seeds."""
 
-    seed: int = option(0, "Set per run from --seeds.", cli=False)
-    world_seed: int = option(0, "Set per run from --seeds.", cli=False)
-    world: str | None = option(None, "A built world's directory for every seed (default: seed S runs on world S, "
-                               "built or reused).")
-    out: str = option("sweep-out", "Where the sweep writes each seed's and each point's stages and sweep.md.",
-                      resumable=True)
-    sizes: str = option("equal", "SFT set sizes: equal (the RSD set and the student's own cut to the smaller one's "
-                        "size) or all (each as select kept it).", choices=("equal", "all"))
     grid: list[str] = option(factory=lambda: [DEFAULT_GRID], resumable=True, shown=DEFAULT_GRID, help=(
         "SETTING=V1,V2,... (once, or twice for a two-way grid): the RSD settings swept, of "
         + ", ".join(SWEEPABLE) + ". A resumed sweep may add points; finished ones are kept."))
@@ -909,8 +973,6 @@ class SweepConfig(ExperimentConfig):
     rounds: int = option(1, "Iterated RSD: round r>1 regenerates the RSD traces with round r-1's fine-tuned student "
                          "and fine-tunes it on them; the control alike samples again with round r-1's control. A "
                          "resumed sweep may add rounds.", low=1, resumable=True)
-    overwrite: bool = option(False, "Replace a sweep already in OUT (a stopped one resumes without it).",
-                             resumable=True)
     quick: bool = option(False, "A tiny sweep (threshold 0.01 and 0.3, seed 0, the demo's --quick sizes) for the "
                          "options left at their defaults; what CI runs.", resumable=True)
 
@@ -932,31 +994,19 @@ class SweepConfig(ExperimentConfig):
         try:
             seeds = [int(s) for s in str(self.seeds).split(",") if s.strip()]
         except ValueError:
-            raise ConfigError(f"seeds: {_shown(self.seeds)} is not a comma-separated list of whole numbers") from None
+            raise ConfigError(f"seeds: {short_repr(self.seeds)} is not a comma-separated list of whole numbers") from None
         if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
-            raise ConfigError(f"seeds: {_shown(self.seeds)}: give distinct seeds >= 0, e.g. 0,1,2")
+            raise ConfigError(f"seeds: {short_repr(self.seeds)}: give distinct seeds >= 0, e.g. 0,1,2")
         return seeds
 
     def grid_points(self) -> list[dict[str, Any]]:
         """Every combination of the grid's values, as {setting: value}, converted and checked like the option."""
-        axes, hints, meta = [], _types(ExperimentConfig), {f.name: f.metadata for f in fields(ExperimentConfig)}
-        for item in self.grid:
-            name, _, values = str(item).partition("=")
-            name = name.strip().replace("-", "_")
-            if name not in SWEEPABLE or not values.strip():
-                raise ConfigError(f"grid: {_shown(item)} is not SETTING=V1,V2,... with SETTING one of {', '.join(SWEEPABLE)}")
-            if name in (a for a, _ in axes):
-                raise ConfigError(f"grid: {name} is given twice")
-            converted = [_convert(name, v.strip(), hints[name]) for v in values.split(",") if v.strip()]
-            for v in converted:
-                _bounds(name, v, {**_NO_META, **meta[name]})
-            axes.append((name, list(dict.fromkeys(converted))))
-        if not 1 <= len(axes) <= 2:
-            raise ConfigError(f"grid: give one or two settings, got {len(axes)}")
-        points = [{axes[0][0]: v} for v in axes[0][1]]
-        if len(axes) == 2:
-            points = [{**p, axes[1][0]: w} for p in points for w in axes[1][1]]
-        return points
+        from .toyworld.grid import grid_points
+
+        try:
+            return grid_points(self.grid, SWEEPABLE, lambda name, text: check_value(ExperimentConfig, name, text))
+        except ValueError as e:  # the grid's own syntax, or a value (a ConfigError already)
+            raise ConfigError(str(e)) from None
 
 
 # ---------------------------------------------------------------- view
@@ -995,7 +1045,7 @@ def settings_changes(before: dict[str, Any], now: dict[str, Any], most: int = 6,
         return before.get(k) != now[k]
 
     changed = sorted(k for k in now if differs(k))
-    return "; ".join(f"{k}: {_shown(before.get(k), 200)} -> {_shown(now[k], 200)}" for k in changed[:most]) if changed else None
+    return "; ".join(f"{k}: {short_repr(before.get(k), 200)} -> {short_repr(now[k], 200)}" for k in changed[:most]) if changed else None
 
 
 YAML_ALIAS_LIMIT = 1000  # the most values that aliases (*name) may add to a config file, all expanded
@@ -1048,7 +1098,7 @@ def _yaml_loader(path: Path):
                     continue  # an unhashable key: the constructor names it
                 first_line.setdefault(key, line)
                 if given:
-                    raise ConfigError(f"{path}: line {line}: key {_shown(key)} is given twice (first on line "
+                    raise ConfigError(f"{path}: line {line}: key {short_repr(key)} is given twice (first on line "
                                       f"{first_line[key]}); keep one")
             return super().construct_mapping(node, deep)
 
@@ -1110,10 +1160,10 @@ def _file_fields(cls, file_values: dict[str, Any], source: str) -> dict[str, Any
     for key, value in file_values.items():
         name = str(key).replace("-", "_")
         if name in RENAMED and RENAMED[name][0] == cls.__name__ and name not in table:
-            raise ConfigError(f"{source}: option {_shown(key)} was renamed; use {RENAMED[name][1]}")
+            raise ConfigError(f"{source}: option {short_repr(key)} was renamed; use {RENAMED[name][1]}")
         if name not in table:
             known = sorted({f.name for f in fields(cls)})
-            raise ConfigError(f"{source}: unknown option {_shown(key)}{close_match(name, table)}; known options: "
+            raise ConfigError(f"{source}: unknown option {short_repr(key)}{close_match(name, table)}; known options: "
                               f"{', '.join(known)}")
         field_name = table[name]
         if field_name in keys:
@@ -1137,9 +1187,7 @@ def merge(cls, file_values: dict[str, Any] | None, flag_values: dict[str, Any], 
             continue  # not given (a repeatable flag not given is empty): the file's value or the default stays
         values[name] = list(value) if isinstance(value, tuple) else value
     hints = _types(cls)
-    try:
-        for name in values:
-            values[name] = _convert(name, values[name], hints[name])
-        return cls(**values)
+    try:  # converted here, naming `source`; validate()'s check_fields then finds each value of its type
+        return cls(**{name: _convert(name, value, hints[name]) for name, value in values.items()})
     except (ConfigError, TypeError) as e:
         raise ConfigError(f"{source}: {e}") from e
