@@ -1,12 +1,13 @@
 """The command line: options generated from the config classes, a YAML base, one error handler.
 
-The options of `generate`, `eval`, `score`, `select` and `train` are made from the
-fields of their config classes (config.py): names, help texts, the defaults shown by
-`--help` and the listed choices all come from there, so a setting is written once.
-Flags given override `--config FILE.yaml`. Every command is a thin shell over one
-function of the Python API. A `UserError` (and the engine's own errors) is printed
-as one line with exit status 2, here and nowhere else. `-q`/`-v` set the level of
-the `tracetailor` logger that the commands report through. See docs/architecture.md.
+Every command but `assets` and `world build` is registered by `config_command` from its config class
+(config.py): generate, score, select, eval, train, import, export, view, demo and sweep. Their options'
+names, help texts, the defaults `--help` shows and the listed choices come from the config fields, so a
+setting is written once; flags given override `--config FILE.yaml`, which overrides a `--preset`. Each
+command is a thin shell over one function (`run_generate`, `run_sweep`, ...). A `UserError` (and the
+engine's own errors) is printed as one line with exit status 2, here and nowhere else; ^C, SIGTERM and SIGHUP
+stop a run with a hint to resume. `-q`/`-v` set the level of the `tracetailor` logger that the commands
+report through. It holds no settings and does no work of its own. See docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -190,9 +191,8 @@ def _run_with_config(cls, run, flags: dict, config: str | None, no_progress: boo
     no_progress = no_progress or logger.getEffectiveLevel() > logging.INFO
     if no_progress and "progress" in {f.name for f in fields(cls)}:  # select, export, view: no bars to stop
         flags["progress"] = False
-    holder = {}
     with user_errors_as_one_line(flags.get("out") or "the output directory", resumable):
-        cfg = holder["cfg"] = merge(cls, load_yaml(config) if config else None, flags, source=config or "flags")
+        cfg = merge(cls, load_yaml(config) if config else None, flags, source=config or "flags")
         if logger.isEnabledFor(logging.DEBUG):
             given = sorted(k for k, v in flags.items() if v is not None and v != [] and v != ())
             logger.debug(f"{type(cfg).__name__}: flags given: {', '.join(given) or 'none'}; config file: "
@@ -298,10 +298,10 @@ def _common_parameters() -> list[inspect.Parameter]:
 
 
 def config_command(name: str, cls, run_path: str, doc: str, *, stream: str = "err", resumable: bool | str = True,
-                   arguments: dict[str, str] | None = None, progress: bool = True, extras: tuple[str, ...] = ()):
+                   arguments: dict[str, str] | None = None, extras: tuple[str, ...] = ()):
     """Register `tracetailor NAME`: options from `cls`, then `run_path` ("module:function") on the merged config.
-    `extras`: the optional-dependency groups it needs, checked before anything else (extras.py). `progress` is
-    no longer used: every command takes --no-progress (a no-op where there are no bars), so the flag is one."""
+    `extras`: the optional-dependency groups it needs, checked before anything else (extras.py). Every command
+    takes --no-progress (a no-op where there are no bars), so the flag is one."""
     params = config_parameters(cls, arguments) + _common_parameters()  # every command takes --no-progress
 
     def run(cfg, log):  # imported only now: `--help` and a bad flag load nothing heavy
@@ -337,7 +337,8 @@ TRAIN_RESUME = ("run the same command with --resume-from-checkpoint auto to go o
 
 
 def _register() -> None:
-    from .config import EvalConfig, GenerateConfig, ScoreConfig, SelectConfig, SweepConfig, TrainConfig, ViewConfig
+    from .config import (DemoConfig, EvalConfig, GenerateConfig, ImportConfig, ScoreConfig, SelectConfig, SweepConfig,
+                         TrainConfig, ViewConfig)
 
     config_command("generate", GenerateConfig, ".generate:run_generate",
                    "Generate traces with RSD (or plain teacher / student sampling), resumable, one JSON line per "
@@ -346,30 +347,31 @@ def _register() -> None:
                    "Student log-probs of any dataset's completions: stats, a histogram and a viewer page.")
     config_command("select", SelectConfig, ".select:run_select",
                    "Keep well-formed, correct traces with few fallbacks, one per prompt: a TRL-ready SFT set and "
-                   "its funnel.", stream="out", arguments={"traces": "Trace files (or generate's output dirs)."},
-                   progress=False)
+                   "its funnel.", stream="out", arguments={"traces": "Trace files (or generate's output dirs)."})
     config_command("eval", EvalConfig, ".evaluate.run:run_eval",
                    "Sample a model on reasoning benchmarks and grade every sample: mean accuracy ± SE per benchmark.",
                    stream="out", extras=("eval",))
     config_command("train", TrainConfig, ".train:run_train",
                    "Fine-tune the student on an SFT set with TRL, loss on the completion only: a from_pretrained "
                    "checkpoint.", resumable=TRAIN_RESUME, extras=("train",))
-    from .config import ImportConfig
-
     config_command("import", ImportConfig, ".trace_import:run_import",
                    "An existing trace dataset (s1K-1.1's DeepSeek-R1 traces, say) as an SFT set in select's format, "
-                   "with its funnel: the raw-trace arm.", stream="out", progress=False,
+                   "with its funnel: the raw-trace arm.", stream="out",
                    arguments={"source": "The trace dataset: a hub id, a JSONL/Parquet file or a `datasets` folder."})
     from .export import ExportConfig
 
     config_command("export", ExportConfig, ".export:run_export",
                    "A trace dir, an SFT set or an eval dir as a Parquet dataset with a dataset card; "
-                   "--push-to-hub uploads it.", resumable=False, progress=False, extras=("hub",),
+                   "--push-to-hub uploads it.", resumable=False, extras=("hub",),
                    arguments={"src": "A trace dir (generate's --out), an SFT set (select's .jsonl) or an eval dir."})
     config_command("view", ViewConfig, ".cli:_run_view",
                    "Write one self-contained HTML page to read traces token by token, shaded by student probability.",
                    resumable=False,
                    arguments={"traces": "Trace files (JSONL) or run directories holding traces*.jsonl."})
+    config_command("demo", DemoConfig, ".cli:_run_demo",
+                   "The paper's experiment in the built-in miniature world, on a CPU: teacher, RSD and student traces, "
+                   "select, fine-tune the student on each, evaluate the four students, score the traces, write "
+                   "report.md.")
     config_command("sweep", SweepConfig, ".toyworld.sweep:run_sweep",
                    "The miniature experiment over a grid of RSD settings and seeds, each shared stage run once: "
                    "sweep.md with accuracy, acceptance and paired differences, and sweep.png. Resumable.",
@@ -382,55 +384,18 @@ _register()
 # ---------------------------------------------------------------- the commands with their own options
 
 
-@app.command()
-def demo(
-    out: Optional[str] = typer.Option(None, help="Where the experiment writes its stages and report.md [default: demo-out; with --smollm2: demo-smollm2-out]."),
-    quick: bool = typer.Option(False, "--quick", help="A small run of every stage (about 15 seconds on 2 cores; what CI runs)."),
-    seed: int = typer.Option(0, help="Seed of the sampling and the fine-tuning."),
-    world_seed: int = typer.Option(0, help="Which miniature world (seed 0 ships with tracetailor; others build in minutes)."),
-    world: Optional[str] = typer.Option(None, help="A built world's directory (default: the WORLD_SEED world, built or reused)."),
-    eval_split: str = typer.Option("test", help="Held-out problems to evaluate on: test, or validation while tuning."),
-    train_problems: Optional[int] = typer.Option(None, help="Training problems to generate traces for [default: 1000; --quick 200]."),
-    samples: Optional[int] = typer.Option(None, help="Traces per problem in each set [default: 4; --quick 2]."),
-    eval_samples: Optional[int] = typer.Option(None, help="Samples per held-out problem [default: 16; --quick 2]."),
-    learning_rate: Optional[float] = typer.Option(None, help="SFT learning rate [default: 1e-4]."),
-    num_train_epochs: Optional[float] = typer.Option(None, "--num-train-epochs", help="SFT epochs, as train's [default: 5; --quick 2]."),
-    epochs: Optional[float] = typer.Option(None, "--epochs", hidden=True),  # the old spelling, for a release
-    sizes: str = typer.Option("both", help="SFT set sizes: both (comparisons at equal sizes, every set cut to the smallest one's size; the students fine-tuned on whole sets beside), equal (those only) or all (whole sets only)."),
-    select_preset: Optional[str] = typer.Option(None, help="Select the SFT sets with a preset's filters: paper (strict \\boxed{} after the </think> token, fallback rate at most 50%) [default: select's defaults]."),
-    kd_student: bool = typer.Option(False, "--kd-student", help="Also fine-tune sft-rsd-kd: the RSD set with the teacher's stored top-k (train --loss kd), reported beside the others."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a demo already in OUT (a stopped one resumes without it)."),
-    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
-    smollm2: bool = typer.Option(False, "--smollm2", help="Instead: RSD on real text with SmolLM2-135M-Instruct (teacher) and 22 of its 30 layers (student), printing each trace."),
-    quiet: bool = _level_parameters()[0].default,
-    verbose: bool = _level_parameters()[1].default,
-):
-    """The paper's experiment in the built-in miniature world, on a CPU: teacher, RSD and student traces,
-    select, fine-tune the student on each, evaluate the four students, score the traces, write report.md."""
-    _level(quiet, verbose)
-    if epochs is not None:
-        from .config import deprecated
+def _run_demo(cfg, log) -> None:
+    """`tracetailor demo` on its merged config: the miniature experiment, or with --smollm2 the SmolLM2 one."""
+    cfg.validate()
+    require_extras("demo --smollm2" if cfg.smollm2 else "demo", *(("gguf",) if cfg.smollm2 else ("train", "eval", "plots")))
+    if cfg.smollm2:
+        from .demo import run_demo
 
-        deprecated("demo --epochs", "--num-train-epochs, as train spells it")
-        num_train_epochs = epochs if num_train_epochs is None else num_train_epochs
-    out = out or ("demo-smollm2-out" if smollm2 else "demo-out")  # two experiments, two directories
-    require_extras("demo --smollm2" if smollm2 else "demo", *(("gguf",) if smollm2 else ("train", "eval", "plots")))
-    with user_errors_as_one_line(out):
-        if smollm2:
-            from .demo import run_demo
+        run_demo(out=cfg.out)
+        return
+    from .toyworld.experiment import run_experiment
 
-            run_demo(out=out)
-            return
-        from .toyworld.experiment import ExperimentConfig, run_experiment
-
-        make = ExperimentConfig.quick if quick else ExperimentConfig
-        given = {k: v for k, v in (("train_problems", train_problems), ("samples", samples),
-                                     ("eval_samples", eval_samples), ("learning_rate", learning_rate),
-                                     ("num_train_epochs", num_train_epochs)) if v is not None}
-        cfg = make(seed=seed, world_seed=world_seed, world=world, out=out, eval_split=eval_split, overwrite=overwrite,
-                   sizes=sizes, select_preset=select_preset, kd_student=kd_student,
-                   progress=not no_progress, **given)
-        run_experiment(cfg)
+    run_experiment(cfg.experiment(), log=log)
 
 
 def _run_view(cfg, log) -> None:

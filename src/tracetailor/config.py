@@ -1,14 +1,16 @@
 """Every command's settings, beside one another: one dataclass per command, one field per option.
 
-Each field carries its default, its help text, its bounds or choices and whether a
-resumed run may change it (`option(...)`); the CLI's options and their `--help`
-defaults are generated from these fields (cli.py), the YAML file of `--config` is
-read into the same objects, and `check_fields` converts and checks every value by
-its declared type, naming the key in one line (`threshold: 'x' is not a number`).
+Each field carries its default, its help text, its bounds or choices and whether a resumed run may
+change it (`option(...)`). The options several commands share are written once, in option groups
+(model, prompt, run output, SFT set, seed, preset) that the commands' configs inherit; a command
+rewords only what it says differently (`command_config`). The CLI's options are generated from these
+fields (cli.py), a `--config` YAML file and a `--preset` table are read into the same objects (`merge`,
+which converts each value given to its field's type, naming the key in one line: `threshold: 'x' is not
+a number`), and each class's `validate()` checks bounds, choices and what involves several fields.
 A string where a list is expected is one item (`stop: "</think>"` is one stop string).
-Each class's `validate()` adds the checks that involve several fields.
 
-It does not load models or data. See docs/architecture.md ("Commands and settings").
+It reads the `--config` file and a preset's table and nothing else: it loads no model or data, runs
+nothing and writes no file; the commands (generate.py, score.py, toyworld/, ...) do. See docs/architecture.md ("Commands and settings").
 """
 
 from __future__ import annotations
@@ -946,6 +948,44 @@ class ExperimentConfig(Settings, RunOptions, SeedOption):
         except ConfigError as e:
             raise ExperimentError(str(e)) from None
         return self
+
+
+def _quick_field(name: str, kind: str) -> dict:
+    """An option of the demo whose default --quick changes: unset until validate() picks one, shown as both."""
+    return dict(type=f"{kind} | None", default=None, shown=f"{getattr(ExperimentConfig, name):g}; --quick {QUICK_SIZES[name]}")
+
+
+# the experiment's settings that the demo does not take (RSD's own are what sweep varies)
+DEMO_HIDES = ("eval_problems", "max_new_tokens", "threshold", "trials", "top_k", "temperature", "teacher_temperature",
+              "batch_size", "kd_weight")
+
+
+@command_config(
+    out=dict(type="str | None", default=None, shown="demo-out; with --smollm2: demo-smollm2-out"),
+    train_problems=_quick_field("train_problems", "int"), samples=_quick_field("samples", "int"),
+    eval_samples=_quick_field("eval_samples", "int"),
+    num_train_epochs=dict(_quick_field("num_train_epochs", "float"), deprecated=("--epochs",)),
+    **{name: dict(cli=False) for name in DEMO_HIDES})
+class DemoConfig(ExperimentConfig):
+    """Everything `tracetailor demo` takes: the experiment's settings less RSD's own, --quick and --smollm2."""
+
+    quick: bool = option(False, "A small run of every stage (about 15 seconds on 2 cores; what CI runs).")
+    smollm2: bool = option(False, "Instead: RSD on real text with SmolLM2-135M-Instruct (teacher) and 22 of its 30 "
+                           "layers (student), printing each trace.")
+
+    def validate(self) -> "DemoConfig":
+        """Fill what was left unset: OUT by the demo, the sizes by --quick (a size given stays as given)."""
+        if self.out is None:
+            self.out = "demo-smollm2-out" if self.smollm2 else "demo-out"  # two experiments, two directories
+        for name, quick in QUICK_SIZES.items():
+            if getattr(self, name) is None:
+                setattr(self, name, quick if self.quick else getattr(ExperimentConfig, name))
+        super().validate()
+        return self
+
+    def experiment(self) -> ExperimentConfig:
+        """The miniature experiment's settings (--quick and --smollm2 taken out)."""
+        return ExperimentConfig(**{f.name: getattr(self, f.name) for f in fields(ExperimentConfig)})
 
 
 SWEEPABLE = ("threshold", "trials", "top_k", "teacher_temperature")  # RSD's own settings: the student's traces keep theirs
