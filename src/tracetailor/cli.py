@@ -368,26 +368,27 @@ def _register() -> None:
                    "Write one self-contained HTML page to read traces token by token, shaded by student probability.",
                    resumable=False,
                    arguments={"traces": "Trace files (JSONL) or run directories holding traces*.jsonl."})
-    config_command("demo", DemoConfig, ".cli:_run_demo",
-                   "The paper's experiment in the built-in miniature world, on a CPU: teacher, RSD and student traces, "
-                   "select, fine-tune the student on each, evaluate the four students, score the traces, write "
-                   "report.md.")
     config_command("sweep", SweepConfig, ".toyworld.sweep:run_sweep",
                    "The miniature experiment over a grid of RSD settings and seeds, each shared stage run once: "
                    "sweep.md with accuracy, acceptance and paired differences, and sweep.png. Resumable.",
                    extras=("train", "eval", "plots"))
+    config_command("demo", DemoConfig, ".cli:_run_demo",
+                   "The paper's experiment in the built-in miniature world, on a CPU: teacher, RSD and student traces, "
+                   "select, fine-tune the student on each, evaluate the four students, score the traces, write "
+                   "report.md.")
 
 
 _register()
 
 
-# ---------------------------------------------------------------- the commands with their own options
+# ---------------------------------------------------------------- demo's and view's runs; the commands with own options
 
 
 def _run_demo(cfg, log) -> None:
     """`tracetailor demo` on its merged config: the miniature experiment, or with --smollm2 the SmolLM2 one."""
     cfg.validate()
-    require_extras("demo --smollm2" if cfg.smollm2 else "demo", *(("gguf",) if cfg.smollm2 else ("train", "eval", "plots")))
+    extras = ("gguf",) if cfg.smollm2 else ("train", "eval", "plots")
+    require_extras("demo --smollm2" if cfg.smollm2 else "demo", *extras)
     if cfg.smollm2:
         from .demo import run_demo
 

@@ -10,7 +10,8 @@ a number`), and each class's `validate()` checks bounds, choices and what involv
 A string where a list is expected is one item (`stop: "</think>"` is one stop string).
 
 It reads the `--config` file and a preset's table and nothing else: it loads no model or data, runs
-nothing and writes no file; the commands (generate.py, score.py, toyworld/, ...) do. See docs/architecture.md ("Commands and settings").
+nothing and writes no file; the commands (generate.py, score.py, toyworld/, ...) do.
+See docs/architecture.md ("Commands and settings").
 """
 
 from __future__ import annotations
@@ -515,7 +516,7 @@ class GenerateConfig(Settings, ModelOptions, PromptOptions, RunOptions, SeedOpti
                 raise ConfigError(f"{name}: not with served models: {why}")
 
     def trace_settings(self) -> dict[str, Any]:
-        """The fields that decide the traces; a resumed run must match them."""
+        """run_settings() by its old name, for sampling.py's caller (goes when that calls run_settings())."""
         return self.run_settings()
 
 
@@ -599,7 +600,7 @@ class EvalConfig(Settings, ModelOptions, PromptOptions, RunOptions, SeedOption, 
         return self
 
     def settings(self) -> dict[str, Any]:
-        """The fields that decide the samples; a resumed run must match them."""
+        """run_settings() by its old name, for the eval command's caller (goes when that calls run_settings())."""
         return self.run_settings()
 
 
@@ -952,7 +953,8 @@ class ExperimentConfig(Settings, RunOptions, SeedOption):
 
 def _quick_field(name: str, kind: str) -> dict:
     """An option of the demo whose default --quick changes: unset until validate() picks one, shown as both."""
-    return dict(type=f"{kind} | None", default=None, shown=f"{getattr(ExperimentConfig, name):g}; --quick {QUICK_SIZES[name]}")
+    shown = f"{getattr(ExperimentConfig, name):g}; --quick {QUICK_SIZES[name]}"
+    return dict(type=f"{kind} | None", default=None, shown=shown)
 
 
 # the experiment's settings that the demo does not take (RSD's own are what sweep varies)
