@@ -247,20 +247,6 @@ def _check_temperature(name: str, value: float) -> None:
                           "already greedy in effect)")
 
 
-def _check_judge(cfg) -> None:
-    """The LLM judge needs both its endpoint and its model, or neither."""
-    if cfg.judge_model and not cfg.judge_url:
-        raise ConfigError("judge_model: given without --judge-url; name the endpoint too (e.g. --judge-url "
-                          "http://localhost:8000/v1), or drop --judge-model")
-    if cfg.judge_url and not cfg.judge_model:
-        raise ConfigError("judge_url: given without --judge-model; name the judge's model at that endpoint")
-    if cfg.judge_url:  # before any work: a typo costs no retries (evaluate/judge.py)
-        from .evaluate.judge import chat_endpoint, check_cache_path
-
-        chat_endpoint(cfg.judge_url)
-        check_cache_path(cfg.judge_cache)
-
-
 def _required(name: str, what: str, value) -> None:
     if not value:
         raise ConfigError(f"{name}: required ({what})")
@@ -297,27 +283,10 @@ TOP_K_HELP = ("Top-k cut of every distribution the command samples from (RSD: th
 GGUF_HELP = "GGUF file name inside --model's dir or hub repo."
 REMOTE_HELP = "Allow model code from the hub (off by default)."
 PICKLE_HELP = "Load pickle .bin weights, which can run code (off: safetensors or GGUF only)."
-# the LLM judge's four fields, the same on select and eval (evaluate/judge.py `judge_from`)
-JUDGE_URL_HELP = ("An OpenAI-compatible endpoint (e.g. http://localhost:8000/v1) whose --judge-model is asked whether "
-                  "an answer equals the reference when the offline checks say no; --grading paper asks it always.")
-JUDGE_MODEL_HELP = "The judge's model name at --judge-url."
-JUDGE_KEY_HELP = "Environment variable holding the judge's API key (unset: no key is sent)."
-JUDGE_CACHE_HELP = "JSONL cache of the judge's verdicts: a rerun asks nothing twice."
-JUDGE_TIMEOUT_HELP = "Seconds one request to the judge may take in all (reply included) before it is retried."
-# --grading and --judge-prompt, the same on select and eval (evaluate/grading.py)
 GRADING_HELP = ("How correctness is decided: strict (offline: the answer mode's checks against the gold answer "
                 "pulled out of the reference; a judge only if one is set) or paper (the authors' protocol: an LLM "
                 "judge sees the reference as it is; needs --judge-url and --judge-model; docs/paper.md).")
-JUDGE_PROMPT_HELP = ("With --grading paper: a text file with the judge's prompt, holding {reference} and "
-                     "{completion} (and optionally {question}).")
 
-
-def _check_grading(cfg) -> None:
-    if cfg.grading == "paper" and not cfg.judge_url:
-        raise ConfigError("grading: paper asks an LLM judge; give --judge-url and --judge-model (or use --grading "
-                          "strict, the offline default)")
-    if cfg.judge_prompt and cfg.grading != "paper":
-        raise ConfigError("judge_prompt: used by --grading paper only; add --grading paper or drop --judge-prompt")
 
 
 SERVED_PROTOCOLS = ("openai", "llama.cpp")
@@ -374,6 +343,72 @@ class SftSetOptions:
     out: str = option("sft.jsonl", "The SFT JSONL file to write; the funnel goes to OUT.funnel.json.", resumable=True,
                       flags=("--out-file",))  # --out is a directory everywhere else
     overwrite: bool = option(False, "Replace an SFT set already at --out.", resumable=True)
+
+
+@option_group
+class JudgeOptions:
+    """The LLM judge and how correctness is decided: select and eval (evaluate/judge.py, evaluate/grading.py)."""
+
+    judge_url: str | None = option(None, "An OpenAI-compatible endpoint (e.g. http://localhost:8000/v1) whose "
+                                   "--judge-model is asked whether an answer equals the reference when the offline "
+                                   "checks say no; --grading paper asks it always.", shown="none: offline checks only",
+                                   resumable=True)
+    judge_model: str | None = option(None, "The judge's model name at --judge-url.")
+    judge_api_key_env: str = option("OPENAI_API_KEY", "Environment variable holding the judge's API key (unset: no "
+                                    "key is sent).", resumable=True)
+    judge_cache: str | None = option(None, "JSONL cache of the judge's verdicts: a rerun asks nothing twice.",
+                                     resumable=True, shown="OUT/judge-cache.jsonl")
+    judge_timeout: float = option(60.0, "Seconds one request to the judge may take in all (reply included) before it "
+                                  "is retried.", above=0.0, resumable=True)
+    grading: str = option("strict", GRADING_HELP, choices=GRADINGS)
+    judge_prompt: str | None = option(None, "With --grading paper: a text file with the judge's prompt, holding "
+                                      "{reference} and {completion} (and optionally {question}).", shown="ours")
+
+    def check_judging(self) -> None:
+        """The judge needs both its endpoint and its model, or neither; --grading paper needs a judge."""
+        if self.judge_model and not self.judge_url:
+            raise ConfigError("judge_model: given without --judge-url; name the endpoint too (e.g. --judge-url "
+                              "http://localhost:8000/v1), or drop --judge-model")
+        if self.judge_url and not self.judge_model:
+            raise ConfigError("judge_url: given without --judge-model; name the judge's model at that endpoint")
+        if self.judge_url:  # before any work: a typo costs no retries (evaluate/judge.py)
+            from .evaluate.judge import chat_endpoint, check_cache_path
+
+            chat_endpoint(self.judge_url)
+            check_cache_path(self.judge_cache)
+        if self.grading == "paper" and not self.judge_url:
+            raise ConfigError("grading: paper asks an LLM judge; give --judge-url and --judge-model (or use --grading "
+                              "strict, the offline default)")
+        if self.judge_prompt and self.grading != "paper":
+            raise ConfigError("judge_prompt: used by --grading paper only; add --grading paper or drop --judge-prompt")
+
+
+@option_group
+class ServedModelOptions:
+    """One model behind a server (serving/): eval and score; its tokenizer still comes from --model."""
+
+    model_url: str | None = option(None, "Evaluate the model served behind this URL (several, comma-separated, for "
+                                   "replicas): the server samples each completion; the tokenizer comes from --model.",
+                                   resumable=True)
+    served_name: str | None = option(None, "The model's name at --model-url; unset: the server's only model.",
+                                     resumable=True)
+    protocol: str = option("openai", SERVED_PROTOCOL_HELP, choices=SERVED_PROTOCOLS, resumable=True)
+    max_in_flight: int = option(64, "Served model: most requests in flight at once.", low=1, resumable=True)
+    api_key_env: str = option("TRACETAILOR_API_KEY", "Served model: environment variable holding its API key.",
+                              resumable=True)
+    request_timeout: float = option(600.0, "Served model: seconds one request may take before it is retried.",
+                                    above=0.0, resumable=True)
+
+    def check_served(self) -> None:
+        if self.model_url:
+            self.model_url = checked_urls(self.model_url, "--model-url")
+
+
+def checked_urls(urls: str, flag: str) -> str:
+    """A comma-separated list of server URLs, each checked before any request (serving/http.py `check_url`)."""
+    from .serving.http import check_url
+
+    return ",".join(check_url(u, flag) for u in urls.split(",") if u.strip())
 
 
 @option_group
@@ -493,12 +528,9 @@ class GenerateConfig(Settings, ModelOptions, PromptOptions, RunOptions, SeedOpti
 
     def _validate_served(self) -> None:
         """Served models: both ends served, settings a server can give, refused before any request."""
-        from .serving.http import check_url
-
         for role in ("student", "teacher"):
-            urls = getattr(self, f"{role}_url")
-            if urls:
-                setattr(self, f"{role}_url", ",".join(check_url(u, f"--{role}-url") for u in urls.split(",") if u.strip()))
+            if getattr(self, f"{role}_url"):
+                setattr(self, f"{role}_url", checked_urls(getattr(self, f"{role}_url"), f"--{role}-url"))
         if not self.student_url:
             raise ConfigError("student_url: a served teacher needs a served student too (--student-url URL); serve "
                               "the student with llama-server, vLLM or SGLang, or drop --teacher-url")
@@ -530,8 +562,11 @@ class GenerateConfig(Settings, ModelOptions, PromptOptions, RunOptions, SeedOpti
     chat_template="Apply the model's chat template.",
     trust_remote_code=dict(resumable=False),
     out=("results", "Output directory: summary.json, summary.md, <benchmark>.jsonl."),
-    overwrite="Replace an earlier evaluation in --out instead of resuming it.")
-class EvalConfig(Settings, ModelOptions, PromptOptions, RunOptions, SeedOption, PresetOption):
+    overwrite="Replace an earlier evaluation in --out instead of resuming it.",
+    grading=GRADING_HELP + " In eval the judge sees the whole completion, cut-off ones too.",
+    request_timeout=(1800.0, "Served model: seconds one completion may take before it is retried."))
+class EvalConfig(Settings, ModelOptions, PromptOptions, JudgeOptions, ServedModelOptions, RunOptions, SeedOption,
+                 PresetOption):
     """Everything `tracetailor eval` needs. The defaults share the authors' sampling; `--preset paper` gives the rest."""
 
     model: str = option("", f"Model to evaluate: {MODEL_HELP}.")
@@ -555,14 +590,6 @@ class EvalConfig(Settings, ModelOptions, PromptOptions, RunOptions, SeedOption, 
                                flags=("--instruction/--no-instruction",), shown="on")
     answer_mode: str = option("math-verify", "How math answers are checked: math-verify, strict-boxed (the paper's "
                               "extraction, exact match) or strict-math-verify.", choices=tuple(ANSWER_MODES))
-    judge_url: str | None = option(None, JUDGE_URL_HELP, shown="none: offline checks only", resumable=True)
-    judge_model: str | None = option(None, JUDGE_MODEL_HELP)
-    judge_api_key_env: str = option("OPENAI_API_KEY", JUDGE_KEY_HELP, resumable=True)
-    judge_cache: str | None = option(None, JUDGE_CACHE_HELP, resumable=True, shown="OUT/judge-cache.jsonl")
-    judge_timeout: float = option(60.0, JUDGE_TIMEOUT_HELP, above=0.0, resumable=True)
-    grading: str = option("strict", GRADING_HELP + " In eval the judge sees the whole completion, cut-off ones too.",
-                          choices=GRADINGS)
-    judge_prompt: str | None = option(None, JUDGE_PROMPT_HELP, shown="ours")
     batch_size: int = option(32, "Sequences decoded together.", low=1, resumable=True)
     kv_cache: str = option("rectangle", KV_CACHE_HELP + " The samples are the same.", choices=KV_CHOICES,
                            resumable=True)
@@ -570,33 +597,17 @@ class EvalConfig(Settings, ModelOptions, PromptOptions, RunOptions, SeedOption, 
     question_field: str | None = option(None, "Question field of a local file.", shown="question")
     answer_field: str | None = option(None, "Answer field of a local file.", shown="answer")
 
-    # a model behind a server (serving/): the server samples each completion, many in flight
-    model_url: str | None = option(None, "Evaluate the model served behind this URL (several, comma-separated, for "
-                                   "replicas): the server samples each completion; the tokenizer comes from --model.",
-                                   resumable=True)
-    served_name: str | None = option(None, "The model's name at --model-url; unset: the server's only model.",
-                                     resumable=True)
-    protocol: str = option("openai", SERVED_PROTOCOL_HELP, choices=SERVED_PROTOCOLS, resumable=True)
-    max_in_flight: int = option(64, "Served model: most requests in flight at once.", low=1, resumable=True)
-    api_key_env: str = option("TRACETAILOR_API_KEY", "Served model: environment variable holding its API key.",
-                              resumable=True)
-    request_timeout: float = option(1800.0, "Served model: seconds one completion may take before it is retried.",
-                                    above=0.0, resumable=True)
 
     def validate(self) -> "EvalConfig":
         from .evaluate.benchmarks import split_benchmarks
 
         check_fields(self)
-        _check_judge(self)
-        _check_grading(self)
+        self.check_judging()
         _required("model", MODEL_HELP, self.model)
         if not split_benchmarks(self.benchmark or ""):
             raise ConfigError("benchmark: required (e.g. aime24,math500, or a JSONL/Parquet file)")
         _check_temperature("temperature", self.temperature)
-        if self.model_url:
-            from .serving.http import check_url
-
-            self.model_url = ",".join(check_url(u, "--model-url") for u in self.model_url.split(",") if u.strip())
+        self.check_served()
         return self
 
     def settings(self) -> dict[str, Any]:
@@ -613,8 +624,11 @@ class EvalConfig(Settings, ModelOptions, PromptOptions, RunOptions, SeedOption, 
                  shown='"<think>\\n" for s1K-style data, else none'),
     chat_template="Apply the student's chat template (outside data).",
     out=("score", "Output directory for stats.json, per_example.jsonl, tokens_*.jsonl, logprob_hist.png, viewer.html."),
-    overwrite="Replace a finished score in --out.")
-class ScoreConfig(Settings, ModelOptions, PromptOptions, RunOptions):
+    overwrite="Replace a finished score in --out.",
+    model_url="Score with the model served behind this URL (vLLM: prompt log-probs; several, comma-separated, for "
+              "replicas); the tokenizer comes from --model.",
+    protocol="openai: vLLM's /v1/completions with prompt_logprobs (llama.cpp has none).")
+class ScoreConfig(Settings, ModelOptions, PromptOptions, ServedModelOptions, RunOptions):
     """Everything `tracetailor score` needs."""
 
     student: str = option("", f"Student model: {MODEL_HELP}.", flags=("--model", "--student"))
@@ -642,19 +656,6 @@ class ScoreConfig(Settings, ModelOptions, PromptOptions, RunOptions):
                                     "for `train --loss kd --teacher-topk`. 0 = off.", low=0)
     teacher: str | None = option(None, f"With --save-teacher-topk: the teacher, {MODEL_HELP}.")
 
-    # a model behind a server (serving/): prompt log-probs give every completion token's log-prob
-    model_url: str | None = option(None, "Score with the model served behind this URL (vLLM: prompt log-probs; "
-                                   "several, comma-separated, for replicas); the tokenizer comes from --model.",
-                                   resumable=True)
-    served_name: str | None = option(None, "The model's name at --model-url; unset: the server's only model.",
-                                     resumable=True)
-    protocol: str = option("openai", "openai: vLLM's /v1/completions with prompt_logprobs (llama.cpp has none).",
-                           choices=SERVED_PROTOCOLS, resumable=True)
-    max_in_flight: int = option(64, "Served model: most requests in flight at once.", low=1, resumable=True)
-    api_key_env: str = option("TRACETAILOR_API_KEY", "Served model: environment variable holding its API key.",
-                              resumable=True)
-    request_timeout: float = option(600.0, "Served model: seconds one request may take before it is retried.",
-                                    above=0.0, resumable=True)
 
     def validate(self) -> "ScoreConfig":
         check_fields(self)
@@ -666,10 +667,7 @@ class ScoreConfig(Settings, ModelOptions, PromptOptions, RunOptions):
         if self.name and len(self.name) != len(self.data):
             raise ConfigError(f"name: {len(self.name)} name(s) for {len(self.data)} dataset(s); give one --name per "
                               "--data, in order")
-        if self.model_url:
-            from .serving.http import check_url
-
-            self.model_url = ",".join(check_url(u, "--model-url") for u in self.model_url.split(",") if u.strip())
+        self.check_served()
         return self
 
 
@@ -679,8 +677,11 @@ class ScoreConfig(Settings, ModelOptions, PromptOptions, RunOptions):
 PICKS = ("shortest", "random", "all")
 
 
-@command_config(out=dict(deprecated=("--out",)), seed="Seed for --pick random.")
-class SelectConfig(Settings, SftSetOptions, SeedOption, PresetOption):
+@command_config(
+    judge_cache=dict(shown="OUT.judge-cache.jsonl"),
+    grading=GRADING_HELP + " In select the last \\boxed{} after </think> is matched exactly, then shown to the judge.",
+    out=dict(deprecated=("--out",)), seed="Seed for --pick random.")
+class SelectConfig(Settings, JudgeOptions, SftSetOptions, SeedOption, PresetOption):
     """Everything `tracetailor select` needs. `--preset paper` gives the authors' filters (docs/paper.md)."""
 
     traces: list[str] = option(factory=list, help="Trace files (or generate's output dirs).", cli=False)
@@ -700,20 +701,11 @@ class SelectConfig(Settings, SftSetOptions, SeedOption, PresetOption):
                                    shown="none: count </think> in the text")
     answer_mode: str = option("math-verify", "How answers are checked: math-verify, strict-boxed (the paper's "
                               "extraction, exact match) or strict-math-verify.", choices=tuple(ANSWER_MODES))
-    judge_url: str | None = option(None, JUDGE_URL_HELP, shown="none: offline checks only", resumable=True)
-    judge_model: str | None = option(None, JUDGE_MODEL_HELP)
-    judge_api_key_env: str = option("OPENAI_API_KEY", JUDGE_KEY_HELP, resumable=True)
-    judge_cache: str | None = option(None, JUDGE_CACHE_HELP, resumable=True, shown="OUT.judge-cache.jsonl")
-    judge_timeout: float = option(60.0, JUDGE_TIMEOUT_HELP, above=0.0, resumable=True)
-    grading: str = option("strict", GRADING_HELP + " In select the last \\boxed{} after </think> is matched "
-                          "exactly, then shown to the judge.", choices=GRADINGS)
-    judge_prompt: str | None = option(None, JUDGE_PROMPT_HELP, shown="ours")
 
     def validate(self) -> "SelectConfig":
         try:
             check_fields(self)
-            _check_judge(self)
-            _check_grading(self)
+            self.check_judging()
             if not self.traces:
                 raise ConfigError("traces: give at least one trace file (or generate's output directory)")
             _required("out", "the SFT JSONL file to write", self.out)
