@@ -359,3 +359,51 @@ def test_the_entry_point_shows_warnings_as_lines(monkeypatch):
     with warnings.catch_warnings():
         cli.main()
     assert seen["hook"] is cli._show_warning
+
+
+# ---------------------------------------------------------------- option groups, and the demo made from its config
+
+
+def test_a_shared_option_is_declared_once_and_a_command_rewords_only_what_differs():
+    from tracetailor.config import REMOTE_HELP, EvalConfig, GenerateConfig, ImportConfig, SelectConfig, cli_fields
+
+    meta = {cls: {f.name: f.metadata for f in fields(cls)} for cls in (GenerateConfig, EvalConfig, SelectConfig,
+                                                                       ImportConfig)}
+    assert meta[GenerateConfig]["trust_remote_code"]["resumable"] and not meta[EvalConfig]["trust_remote_code"]["resumable"]
+    assert meta[GenerateConfig]["trust_remote_code"]["help"] == meta[EvalConfig]["trust_remote_code"]["help"] == REMOTE_HELP
+    assert meta[SelectConfig]["out"]["flags"] == meta[ImportConfig]["out"]["flags"] == ("--out-file",)
+    assert meta[SelectConfig]["out"]["deprecated"] == ("--out",) and meta[ImportConfig]["out"]["deprecated"] == ()
+    assert GenerateConfig().out == "traces" and EvalConfig().out == "results" and EvalConfig().prefill is None
+    order = [f.name for f in cli_fields(GenerateConfig)]  # the command's own options first, then the shared ones
+    assert order.index("student") < order.index("device") < order.index("system_prompt") < order.index("out")
+
+
+def test_demo_options_come_from_its_config_and_run_the_experiment_as_before(monkeypatch):
+    import tracetailor.demo
+    import tracetailor.toyworld.experiment as experiment
+    from tracetailor.config import ExperimentConfig
+
+    seen: dict = {}
+    monkeypatch.setattr(experiment, "run_experiment", lambda cfg, log=None: seen.update(cfg=cfg))
+    monkeypatch.setattr(tracetailor.demo, "run_demo", lambda out: seen.update(smollm2=out))
+    monkeypatch.setattr(cli, "require_extras", lambda *a: seen.update(extras=a))
+    assert cli.CONFIG_COMMANDS["demo"].__name__ == "DemoConfig"
+
+    def demo(*args):
+        seen.clear()
+        result = CliRunner().invoke(app, ["demo", *args])
+        assert result.exit_code == 0, result.output
+        return result
+
+    demo("--quick", "--samples", "4", "--no-progress")  # a size given stays, even the default one
+    assert seen["cfg"] == ExperimentConfig.quick(samples=4, progress=False) and type(seen["cfg"]) is ExperimentConfig
+    assert seen["extras"] == ("demo", "train", "eval", "plots")
+    demo()
+    assert seen["cfg"] == ExperimentConfig()
+    result = demo("--epochs", "3", "--sizes", "equal", "--kd-student", "--overwrite", "--seed", "2", "--out", "o")
+    assert seen["cfg"] == ExperimentConfig(num_train_epochs=3, sizes="equal", kd_student=True, overwrite=True, seed=2,
+                                           out="o")
+    assert "warning: --epochs is deprecated and goes in the next release; use --num-train-epochs" in result.output
+    demo("--smollm2")
+    assert seen == {"smollm2": "demo-smollm2-out", "extras": ("demo --smollm2", "gguf")}
+    assert _one_error_line(["demo", "--samples", "0"]) == "error: samples: must be >= 1"
