@@ -899,7 +899,8 @@ QUICK_SIZES = dict(train_problems=200, samples=2, eval_problems=100, eval_sample
     out=("demo-out", "Where the experiment writes its stages and report.md."),
     overwrite="Replace a demo already in OUT (a stopped one resumes without it).")
 class ExperimentConfig(Settings, RunOptions, SeedOption):
-    """Everything `tracetailor demo` needs: the paper's experiment in the miniature world (toyworld/)."""
+    """The paper's experiment in the miniature world (toyworld/experiment.py): what the demo runs (DemoConfig
+    gives its options), and each seed of a sweep (SweepConfig)."""
 
     world_seed: int = option(0, "Which miniature world (seed 0 ships with tracetailor; others build in minutes).", low=0)
     world: str | None = option(None, "A built world's directory (default: the world_seed's, built or reused).")
