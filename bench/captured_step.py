@@ -14,25 +14,14 @@ the compiled step's logits are compared with the eager dynamic step's. The load 
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "src"))
+from common import load_avg, median_seconds, table_head
 
 
 def _median_ms(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+    return 1e3 * median_seconds(fn, repeats, warmup=3)
 
 
 def main() -> None:
@@ -56,9 +45,8 @@ def main() -> None:
     print(f"{path} ({model.config.num_hidden_layers} layers, {sum(p.numel() for p in model.parameters()):,} "
           f"parameters); prompt {args.prompt_len}, static cache {args.cache_len} positions, {args.threads} thread(s), "
           f"torch {torch.__version__}")
-    print("| batch | eager, dynamic cache (ms) | eager, static cache (ms) | compiled, static cache (ms) | "
-          "compiled / eager dynamic | compile (s) | max abs logit difference | load avg |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(table_head("batch", "eager, dynamic cache (ms)", "eager, static cache (ms)", "compiled, static cache (ms)",
+                     "compiled / eager dynamic", "compile (s)", "max abs logit difference", "load avg"))
     P = args.prompt_len
     for b in args.batch:
         torch.manual_seed(0)
@@ -94,7 +82,7 @@ def main() -> None:
             compiled_ms = _median_ms(compiled, args.repeats)
             diff = (logits - dyn()).abs().max().item()
         print(f"| {b} | {eager_dyn:.2f} | {eager_static:.2f} | {compiled_ms:.2f} | {compiled_ms / eager_dyn:.2f} | "
-              f"{compile_s:.0f} | {diff:.1e} | {os.getloadavg()[0]:.2f} |", flush=True)
+              f"{compile_s:.0f} | {diff:.1e} | {load_avg():.2f} |", flush=True)
 
 
 if __name__ == "__main__":
