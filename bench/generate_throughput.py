@@ -32,7 +32,8 @@ the models' vocabulary, so it can never be sampled; the script checks the length
 
 Each side runs in its own subprocess (so peak RSS is per side), warms up once on
 a short run in that process, and sides alternate (ABBA order) over `--repeats`;
-the table shows medians.
+the table shows medians, and the load average after each run is printed beside it
+and under the ratios (timings on a shared machine are read against it).
 
 Modes:
   default      models saved to a temp dir and loaded by run_generate (the product path)
