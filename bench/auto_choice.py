@@ -47,7 +47,7 @@ LAYOUTS = ("rectangle", "paged", "static")
 
 def _world_pair(world: Path | None, problems: int, samples: int, new_tokens: int, eos: bool):
     """(student, teacher, bridge, requests, eos ids, tokenizer) of a world's pair over its training problems."""
-    from draft_speed import load_pair
+    from common import load_pair
 
     from tracetailor.decoding.engine import Request
     from tracetailor.decoding.rules import prompt_key
@@ -60,7 +60,8 @@ def _world_pair(world: Path | None, problems: int, samples: int, new_tokens: int
 
 def _toy_pair(prompts: int, new_tokens: int):
     import torch
-    from generate_throughput import SCALES, _memory_bridge, build_model
+    from common import SCALES, build_model
+    from generate_throughput import _memory_bridge
 
     from tracetailor.decoding.engine import Request
     from tracetailor.decoding.rules import prompt_key
@@ -128,15 +129,14 @@ def reference_side(teacher, tok, requests, batch: int, new_tokens: int) -> dict:
     """The teacher alone through HF generate (do_sample, top-k 20), as bench/draft_speed.py's reference."""
     import torch
 
+    from common import sample_teacher
+
     tok.padding_side = "left"
-    t0, new = time.perf_counter(), 0
-    for i in range(0, len(requests), batch):
-        ids = [r.teacher_ids for r in requests[i:i + batch]]
-        enc = tok.pad({"input_ids": ids}, return_tensors="pt")
-        with torch.inference_mode():
-            out = teacher.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True,
-                                   top_k=20, temperature=1.0, pad_token_id=tok.pad_token_id)
-        new += out.shape[0] * (out.shape[1] - enc["input_ids"].shape[1])
+    t0 = time.perf_counter()
+    batches = (tok.pad({"input_ids": [r.teacher_ids for r in requests[i:i + batch]]}, return_tensors="pt")
+               for i in range(0, len(requests), batch))
+    with torch.inference_mode():
+        new = sample_teacher(teacher, batches, new_tokens, tok.pad_token_id)
     seconds = time.perf_counter() - t0
     return {"tps": new / seconds, "records": None, "seconds": seconds, "load": os.getloadavg()[0]}
 

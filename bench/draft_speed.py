@@ -33,25 +33,12 @@ Timings are noisy on a shared machine: the load average is printed with them.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 from collections import Counter
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "src"))
-
-
-def _median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from common import (left_padded, load_avg, load_pair, median_run, median_seconds, requests_for, rsd_settings,
+                    sample_teacher, take_turns)
 
 
 def step_costs(student, teacher, prompts, batch: int, k: int, repeats: int, rule) -> dict:
@@ -69,8 +56,8 @@ def step_costs(student, teacher, prompts, batch: int, k: int, repeats: int, rule
             def one():
                 kv.feed(nxt)
                 kv.rollback(torch.ones(b, dtype=torch.long))
-            out[f"{name}_step_b{b}"] = _median_seconds(one, repeats)
-    out["prefill_b1"] = _median_seconds(
+            out[f"{name}_step_b{b}"] = median_seconds(one, repeats)
+    out["prefill_b1"] = median_seconds(
         lambda: (KVBatch.prefill(student, prompts[:1]), KVBatch.prefill(teacher, prompts[:1])), repeats)
     kv, logits = KVBatch.prefill(teacher, prompts[:batch])
     ids = logits.argmax(-1, keepdim=True).repeat(1, k + 1)
@@ -78,13 +65,13 @@ def step_costs(student, teacher, prompts, batch: int, k: int, repeats: int, rule
     def verify():
         kv.feed_many(ids)
         kv.rollback(torch.full((batch,), k + 1, dtype=torch.long))
-    out["teacher_verify"] = _median_seconds(verify, repeats)
+    out["teacher_verify"] = median_seconds(verify, repeats)
     for n in (1, k + 1):
-        out[f"rule_x{n}"] = _median_seconds(lambda: rule(batch * n), repeats)
+        out[f"rule_x{n}"] = median_seconds(lambda: rule(batch * n), repeats)
     return out
 
 
-def main() -> None:
+def parse_args():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--world", default=None)
     ap.add_argument("--k", type=int, default=4)
@@ -99,84 +86,107 @@ def main() -> None:
     ap.add_argument("--calibrate-tokens", type=int, default=16,
                     help="new tokens of the short run that measures each side's host time per pass")
     ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args()
+    return ap.parse_args()
 
+
+def main() -> None:
+    args = parse_args()
     import torch
-
-    from tracetailor.decoding.engine import DecodeSettings, Engine, Request
-    from tracetailor.decoding.rules import DrawKeys, RSDParams, prompt_key
 
     torch.set_num_threads(args.threads)
     world, tok, student, teacher, prompts, prompt_ids = load_pair(args.world, max(args.prompts or args.batch,
                                                                                   args.batch))
+    sides = Sides(student, teacher, tok, args.batch, args.k)
+    with torch.inference_mode():
+        costs = step_costs(student, teacher, prompt_ids, args.batch, args.k, args.repeats, sides.rule)
+    load_costs = load_avg()
+    chunks = left_padded(tok, prompts, args.batch)
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        calibration = sides.calibrate(prompt_ids, chunks, args.calibrate_tokens)
+        rounds = sides.take_turns(prompt_ids, chunks, args.new_tokens, args.rounds)
+    sides.clock.remove()
+    measured = {side: median_run(runs) for side, runs in rounds.items()}  # each side's median run by tokens/s
+    predictions = predict(costs, measured, calibration, args.batch, args.k, len(prompts), args.new_tokens)
+    print(f"world {world.name}; {len(prompts)} prompts, batch {args.batch}, {args.new_tokens} new tokens, "
+          f"K = {args.k}, {args.threads} thread(s)")
+    print_costs(costs, calibration, load_costs, args)
+    print_table(measured, predictions, args.batch, args.k)
+    if args.rounds > 1:
+        for side in (args.k, 0):
+            ratios = _per_round(rounds, side)
+            print(f"{names_of(side, args.k)} / teacher alone, per round: " + ", ".join(f"{x:.2f}" for x in ratios)
+                  + f"; median {statistics.median(ratios):.2f}")
 
-    settings = {k: DecodeSettings(mode="rsd", rsd=RSDParams(0.01, 5, 20, 1.0), seed=0, draft_tokens=k)
-                for k in (0, args.k)}
-    engine_for = {}
 
-    def rule(n):
+class Sides:
+    """The three sides on one pair, with the forward clock on both models: the engine drafted (K) and in
+    lockstep (0), and the teacher alone through HF generate (the reference); and the rule timed alone."""
+
+    def __init__(self, student, teacher, tok, batch: int, k: int):
+        self.student, self.teacher, self.tok, self.batch, self.k = student, teacher, tok, batch, k
+        self.settings = {d: rsd_settings(d) for d in (0, k)}
+        self.clock = ForwardClock(student=student, teacher=teacher)
+        self._rule_inputs: dict = {}
+
+    def rule(self, n: int) -> None:
         """The rule (`Engine._choose`) over n positions of logits made once, outside the timing."""
-        if n not in engine_for:
-            v = student.config.vocab_size
+        import torch
+
+        from tracetailor.decoding.engine import Engine
+        from tracetailor.decoding.rules import DrawKeys
+
+        if n not in self._rule_inputs:
+            v = self.student.config.vocab_size
             keys = DrawKeys(0, torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long),
                             torch.zeros(n, dtype=torch.long))
             gen = torch.Generator().manual_seed(n)
-            engine_for[n] = (torch.randn(n, v, generator=gen), torch.randn(n, v, generator=gen), keys)
-        engine = engine_for.setdefault("rule", Engine(student, teacher, None, settings[0]))
-        engine._choose(*engine_for[n])
+            self._rule_inputs[n] = (torch.randn(n, v, generator=gen), torch.randn(n, v, generator=gen), keys)
+        engine = self._rule_inputs.setdefault("rule", Engine(self.student, self.teacher, None, self.settings[0]))
+        engine._choose(*self._rule_inputs[n])
 
-    with torch.inference_mode():
-        costs = step_costs(student, teacher, prompt_ids, args.batch, args.k, args.repeats, rule)
-    load_costs = os.getloadavg()[0]
+    def engine(self, k: int, reqs: list) -> dict:
+        from tracetailor.decoding.engine import Engine
 
-    clock = ForwardClock(student=student, teacher=teacher)
-
-    def engine_side(k: int, reqs: list) -> dict:
-        engine = Engine(student, teacher, None, settings[k], eos_ids=(), batch_size=args.batch)
-        clock.reset(decode_width=k + 1)
+        engine = Engine(self.student, self.teacher, None, self.settings[k], eos_ids=(), batch_size=self.batch)
+        self.clock.reset(decode_width=k + 1)
         t0 = time.perf_counter()
         tokens = sum(len(f.token_ids) for f in engine.run(reqs))
         wall = time.perf_counter() - t0
         return {"tokens": tokens, "tps": tokens / wall, "ppt": engine.teacher_passes / engine.tokens_emitted,
-                "accepted": Counter(engine.accepted_lengths), **clock.split(wall)}
+                "accepted": Counter(engine.accepted_lengths), **self.clock.split(wall)}
 
-    def reference_side(chunks: list, new_tokens: int) -> dict:
-        clock.reset(decode_width=1)
-        t0, new = time.perf_counter(), 0
-        for enc in chunks:
-            out = teacher.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                   do_sample=True, top_k=20, temperature=1.0, pad_token_id=tok.pad_token_id)
-            new += out.shape[0] * (out.shape[1] - enc["input_ids"].shape[1])
+    def reference(self, chunks: list, new_tokens: int) -> dict:
+        self.clock.reset(decode_width=1)
+        t0 = time.perf_counter()
+        new = sample_teacher(self.teacher, chunks, new_tokens, self.tok.pad_token_id)
         wall = time.perf_counter() - t0
-        return {"tokens": new, "tps": new / wall, "ppt": 1.0, **clock.split(wall)}
+        return {"tokens": new, "tps": new / wall, "ppt": 1.0, **self.clock.split(wall)}
 
-    def requests(ids_list, budget):
-        return [Request(i, prompt_key(str(i)), 0, ids, ids, budget) for i, ids in enumerate(ids_list)]
+    def calibrate(self, prompt_ids, chunks, new_tokens: int) -> dict:
+        """Each side's host seconds per teacher call, on one batch of `new_tokens` tokens."""
+        from tracetailor.decoding.engine import Engine
 
-    tok.padding_side = "left"
-    chunks = [tok(prompts[i:i + args.batch], return_tensors="pt", padding=True, add_special_tokens=False)
-              for i in range(0, len(prompts), args.batch)]
-    measured, calibration = {}, {}
-    torch.manual_seed(0)
-    with torch.inference_mode():
-        # the calibration: each side's host seconds per teacher call, on one batch of --calibrate-tokens
-        for k in (0, args.k):
-            list(Engine(student, teacher, None, settings[k], batch_size=args.batch).run(
-                requests(prompt_ids[:2], 4)))  # warm-up
-            calibration[k] = engine_side(k, requests(prompt_ids[:args.batch], args.calibrate_tokens))
-        calibration["reference"] = reference_side(chunks[:1], args.calibrate_tokens)
-        # the sides take turns, --rounds times, so that a machine that drifts drifts under all of them
-        rounds: dict = {args.k: [], 0: [], "reference": []}
-        for _ in range(args.rounds):
-            for k in (args.k, 0):
-                rounds[k].append({**engine_side(k, requests(prompt_ids, args.new_tokens)),
-                                  "load": os.getloadavg()[0]})
-            rounds["reference"].append({**reference_side(chunks, args.new_tokens), "load": os.getloadavg()[0]})
-        for side, runs in rounds.items():  # each side's median run by tokens/s
-            measured[side] = sorted(runs, key=lambda m: m["tps"])[len(runs) // 2]
-    clock.remove()
+        calibration = {}
+        for k in (0, self.k):
+            list(Engine(self.student, self.teacher, None, self.settings[k], batch_size=self.batch).run(
+                requests_for(prompt_ids[:2], 4)))  # warm-up
+            calibration[k] = self.engine(k, requests_for(prompt_ids[:self.batch], new_tokens))
+        calibration["reference"] = self.reference(chunks[:1], new_tokens)
+        return calibration
 
-    b, k, c = args.batch, args.k, costs
+    def take_turns(self, prompt_ids, chunks, new_tokens: int, rounds: int) -> dict:
+        """{side: [run, ...]}: the sides take turns, `rounds` times, so that a machine that drifts drifts under
+        all of them."""
+        def run(side, _n):
+            if side == "reference":
+                return self.reference(chunks, new_tokens)
+            return self.engine(side, requests_for(prompt_ids, new_tokens))
+        return take_turns([self.k, 0, "reference"], rounds, run)
+
+
+def predict(c: dict, measured: dict, calibration: dict, b: int, k: int, rows: int, new_tokens: int) -> dict:
+    """The four predictions of each side's tokens/s (see the docstring, 3.) and the simulated teacher calls."""
     # seconds per teacher call (one batch pass), from the step costs alone
     pass_cost = {
         0: c[f"student_step_b{b}"] + c[f"teacher_step_b{b}"] + c["rule_x1"],
@@ -192,15 +202,21 @@ def main() -> None:
     batch_passes = {side: measured[side]["tokens"] / (
         measured[side]["decode_calls"] * (pass_cost[side] + calibration[side]["host_per_call"])
         + measured[side]["prefill_calls"] * c["prefill_b1"]) for side in pass_cost}
-    simulated = {side: simulated_tps(side, c, b, k, len(prompts), args.new_tokens, measured, calibration)
-                 for side in (k, 0)}
-    print(f"world {world.name}; {len(prompts)} prompts, batch {b}, {args.new_tokens} new tokens, K = {k}, "
-          f"{args.threads} thread(s)")
+    simulated = {side: simulated_tps(side, c, b, k, rows, new_tokens, measured, calibration) for side in (k, 0)}
+    return {"step costs": predicted, "+ host": with_host, "batch passes": batch_passes, "simulated": simulated}
+
+
+def print_costs(c: dict, calibration: dict, load_costs: float, args) -> None:
+    b, k = args.batch, args.k
     print(f"step costs (ms; load avg {load_costs:.2f}): " + ", ".join(f"{n} {1e3 * v:.2f}" for n, v in c.items()))
     print(f"student step / teacher step: batch 1 {c['student_step_b1'] / c['teacher_step_b1']:.2f}, "
           f"batch {b} {c[f'student_step_b{b}'] / c[f'teacher_step_b{b}']:.2f}")
     print(f"host ms per teacher call, calibrated on one batch of {args.calibrate_tokens} tokens: "
-          + ", ".join(f"{names_of(side, k)} {1e3 * calibration[side]['host_per_call']:.2f}" for side in pass_cost))
+          + ", ".join(f"{names_of(side, k)} {1e3 * calibration[side]['host_per_call']:.2f}"
+                      for side in dict.fromkeys((0, k, "reference"))))
+
+
+def print_table(measured: dict, p: dict, b: int, k: int) -> None:
     print("| side | teacher passes / token | predicted tok/s (step costs; + host; + host, batch passes; simulated "
           "batch passes) | measured tok/s | measured / predicted (the four) | host share of measured time | "
           "teacher decode calls x B / tokens (prefill calls; simulated) | vs reference (measured) | load avg |")
@@ -208,19 +224,15 @@ def main() -> None:
     for side in (k, 0, "reference"):
         m = measured[side]
         tps = m["tps"]
-        sim_tps, sim_calls = simulated.get(side, (batch_passes[side], None))
-        print(f"| {names_of(side, k)} | {m['ppt']:.3f} | {predicted[side]:.0f}; {with_host[side]:.0f}; "
-              f"{batch_passes[side]:.0f}; {sim_tps:.0f} | {tps:.0f} | "
-              f"{tps / predicted[side]:.2f}, {tps / with_host[side]:.2f}, {tps / batch_passes[side]:.2f}, "
+        predicted, with_host, batch_passes = p["step costs"][side], p["+ host"][side], p["batch passes"][side]
+        sim_tps, sim_calls = p["simulated"].get(side, (batch_passes, None))
+        print(f"| {names_of(side, k)} | {m['ppt']:.3f} | {predicted:.0f}; {with_host:.0f}; "
+              f"{batch_passes:.0f}; {sim_tps:.0f} | {tps:.0f} | "
+              f"{tps / predicted:.2f}, {tps / with_host:.2f}, {tps / batch_passes:.2f}, "
               f"{tps / sim_tps:.2f} | "
               f"{m['host_share']:.2f} | {m['decode_calls'] * b / m['tokens']:.3f} ({m['prefill_calls']}; "
               + (f"{sim_calls * b / m['tokens']:.3f}" if sim_calls is not None else "-") + ") | "
               f"{tps / measured['reference']['tps']:.2f} | {m['load']:.2f} |")
-    if args.rounds > 1:
-        for side in (k, 0):
-            ratios = _per_round(rounds, side)
-            print(f"{names_of(side, k)} / teacher alone, per round: " + ", ".join(f"{x:.2f}" for x in ratios)
-                  + f"; median {statistics.median(ratios):.2f}")
 
 
 def simulated_tps(side: int, c: dict, b: int, k: int, rows: int, new_tokens: int, measured: dict,
@@ -244,25 +256,6 @@ def simulated_tps(side: int, c: dict, b: int, k: int, rows: int, new_tokens: int
     rule = c[f"rule_x{side + 1}"] * held / b
     seconds = student + teacher + rule + passes * calibration[side]["host_per_call"] + sim["admissions"] * c["prefill_b1"]
     return rows * new_tokens / seconds, passes
-
-
-def load_pair(world_dir: str | None, n_prompts: int):
-    """(world dir, tokenizer, student, teacher, prompt texts, prompt ids): a world's pair in float32 and the first
-    `n_prompts` of its training problems as chat prompts with the think prefill."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from tracetailor.toyworld import build
-    from tracetailor.toyworld.tasks import THINK_PREFILL
-
-    world = Path(world_dir) if world_dir else build.build_world(0, log=lambda m: None)
-    tok = AutoTokenizer.from_pretrained(world / "student")
-    student = AutoModelForCausalLM.from_pretrained(world / "student", dtype=torch.float32).eval()
-    teacher = AutoModelForCausalLM.from_pretrained(world / "teacher", dtype=torch.float32).eval()
-    problems = build.load_problems(world, "train")[:n_prompts]
-    prompts = [tok.apply_chat_template([{"role": "user", "content": p["question"]}], tokenize=False,
-                                       add_generation_prompt=True) + THINK_PREFILL for p in problems]
-    return world, tok, student, teacher, prompts, [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
 
 
 def _per_round(rounds: dict, side) -> list[float]:

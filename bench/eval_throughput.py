@@ -38,16 +38,13 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "src"))
-
+from common import table_head, take_turns  # noqa: E402  (also puts src/ on the path)
 from tracetailor.assets import smollm2_gguf  # noqa: E402
 from tracetailor.data.prompts import build_prompts  # noqa: E402
 from tracetailor.evaluate.benchmarks import BENCHMARKS, load_benchmark  # noqa: E402
@@ -112,7 +109,7 @@ def hf_side(args, model, items, prompts, limit: int, max_new_tokens: int, seed: 
             "truncated": truncated, "sequences": len(rows)}
 
 
-def main() -> None:
+def parse_args():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--limit", type=int, default=100, help="questions (of 100)")
     ap.add_argument("--samples", type=int, default=1)
@@ -126,7 +123,11 @@ def main() -> None:
     ap.add_argument("--full-sort", action="store_true",
                     help="eval side without the top-p shortcut (sorts the whole vocabulary every step, as before "
                          "rules.nucleus_candidates): what the shortcut is worth")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.full_sort:
@@ -144,37 +145,43 @@ def main() -> None:
     eval_side(args, work / "warm", limit=4, max_new_tokens=8)
     hf_side(args, model, items, prompts, limit=4, max_new_tokens=8, seed=args.seed)
 
-    results = {"eval": [], "hf": []}
-    ab = [args.first, "hf" if args.first == "eval" else "eval"]
-    order = []
-    for r in range(args.repeats):
-        order += ab if r % 2 == 0 else ab[::-1]
-    for k, side in enumerate(order):
-        load = os.getloadavg()[0]
+    def run(side: str, k: int) -> dict:
         if side == "eval":
-            res = eval_side(args, work / f"run{k}", args.limit, args.max_new_tokens)
-        else:
-            res = hf_side(args, model, items, prompts, args.limit, args.max_new_tokens, args.seed + k)
-        res["load_before"] = round(load, 2)
-        results[side].append(res)
-        print(f"{side:4s} {res['tokens']:6d} tokens {res['seconds']:8.1f} s {res['tokens_per_second']:7.1f} tok/s  "
-              f"accuracy {100 * res['accuracy']:.1f}% ± {100 * (res['stderr'] or 0):.1f}  "
-              f"truncated {res['truncated']}/{res['sequences']}  (load {load:.1f})", flush=True)
+            return eval_side(args, work / f"run{k}", args.limit, args.max_new_tokens)
+        return hf_side(args, model, items, prompts, args.limit, args.max_new_tokens, args.seed + k)
 
+    sides = [args.first, "hf" if args.first == "eval" else "eval"]
+    results = take_turns(sides, args.repeats, run, abba=True, report=report)
+    ratio = print_table(results)
+    if args.json:
+        Path(args.json).write_text(json.dumps(run_info(args, results, ratio), indent=2), encoding="utf-8")
+
+
+def report(side: str, res: dict) -> None:
+    print(f"{side:4s} {res['tokens']:6d} tokens {res['seconds']:8.1f} s {res['tokens_per_second']:7.1f} tok/s  "
+          f"accuracy {100 * res['accuracy']:.1f}% ± {100 * (res['stderr'] or 0):.1f}  "
+          f"truncated {res['truncated']}/{res['sequences']}  (load {res['load_before']:.1f})", flush=True)
+
+
+def print_table(results: dict) -> float:
+    """Each run's row, then the ratio of the sides' median tokens/s, which it returns."""
     med = {s: statistics.median(r["tokens_per_second"] for r in results[s]) for s in results}
     ratio = med["eval"] / med["hf"]
     print()
-    print("| side | tokens | seconds | tokens/s | accuracy % ± SE | truncated |")
-    print("|---|---|---|---|---|---|")
+    print(table_head("side", "tokens", "seconds", "tokens/s", "accuracy % ± SE", "truncated"))
     for side in ("eval", "hf"):
         for r in results[side]:
             print(f"| {side} | {r['tokens']} | {r['seconds']:.1f} | {r['tokens_per_second']:.1f} | "
                   f"{100 * r['accuracy']:.1f} ± {100 * (r['stderr'] or 0):.1f} | {r['truncated']}/{r['sequences']} |")
     print(f"\nratio eval/hf tokens/s (medians): {ratio:.3f}  (target >= 1.0)")
+    return ratio
+
+
+def run_info(args, results: dict, ratio: float) -> dict:
     info = {
         "date": datetime.date.today().isoformat(), "machine": platform.machine(), "cpus": os.cpu_count(),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
-        "args": vars(args), "results": results, "ratio": ratio,
+        "args": vars(args), "results": {side: results[side] for side in ("eval", "hf")}, "ratio": ratio,
     }
     try:
         import transformers
@@ -182,8 +189,7 @@ def main() -> None:
         info["transformers"] = transformers.__version__
     except ImportError:
         pass
-    if args.json:
-        Path(args.json).write_text(json.dumps(info, indent=2), encoding="utf-8")
+    return info
 
 
 if __name__ == "__main__":

@@ -32,7 +32,8 @@ the models' vocabulary, so it can never be sampled; the script checks the length
 
 Each side runs in its own subprocess (so peak RSS is per side), warms up once on
 a short run in that process, and sides alternate (ABBA order) over `--repeats`;
-the table shows medians.
+the table shows medians, and the load average after each run is printed beside it
+and under the ratios (timings on a shared machine are read against it).
 
 Modes:
   default      models saved to a temp dir and loaded by run_generate (the product path)
@@ -67,93 +68,18 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from common import (ROOT, SCALES, build_config, build_model, load_avg, param_count, requests_for, resolve_dtype,
+                    rsd_settings, sync, turns, word_tokenizer)
+
 SIDES = ("rsd", "reference", "engine-teacher", "rsd-draft", "self-draft", "rsd-paged", "rsd-static", "draft-static",
          "rsd-auto")
 REQUIRED, AIM = 0.8, 0.9
 
-# Model shapes. `arch` picks the transformers class; `init` is initializer_range
-# (larger than the default 0.02 on the toy pair so that distributions are peaked
-# enough for RSD to accept some teacher tokens; it does not change the compute).
-SCALES = {
-    "toy": {
-        "teacher": dict(arch="qwen3", hidden=384, layers=9, intermediate=1024, heads=6, kv_heads=2, head_dim=64,
-                        vocab=4096, tied=False, init=0.1),
-        "student": dict(arch="qwen3", hidden=128, layers=3, intermediate=384, heads=4, kv_heads=2, head_dim=32,
-                        vocab=4096, tied=False, init=0.1),
-        "prompts": 32, "prompt_len": 64, "new_tokens": 256, "batch": 32, "repeats": 3, "warmup_tokens": 8,
-    },
-    # The paper's pair: Qwen3-0.6B student, a 7B-class Qwen2.5 teacher (s1.1-7B's shape).
-    "paper": {
-        "teacher": dict(arch="qwen2", hidden=3584, layers=28, intermediate=18944, heads=28, kv_heads=4,
-                        head_dim=128, vocab=152064, tied=False, init=0.02),
-        "student": dict(arch="qwen3", hidden=1024, layers=28, intermediate=3072, heads=16, kv_heads=8,
-                        head_dim=128, vocab=151936, tied=True, init=0.02),
-        "prompts": 32, "prompt_len": 512, "new_tokens": 1024, "batch": 32, "repeats": 1, "warmup_tokens": 4,
-    },
-    # Seconds on a CPU: the paper pair's structure (qwen2 teacher, tied student,
-    # unequal vocabularies, so the bridge path runs) at a tiny size.
-    "smoke": {
-        "teacher": dict(arch="qwen2", hidden=64, layers=2, intermediate=128, heads=4, kv_heads=2, head_dim=16,
-                        vocab=520, tied=False, init=0.1),
-        "student": dict(arch="qwen3", hidden=32, layers=2, intermediate=64, heads=4, kv_heads=2, head_dim=8,
-                        vocab=512, tied=True, init=0.1),
-        "prompts": 6, "prompt_len": 8, "new_tokens": 8, "batch": 4, "repeats": 1, "warmup_tokens": 2,
-    },
-}
-
-
 # ---------------------------------------------------------------------------- models
-
-
-def build_config(shape: dict):
-    from transformers import Qwen2Config, Qwen3Config
-
-    cls = {"qwen2": Qwen2Config, "qwen3": Qwen3Config}[shape["arch"]]
-    return cls(
-        vocab_size=shape["vocab"], hidden_size=shape["hidden"], num_hidden_layers=shape["layers"],
-        intermediate_size=shape["intermediate"], num_attention_heads=shape["heads"],
-        num_key_value_heads=shape["kv_heads"], head_dim=shape["head_dim"], tie_word_embeddings=shape["tied"],
-        initializer_range=shape["init"], max_position_embeddings=32768,
-        bos_token_id=None, eos_token_id=None, pad_token_id=None,
-    )
-
-
-def build_model(shape: dict, seed: int, device: str = "cpu", dtype=None):
-    """A random-weight causal LM, created directly on `device` in `dtype`, no eos anywhere."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(build_config(shape), dtype=dtype)
-    gen = model.generation_config
-    gen.eos_token_id = gen.bos_token_id = None
-    gen.pad_token_id = 0
-    return model.eval()
-
-
-def param_count(model) -> int:
-    return sum(p.numel() for p in model.parameters())  # tied weights are counted once
-
-
-def word_tokenizer(vocab: int):
-    """WordLevel over "t0".."t{vocab-1}" split on whitespace; eos/unk ids lie beyond the models' vocabulary."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = {f"t{i}": i for i in range(vocab)}
-    words["<unk>"] = vocab
-    words["<eos>"] = vocab + 1
-    core = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>")
 
 
 def prepare_files(spec: dict, root: Path) -> None:
     """Save the pair, the tokenizer and the prompt files; record paths and sizes in `spec`."""
-    import torch
-
     if spec["teacher"]["vocab"] != spec["student"]["vocab"]:
         raise SystemExit("file mode needs equal vocabularies (one WordLevel tokenizer); use --in-memory")
     tok = word_tokenizer(spec["student"]["vocab"])
@@ -174,20 +100,7 @@ def prepare_files(spec: dict, root: Path) -> None:
     spec["dir"] = str(root)
 
 
-def resolve_dtype(name: str):
-    import torch
-
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
 # ---------------------------------------------------------------------------- one side, in a worker
-
-
-def _sync(device: str) -> None:
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def _reset_gpu_peak(device: str) -> float | None:
@@ -254,20 +167,16 @@ def _memory_bridge(student_vocab: int, teacher_vocab: int):
 
 def side_engine(spec: dict, mode: str, draft: int = 0, self_draft: bool = False, kv_cache: str | None = None) -> dict:
     """rsd (or engine-teacher) in memory: models from configs, Engine called directly, no files."""
-    import torch
-
-    from tracetailor.decoding.engine import DecodeSettings, Engine, Request
-    from tracetailor.decoding.rules import RSDParams, prompt_key
+    from tracetailor.decoding.engine import Engine
 
     dev, dtype = spec["device"], resolve_dtype(spec["dtype"])
     t_load = time.perf_counter()
     student = build_model(spec["student"], spec["seed"] + 1, dev, dtype)
     teacher = student if self_draft else build_model(spec["teacher"], spec["seed"] + 2, dev, dtype)
-    _sync(dev)
+    sync(dev)
     load = time.perf_counter() - t_load
     bridge = None if self_draft else _memory_bridge(spec["student"]["vocab"], spec["teacher"]["vocab"])
-    settings = DecodeSettings(mode=mode, rsd=RSDParams(0.01, 5, 20, 1.0), temperature=1.0, top_k=20,
-                              seed=spec["seed"], draft_tokens=draft)
+    settings = rsd_settings(draft, spec["seed"], mode, temperature=1.0, top_k=20)
     engines = []
 
     layout = kv_cache or spec.get("kv_cache", "rectangle")
@@ -279,17 +188,16 @@ def side_engine(spec: dict, mode: str, draft: int = 0, self_draft: bool = False,
                               kv_cache=layout))
         if layout == "static":
             engines[-1]._kv.reserve(columns)
-        reqs = [Request(i, prompt_key(str(i)), 0, ids, ids, new_tokens) for i, ids in enumerate(prompts)]
-        return list(engines[-1].run(reqs))
+        return list(engines[-1].run(requests_for(prompts, new_tokens)))
 
     t_warm = time.perf_counter()
     generate(spec["warmup_tokens"], spec["prompt_ids"][: spec["batch"]])
-    _sync(dev)
+    sync(dev)
     warmup = time.perf_counter() - t_warm
     weights_mb = _reset_gpu_peak(dev)
     t0 = time.perf_counter()
     done = generate(spec["new_tokens"], spec["prompt_ids"])
-    _sync(dev)
+    sync(dev)
     seconds = time.perf_counter() - t0
     lengths = [len(f.token_ids) for f in done]
     origin = "".join(f.origin for f in done)
@@ -316,7 +224,7 @@ def side_reference(spec: dict) -> dict:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(Path(spec["dir"]) / "teacher", dtype=dtype).to(dev).eval()
-    _sync(dev)
+    sync(dev)
     load = time.perf_counter() - t_load
 
     def generate(new_tokens: int, prompts: list[list[int]]) -> list[int]:
@@ -331,11 +239,11 @@ def side_reference(spec: dict) -> dict:
         return lengths
 
     generate(spec["warmup_tokens"], spec["prompt_ids"][: spec["batch"]])
-    _sync(dev)
+    sync(dev)
     weights_mb = _reset_gpu_peak(dev)
     t0 = time.perf_counter()
     lengths = generate(spec["new_tokens"], spec["prompt_ids"])
-    _sync(dev)
+    sync(dev)
     seconds = time.perf_counter() - t0
     return {
         "tokens": sum(lengths), "seconds": seconds, "e2e_seconds": seconds + load, "load_seconds": load,
@@ -469,6 +377,7 @@ def summarize(spec: dict, runs: list[dict], sides: list[str]) -> dict:
         table[side] = {
             "runs": len(mine), "tokens": mine[0]["tokens"], "seconds": sec, "tokens_per_s": mine[0]["tokens"] / sec,
             "tokens_per_s_all": [round(r["tokens_per_s"], 1) for r in mine],
+            "loads": [r["load"] for r in mine if "load" in r],
             "e2e_seconds": statistics.median(r["e2e_seconds"] for r in mine),
             "peak_rss_mb": max(r["peak_rss_mb"] for r in mine),
             "gpu_peak_mb": max((r.get("gpu_peak_mb") or 0 for r in mine), default=0) or None,
@@ -513,6 +422,10 @@ def render(spec: dict, summary: dict, info: dict) -> str:
         warm = summary["table"][side].get("warmup_seconds") if "static" in side else None
         out += (f"{side}/reference: {r:.3f}" + (f" (teacher passes per token {ppt})" if ppt is not None else "")
                 + (f" (warm-up, with the compiles: {warm:.0f} s)" if warm else "") + "\n")
+    loads = {side: s["loads"] for side, s in summary["table"].items() if s.get("loads")}
+    if loads:
+        out += "load average after each run: " + "; ".join(f"{side} {', '.join(map(str, x))}"
+                                                          for side, x in loads.items()) + "\n"
     acc = summary["table"].get("rsd", {}).get("acceptance_rate")
     if acc is not None:
         out += f"rsd acceptance rate (teacher tokens kept): {acc:.1%}\n"
@@ -520,7 +433,7 @@ def render(spec: dict, summary: dict, info: dict) -> str:
     return out
 
 
-def main() -> None:
+def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scale", choices=sorted(SCALES), default="toy", help="model/batch preset (default toy)")
     ap.add_argument("--smoke", action="store_true", help="= --scale smoke --in-memory: a seconds-long check of the GPU path")
@@ -549,8 +462,11 @@ def main() -> None:
     ap.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
-    a = ap.parse_args()
+    return ap.parse_args()
 
+
+def main() -> None:
+    a = parse_args()
     if a.worker:
         sys.path.insert(0, str(ROOT / "src"))
         worker(a.spec, a.worker, a.result)
@@ -561,6 +477,23 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))
     import torch
 
+    spec, sides, repeats = make_spec(a)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    tmp = Path(tempfile.mkdtemp(prefix="tt-bench-"))  # saved models, prompts, traces: removed at the end
+    try:
+        prepare(spec, tmp, a.profile)
+        describe(spec)
+        if a.profile:
+            profile_rsd(spec)
+            return
+        compare(a, spec, sides, repeats, tmp, started)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def make_spec(a) -> tuple[dict, list[str], int]:
+    """(the workload every side reads, the sides, the repeats) from the flags and the scale's preset."""
     scale = "smoke" if a.smoke else a.scale
     preset = copy.deepcopy(SCALES[scale])
     for item in a.set:
@@ -573,7 +506,6 @@ def main() -> None:
     sides = [s.strip() for s in a.sides.split(",") if s.strip()]
     if not set(sides) <= set(SIDES):
         raise SystemExit(f"--sides: unknown side in {sides}; known: {', '.join(SIDES)}")
-    dtype = a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32")
     n = a.prompts or preset["prompts"]
     length = a.prompt_len or preset["prompt_len"]
     low = min(preset["teacher"]["vocab"], preset["student"]["vocab"])
@@ -582,87 +514,94 @@ def main() -> None:
         "scale": scale, "teacher": preset["teacher"], "student": preset["student"],
         "prompt_ids": [[rng.randrange(low) for _ in range(length)] for _ in range(n)],
         "new_tokens": a.new_tokens or preset["new_tokens"], "batch": a.batch or preset["batch"],
-        "warmup_tokens": a.warmup_tokens or preset["warmup_tokens"], "device": a.device, "dtype": dtype,
+        "warmup_tokens": a.warmup_tokens or preset["warmup_tokens"], "device": a.device,
+        "dtype": a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32"),
         "in_memory": a.in_memory or a.smoke, "seed": a.seed, "threads": a.threads, "draft_tokens": a.draft_tokens,
         "kv_cache": a.kv_cache,
     }
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    repeats = a.repeats or preset["repeats"]
-
-    tmp = Path(tempfile.mkdtemp(prefix="tt-bench-"))  # saved models, prompts, traces: removed at the end
-    try:
-        prepare_and_compare(a, spec, sides, repeats, tmp, started)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return spec, sides, a.repeats or preset["repeats"]
 
 
-def prepare_and_compare(a, spec: dict, sides: list[str], repeats: int, tmp: Path, started: float) -> None:
+def prepare(spec: dict, tmp: Path, profile: bool) -> None:
+    """The pair saved under `tmp` (the product path, and --profile), or only its parameters counted (--in-memory)."""
     import torch
 
-    n, length, dtype = len(spec["prompt_ids"]), len(spec["prompt_ids"][0]), spec["dtype"]
     quiet_transformers()
-    if not spec["in_memory"] or a.profile:
+    if not spec["in_memory"] or profile:
         prepare_files(spec, tmp)
-    else:
-        # count parameters on the meta device: no memory, no time
-        from transformers import AutoModelForCausalLM
+        return
+    # count parameters on the meta device: no memory, no time
+    from transformers import AutoModelForCausalLM
 
-        for role in ("teacher", "student"):
-            with torch.device("meta"):
-                spec[f"{role}_params"] = param_count(AutoModelForCausalLM.from_config(build_config(spec[role])))
+    for role in ("teacher", "student"):
+        with torch.device("meta"):
+            spec[f"{role}_params"] = param_count(AutoModelForCausalLM.from_config(build_config(spec[role])))
+
+
+def _workload(spec: dict) -> str:
+    return (f"{len(spec['prompt_ids'])} prompts x {len(spec['prompt_ids'][0])} tokens, batch {spec['batch']}, "
+            f"{spec['new_tokens']} new tokens")
+
+
+def describe(spec: dict) -> None:
+    import torch
+
     shape = lambda r: (f"{spec[r]['arch']} hidden {spec[r]['hidden']}, {spec[r]['layers']} layers, "  # noqa: E731
                        f"intermediate {spec[r]['intermediate']}, {spec[r]['heads']}/{spec[r]['kv_heads']} heads, "
                        f"head_dim {spec[r]['head_dim']}, vocab {spec[r]['vocab']}, {'tied' if spec[r]['tied'] else 'untied'}")
     print(f"teacher: {spec['teacher_params']:,} parameters ({shape('teacher')})")
     print(f"student: {spec['student_params']:,} parameters ({shape('student')})")
-    print(f"{n} prompts x {length} tokens, batch {spec['batch']}, {spec['new_tokens']} new tokens, "
-          f"{spec['device']} {dtype}, torch.get_num_threads() = {torch.get_num_threads()}, "
+    print(f"{_workload(spec)}, {spec['device']} {spec['dtype']}, torch.get_num_threads() = {torch.get_num_threads()}, "
           f"{'in-memory (Engine called directly, no record writing)' if spec['in_memory'] else 'run_generate on saved models'}")
-    if a.profile:
-        profile_rsd(spec)
-        return
 
-    spec_path = tmp / "spec.json"
-    spec_path.write_text(json.dumps(spec))
-    info = {
+
+def run_info(spec: dict, repeats: int) -> dict:
+    import torch
+
+    return {
         "date": datetime.date.today().isoformat(), "machine": platform.platform(), "cpu count": os.cpu_count(),
-        "torch threads": torch.get_num_threads(), "torch": torch.__version__, "device": spec["device"], "dtype": dtype,
-        "teacher params": f"{spec['teacher_params']:,}", "student params": f"{spec['student_params']:,}",
-        "workload": f"{n} prompts x {length} tokens, batch {spec['batch']}, {spec['new_tokens']} new tokens",
+        "torch threads": torch.get_num_threads(), "torch": torch.__version__, "device": spec["device"],
+        "dtype": spec["dtype"], "teacher params": f"{spec['teacher_params']:,}",
+        "student params": f"{spec['student_params']:,}", "workload": _workload(spec),
         "end-to-end s": "the timed part plus model loading (rsd: the whole run_generate call)",
         "timed": "decoding only (prefill included, loading excluded), medians over "
                  f"{repeats} run(s) per side, sides alternating in their own processes",
         "rsd path": "in-memory Engine (no run_generate, no record writing)" if spec["in_memory"]
                     else "run_generate (record writing included)",
     }
+
+
+def compare(a, spec: dict, sides: list[str], repeats: int, tmp: Path, started: float) -> None:
+    """The sides in turns (ABBA), each run in its own process; the table (and --json, --markdown) after each."""
+    spec_path = tmp / "spec.json"
+    spec_path.write_text(json.dumps(spec))
+    info = run_info(spec, repeats)
     runs: list[dict] = []
     longest = 0.0
-    for rep in range(repeats):
-        for side in (sides if rep % 2 == 0 else sides[::-1]):  # ABBA: drift hits both sides alike
-            if a.deadline and time.perf_counter() - started + 1.2 * longest > a.deadline:
-                print(f"deadline: skipping {side} (repeat {rep + 1})")
-                continue
-            t = time.perf_counter()
-            res = run_side(spec_path, side, tmp, len(runs))
-            res["repeat"] = rep
-            longest = max(longest, time.perf_counter() - t)
-            if res["lengths"] != [spec["new_tokens"]]:
-                raise SystemExit(f"side {side}: generated lengths {res['lengths']}, expected {spec['new_tokens']} each")
-            runs.append(res)
-            print(f"  [{rep + 1}/{repeats}] {side:<15} {res['tokens']} tokens in {res['seconds']:.2f}s = "
-                  f"{res['tokens_per_s']:.1f} tok/s, peak RSS {res['peak_rss_mb']:.0f} MB"
-                  + (f", GPU peak {res['gpu_peak_mb']:.0f} MB" if "gpu_peak_mb" in res else "")
-                  + (f", accepted {res['acceptance_rate']:.1%}" if res["acceptance_rate"] is not None else ""),
-                  flush=True)
-            if "gpu_name" in res:
-                info["gpu"] = res["gpu_name"]
-            summary = summarize(spec, runs, sides)
-            if a.json:
-                spec_out = {k: v for k, v in spec.items() if k != "prompt_ids"}
-                Path(a.json).write_text(json.dumps({"spec": spec_out, "info": info, "runs": runs, **summary}, indent=2))
-            if a.markdown:
-                Path(a.markdown).write_text(render(spec, summary, info))
+    for rep, side in turns(sides, repeats, abba=True):  # ABBA: drift hits both sides alike
+        if a.deadline and time.perf_counter() - started + 1.2 * longest > a.deadline:
+            print(f"deadline: skipping {side} (repeat {rep + 1})")
+            continue
+        t = time.perf_counter()
+        res = run_side(spec_path, side, tmp, len(runs))
+        res.update(repeat=rep, load=round(load_avg(), 2))
+        longest = max(longest, time.perf_counter() - t)
+        if res["lengths"] != [spec["new_tokens"]]:
+            raise SystemExit(f"side {side}: generated lengths {res['lengths']}, expected {spec['new_tokens']} each")
+        runs.append(res)
+        print(f"  [{rep + 1}/{repeats}] {side:<15} {res['tokens']} tokens in {res['seconds']:.2f}s = "
+              f"{res['tokens_per_s']:.1f} tok/s, peak RSS {res['peak_rss_mb']:.0f} MB"
+              + (f", GPU peak {res['gpu_peak_mb']:.0f} MB" if "gpu_peak_mb" in res else "")
+              + (f", accepted {res['acceptance_rate']:.1%}" if res["acceptance_rate"] is not None else "")
+              + f" (load {res['load']:.2f})", flush=True)
+        if "gpu_name" in res:
+            info["gpu"] = res["gpu_name"]
+        summary = summarize(spec, runs, sides)
+        if a.json:
+            spec_out = {k: v for k, v in spec.items() if k != "prompt_ids"}
+            Path(a.json).write_text(json.dumps({"spec": spec_out, "info": info, "runs": runs, **summary}, indent=2))
+        if a.markdown:
+            Path(a.markdown).write_text(render(spec, summary, info))
     print()
     print(render(spec, summarize(spec, runs, sides), info))
 

@@ -3,7 +3,7 @@
 The ceiling for scoring is one forward pass of the student over the same padded
 batches (the issue asks for at least 0.9 of it on CPU). This script builds the
 generate benchmark's random-weight Qwen3 student (bench/generate_throughput.py,
-`--scale toy`: ~1.6M parameters, vocab 4096), makes examples of varied length
+`--scale toy`, its shapes in bench/common.py: ~1.6M parameters, vocab 4096), makes examples of varied length
 (random token ids: the prompt fixed, completions drawn uniformly from a range,
 so batches carry padding), and times, in one process, batch by batch, alternating:
 
@@ -37,16 +37,11 @@ import os
 import platform
 import random
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from generate_throughput import SCALES, build_model, param_count, resolve_dtype, word_tokenizer  # noqa: E402
+from common import SCALES, build_model, param_count, resolve_dtype, sync, table_head, word_tokenizer
 
 REQUIRED = 0.9
 
@@ -63,19 +58,12 @@ def make_examples(n: int, prompt_len: int, completion: tuple[int, int], vocab: i
     return out
 
 
-def _sync(device: str) -> None:
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def time_score(model, rows, a, scorer) -> float:
     from tracetailor.score import score_examples
 
     t0 = time.perf_counter()
     score_examples(model, rows, a.batch, a.max_batch_tokens, scorer=scorer)  # `rows` came from one batch: it stays one
-    _sync(a.device)
+    sync(a.device)
     return time.perf_counter() - t0
 
 
@@ -86,7 +74,7 @@ def time_forward(model, padded, a) -> float:
     t0 = time.perf_counter()
     with torch.inference_mode():
         model(input_ids=ids, attention_mask=attention, use_cache=False).logits
-    _sync(a.device)
+    sync(a.device)
     return time.perf_counter() - t0
 
 
@@ -119,7 +107,7 @@ def end_to_end(spec: dict, model, examples, a) -> dict:
     return {"wall": time.perf_counter() - t0, "scoring": stats["seconds"]}
 
 
-def main() -> None:
+def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--scale", choices=sorted(SCALES), default="toy", help="the student shape of generate's benchmark")
     ap.add_argument("--examples", type=int, default=64)
@@ -135,16 +123,50 @@ def main() -> None:
     ap.add_argument("--end-to-end", action="store_true", help="also time run_score from files")
     ap.add_argument("--json", help="save the results here")
     a = ap.parse_args()
+    a.dtype = a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32")
+    return a
 
+
+def main() -> None:
+    a = parse_args()
     import torch
 
-    from tracetailor.score import Scorer, make_batches, pad_batch
+    from tracetailor.score import Scorer
 
     if a.threads:
         torch.set_num_threads(a.threads)
-    a.dtype = a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32")
     spec = SCALES[a.scale]["student"]
     model = build_model(spec, a.seed + 1, a.device, resolve_dtype(a.dtype))
+    examples, groups, padded = prepare(model, spec, a)
+    tokens = sum(len(e.completion_ids) for e in examples)
+    scorer = Scorer(model)  # made once, as in run_score: its probe is not per batch
+    one_repeat(model, groups, padded, a, True, scorer)  # warm-up
+    runs: list[dict[str, list[float]]] = []  # per repeat: seconds per batch, per side
+    for rep in range(a.repeats):
+        runs.append(one_repeat(model, groups, padded, a, rep % 2 == 0, scorer))
+        total = {side: sum(t) for side, t in runs[-1].items()}
+        print(f"  [{rep + 1}/{a.repeats}] score {total['score']:.3f}s = {tokens / total['score']:,.0f} tok/s, "
+              f"forward {total['forward']:.3f}s = {tokens / total['forward']:,.0f} tok/s, "
+              f"ratio {total['forward'] / total['score']:.3f}", flush=True)
+    result = summarize(runs, tokens, len(groups))
+    result.update(padded_tokens=sum(p[0].numel() for p in padded), machine=platform.platform(),
+                  cpu_count=os.cpu_count(), threads=torch.get_num_threads(), torch=torch.__version__,
+                  device=a.device, dtype=a.dtype)
+    if a.end_to_end:
+        e2e = end_to_end(spec, model, examples, a)
+        result["end_to_end"] = e2e
+        print(f"run_score end to end: scoring loop {e2e['scoring']:.3f}s ({tokens / e2e['scoring']:,.0f} tok/s), "
+              f"wall {e2e['wall']:.2f}s with loading, reading, stats, tokens files, plot and viewer")
+    if a.json:
+        Path(a.json).write_text(json.dumps(result, indent=2))
+
+
+def prepare(model, spec: dict, a):
+    """(examples, the examples grouped as score batches them, those batches padded); prints the workload."""
+    import torch
+
+    from tracetailor.score import make_batches, pad_batch
+
     lo, hi = map(int, a.completion_len.split(","))
     examples = make_examples(a.examples, a.prompt_len, (lo, hi), spec["vocab"], a.seed)
     lengths = [len(e.prompt_ids) + len(e.completion_ids) for e in examples]
@@ -156,28 +178,22 @@ def main() -> None:
           f"vocab {spec['vocab']}), {a.device} {a.dtype}, torch threads {torch.get_num_threads()}")
     print(f"{a.examples} examples: prompt {a.prompt_len} + completion {lo}..{hi} tokens; {len(batches)} batches of "
           f"<= {a.batch}; {tokens} completion tokens scored, {padded_tokens} padded tokens per pass")
+    return examples, [[examples[i] for i in b] for b in batches], padded
 
-    groups = [[examples[i] for i in b] for b in batches]
-    scorer = Scorer(model)  # made once, as in run_score: its probe is not per batch
-    one_repeat(model, groups, padded, a, True, scorer)  # warm-up
-    runs: list[dict[str, list[float]]] = []  # per repeat: seconds per batch, per side
-    for rep in range(a.repeats):
-        runs.append(one_repeat(model, groups, padded, a, rep % 2 == 0, scorer))
-        total = {side: sum(t) for side, t in runs[-1].items()}
-        print(f"  [{rep + 1}/{a.repeats}] score {total['score']:.3f}s = {tokens / total['score']:,.0f} tok/s, "
-              f"forward {total['forward']:.3f}s = {tokens / total['forward']:,.0f} tok/s, "
-              f"ratio {total['forward'] / total['score']:.3f}", flush=True)
 
-    # Headline: each batch's median over repeats, summed; a burst of load then moves one batch's
-    # figure, not a whole repeat's. The sum of per-batch minima estimates the unloaded machine.
+def summarize(runs: list[dict[str, list[float]]], tokens: int, n_batches: int) -> dict:
+    """Print the table and the ratio; return the figures for --json.
+
+    Headline: each batch's median over repeats, summed; a burst of load then moves one batch's
+    figure, not a whole repeat's. The sum of per-batch minima estimates the unloaded machine."""
     sides = ("score", "forward")
-    per_batch = {side: [[r[side][k] for r in runs] for k in range(len(batches))] for side in sides}
+    per_batch = {side: [[r[side][k] for r in runs] for k in range(n_batches)] for side in sides}
     med = {side: sum(statistics.median(ts) for ts in per_batch[side]) for side in sides}
     best = {side: sum(min(ts) for ts in per_batch[side]) for side in sides}
     totals = {side: [sum(r[side]) for r in runs] for side in sides}
     ratio = med["forward"] / med["score"]
-    print("\n| side | seconds (sum of per-batch medians) | tokens/s (scored) | sum of per-batch minima, tok/s | per repeat tok/s |")
-    print("|---|---|---|---|---|")
+    print("\n" + table_head("side", "seconds (sum of per-batch medians)", "tokens/s (scored)",
+                            "sum of per-batch minima, tok/s", "per repeat tok/s"))
     for side in sides:
         print(f"| {side} | {med[side]:.3f} | {tokens / med[side]:,.0f} | {tokens / best[side]:,.0f} | "
               + ", ".join(f"{tokens / t:,.0f}" for t in totals[side]) + " |")
@@ -185,17 +201,8 @@ def main() -> None:
     print(f"\nratio score/forward (tokens/s): {ratio:.3f} from per-batch medians, {best['forward'] / best['score']:.3f} "
           f"from per-batch minima (per repeat: {', '.join(f'{r:.2f}' for r in repeat_ratios)}); "
           f"required >= {REQUIRED}: {'met' if ratio >= REQUIRED else 'NOT met'}")
-    result = {"tokens": tokens, "padded_tokens": padded_tokens, "runs": runs, "median_seconds": med,
-              "min_seconds": best, "ratio": ratio, "ratio_min": best["forward"] / best["score"],
-              "repeat_ratios": repeat_ratios, "machine": platform.platform(), "cpu_count": os.cpu_count(),
-              "threads": torch.get_num_threads(), "torch": torch.__version__, "device": a.device, "dtype": a.dtype}
-    if a.end_to_end:
-        e2e = end_to_end(spec, model, examples, a)
-        result["end_to_end"] = e2e
-        print(f"run_score end to end: scoring loop {e2e['scoring']:.3f}s ({tokens / e2e['scoring']:,.0f} tok/s), "
-              f"wall {e2e['wall']:.2f}s with loading, reading, stats, tokens files, plot and viewer")
-    if a.json:
-        Path(a.json).write_text(json.dumps(result, indent=2))
+    return {"tokens": tokens, "runs": runs, "median_seconds": med, "min_seconds": best, "ratio": ratio,
+            "ratio_min": best["forward"] / best["score"], "repeat_ratios": repeat_ratios}
 
 
 if __name__ == "__main__":

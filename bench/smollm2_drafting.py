@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "src"))
+from common import load_avg, sample_teacher, table_head
 
 
 def _records(out: Path) -> dict:
@@ -62,12 +60,11 @@ def reference_tok_s(teacher, tokenizer, prompts: list[list[int]], new_tokens: in
     torch.manual_seed(0)
     t0 = time.perf_counter()
     with torch.inference_mode():
-        teacher.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=20, temperature=1.0,
-                         max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad)
-    return len(prompts) * new_tokens / (time.perf_counter() - t0)
+        new = sample_teacher(teacher, [{"input_ids": ids, "attention_mask": mask}], new_tokens, pad)
+    return new / (time.perf_counter() - t0)
 
 
-def main() -> None:
+def parse_args():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--students", nargs="+", default=["16-6", "4-2"], help="FIRST-LAST layer cuts of the teacher")
     ap.add_argument("--k", type=int, nargs="+", default=[0, 2, 4])
@@ -75,13 +72,14 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args()
+    return ap.parse_args()
 
+
+def main() -> None:
+    args = parse_args()
     import torch
 
     from tracetailor import assets
-    from tracetailor.config import GenerateConfig
-    from tracetailor.generate import run_generate
     from tracetailor.models import load_model
 
     torch.set_num_threads(args.threads)
@@ -97,39 +95,52 @@ def main() -> None:
                 for q in questions[: args.batch_size]]
         chat = [c["input_ids"] if isinstance(c, dict) or hasattr(c, "keys") else c for c in chat]
         steps["teacher"] = step_ms(teacher.model, chat)
-        load = os.getloadavg()[0]
+        load = load_avg()
         ref = reference_tok_s(teacher.model, teacher.tokenizer, chat, args.max_new_tokens)
         print(f"teacher alone (HF generate, top-k 20): {ref:.1f} tok/s (load {load:.2f})", file=sys.stderr)
         for spec in args.students:
             first, last = (int(x) for x in spec.split("-"))
             path = assets.pruned_student(gguf, first=first, last=last)
             steps[spec] = step_ms(load_model(str(path), device="cpu", dtype="float32").model, chat)
-            base = None
-            for k in args.k:
-                out = Path(tmp) / f"{spec}-k{k}"
-                load = os.getloadavg()[0]
-                stats = run_generate(GenerateConfig(
-                    student=str(path), teacher=str(gguf), prompts=str(prompts), prompt_field="question", id_field="id",
-                    out=str(out), max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=False,
-                    draft_tokens=k, device="cpu", dtype="float32"), log=lambda m: None)
-                recs = _records(out)
-                base = base or recs
-                same = "-" if recs is base else ("yes" if recs == base else
-                                                 f"NO ({sum(recs[h] != v for h, v in base.items())} differ)")
-                this = stats["this_run"]
-                rows.append((spec, k, stats["acceptance_rate"], stats["teacher_passes_per_token"],
-                             stats["draft_acceptance"], this["tokens_per_second"], load, same))
-                print(f"{spec} K={k}: {stats['teacher_passes_per_token']} passes/token, {this['tokens_per_second']} "
-                      f"tok/s", file=sys.stderr, flush=True)
+            rows += student_rows(args, spec, path, gguf, prompts, Path(tmp))
+    print_report(args, steps, len(chat), ref, rows)
+
+
+def student_rows(args, spec: str, path: Path, gguf: Path, prompts: Path, tmp: Path) -> list[tuple]:
+    """One row per K: run_generate with this student, its counts and tokens/s, the load, and whether its
+    records equal the first K's."""
+    from tracetailor.config import GenerateConfig
+    from tracetailor.generate import run_generate
+
+    rows, base = [], None
+    for k in args.k:
+        out = tmp / f"{spec}-k{k}"
+        load = load_avg()
+        stats = run_generate(GenerateConfig(
+            student=str(path), teacher=str(gguf), prompts=str(prompts), prompt_field="question", id_field="id",
+            out=str(out), max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=False,
+            draft_tokens=k, device="cpu", dtype="float32"), log=lambda m: None)
+        recs = _records(out)
+        base = base or recs
+        same = "-" if recs is base else ("yes" if recs == base else
+                                         f"NO ({sum(recs[h] != v for h, v in base.items())} differ)")
+        this = stats["this_run"]
+        rows.append((spec, k, stats["acceptance_rate"], stats["teacher_passes_per_token"],
+                     stats["draft_acceptance"], this["tokens_per_second"], load, same))
+        print(f"{spec} K={k}: {stats['teacher_passes_per_token']} passes/token, {this['tokens_per_second']} "
+              f"tok/s", file=sys.stderr, flush=True)
+    return rows
+
+
+def print_report(args, steps: dict, batch: int, ref: float, rows: list[tuple]) -> None:
     print(f"SmolLM2-135M-Instruct teacher (30 layers), {args.questions} GSM8K questions, {args.max_new_tokens} new "
           f"tokens, batch {args.batch_size}, CPU float32, {args.threads} thread(s)")
-    print("decode step (ms, batch " + str(len(chat)) + "): " + ", ".join(
+    print("decode step (ms, batch " + str(batch) + "): " + ", ".join(
         f"{name} {ms:.1f}" + ("" if name == "teacher" else f" ({ms / steps['teacher']:.2f} of the teacher's)")
         for name, ms in steps.items()))
     print(f"teacher alone, HF generate top-k 20: {ref:.1f} tok/s")
-    print("| student (first-last layers) | K | RSD teacher tokens % | teacher passes / token | guesses accepted / "
-          "proposed | tok/s | vs teacher alone | load avg | records = K=0 |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(table_head("student (first-last layers)", "K", "RSD teacher tokens %", "teacher passes / token",
+                     "guesses accepted / proposed", "tok/s", "vs teacher alone", "load avg", "records = K=0"))
     for spec, k, acc, passes, draft, tps, load, same in rows:
         print(f"| {spec} | {k} | {100 * acc:.1f} | {passes} | {draft if draft is not None else '-'} | {tps} | "
               f"{tps / ref:.2f} | {load:.2f} | {same} |")

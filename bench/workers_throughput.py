@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from generate_throughput import SCALES, build_model, word_tokenizer  # noqa: E402
+from common import SCALES, build_model, word_tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
