@@ -69,6 +69,12 @@ def test_numeric_token_text_is_not_read_as_an_id():
         OpenAIProtocol(None).read_generation(reply, 3, "vllm")
 
 
+def test_llama_servers_openai_shape_names_the_protocol_to_use():
+    f = fixture("llamacpp_v1_completions")
+    with pytest.raises(ServerError, match="llama-server's .* use --\\*-protocol llama.cpp"):
+        OpenAIProtocol(None).read_generation(f["response"], f["request"]["logprobs"], "llama.cpp")
+
+
 def test_a_strings_only_server_is_refused_at_the_probe_naming_the_setting():
     """SGLang's /v1/completions keys log-probs by token text (recorded): refused before any real request, in
     one line that says what gives ids (vLLM's flag, or SGLang's native protocol)."""

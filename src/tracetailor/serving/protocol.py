@@ -122,6 +122,9 @@ class OpenAIProtocol:
         choice = _first_choice(reply, where)
         lp = choice.get("logprobs") or {}
         tokens, tops = lp.get("tokens"), lp.get("top_logprobs")
+        if isinstance(lp.get("content"), list):  # llama-server's /v1/completions (ids there, in its own shape)
+            raise ServerError(f"{where}: choices[0].logprobs is llama-server's {{content: [...]}}, not vLLM's shape; "
+                              "use --*-protocol llama.cpp (its native /completion)")
         if not isinstance(tokens, list) or not isinstance(tops, list) or len(tokens) != len(tops) or not tokens:
             raise ServerError(f"{where}: the reply has no per-token log-probs (choices[0].logprobs)")
         ids = [_token_id(t, where) for t in tokens]
