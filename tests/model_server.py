@@ -21,11 +21,13 @@ from local_app import AppThread
 
 
 class ModelServer:
-    def __init__(self, model_dir: str, *, name: str = "tiny", max_logprobs: int = 20, prompt_logprobs: bool = True):
+    def __init__(self, model_dir: str, *, name: str = "tiny", max_logprobs: int = 20, prompt_logprobs: bool = True,
+                 gguf_file: str | None = None):
         from aiohttp import web
         from transformers import AutoModelForCausalLM
 
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
+        extra = {"gguf_file": gguf_file} if gguf_file else {}  # a GGUF is de-quantised by transformers
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64, **extra).eval()
         self.name, self.max_logprobs, self.prompt_logprobs = name, max_logprobs, prompt_logprobs
         self.requests = 0
         self.spans: list[tuple[int, int]] = []  # (logprob_start_len, prompt length) of each /generate that set it

@@ -219,3 +219,21 @@ def test_score_over_llamacpp_is_refused_in_one_line(tiny_pair, servers, tmp_path
     with pytest.raises(UserError, match="no prompt log-probs"):
         run_score(ScoreConfig(student=tiny_pair["student"], data=[tiny_pair["prompts"]], out=str(tmp_path / "s"),
                               model_url=servers["student"].url, protocol="llama.cpp"), log=lambda *_: None)
+
+
+def test_the_served_rounds_benchmark_runs_over_a_model_server(tiny_pair, servers, tmp_path):
+    """bench/served_speed.py `rounds` past its llama-servers: the tiny pair behind the test model server (its
+    llama.cpp protocol), lockstep and K = 3, then in-process; drafted records equal lockstep's in its table."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from served_speed import measure_rounds
+
+    prompts = [p["question"] for p in map(json.loads, Path(tiny_pair["prompts"]).read_text().splitlines())][:3]
+    lines = measure_rounds("tiny", dict(student=tiny_pair["student"], teacher=tiny_pair["teacher"]),
+                           tiny_pair["teacher"], servers["teacher"].url, servers["student"].url, prompts, 8, [0, 3],
+                           tmp=tmp_path)
+    table = [line for line in lines if line.startswith("| 0 ") or line.startswith("| 3 ")]
+    assert len(table) == 2 and all(line.endswith("| 3/3 |") for line in table)
+    assert "records token for token equal to the served ones: 3/3" in lines[-1]
