@@ -101,6 +101,7 @@ def measure_rounds(pair_name: str, models: dict, local_teacher: str, teacher_url
     from tracetailor.generate import run_generate
 
     tmp = Path(tmp or tempfile.mkdtemp(prefix="served-bench-"))
+    tmp.mkdir(parents=True, exist_ok=True)
     prompt_file = tmp / "prompts.jsonl"
     prompt_file.write_text("".join(json.dumps({"id": f"p{i}", "prompt": text}) + "\n" for i, text in enumerate(prompts)))
     common = dict(prompts=str(prompt_file), id_field="id", samples=1, max_new_tokens=max_new_tokens, seed=0,

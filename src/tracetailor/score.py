@@ -569,7 +569,6 @@ def _load_student(cfg: ScoreConfig, log):
     """The student in this process, or (--model-url) its tokenizer with its server probed."""
     if cfg.model_url:
         from .serving.load import load_served, make_client
-
         from .serving.protocol import make_protocol
 
         if not make_protocol(cfg.protocol, None).has_prompt_logprobs:

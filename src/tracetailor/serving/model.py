@@ -4,8 +4,9 @@ log-probs where the protocol has them, else one request per prefix, all in fligh
 
 Replicas: several URLs for one model take requests in turn. `probe()` asks each server, before any real
 request, whether it serves this model, gives k log-probs and (for drafting with --verify-with
-prompt-logprobs: vLLM's prompt_logprobs, SGLang's logprob_start_len) prompt log-probs; what it says goes in run.json. Counters: requests and round trips (a round of
-requests that go out together counts once), which the benchmarks report per emitted token.
+prompt-logprobs: vLLM's prompt_logprobs, SGLang's logprob_start_len) prompt log-probs; what it says goes in
+run.json. Counters: requests and round trips (a round of requests that go out together counts once), which
+the benchmarks report per emitted token.
 
 It holds no cache and no state of a sequence: every request is pure, so a retry (serving/http.py) or a
 resumed run asks again and gets the same answer.

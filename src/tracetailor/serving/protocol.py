@@ -148,7 +148,8 @@ class OpenAIProtocol:
             raise ServerError(f"{where}: the reply has no prompt log-probs; this server cannot verify drafts in one "
                               "request (use --draft-tokens 0, or a server with prompt_logprobs such as vLLM)")
         if ids is not None and len(prompt_lps) != len(ids):
-            raise ServerError(f"{where}: {len(prompt_lps)} prompt log-prob entries for the {len(ids)} prompt tokens sent")
+            raise ServerError(f"{where}: {len(prompt_lps)} prompt log-prob entries for the {len(ids)} prompt "
+                              "tokens sent")
         dists = []
         for entry in prompt_lps[start:]:
             if not isinstance(entry, dict):
