@@ -6,27 +6,15 @@ real model server speaking this protocol are tests/test_served.py; the shapes ar
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 from aiohttp import web
 
 from stub_server import _top
 from test_http_client import LocalServer
+from test_served_recorded import fixture, tops
 from tracetailor.serving.http import HttpClient, ServerError, run_sync
 from tracetailor.serving.model import ServedModel
 from tracetailor.serving.protocol import SGLangProtocol
-
-DATA = Path(__file__).parent / "data" / "served"
-
-
-def fixture(name: str) -> dict:
-    return json.loads((DATA / f"{name}.json").read_text())
-
-
-def tops(dist):
-    return [[i, pytest.approx(lp, abs=1e-6)] for i, lp in zip(dist.ids, dist.logprobs)]
 
 
 # -- the recorded reply (SGLang 0.5.23's shape, rendered from its source) ---------------------------------
