@@ -70,59 +70,81 @@ def bench_client(requests: int, in_flight: int) -> None:
 def bench_rounds(pair_name: str, prompts: int, max_new_tokens: int, ks: list[int]) -> None:
     from serving import smollm2_pair, start_llama_server, toyworld_pair
 
-    from tracetailor.config import GenerateConfig
-    from tracetailor.generate import run_generate
-
     pair = toyworld_pair() if pair_name == "world" else smollm2_pair()
-    tmp = Path(tempfile.mkdtemp(prefix="served-bench-"))
-    prompt_file = tmp / "prompts.jsonl"
-    prompt_file.write_text("".join(json.dumps({"id": f"p{i}", "prompt": text}) + "\n"
-                                   for i, text in enumerate(_prompts(pair_name, prompts))))
+    # in-process, the same weights: the world's HF dirs; SmolLM2's teacher dir holds its tokenizer only, so the
+    # in-process teacher is the GGUF itself (de-quantised by transformers). The served student is a Q8_0 GGUF
+    # of the in-process student's f32 weights, so that comparison also shows quantisation
+    local_teacher = str(pair["teacher_gguf"]) if pair_name == "smollm2" else str(pair["teacher_dir"])
     teacher = start_llama_server(pair["teacher_gguf"], parallel=8, threads=1, alias="teacher")
     student = start_llama_server(pair["student_gguf"], parallel=8, threads=1, alias="student")
-    common = dict(student=str(pair["student_dir"]), teacher=str(pair["teacher_dir"]), prompts=str(prompt_file),
-                  id_field="id", samples=1, max_new_tokens=max_new_tokens, seed=0, progress=False)
+    extra = {}
     if pair_name == "world":
         from tracetailor.toyworld import tasks
 
-        common.update(prefill=tasks.THINK_PREFILL)
+        extra = dict(prefill=tasks.THINK_PREFILL)
     try:
-        rows, traces = [], {}
-        for k in ks:
-            out = tmp / f"served-k{k}"
-            cfg = GenerateConfig(out=str(out), draft_tokens=k, student_url=student.url, teacher_url=teacher.url,
-                                 student_protocol="llama.cpp", teacher_protocol="llama.cpp", max_in_flight=64,
-                                 **common)
-            started = time.perf_counter()
-            stats = run_generate(cfg, log=lambda *_: None)
-            traces[k] = _records(out)
-            rows.append((k, stats, time.perf_counter() - started))
-        local = tmp / "local"
-        started = time.perf_counter()
-        run_generate(GenerateConfig(out=str(local), draft_tokens=0, **common), log=lambda *_: None)
-        local_seconds = time.perf_counter() - started
+        measure_rounds(pair_name, dict(student=str(pair["student_dir"]), teacher=str(pair["teacher_dir"])),
+                       local_teacher, teacher.url, student.url, _prompts(pair_name, prompts), max_new_tokens, ks,
+                       protocol="llama.cpp", **extra)
     finally:
         teacher.stop()
         student.stop()
+
+
+def measure_rounds(pair_name: str, models: dict, local_teacher: str, teacher_url: str, student_url: str,
+                   prompts: list[str], max_new_tokens: int, ks: list[int], protocol: str = "llama.cpp",
+                   tmp: Path | None = None, **settings) -> list[str]:
+    """generate over the servers at `teacher_url`/`student_url` at each K, then in-process (`local_teacher`
+    and `models["student"]`), and print the table; `models`: the tokenizer dirs the served runs name. The
+    runs go under `tmp` (a fresh temporary folder when None). Returns the lines printed."""
+    from tracetailor.config import GenerateConfig
+    from tracetailor.generate import run_generate
+
+    tmp = Path(tmp or tempfile.mkdtemp(prefix="served-bench-"))
+    tmp.mkdir(parents=True, exist_ok=True)
+    prompt_file = tmp / "prompts.jsonl"
+    prompt_file.write_text("".join(json.dumps({"id": f"p{i}", "prompt": text}) + "\n" for i, text in enumerate(prompts)))
+    common = dict(prompts=str(prompt_file), id_field="id", samples=1, max_new_tokens=max_new_tokens, seed=0,
+                  progress=False, **settings)
+    rows, traces = [], {}
+    for k in ks:
+        out = tmp / f"served-k{k}"
+        cfg = GenerateConfig(out=str(out), draft_tokens=k, student_url=student_url, teacher_url=teacher_url,
+                             student_protocol=protocol, teacher_protocol=protocol, max_in_flight=64, **models,
+                             **common)
+        started = time.perf_counter()
+        stats = run_generate(cfg, log=lambda *_: None)
+        traces[k] = _records(out)
+        rows.append((k, stats, time.perf_counter() - started))
+    local = tmp / "local"
+    started = time.perf_counter()
+    run_generate(GenerateConfig(out=str(local), draft_tokens=0, student=models["student"], teacher=local_teacher,
+                                **common), log=lambda *_: None)
+    local_seconds = time.perf_counter() - started
+    lines = [f"pair {pair_name}: {len(prompts)} prompts x {max_new_tokens} tokens; {load()}",
+             "| K | teacher round trips / token | teacher requests / token | student requests / token | tokens/s | "
+             f"records equal to K={ks[0]} |", "|---|---|---|---|---|---|"]
     base = traces[ks[0]]
-    print(f"pair {pair_name}: {prompts} prompts x {max_new_tokens} tokens; {load()}")
-    print("| K | teacher round trips / token | teacher requests / token | student requests / token | tokens/s | "
-          "records equal to K=%d |" % ks[0])
-    print("|---|---|---|---|---|---|")
     for k, stats, seconds in rows:
         srv = _served(tmp / f"served-k{k}")
-        print(f"| {k} | {srv.get('teacher_round_trips_per_token')} | {srv.get('teacher_requests_per_token')} | "
-              f"{srv.get('student_requests_per_token')} | {stats['tokens'] / seconds:.1f} | "
-              f"{sum(traces[k][i] == base[i] for i in base)}/{len(base)} |")
-    local_recs = _records(local)
+        lines.append(f"| {k} | {srv.get('teacher_round_trips_per_token')} | {srv.get('teacher_requests_per_token')} | "
+                     f"{srv.get('student_requests_per_token')} | {stats['tokens'] / seconds:.1f} | "
+                     f"{sum(traces[k][i] == base[i] for i in base)}/{len(base)} |")
+    lines.append(_versus_local(_records(local), base, local_seconds))
+    for line in lines:
+        print(line)
+    return lines
+
+
+def _versus_local(local_recs: dict, base: dict, local_seconds: float) -> str:
     same = sum(local_recs[i]["completion_token_ids"] == base[i]["completion_token_ids"] for i in base)
     diff = max((abs(a - b) for i in base for a, b in zip(local_recs[i]["student_logprobs"],
                                                          base[i]["student_logprobs"])
                 if local_recs[i]["completion_token_ids"] == base[i]["completion_token_ids"] and a is not None
                 and b is not None), default=None)
     total = sum(len(r["completion_token_ids"]) for r in local_recs.values())
-    print(f"in-process (transformers, same weights): {total / local_seconds:.1f} tokens/s; records token for token "
-          f"equal to the served ones: {same}/{len(base)}; largest student log-prob difference on those: {diff}")
+    return (f"in-process (transformers, same weights): {total / local_seconds:.1f} tokens/s; records token for token "
+            f"equal to the served ones: {same}/{len(base)}; largest student log-prob difference on those: {diff}")
 
 
 def _served(out: Path) -> dict:

@@ -1,9 +1,12 @@
 """A small real model behind a real HTTP server, for the served-model tests of the default suite.
 
 It serves a transformers model (the tests' tiny random-weight pairs, loaded by path) on 127.0.0.1 in the
-two wire shapes tracetailor speaks: vLLM's `/v1/completions` (token-id prompts, `logprobs`, ids as
+three wire shapes tracetailor speaks: vLLM's `/v1/completions` (token-id prompts, `logprobs`, ids as
 `token_id:N`, `prompt_logprobs` entries `{id: {logprob, rank, decoded_token}}` holding the top-k plus
-the prompt's own token) and llama-server's native `/completion` (`n_probs`, `completion_probabilities`).
+the prompt's own token), SGLang's native `/generate` (`input_ids`, `return_logprob`, `top_logprobs_num`,
+`logprob_start_len`; `meta_info` with `[logprob, id, null]` triples, the input lists from logprob_start_len
+with a null first entry) and llama-server's native `/completion` (`n_probs`, `completion_probabilities`).
+The shapes are docs/serving-protocols.md's.
 Log-probs are computed in float64 and rounded to float32: the same prefix gives the same numbers whatever
 the request (a one-token step or a position inside a prompt), as a batch-invariant server does. Greedy
 generation is argmax. The real third-party server (llama.cpp's) is tested in tests/test_serve_llamacpp.py;
@@ -18,16 +21,20 @@ from local_app import AppThread
 
 
 class ModelServer:
-    def __init__(self, model_dir: str, *, name: str = "tiny", max_logprobs: int = 20, prompt_logprobs: bool = True):
+    def __init__(self, model_dir: str, *, name: str = "tiny", max_logprobs: int = 20, prompt_logprobs: bool = True,
+                 gguf_file: str | None = None):
         from aiohttp import web
         from transformers import AutoModelForCausalLM
 
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
+        extra = {"gguf_file": gguf_file} if gguf_file else {}  # a GGUF is de-quantised by transformers
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64, **extra).eval()
         self.name, self.max_logprobs, self.prompt_logprobs = name, max_logprobs, prompt_logprobs
         self.requests = 0
+        self.spans: list[tuple[int, int]] = []  # (logprob_start_len, prompt length) of each /generate that set it
         app = web.Application()
         app.router.add_post("/v1/completions", self._openai)
         app.router.add_post("/completion", self._llamacpp)
+        app.router.add_post("/generate", self._sglang)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/health", lambda r: web.json_response({"status": "ok"}))
         self._web = web
@@ -133,3 +140,34 @@ class ModelServer:
                  for t, r in zip(tokens, rows)]
         return self._web.json_response({"content": "", "tokens": tokens, "completion_probabilities": probs,
                                         "stop": True, "stop_type": "limit", "model": self.name})
+
+    async def _sglang(self, request):
+        body = await request.json()
+        self.requests += 1
+        ids, params = body["input_ids"], body.get("sampling_params") or {}
+        start = body.get("logprob_start_len", -1)
+        if start not in (None, -1):
+            self.spans.append((start, len(ids)))
+        start = len(ids) - 1 if start in (None, -1) else start
+        if start >= len(ids):  # SGLang aborts such a request with a 400 (scheduler.handle_generate_request)
+            return self._web.json_response({"error": {"message": f"logprob_start_len, ({start}) is higher than the "
+                                                                 f"number of input tokens ({len(ids)})."}}, status=400)
+        tokens, rows = self._greedy(ids, params.get("max_new_tokens", 128), params.get("temperature", 1.0),
+                                    params.get("sampling_seed") or 0)
+        eos = self.model.config.eos_token_id
+        finish = {"type": "stop", "matched": eos} if tokens and tokens[-1] == eos else {"type": "length",
+                                                                                         "length": len(tokens)}
+        meta = {"id": f"req-{self.requests}", "finish_reason": finish, "prompt_tokens": len(ids),
+                "completion_tokens": len(tokens), "cached_tokens": 0}
+        if body.get("return_logprob"):
+            k = body.get("top_logprobs_num") or 0
+            all_rows = self._logprobs(ids) if start + 1 < len(ids) else None  # the span's rows only when asked
+            triple = (lambda i, lp: [lp, i, None])
+            meta["input_token_logprobs"] = [triple(ids[start], None)] + [
+                triple(ids[p], float(all_rows[p - 1][ids[p]])) for p in range(start + 1, len(ids))]
+            meta["output_token_logprobs"] = [triple(t, float(r[t])) for t, r in zip(tokens, rows)]
+            if k > 0:
+                meta["input_top_logprobs"] = [None] + [[triple(i, lp) for i, lp in self._top(all_rows[p - 1], k)]
+                                                       for p in range(start + 1, len(ids))]
+                meta["output_top_logprobs"] = [[triple(i, lp) for i, lp in self._top(r, k)] for r in rows]
+        return self._web.json_response({"text": "", "output_ids": tokens, "meta_info": meta})

@@ -60,8 +60,10 @@ def records(out) -> dict:
     return {r["id"]: r for r in map(json.loads, lines)}
 
 
-def test_served_run_gives_the_in_process_tokens(tiny_pair, servers, tmp_path):
-    served = served_config(tiny_pair, servers, tmp_path / "served")
+@pytest.mark.parametrize("protocol", ["openai", "sglang"])
+def test_served_run_gives_the_in_process_tokens(tiny_pair, servers, tmp_path, protocol):
+    served = served_config(tiny_pair, servers, tmp_path / "served", student_protocol=protocol,
+                           teacher_protocol=protocol)
     run_generate(served, log=lambda *_: None)
     local = GenerateConfig(**{**served.__dict__, "out": str(tmp_path / "local"), "student_url": None,
                               "teacher_url": None})
@@ -83,12 +85,17 @@ def test_served_run_gives_the_in_process_tokens(tiny_pair, servers, tmp_path):
 
 
 @pytest.mark.parametrize("protocol, verify", [("openai", "prompt-logprobs"), ("openai", "prefixes"),
+                                              ("sglang", "prompt-logprobs"), ("sglang", "prefixes"),
                                               ("llama.cpp", "prefixes")])
 def test_drafted_served_records_equal_lockstep(tiny_pair, servers, tmp_path, protocol, verify):
     kw = dict(student_protocol=protocol, teacher_protocol=protocol, verify_with=verify)
     run_generate(served_config(tiny_pair, servers, tmp_path / "lock", **kw), log=lambda *_: None)
+    spans_before = len(servers["teacher"].spans)
     run_generate(served_config(tiny_pair, servers, tmp_path / "draft", draft_tokens=3, **kw), log=lambda *_: None)
     assert records(tmp_path / "lock") == records(tmp_path / "draft") or _diff(tmp_path)
+    if protocol == "sglang" and verify == "prompt-logprobs":  # one request per draft, from logprob_start_len on
+        spans = [n - s for s, n in servers["teacher"].spans[spans_before:] if s > 0]  # s = 0: the probe
+        assert spans and max(spans) <= 3 + 1
     stats = json.loads((tmp_path / "draft" / "stats.json").read_text())
     assert stats["draft_tokens"] == 3 and stats["teacher_passes_per_token"] < 1.0
 
@@ -163,7 +170,8 @@ def test_served_settings_a_server_cannot_give_are_refused(tiny_pair, change, mes
         cfg.validate()
 
 
-def test_eval_through_a_served_model(tiny_pair, servers, tmp_path):
+@pytest.mark.parametrize("protocol", ["openai", "sglang"])
+def test_eval_through_a_served_model(tiny_pair, servers, tmp_path, protocol):
     """eval --model-url: the server samples each completion (many in flight); samples graded and resumable."""
     from tracetailor.config import EvalConfig
     from tracetailor.evaluate.run import run_eval
@@ -172,7 +180,8 @@ def test_eval_through_a_served_model(tiny_pair, servers, tmp_path):
     bench.write_text("".join(json.dumps({"question": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n"
                              for i in range(3)))
     cfg = dict(model=tiny_pair["student"], model_url=servers["student"].url, benchmark=str(bench), samples=2,
-               max_new_tokens=8, out=str(tmp_path / "res"), progress=False, answer_mode="strict-boxed")
+               max_new_tokens=8, out=str(tmp_path / "res"), progress=False, answer_mode="strict-boxed",
+               protocol=protocol)
     before = servers["student"].requests
     summary = run_eval(EvalConfig(**cfg), log=lambda *_: None)
     bench_name = next(iter(summary["benchmarks"]))
@@ -185,15 +194,16 @@ def test_eval_through_a_served_model(tiny_pair, servers, tmp_path):
     assert again["benchmarks"][bench_name]["completions"] == 6
 
 
-def test_score_through_a_served_model_equals_in_process(tiny_pair, servers, tmp_path):
+@pytest.mark.parametrize("protocol", ["openai", "sglang"])
+def test_score_through_a_served_model_equals_in_process(tiny_pair, servers, tmp_path, protocol):
     """score --model-url: every completion token's log-prob from prompt log-probs, one request per example."""
     from tracetailor.config import ScoreConfig
     from tracetailor.score import run_score
 
     run_generate(served_config(tiny_pair, servers, tmp_path / "traces"), log=lambda *_: None)
     kw = dict(student=tiny_pair["student"], data=[str(tmp_path / "traces")], progress=False)
-    served = run_score(ScoreConfig(**kw, out=str(tmp_path / "s1"), model_url=servers["student"].url),
-                       log=lambda *_: None)
+    served = run_score(ScoreConfig(**kw, out=str(tmp_path / "s1"), model_url=servers["student"].url,
+                                   protocol=protocol), log=lambda *_: None)
     local = run_score(ScoreConfig(**kw, out=str(tmp_path / "s2")), log=lambda *_: None)
     a, b = served["datasets"], local["datasets"]
     assert a.keys() == b.keys()
@@ -209,3 +219,21 @@ def test_score_over_llamacpp_is_refused_in_one_line(tiny_pair, servers, tmp_path
     with pytest.raises(UserError, match="no prompt log-probs"):
         run_score(ScoreConfig(student=tiny_pair["student"], data=[tiny_pair["prompts"]], out=str(tmp_path / "s"),
                               model_url=servers["student"].url, protocol="llama.cpp"), log=lambda *_: None)
+
+
+def test_the_served_rounds_benchmark_runs_over_a_model_server(tiny_pair, servers, tmp_path):
+    """bench/served_speed.py `rounds` past its llama-servers: the tiny pair behind the test model server (its
+    llama.cpp protocol), lockstep and K = 3, then in-process; drafted records equal lockstep's in its table."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from served_speed import measure_rounds
+
+    prompts = [p["question"] for p in map(json.loads, Path(tiny_pair["prompts"]).read_text().splitlines())][:3]
+    lines = measure_rounds("tiny", dict(student=tiny_pair["student"], teacher=tiny_pair["teacher"]),
+                           tiny_pair["teacher"], servers["teacher"].url, servers["student"].url, prompts, 8, [0, 3],
+                           tmp=tmp_path)
+    table = [line for line in lines if line.startswith("| 0 ") or line.startswith("| 3 ")]
+    assert len(table) == 2 and all(line.endswith("| 3/3 |") for line in table)
+    assert "records token for token equal to the served ones: 3/3" in lines[-1]

@@ -12,6 +12,7 @@ from aiohttp import web
 
 from test_http_client import LocalServer
 from tracetailor.serving.http import HttpClient, ServerError, run_sync
+from tracetailor.serving.model import ServedModel
 from tracetailor.serving.protocol import LlamaCppProtocol, OpenAIProtocol
 
 DATA = Path(__file__).parent / "data" / "served"
@@ -55,6 +56,45 @@ def test_vllm_tokens_as_text_are_refused_in_one_line():
     f = fixture("vllm_completion_logprobs_strings")
     with pytest.raises(ServerError, match="as text, not as an id"):
         OpenAIProtocol(None).read_generation(f["response"], f["request"]["logprobs"], "vllm")
+
+
+def test_numeric_token_text_is_not_read_as_an_id():
+    """A server that ignores return_tokens_as_token_ids writes each token's TEXT; a token whose text is a
+    number ("3") must not pass for the id 3."""
+    f = fixture("vllm_completion_logprobs_strings")
+    reply = json.loads(json.dumps(f["response"]))
+    reply["choices"][0]["logprobs"].update(tokens=["3"], token_logprobs=[-0.1], text_offset=[0],
+                                           top_logprobs=[{"3": -0.1, "4": -2.5, "12": -3.0}])
+    with pytest.raises(ServerError, match="'3' as text, not as an id"):
+        OpenAIProtocol(None).read_generation(reply, 3, "vllm")
+
+
+def test_llama_servers_openai_shape_names_the_protocol_to_use():
+    f = fixture("llamacpp_v1_completions")
+    with pytest.raises(ServerError, match="llama-server's .* use --\\*-protocol llama.cpp"):
+        OpenAIProtocol(None).read_generation(f["response"], f["request"]["logprobs"], "llama.cpp")
+
+
+def test_a_strings_only_server_is_refused_at_the_probe_naming_the_setting():
+    """SGLang's /v1/completions keys log-probs by token text (recorded): refused before any real request, in
+    one line that says what gives ids (vLLM's flag, or SGLang's native protocol)."""
+    f = fixture("sglang_completion_logprobs")
+
+    async def reply(request, n):
+        return web.json_response(f["response"])
+    server = LocalServer({"/v1/completions": reply})
+    try:
+        async def go():
+            async with HttpClient() as client:
+                model = ServedModel("teacher", [server.url], "openai", None, client, vocab_size=49152)
+                await model.probe(5, False, f["request"]["prompt"])
+        with pytest.raises(ServerError) as e:
+            run_sync(go())
+        text = str(e.value)
+        assert "\n" not in text and f"teacher server {server.url}" in text and "as text, not as an id" in text
+        assert "--return-tokens-as-token-ids" in text and "--*-protocol sglang" in text
+    finally:
+        server.stop()
 
 
 @pytest.mark.parametrize("name, says", [("vllm_error_logprobs_cap", "greater than max allowed: 20"),

@@ -289,13 +289,13 @@ GRADING_HELP = ("How correctness is decided: strict (offline: the answer mode's 
 
 
 
-SERVED_PROTOCOLS = ("openai", "llama.cpp")
+from .serving.protocol import PROTOCOLS as SERVED_PROTOCOLS  # noqa: E402  (the wire protocols, one list)
 SERVED_URL_HELP = ("Serve the {role} behind this URL (several, comma-separated, for replicas), e.g. "
                    "http://127.0.0.1:8000: vLLM/SGLang's OpenAI-compatible server or llama.cpp's llama-server "
                    "(see --{role}-protocol). Its tokenizer still comes from --{role}.")
 SERVED_NAME_HELP = "The {role}'s model name at --{role}-url (vLLM: --served-model-name); unset: the server's only model."
-SERVED_PROTOCOL_HELP = ("openai: /v1/completions with token ids and vLLM's prompt_logprobs (vLLM, SGLang); llama.cpp: "
-                        "llama-server's native /completion.")
+SERVED_PROTOCOL_HELP = ("openai: vLLM's /v1/completions (token ids, prompt_logprobs); sglang: SGLang's native /generate "
+                        "(logprob_start_len); llama.cpp: llama-server's native /completion.")
 
 
 # ---------------------------------------------------------------- the option groups the commands share

@@ -569,10 +569,12 @@ def _load_student(cfg: ScoreConfig, log):
     """The student in this process, or (--model-url) its tokenizer with its server probed."""
     if cfg.model_url:
         from .serving.load import load_served, make_client
+        from .serving.protocol import make_protocol
 
-        if cfg.protocol != "openai":
+        if not make_protocol(cfg.protocol, None).has_prompt_logprobs:
             raise ScoreInputError(f"--protocol {cfg.protocol} has no prompt log-probs, so a served model cannot score "
-                                  "given tokens there; use a vLLM server (--protocol openai) or score in-process")
+                                  "given tokens there; use a vLLM or SGLang server (--protocol openai or sglang) or "
+                                  "score in-process")
         return load_served("student", cfg.student, cfg.model_url, cfg.protocol, cfg.served_name, make_client(cfg),
                            k=1, gguf_file=cfg.gguf_file, trust_remote_code=cfg.trust_remote_code,
                            prompt_logprobs=True, draft=True, log=log)

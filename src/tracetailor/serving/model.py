@@ -3,9 +3,10 @@ a greedy draft with the distribution at each drafted position, and the distribut
 log-probs where the protocol has them, else one request per prefix, all in flight at once).
 
 Replicas: several URLs for one model take requests in turn. `probe()` asks each server, before any real
-request, whether it serves this model, gives k log-probs and (for drafting over the openai protocol)
-prompt log-probs; what it says goes in run.json. Counters: requests and round trips (a round of
-requests that go out together counts once), which the benchmarks report per emitted token.
+request, whether it serves this model, gives k log-probs and (for drafting with --verify-with
+prompt-logprobs: vLLM's prompt_logprobs, SGLang's logprob_start_len) prompt log-probs; what it says goes in
+run.json. Counters: requests and round trips (a round of requests that go out together counts once), which
+the benchmarks report per emitted token.
 
 It holds no cache and no state of a sequence: every request is pure, so a retry (serving/http.py) or a
 resumed run asks again and gets the same answer.
@@ -18,7 +19,7 @@ import itertools
 from dataclasses import dataclass, field
 
 from .http import HttpClient, ServerError
-from .protocol import TopK, make_protocol, prompt_token_logprobs
+from .protocol import TopK, make_protocol
 
 
 @dataclass
@@ -78,10 +79,10 @@ class ServedModel:
         log-probs; refused up front where the protocol has none)."""
         if not self.protocol.has_prompt_logprobs:
             raise ServerError(f"the {self.role} server speaks {self.protocol_name}, which has no prompt log-probs, so "
-                              "it cannot score given tokens; use a vLLM server, or score the model in-process")
+                              "it cannot score given tokens; use a vLLM or SGLang server, or score in-process")
         self.rounds += 1
-        reply, url = await self._post(self.protocol.verify(ids, 1))
-        return prompt_token_logprobs(reply, ids, start, self._where(url))
+        reply, url = await self._post(self.protocol.verify(ids, 1, start))
+        return self.protocol.read_token_logprobs(reply, ids, start, self._where(url))
 
     async def next_topk(self, ids: list[int], k: int) -> TopK:
         """The distribution at the position after `ids`."""
@@ -92,9 +93,9 @@ class ServedModel:
         with prompt log-probs, or one per prefix in parallel; either way one round trip."""
         self.rounds += 1
         if self.prompt_logprobs and self.protocol.has_prompt_logprobs:
-            reply, url = await self._post(self.protocol.verify(ids, k))
             start = ends[0]
-            dists = self.protocol.read_verify(reply, start, k, self._where(url))
+            reply, url = await self._post(self.protocol.verify(ids, k, start))
+            dists = self.protocol.read_verify(reply, start, k, self._where(url), ids=ids)
             if len(dists) < len(ids) - start + 1:
                 raise ServerError(f"{self._where(url)}: {len(dists)} prompt log-prob positions where "
                                   f"{len(ids) - start + 1} were expected")
@@ -118,8 +119,8 @@ class ServedModel:
             reply = await self.client.post_json(url + self.protocol.path, self.protocol.generate(prompt, 1, k))
             self.protocol.read_generation(reply, k, where)
             if draft and self.prompt_logprobs and self.protocol.has_prompt_logprobs:
-                reply = await self.client.post_json(url + self.protocol.path, self.protocol.verify(prompt, k))
-                self.protocol.read_verify(reply, 1, k, where)
+                reply = await self.client.post_json(url + self.protocol.path, self.protocol.verify(prompt, k, 1))
+                self.protocol.read_verify(reply, 1, k, where, ids=prompt)
             infos.append(info)
         self.info = {"urls": list(self.urls), "protocol": self.protocol_name, "served_name": self.served_name,
                      "servers": infos}
