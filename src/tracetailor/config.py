@@ -627,7 +627,8 @@ class EvalConfig(Settings, ModelOptions, PromptOptions, JudgeOptions, ServedMode
     overwrite="Replace a finished score in --out.",
     model_url="Score with the model served behind this URL (vLLM: prompt log-probs; several, comma-separated, for "
               "replicas); the tokenizer comes from --model.",
-    protocol="openai: vLLM's /v1/completions with prompt_logprobs; sglang: SGLang's /generate from logprob_start_len (llama.cpp has no prompt log-probs).")
+    protocol="openai: vLLM's /v1/completions with prompt_logprobs; sglang: SGLang's /generate from "
+             "logprob_start_len (llama.cpp has no prompt log-probs).")
 class ScoreConfig(Settings, ModelOptions, PromptOptions, ServedModelOptions, RunOptions):
     """Everything `tracetailor score` needs."""
 
