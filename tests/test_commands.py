@@ -36,7 +36,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "tracetailor"
 
 def _openers(tmp_path):
     """(command, opens its RunDir for `changes`, the files a run leaves, resumable) for every command."""
-    from tracetailor.evaluate.run import open_run_dir as open_eval
+    from tracetailor.evaluation import open_run_dir as open_eval
     from tracetailor.sampling import open_run_dir as open_generate
     from tracetailor.score import open_run_dir as open_score
     from tracetailor.train import open_run_dir as open_train

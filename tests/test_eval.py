@@ -21,7 +21,7 @@ from tracetailor.evaluate.benchmarks import (
     resolve_benchmark,
     split_benchmarks,
 )
-from tracetailor.evaluate.run import EvalConfig, grade_sample, resolve_prefill, run_eval, summarize, uses_thinking
+from tracetailor.evaluation import EvalConfig, grade_sample, resolve_prefill, run_eval, summarize, uses_thinking
 from tracetailor.generate import OutputDirError
 
 pytest.importorskip("math_verify")
@@ -364,7 +364,7 @@ def test_eval_goes_through_the_sampling_path_and_halves_its_batch_on_out_of_memo
 def test_answer_mode_strict_needs_a_boxed_answer_after_think():
     """eval's --answer-mode: math-verify (default) reads an unboxed final number; the paper's strict modes need
     the last \\boxed{} after </think>, and strict-boxed compares exactly where math-verify allows equivalents."""
-    from tracetailor.evaluate.run import grade_sample
+    from tracetailor.evaluation import grade_sample
 
     unboxed = "<think>\n2 + 3 = 5</think>\nThe answer is 5."
     boxed_equiv = "<think>\nhalf</think>\n\\boxed{0.5}"

@@ -41,15 +41,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from ..config import EvalConfig
-from ..data.traces import AtomicWriter
-from .grading import grading_label, paper_judge
-from .judge import judge_from, judged
-from .answers import (THINK_END, check_answer, extract_answer, is_correct, multiple_choice_letter, normalize,
+from .config import EvalConfig
+from .data.traces import AtomicWriter
+from .evaluate.grading import grading_label, paper_judge
+from .evaluate.judge import judge_from, judged
+from .evaluate.answers import (THINK_END, check_answer, extract_answer, is_correct, multiple_choice_letter, normalize,
                       require_math_verify)
-from .lighteval_files import write_lighteval_files
-from .metrics import majority_at_k, mean_over_questions, pass_at_k
-from .benchmarks import BenchmarkError, BenchmarkSpec, Item, load_benchmark, resolve_benchmark, split_benchmarks
+from .evaluate.lighteval_files import write_lighteval_files
+from .evaluate.metrics import majority_at_k, mean_over_questions, pass_at_k
+from .evaluate.benchmarks import BenchmarkError, BenchmarkSpec, Item, load_benchmark, resolve_benchmark, split_benchmarks
 
 THINK_PREFILL = "<think>\n"
 
@@ -218,7 +218,7 @@ def samples_file_name(name: str) -> str:
 
 def open_run_dir(cfg: EvalConfig, names: list[str]) -> "RunDir":
     """eval's OUT: a samples file per benchmark (those of the run it replaces too), run.json, the summaries."""
-    from ..data.rundir import RunDir
+    from .data.rundir import RunDir
 
     owned = {samples_file_name(n) for n in names} | {samples_file_name(n) for n in _benchmarks_before(cfg.out)}
     return RunDir(cfg.out, command="eval", owned=sorted(owned) + ["run.json", "summary.json", "summary.md"],
@@ -267,7 +267,6 @@ def run_eval(cfg: EvalConfig, log=print) -> dict[str, Any]:
                                     benchmarks={n: {"source": s.source, "question_field": s.question_field,
                                                     "answer_field": s.answer_field, "answer_type": s.answer_type,
                                                     "questions": len(benchmarks[n])} for n, s in specs.items()})
-        rundir.begin()
         log(f"model {model.name}; prefill {prefill!r}" + (" (thinking: graded after </think>)" if thinking else ""))
         engine = _engine(cfg, model)
         judge = judge_from(cfg, rundir.path("judge-cache.jsonl"), log)
@@ -289,23 +288,23 @@ def run_eval(cfg: EvalConfig, log=print) -> dict[str, Any]:
 def _load(cfg: EvalConfig, log):
     """The model in this process, or (--model-url) its tokenizer with its servers probed."""
     if cfg.model_url:
-        from ..serving.load import load_served, make_client
+        from .serving.load import load_served, make_client
 
         return load_served("model", cfg.model, cfg.model_url, cfg.protocol, cfg.served_name, make_client(cfg),
                            k=1, gguf_file=cfg.gguf_file, trust_remote_code=cfg.trust_remote_code, log=log)
-    from ..models import load_model
+    from .models import load_model
 
     return load_model(cfg.model, gguf_file=cfg.gguf_file, device=cfg.device, dtype=cfg.dtype,
                       trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle, role="model")
 
 
 def _engine(cfg: EvalConfig, model):
-    from ..decoding.engine import DecodeSettings, Engine
+    from .decoding.engine import DecodeSettings, Engine
 
     settings = DecodeSettings(mode="student", temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                               seed=cfg.seed)
     if cfg.model_url:
-        from ..serving.engine import ServedEngine
+        from .serving.engine import ServedEngine
 
         return ServedEngine(model.model, settings=settings, eos_ids=set(model.eos_ids()),
                             rows_in_flight=cfg.max_in_flight, server_sampling=True)
@@ -317,10 +316,10 @@ def eval_benchmark(name: str, spec: BenchmarkSpec, items: list[Item], cfg: EvalC
                    thinking: bool, out: Path, log, judge=None) -> dict[str, Any]:
     """Sample, grade and append the samples of one benchmark not yet in OUT; its scores over all of them.
     `judge` (an LLMJudge or None) grades the math answers the offline checks reject."""
-    from ..data.prompts import build_prompts
-    from ..data.traces import TraceWriter, read_repaired
-    from ..errors import warn
-    from ..sampling import Progress, build_requests, sample, skipped_lines, token_budget
+    from .data.prompts import build_prompts
+    from .data.traces import TraceWriter, read_repaired
+    from .errors import warn
+    from .sampling import Progress, Sampling, plan_requests, skipped_lines
 
     tok = model.tokenizer
     prompts = build_prompts([{"id": it.id, "prompt": it.prompt if cfg.instruction else it.bare} for it in items], None,
@@ -332,39 +331,33 @@ def eval_benchmark(name: str, spec: BenchmarkSpec, items: list[Item], cfg: EvalC
     done = {(r["question_id"], r["sample"]) for r in records}
     by_id = {it.id: it for it in items}
     pending = ((p, s) for p in prompts for s in range(cfg.samples) if (p.prompt_id, s) not in done)
-    requests, handles, skipped = build_requests(pending, None, token_budget(model.context_length, cfg.max_length),
-                                                cfg.max_new_tokens)
-    for line in skipped_lines(skipped, prompts, model.context_length, cfg.max_length, noun="question"):
+    planned = plan_requests(pending, None, model.context_length, cfg)
+    for line in skipped_lines(planned.skipped, prompts, model.context_length, cfg.max_length, noun="question"):
         warn(f"{name}: {line}")
-    if done and requests:
-        log(f"{name}: resuming, {len(done)} sample(s) already in {path}, {len(requests)} to go")
-    progress = Progress(len(requests), cfg.progress, "student", desc=f"eval [{name}]")
-    engine.on_step = progress.step
+    if done and planned.requests:
+        log(f"{name}: resuming, {len(done)} sample(s) already in {path}, {len(planned.requests)} to go")
+    sampling = Sampling(engine, planned, log, Progress(len(planned.requests), cfg.progress, "student",
+                                                       desc=f"eval [{name}]"))
     eos = set(model.eos_ids())
-    tokens, started = 0, time.perf_counter()
-    try:
-        with TraceWriter(path) as writer:
-            def grade(fin, with_judge):
-                prompt, s = handles[fin.handle]
-                return sample_record(name, by_id[prompt.prompt_id], s, fin, tok, eos, thinking, cfg.answer_mode,
-                                     with_judge, paper=cfg.grading == "paper")
 
-            # out of memory: half the batch, go on; with a judge, up to a batch of finished samples wait while
-            # their questions are asked at once (evaluate/judge.py `judged`)
-            for fin, record in judged(sample(engine, requests, log), grade, judge, chunk=cfg.batch_size):
-                tokens += len(fin.token_ids)
-                writer.write(record)
-                records.append(record)
-                progress.bar.update(1)
-    finally:
-        progress.close()
-    seconds = time.perf_counter() - started
+    def grade(finished, with_judge):
+        prompt, s, fin = finished
+        return sample_record(name, by_id[prompt.prompt_id], s, fin, tok, eos, thinking, cfg.answer_mode,
+                             with_judge, paper=cfg.grading == "paper")
+
+    with TraceWriter(path) as writer:
+        # with a judge, up to a batch of finished samples wait while their questions are asked at once
+        # (evaluate/judge.py `judged`)
+        for _, record in judged(sampling, grade, judge, chunk=cfg.batch_size):
+            writer.write(record)
+            records.append(record)
+    skipped, tokens, seconds = planned.skipped, sampling.tokens, sampling.seconds
     result = summarize(records, [it for it in items if it.id not in skipped], cfg.samples, thinking)
     result.update({
         "source": spec.source, "answer_type": spec.answer_type, "skipped_questions": skipped, "file": path.name,
         "grading": grading_label(cfg.grading, cfg.answer_mode, judge, cfg.judge_prompt),
-        "this_run": {"completions": len(requests), "tokens": tokens, "seconds": round(seconds, 3),
-                     "tokens_per_second": round(tokens / seconds, 2) if requests and seconds > 0 else None},
+        "this_run": {"completions": sampling.sequences, "tokens": tokens, "seconds": round(seconds, 3),
+                     "tokens_per_second": round(tokens / seconds, 2) if sampling.sequences and seconds > 0 else None},
     })
     return result
 
@@ -373,8 +366,8 @@ def sample_record(benchmark: str, item: Item, sample_index: int, fin, tokenizer,
                   thinking: bool, answer_mode: str = "math-verify", judge=None,
                   paper: bool = False) -> dict[str, Any]:
     """One graded sample, as a line of OUT/<benchmark>.jsonl; `paper`: the paper's grading (evaluate/grading.py)."""
-    from ..data.traces import record_id
-    from ..sampling import completion_text
+    from .data.traces import record_id
+    from .sampling import completion_text
 
     completion = completion_text(fin, tokenizer, eos)
     if paper:
