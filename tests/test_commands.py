@@ -309,6 +309,18 @@ def test_the_package_has_no_import_cycle():
     assert len(graph) > 20
 
 
+def test_evaluate_is_a_library_below_the_commands():
+    """evaluate/ holds answer checking, benchmarks, grading, the judge, metrics and lighteval's files: it imports
+    only the layers below it, never config, the sampling path or a command (the eval command is evaluation.py)."""
+    below = ("tracetailor.evaluate", "tracetailor.errors", "tracetailor.data", "tracetailor.serving.http",
+             "tracetailor.assets", "tracetailor.hub")
+    for path in sorted((SRC / "evaluate").glob("*.py")):
+        module = "tracetailor.evaluate" + ("" if path.stem == "__init__" else f".{path.stem}")
+        above = sorted(t for t in _imports(path, module) if t != "tracetailor" and not t.startswith(below))
+        assert not above, f"{path.name} imports {above}"
+    assert not (SRC / "evaluate" / "run.py").exists() and (SRC / "evaluation.py").is_file()
+
+
 # ---------------------------------------------------------------- the trace record
 
 

@@ -18,7 +18,7 @@ from tracetailor.evaluate.benchmarks import Item
 from tracetailor.evaluate.grading import (PAPER_JUDGE_PROMPT, JudgePromptError, load_judge_prompt, paper_judge,
                                           parse_verdict, render_judge_prompt)
 from tracetailor.evaluate.judge import LLMJudge
-from tracetailor.evaluation import grade_paper, grade_sample
+from tracetailor.evaluate.grading import grade_paper, grade_sample
 
 web = pytest.importorskip("aiohttp.web")
 

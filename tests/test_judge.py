@@ -225,7 +225,7 @@ def test_judge_from_a_config_needs_url_and_model_together(tmp_path):
 
 def test_eval_grade_asks_the_judge_with_the_question(serve, tmp_path):
     """eval --judge-url: a boxed answer the offline checks reject goes to the judge, with the question."""
-    from tracetailor.evaluation import grade_sample
+    from tracetailor.evaluate.grading import grade_sample
 
     server = serve(OK)
     judge, _ = make_judge(server.url, tmp_path)

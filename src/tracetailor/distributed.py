@@ -82,7 +82,7 @@ def make_shards(pending: list[tuple[int, int]], workers: int, batch_size: int) -
 
 class GenerateWorker:
     """One actor: a student, a teacher and an Engine, loaded once and run over each shard
-    it is handed. Ray wraps this class (`ray.remote`) in `run_distributed`."""
+    it is handed. Ray wraps this class (`ray.remote`) in `_Driver`."""
 
     def __init__(self, cfg: dict, index: int, threads: int | None = None, exit_after: int | None = None,
                  driver: tuple[str, int] | None = None):

@@ -1,11 +1,13 @@
 """`tracetailor eval`: sample a model on reasoning benchmarks and grade every sample.
 
-Glue between the parts: resolves the benchmarks (benchmarks.py), loads the model,
-builds the prompts (chat template + the benchmark's instruction + an optional
-thinking prefill, data/prompts.py), samples `samples` completions per question
-with the engine's plain student sampling (decoding/engine.py), grades each one
-(answers.py), and writes per-sample JSONL, `summary.json` and `summary.md`, and the same results in
-lighteval's layout (results/ and details/, lighteval_files.py).
+The command, beside generate.py and score.py; the library parts live in evaluate/. It resolves
+the benchmarks (evaluate/benchmarks.py), loads the model (or its served endpoints), builds the
+prompts (chat template + the benchmark's instruction + an optional thinking prefill,
+data/prompts.py), samples `samples` completions per question through the one sampling loop
+(sampling.Sampling, plain student sampling), grades each one (evaluate/grading.py
+`grade_sample` / `grade_paper`), scores them (evaluate/metrics.py `summarize`), and writes
+per-sample JSONL, `summary.json` and `summary.md`, and the same results in lighteval's layout
+(results/ and details/, evaluate/lighteval_files.py).
 
 Scores. Per benchmark, `accuracy` is the mean over questions of each question's
 accuracy over its samples (with the same number of samples per question, this
@@ -33,64 +35,25 @@ The design as a whole: docs/architecture.md.
 from __future__ import annotations
 
 import json
-import math
 import re
-import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from .config import EvalConfig
 from .data.traces import AtomicWriter
-from .evaluate.grading import grading_label, paper_judge
-from .evaluate.judge import judge_from, judged
-from .evaluate.answers import (THINK_END, check_answer, extract_answer, is_correct, multiple_choice_letter, normalize,
-                      require_math_verify)
-from .evaluate.lighteval_files import write_lighteval_files
-from .evaluate.metrics import majority_at_k, mean_over_questions, pass_at_k
+from .evaluate.answers import THINK_END, require_math_verify
 from .evaluate.benchmarks import BenchmarkError, BenchmarkSpec, Item, load_benchmark, resolve_benchmark, split_benchmarks
+from .evaluate.grading import grade_paper, grade_sample, grading_label, paper_judge
+from .evaluate.judge import judge_from, judged
+from .evaluate.lighteval_files import write_lighteval_files
+from .evaluate.metrics import summarize
 
 THINK_PREFILL = "<think>\n"
 
 
-# ---------------------------------------------------------------- grading
-
-
-@dataclass
-class Verdict:
-    extracted: str | None  # the answer found (math) or the letter (choice); None if none
-    correct: bool
-    think_closed: bool | None  # thinking runs: whether `</think>` came; None without thinking
-    truncated_before_answer: bool  # thinking runs: cut by the token limit before `</think>`
-
-
-def grade_sample(completion: str, gold: str, answer_type: str, thinking: bool, finish_reason: str,
-                 answer_mode: str = "math-verify", judge=None, question: str | None = None) -> Verdict:
-    """Grade one completion: the last `\\boxed{}` after `</think>` (math, by math-verify; another `answer_mode`
-    or an LLM `judge` goes through `check_answer`, e.g. the paper's strict-math-verify) or the chosen letter."""
-    if thinking and THINK_END not in completion:
-        return Verdict(None, False, False, finish_reason == "length")
-    closed = True if thinking else None
-    if answer_type == "choice":
-        letter = multiple_choice_letter(completion, thinking)
-        return Verdict(letter, letter is not None and letter.upper() == gold.strip().upper(), closed, False)
-    if answer_mode != "math-verify" or judge is not None:
-        check = check_answer(completion, gold, answer_mode, judge=judge, question=question, thinking=thinking)
-        return Verdict(check.extracted, check.correct, closed, False)
-    answer = extract_answer(completion, thinking)
-    return Verdict(answer, is_correct(answer, gold), closed, False)
-
-
-def grade_paper(completion: str, item: Item, thinking: bool, judge) -> Verdict:
-    """The authors' eval grading (their eval.py): the judge (set up by `grading.paper_judge`) sees the whole
-    completion, cut-off ones too, and the benchmark's reference as it is (`Item.reference`); `extracted` is our
-    extraction, kept for the votes only."""
-    closed = (THINK_END in completion) if thinking else None
-    extracted = (multiple_choice_letter(completion, thinking) if item.answer_type == "choice"
-                 else extract_answer(completion, thinking))
-    correct = judge.equivalent(item.reference or item.gold, completion, item.question)
-    return Verdict(extracted, correct, closed, False)
+# ---------------------------------------------------------------- the prompt
 
 
 def resolve_prefill(prefill: str | None, tokenizer) -> str:
@@ -105,63 +68,7 @@ def uses_thinking(prefill: str) -> bool:
     return "<think>" in prefill and THINK_END not in prefill
 
 
-# ---------------------------------------------------------------- scores
-
-
-def per_question_accuracy(records: Iterable[dict], samples: int) -> dict[str, float]:
-    """Question id -> the share of its first `samples` samples graded correct."""
-    hits: dict[str, list[bool]] = {}
-    for r in records:
-        if r["sample"] < samples:
-            hits.setdefault(r["question_id"], []).append(bool(r["correct"]))
-    return {q: sum(v) / len(v) for q, v in hits.items()}
-
-
-def mean_stderr(values: Sequence[float]) -> tuple[float | None, float | None]:
-    """The mean and its standard error (None for no values; the error None below two)."""
-    n = len(values)
-    mean = statistics.fmean(values) if n else None
-    return mean, (statistics.stdev(values) / math.sqrt(n) if n > 1 else None)
-
-
-def summarize(records: list[dict], items: list[Item], samples: int, thinking: bool) -> dict[str, Any]:
-    """Scores of one benchmark over the current questions' first `samples` samples (see the module docstring)."""
-    ids = {it.id for it in items}
-    recs = [r for r in records if r["question_id"] in ids and r["sample"] < samples]
-    per_question = list(per_question_accuracy(recs, samples).values())
-    q = len(per_question)
-    accuracy, stderr = mean_stderr(per_question)
-    tokens = sum(r.get("completion_tokens", 0) for r in recs)
-    out = {
-        "questions": q,
-        "questions_asked": len(items),
-        "samples_per_question": samples,
-        "completions": len(recs),
-        "correct": sum(bool(r["correct"]) for r in recs),
-        "accuracy": accuracy,
-        "stderr": stderr,
-        "no_answer": sum(r["extracted"] is None for r in recs),
-        "truncated": sum(r["finish_reason"] == "length" for r in recs),
-        "mean_completion_tokens": tokens / len(recs) if recs else None,
-    }
-    out.update(vote_scores(recs, samples))
-    if thinking:
-        out["unclosed_think"] = sum(r.get("think_closed") is False for r in recs)
-        out["truncated_before_answer"] = sum(bool(r.get("truncated_before_answer")) for r in recs)
-    return out
-
-
-def vote_scores(recs: list[dict], k: int) -> dict[str, Any]:
-    """pass@k and majority@k (metrics.py) over the questions that have all k samples; answers vote normalized."""
-    by_question: dict[str, list[dict]] = {}
-    for r in sorted(recs, key=lambda r: r["sample"]):
-        by_question.setdefault(r["question_id"], []).append(r)
-    full = [g[:k] for g in by_question.values() if len(g) >= k]
-    votes = [[None if r["extracted"] is None else normalize(r["extracted"]) for r in g] for g in full]
-    grades = [[bool(r["correct"]) for r in g] for g in full]
-    return {"k": k, "questions_with_k_samples": len(full),
-            "pass_at_k": mean_over_questions([pass_at_k(k, sum(g), k) for g in grades]),
-            "majority_at_k": mean_over_questions([majority_at_k(v, g, k) for v, g in zip(votes, grades)])}
+# ---------------------------------------------------------------- the summary tables
 
 
 def _pct(x: float | None) -> str:
@@ -409,4 +316,4 @@ def _summary(cfg: EvalConfig, model_name: str, prefill: str, thinking: bool, res
     }
 
 
-__all__ = ["EvalConfig", "Verdict", "grade_sample", "resolve_prefill", "run_eval", "summarize", "uses_thinking"]
+__all__ = ["EvalConfig", "resolve_prefill", "run_eval", "uses_thinking"]
