@@ -225,8 +225,9 @@ def end_ids(student, end_tokens: list[str] | None = None) -> set[int]:
     return {vocab[t] for t in end_tokens}
 
 
-def make_engine(cfg: GenerateConfig, student, teacher, bridge, on_step=None) -> Engine:
-    """The engine of a config: in-process (decoding/engine.py) or over served models (serving/engine.py)."""
+def make_engine(cfg: GenerateConfig, student, teacher, bridge) -> Engine:
+    """The engine of a config: in-process (decoding/engine.py) or over served models (serving/engine.py); its
+    progress hook is `Sampling`'s to set."""
     settings = DecodeSettings(
         mode=cfg.mode,
         rsd=RSDParams(cfg.threshold, cfg.trials, cfg.top_k, cfg.teacher_temperature),
@@ -241,10 +242,10 @@ def make_engine(cfg: GenerateConfig, student, teacher, bridge, on_step=None) -> 
             settings.draft_tokens = 0
         return ServedEngine(student.model, teacher.model if teacher else None, bridge, settings,
                             eos_ids=set(student.eos_ids()), stop_fn=stop_checker(student.tokenizer, cfg.stop),
-                            on_step=on_step, rows_in_flight=cfg.max_in_flight)
+                            rows_in_flight=cfg.max_in_flight)
     return Engine(
         student.model, teacher.model if teacher else None, bridge, settings, eos_ids=end_ids(student, cfg.end_tokens),
-        batch_size=cfg.batch_size, stop_fn=stop_checker(student.tokenizer, cfg.stop), on_step=on_step,
+        batch_size=cfg.batch_size, stop_fn=stop_checker(student.tokenizer, cfg.stop),
         kv_cache=cfg.kv_cache,
     )
 
