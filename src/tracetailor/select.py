@@ -51,8 +51,7 @@ from typing import Any, Callable, Iterable
 
 from .config import PICKS, SelectConfig, SelectError  # noqa: F401  (SelectError: raised here too)
 from .data.topk import sft_sidecar_path
-from .data.traces import (AtomicWriter, TraceRecord, json_text, read_numbered_records, resolve_trace_paths,
-                          write_json_atomic)
+from .data.traces import AtomicWriter, TraceRecord, json_text, read_numbered_records, resolve_trace_paths
 from .evaluate.answers import check_answer, gold_answers, require_math_verify, strict_boxed_answer
 from .evaluate.grading import grading_label, paper_judge, reference_text
 from .evaluate.judge import judge_from, judged
