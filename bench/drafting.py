@@ -37,7 +37,7 @@ def run_once(world: Path, prompts: Path, k: int, args, kv_cache: str = "rectangl
     import torch
 
     from tracetailor.config import GenerateConfig
-    from tracetailor.generate import build_requests, context_window, load_pair, load_prompt_set, make_engine
+    from tracetailor.sampling import build_requests, context_window, load_pair, load_prompt_set, make_engine
     from tracetailor.toyworld.tasks import THINK_PREFILL
 
     cfg = GenerateConfig(

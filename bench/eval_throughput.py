@@ -48,7 +48,8 @@ from common import table_head, take_turns  # noqa: E402  (also puts src/ on the 
 from tracetailor.assets import smollm2_gguf  # noqa: E402
 from tracetailor.data.prompts import build_prompts  # noqa: E402
 from tracetailor.evaluate.benchmarks import BENCHMARKS, load_benchmark  # noqa: E402
-from tracetailor.evaluate.run import EvalConfig, grade_sample, run_eval  # noqa: E402
+from tracetailor.evaluate.grading import grade_sample  # noqa: E402
+from tracetailor.evaluation import EvalConfig, run_eval  # noqa: E402
 from tracetailor.models import load_model  # noqa: E402
 
 

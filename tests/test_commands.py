@@ -36,7 +36,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "tracetailor"
 
 def _openers(tmp_path):
     """(command, opens its RunDir for `changes`, the files a run leaves, resumable) for every command."""
-    from tracetailor.evaluate.run import open_run_dir as open_eval
+    from tracetailor.evaluation import open_run_dir as open_eval
     from tracetailor.sampling import open_run_dir as open_generate
     from tracetailor.score import open_run_dir as open_score
     from tracetailor.train import open_run_dir as open_train
@@ -307,6 +307,18 @@ def test_the_package_has_no_import_cycle():
             visit(m)
     assert "tracetailor.generate" not in graph["tracetailor.distributed"]
     assert len(graph) > 20
+
+
+def test_evaluate_is_a_library_below_the_commands():
+    """evaluate/ holds answer checking, benchmarks, grading, the judge, metrics and lighteval's files: it imports
+    only the layers below it, never config, the sampling path or a command (the eval command is evaluation.py)."""
+    below = ("tracetailor.evaluate", "tracetailor.errors", "tracetailor.data", "tracetailor.serving.http",
+             "tracetailor.assets", "tracetailor.hub")
+    for path in sorted((SRC / "evaluate").glob("*.py")):
+        module = "tracetailor.evaluate" + ("" if path.stem == "__init__" else f".{path.stem}")
+        above = sorted(t for t in _imports(path, module) if t != "tracetailor" and not t.startswith(below))
+        assert not above, f"{path.name} imports {above}"
+    assert not (SRC / "evaluate" / "run.py").exists() and (SRC / "evaluation.py").is_file()
 
 
 # ---------------------------------------------------------------- the trace record

@@ -77,6 +77,21 @@ def test_shards_cover_every_pair_once():
     assert len(make_shards(pending, workers=2, batch_size=16)[0].pairs) == 16  # never below a batch
 
 
+def test_the_workers_counters_merge_weighted_by_what_they_count():
+    """stats.json of a --workers run: the engines' own counters, merged (sampling.merge_counters), not counted
+    again; a rate is weighted by what it is per, choices add up, a layout the workers disagree on is None."""
+    from tracetailor.sampling import merge_counters
+
+    one = {"teacher_passes_per_token": 0.5, "draft_tokens": 3, "kv_cache": "paged", "draft_acceptance": 0.8,
+           "per": {"tokens_emitted": 100, "draft_proposed": 10}}
+    two = {"teacher_passes_per_token": 0.25, "draft_tokens": 3, "kv_cache": "rectangle", "draft_acceptance": None,
+           "kv_cache_runs": {"rectangle": 2}, "per": {"tokens_emitted": 300, "draft_proposed": 0}}
+    assert merge_counters([one, two]) == {"teacher_passes_per_token": 0.3125, "draft_tokens": 3, "kv_cache": None,
+                                          "draft_acceptance": 0.8, "kv_cache_runs": {"rectangle": 2}}
+    assert merge_counters([one]) == {k: v for k, v in one.items() if k != "per"}
+    assert merge_counters([]) == {}
+
+
 class _FakeCluster:
     """What _actor_options asks of Ray, for clusters this machine does not have."""
 

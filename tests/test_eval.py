@@ -21,7 +21,9 @@ from tracetailor.evaluate.benchmarks import (
     resolve_benchmark,
     split_benchmarks,
 )
-from tracetailor.evaluate.run import EvalConfig, grade_sample, resolve_prefill, run_eval, summarize, uses_thinking
+from tracetailor.evaluate.grading import grade_sample
+from tracetailor.evaluate.metrics import summarize
+from tracetailor.evaluation import EvalConfig, resolve_prefill, run_eval, uses_thinking
 from tracetailor.generate import OutputDirError
 
 pytest.importorskip("math_verify")
@@ -333,7 +335,7 @@ def test_cli_eval(tiny_pair, tmp_path):
 
 
 def test_eval_goes_through_the_sampling_path_and_halves_its_batch_on_out_of_memory(tiny_pair, tmp_path, monkeypatch):
-    """eval samples through sampling.sample, as generate does: out of memory halves the batch, and the graded
+    """eval samples through sampling.Sampling, as generate does: out of memory halves the batch, and the graded
     samples equal those of a run that had memory enough."""
     import functools
 
@@ -364,7 +366,7 @@ def test_eval_goes_through_the_sampling_path_and_halves_its_batch_on_out_of_memo
 def test_answer_mode_strict_needs_a_boxed_answer_after_think():
     """eval's --answer-mode: math-verify (default) reads an unboxed final number; the paper's strict modes need
     the last \\boxed{} after </think>, and strict-boxed compares exactly where math-verify allows equivalents."""
-    from tracetailor.evaluate.run import grade_sample
+    from tracetailor.evaluate.grading import grade_sample
 
     unboxed = "<think>\n2 + 3 = 5</think>\nThe answer is 5."
     boxed_equiv = "<think>\nhalf</think>\n\\boxed{0.5}"

@@ -74,7 +74,7 @@ def test_an_sft_set_keeps_its_rows_and_its_funnel(tmp_path):
 
 def test_an_eval_dir_exports_every_benchmark_sample(tiny_pair, tmp_path):
     pytest.importorskip("math_verify")
-    from tracetailor.evaluate.run import EvalConfig, run_eval
+    from tracetailor.evaluation import EvalConfig, run_eval
 
     bench = tmp_path / "mine.jsonl"
     bench.write_text(json.dumps({"question": "What is 2 + 3?", "answer": "5"}) + "\n", encoding="utf-8")

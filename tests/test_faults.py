@@ -615,7 +615,7 @@ def test_model_code_is_not_run_without_trust_remote_code(tiny_pair, tmp_path):
 
 
 def test_defaults_are_safe():
-    from tracetailor.evaluate.run import EvalConfig
+    from tracetailor.evaluation import EvalConfig
     from tracetailor.score import ScoreConfig
     from tracetailor.train import TrainConfig
 

@@ -18,7 +18,7 @@ from tracetailor.evaluate.benchmarks import Item
 from tracetailor.evaluate.grading import (PAPER_JUDGE_PROMPT, JudgePromptError, load_judge_prompt, paper_judge,
                                           parse_verdict, render_judge_prompt)
 from tracetailor.evaluate.judge import LLMJudge
-from tracetailor.evaluate.run import grade_paper, grade_sample
+from tracetailor.evaluate.grading import grade_paper, grade_sample
 
 web = pytest.importorskip("aiohttp.web")
 
@@ -156,7 +156,7 @@ def test_paper_grading_needs_a_judge():
 
 def test_eval_paper_grading_end_to_end(judge, tiny_pair, tmp_path):
     """eval --grading paper on a tiny model: every sample goes to the judge, whole, and the summary says so."""
-    from tracetailor.evaluate.run import run_eval
+    from tracetailor.evaluation import run_eval
 
     server, _ = judge
     bench = tmp_path / "bench.jsonl"

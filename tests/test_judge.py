@@ -209,7 +209,7 @@ def test_judge_from_a_config_needs_url_and_model_together(tmp_path):
 
     assert judge_from(cfg(), tmp_path / "c.jsonl") is None
     from tracetailor.config import ConfigError
-    from tracetailor.evaluate.run import EvalConfig
+    from tracetailor.evaluation import EvalConfig
     from tracetailor.select import SelectConfig
 
     with pytest.raises(ConfigError, match=r"^judge_model: given without --judge-url"):
@@ -225,7 +225,7 @@ def test_judge_from_a_config_needs_url_and_model_together(tmp_path):
 
 def test_eval_grade_asks_the_judge_with_the_question(serve, tmp_path):
     """eval --judge-url: a boxed answer the offline checks reject goes to the judge, with the question."""
-    from tracetailor.evaluate.run import grade_sample
+    from tracetailor.evaluate.grading import grade_sample
 
     server = serve(OK)
     judge, _ = make_judge(server.url, tmp_path)
@@ -447,7 +447,7 @@ def test_a_bad_judge_url_is_refused_up_front(url):
 
 def test_eval_rerun_against_the_judge_on_a_new_port_resumes(tmp_path):
     from tracetailor.data.rundir import OutputDirError
-    from tracetailor.evaluate.run import EvalConfig, open_run_dir
+    from tracetailor.evaluation import EvalConfig, open_run_dir
 
     def cfg(url, model="judge-model"):
         return EvalConfig(model="m", benchmark="gsm8k", out=str(tmp_path / "out"), judge_url=url, judge_model=model)

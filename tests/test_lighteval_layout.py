@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from test_eval import _cfg, _jsonl
-from tracetailor.evaluate.run import run_eval
+from tracetailor.evaluation import run_eval
 
 pq = pytest.importorskip("pyarrow.parquet")
 

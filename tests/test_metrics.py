@@ -49,7 +49,7 @@ def test_majority_at_k():
 def test_eval_summary_reports_both():
     pytest.importorskip("math_verify")
     from tracetailor.evaluate.benchmarks import Item
-    from tracetailor.evaluate.run import summarize
+    from tracetailor.evaluate.metrics import summarize
 
     items = [Item(q, q, q, "5", "math") for q in ("a", "b", "c")]
     answers = {"a": ["5", "7", "7"], "b": ["5.", "5", "9"], "c": [None, "1", "2"]}

@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 
 from tracetailor.config import GenerateConfig, ImportConfig
-from tracetailor.evaluate.run import EvalConfig
+from tracetailor.evaluation import EvalConfig
 from tracetailor.presets import PresetError, load_preset, preset_names
 from tracetailor.select import SelectConfig
 from tracetailor.train import TrainConfig

@@ -254,7 +254,7 @@ def test_case_06_select_stopped_between_set_and_funnel_never_pairs_old_with_new(
 
 def test_case_07_eval_with_more_samples_stopped_never_shows_the_old_summary(tiny_pair, tmp_path, monkeypatch):
     from tracetailor.data.rundir import RunDir
-    from tracetailor.evaluate.run import run_eval
+    from tracetailor.evaluation import run_eval
 
     out = tmp_path / "ev"
     base = dict(model=tiny_pair["student"], benchmark="gsm8k-offline", max_new_tokens=4, limit=2, out=str(out),

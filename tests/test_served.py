@@ -174,7 +174,7 @@ def test_served_settings_a_server_cannot_give_are_refused(tiny_pair, change, mes
 def test_eval_through_a_served_model(tiny_pair, servers, tmp_path, protocol):
     """eval --model-url: the server samples each completion (many in flight); samples graded and resumable."""
     from tracetailor.config import EvalConfig
-    from tracetailor.evaluate.run import run_eval
+    from tracetailor.evaluation import run_eval
 
     bench = tmp_path / "bench.jsonl"
     bench.write_text("".join(json.dumps({"question": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n"

@@ -68,8 +68,7 @@ def rsd_generate(teacher: Any, student: Any, prompts: Sequence[str | dict | list
     stop, prefill, system_prompt, carry, batch_size, device, dtype, ...). With mode="student" the teacher
     may be None. The same seed and settings give the same traces as the command."""
     from .data.prompts import build_prompts
-    from .sampling import (build_record, build_requests, context_window, make_bridge, make_engine, sample,
-                           token_budget)
+    from .sampling import Sampling, context_window, make_bridge, make_engine, plan_requests, record_maker
 
     cfg = _config(GenerateConfig, settings, student=_IN_MEMORY, prompts=_IN_MEMORY,
                   teacher=_IN_MEMORY if teacher is not None else None)
@@ -78,22 +77,15 @@ def rsd_generate(teacher: Any, student: Any, prompts: Sequence[str | dict | list
     if cfg.mode != "student":
         teacher_m = _loaded(teacher, cfg, "teacher", cfg.teacher_gguf_file, cfg.teacher_device_map)
         bridge = make_bridge(student_m, teacher_m, log)
-    rows = _rows(prompts)
-    prompt_list = build_prompts(rows, lambda i: f"prompt {i}", student_m.tokenizer, prompt_field="prompt",
+    prompt_list = build_prompts(_rows(prompts), lambda i: f"prompt {i}", student_m.tokenizer, prompt_field="prompt",
                                 id_field="id", carry=cfg.carry, system_prompt=cfg.system_prompt, prefill=cfg.prefill,
                                 chat_template=cfg.chat_template)
-    context = context_window(student_m, teacher_m)
-    pairs = ((p, s) for p in prompt_list for s in range(cfg.samples))
-    requests, handles, _ = build_requests(pairs, bridge, token_budget(context, cfg.max_length),
-                                          cfg.max_new_tokens)
-    engine = make_engine(cfg, student_m, teacher_m, bridge)
-    eos = set(student_m.eos_ids())
+    planned = plan_requests(((p, s) for p in prompt_list for s in range(cfg.samples)), bridge,
+                            context_window(student_m, teacher_m), cfg)
+    make = record_maker(cfg, student_m, teacher_m)
     order = {p.prompt_id: i for i, p in enumerate(prompt_list)}
-    records = []
-    for fin in sample(engine, requests, log):
-        prompt, s = handles[fin.handle]
-        data = build_record(prompt, s, fin, student_m.tokenizer, eos, cfg.mode, teacher_m is not None, cfg.stop)
-        records.append(TraceRecord.from_json(data, f"prompt {prompt.prompt_id!r}, sample {s}"))
+    records = [TraceRecord.from_json(make(prompt, s, fin), f"prompt {prompt.prompt_id!r}, sample {s}")
+               for prompt, s, fin in Sampling(make_engine(cfg, student_m, teacher_m, bridge), planned, log)]
     return sorted(records, key=lambda r: (order[r.prompt_id], r.sample))
 
 
@@ -130,12 +122,10 @@ def score_texts(model: Any, prompts: Sequence[str | list], completions: Sequence
 def select_records(records: Iterable[TraceRecord | dict], **settings: Any) -> tuple[list[dict], dict]:
     """(SFT rows, funnel) of `records` as `tracetailor select` makes them, in memory. `settings` are
     SelectConfig's fields (answer_field, max_fallback_rate, correct_only, keep_unverifiable, pick, seed, ...)."""
-    from .evaluate.answers import require_math_verify
-    from .select import Picker, _stream
+    from .select import Picker, _stream, require_answer_checking
 
     cfg = _config(SelectConfig, settings, traces=[_IN_MEMORY], out=_IN_MEMORY)
-    if cfg.correct_only:
-        require_math_verify()
+    require_answer_checking(cfg)
     numbered = ((f"record {i}", r.to_json() if isinstance(r, TraceRecord) else r) for i, r in enumerate(records))
     sink = io.StringIO()
     funnel = _stream(cfg, numbered, [_IN_MEMORY], Picker(cfg.pick, cfg.seed, sink), lambda m: None)

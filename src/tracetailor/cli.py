@@ -348,7 +348,7 @@ def _register() -> None:
     config_command("select", SelectConfig, ".select:run_select",
                    "Keep well-formed, correct traces with few fallbacks, one per prompt: a TRL-ready SFT set and "
                    "its funnel.", stream="out", arguments={"traces": "Trace files (or generate's output dirs)."})
-    config_command("eval", EvalConfig, ".evaluate.run:run_eval",
+    config_command("eval", EvalConfig, ".evaluation:run_eval",
                    "Sample a model on reasoning benchmarks and grade every sample: mean accuracy ± SE per benchmark.",
                    stream="out", extras=("eval",))
     config_command("train", TrainConfig, ".train:run_train",

@@ -1,26 +1,27 @@
-"""`tracetailor generate --workers N`: one run spread over N Ray actors.
+"""`tracetailor generate --workers N`: the executor that spreads a run's sampling over N Ray actors.
 
 Job: start a local Ray instance (or join a cluster: `--ray-address`, `RAY_ADDRESS`),
 start N actors that each load one student and one teacher (one GPU each when the
 cluster has GPUs, an equal share of the CPU cores otherwise), and hand them the
-pending (prompt, sample) pairs in shards. Each worker runs the same Engine as
-`run_generate` (sampling.py) and appends exactly the same records, one flushed line each, to its
-own `OUT/traces-w{i}.jsonl`. A shard whose worker dies goes back on the queue, less
-the records that worker had already written, and a fresh worker (a new number, so
-a new file) takes the dead one's place. Stats are merged over all trace files at
-the end (`generate.write_stats`).
+pending (prompt, sample) pairs in shards. Each worker samples through the same loop as
+generate in one process (sampling.Sampling, sampling.write_traces) and appends exactly the
+same records, one flushed line each, to its own `OUT/traces-w{i}.jsonl`. A shard whose
+worker dies goes back on the queue, less the records that worker had already written,
+and a fresh worker (a new number, so a new file) takes the dead one's place. The workers'
+engine counters are merged (`sampling.merge_counters`) for stats.json, which
+generate.run_generate writes over all trace files at the end.
 
 Why the result does not depend on N: random numbers are keyed by (seed, prompt,
 sample, position), so a sequence's trace does not depend on its batch, worker or
-process. The driver reads the finished ids of every `traces*.jsonl` before it
-shards (`sampling.finished_in`, the resume rule of generate), so a run may be resumed
-with any worker count, or none.
+process. The run setup (generate.prepare_run) reads the finished ids of every
+`traces*.jsonl` before the driver shards, so a run may be resumed with any worker
+count, or none.
 
-Not its job: decoding (decoding/), the record format (sampling.build_record), the
-files and resume (data/traces.py), or running the cluster. On several machines,
-OUT, the prompts' models and tracetailor itself must be reachable from every node
-(a shared filesystem, the same install); workers check that they can see OUT.
-The design as a whole: docs/architecture.md.
+Not its job: the run setup and stats (generate.py), decoding (decoding/), the record
+format (sampling.build_record), the files and resume (data/traces.py), or running the
+cluster. On several machines, OUT, the prompts' models and tracetailor itself must be
+reachable from every node (a shared filesystem, the same install); workers check that
+they can see OUT. The design as a whole: docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -31,13 +32,13 @@ import math
 import os
 import socket
 import time
-from collections import Counter, deque
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from .config import GenerateConfig
+from .data.rundir import pid_alive
 from .data.traces import read_repaired, record_id
 from .errors import UserError
 
@@ -81,7 +82,7 @@ def make_shards(pending: list[tuple[int, int]], workers: int, batch_size: int) -
 
 class GenerateWorker:
     """One actor: a student, a teacher and an Engine, loaded once and run over each shard
-    it is handed. Ray wraps this class (`ray.remote`) in `run_distributed`."""
+    it is handed. Ray wraps this class (`ray.remote`) in `_Driver`."""
 
     def __init__(self, cfg: dict, index: int, threads: int | None = None, exit_after: int | None = None,
                  driver: tuple[str, int] | None = None):
@@ -96,7 +97,7 @@ class GenerateWorker:
     def setup(self) -> dict:
         import torch
 
-        from .sampling import context_window, end_ids, load_pair, make_engine
+        from .sampling import context_window, load_pair, make_engine, run_info
 
         if self.threads:  # N workers on one machine's cores must not each take all of them
             torch.set_num_threads(self.threads)
@@ -109,62 +110,34 @@ class GenerateWorker:
             )
         self.student, self.teacher, self.bridge = load_pair(self.cfg, log=lambda m: None)
         self.context = context_window(self.student, self.teacher)
-        self.eos = end_ids(self.student, self.cfg.end_tokens)
         self.engine = make_engine(self.cfg, self.student, self.teacher, self.bridge)
-        bridge = self.bridge
         return {
             "worker": self.index, "host": socket.gethostname(), "pid": os.getpid(),
             "device": str(self.student.model.device), "threads": torch.get_num_threads(),
-            "student": self.student.name, "teacher": self.teacher.name if self.teacher else None,
-            "bridge": None if bridge is None else {"identity": bridge.identity, "shared_fraction": bridge.shared_fraction},
+            **run_info(self.student.name, self.teacher.name if self.teacher else None, self.bridge),
             "context": self.context,
         }
 
     def run_shard(self, prompts: dict, pairs: list[tuple[int, int]]) -> dict:
-        from .sampling import build_record, build_requests, sample, token_budget, trace_writer
+        """Sample a shard's pairs into this worker's trace file; its tallies and the engine's counters so far
+        (`sampling.counted`: cumulative over this worker's shards)."""
+        from .sampling import Sampling, counted, plan_requests, write_traces
 
-        started = time.perf_counter()
-        passes_before, emitted_before = self.engine.teacher_passes, self.engine.tokens_emitted
-        chosen_before, layouts_before = self._choices()
-        requests, handles, skipped = build_requests(((prompts[i], s) for i, s in pairs), self.bridge,
-                                                    token_budget(self.context, self.cfg.max_length),
-                                                    self.cfg.max_new_tokens)
-        sequences = tokens = 0
-        with trace_writer(self.path, self.cfg, self.student, self.teacher.name if self.teacher else None) as writer:
-            for fin in sample(self.engine, requests, log=print):  # print: to this worker's Ray log
-                prompt, sample = handles[fin.handle]
-                record = build_record(prompt, sample, fin, self.student.tokenizer, self.eos, self.cfg.mode,
-                                      self.teacher is not None, self.cfg.stop)
-                if self.exit_after is not None and self.written >= self.exit_after:
-                    self._die_mid_write(record)
-                if self._driver_gone():
-                    os._exit(1)  # killed driver: write no more (Ray alone takes seconds to notice)
-                writer.write(record, fin.teacher_topk)
-                self.written += 1
-                sequences += 1
-                tokens += len(fin.token_ids)
-        return {"sequences": sequences, "tokens": tokens, "skipped": skipped, "context": self.context,
-                "seconds": time.perf_counter() - started,
-                "teacher_passes": self.engine.teacher_passes - passes_before,
-                "tokens_emitted": self.engine.tokens_emitted - emitted_before,
-                "passes_by_draft_tokens": dict(self._choices()[0] - chosen_before),
-                "kv_cache_runs": dict(self._choices()[1] - layouts_before)}
+        planned = plan_requests(((prompts[i], s) for i, s in pairs), self.bridge, self.context, self.cfg)
+        sampling = Sampling(self.engine, planned, log=print)  # print: to this worker's Ray log
+        write_traces(self.path, self.cfg, self.student, self.teacher, sampling, self._before_write)
+        return {"sequences": sampling.sequences, "tokens": sampling.tokens, "skipped": planned.skipped,
+                "context": self.context, "seconds": sampling.seconds, "counters": counted(self.engine)}
 
-    def _choices(self):
-        """(passes per K, runs per KV layout) so far: what the auto settings chose (Engine.counters)."""
-        chooser = self.engine.chooser
-        return Counter(chooser.chosen if chooser is not None else {}), Counter(self.engine.layouts_chosen)
+    def _before_write(self, record: dict) -> None:
+        if self.exit_after is not None and self.written >= self.exit_after:
+            self._die_mid_write(record)
+        if self._driver_gone():
+            os._exit(1)  # killed driver: write no more (Ray alone takes seconds to notice)
+        self.written += 1
 
     def _driver_gone(self) -> bool:
-        if self.driver is None or self.driver[0] != socket.gethostname():
-            return False
-        try:
-            os.kill(self.driver[1], 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-        return False
+        return self.driver is not None and self.driver[0] == socket.gethostname() and not pid_alive(self.driver[1])
 
     def _watch_driver(self, every_s: float = 0.2) -> None:
         """A daemon thread that ends this worker process when the driver on this host dies (kill -9 included):
@@ -253,14 +226,72 @@ def _recover(path: Path) -> dict[str, int]:
     return {rec["id"]: len(rec.get("completion_token_ids", [])) for rec in read_repaired(path)}
 
 
-def run_distributed(cfg: GenerateConfig, log=print) -> dict[str, Any]:
-    """`run_generate` over `cfg.workers` Ray actors; returns the stats written to OUT/stats.json."""
-    from .sampling import open_run_dir
+class RayShards:
+    """generate's executor over `cfg.workers` Ray actors (generate.run_generate): the driver loads only the
+    student's tokenizer (and its context from its config) for the prompts; the workers load the models, plan
+    their shards' requests and skip what does not fit."""
 
-    ray = import_ray()
-    cfg.validate()
-    with open_run_dir(cfg) as rundir:
-        return _drive(ray, cfg, rundir, log)
+    def __init__(self, cfg: GenerateConfig, log):
+        self.ray = import_ray()  # Ray missing: refused before OUT is touched
+        self.cfg, self.log = cfg, log
+
+    def load(self) -> None:
+        from .models import load_tokenizer
+
+        cfg = self.cfg
+        self.tokenizer = load_tokenizer(cfg.student, gguf_file=cfg.student_gguf_file,
+                                        trust_remote_code=cfg.trust_remote_code, role="student")
+        self.context = _student_context(cfg)
+
+    def info(self) -> dict[str, Any]:
+        """A first run.json, so that workers can check they see OUT; the models' own names come with them."""
+        from .sampling import run_info
+
+        return run_info(self.cfg.student, self.cfg.teacher, None)
+
+    @staticmethod
+    def plan(prompts: list, pairs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        return pairs  # the workers plan their shards' requests
+
+    @staticmethod
+    def check(prompts: list, pairs: list) -> None:
+        pass  # the workers find the prompts that do not fit; the driver warns once they are done
+
+    @staticmethod
+    def size(pairs: list) -> int:
+        return len(pairs)
+
+    def execute(self, prepared, rundir):
+        """Shard the pending pairs over the workers and wait for them (generate.Done)."""
+        from .sampling import Done, merge_counters, warn_skipped
+
+        cfg = self.cfg
+        if not prepared.planned:
+            return Done(0, 0, 0.0, [], extra={"workers": cfg.workers})
+        shards = make_shards(prepared.planned, cfg.workers, cfg.batch_size)
+        started_ray = _connect(self.ray, cfg, self.log)
+        driver = None
+        try:
+            def write_run_json(infos: dict[int, dict]) -> None:  # the models' names as the workers loaded them
+                first = next(iter(infos.values()))
+                rundir.write_run_json(dataclasses.asdict(cfg), seed=cfg.seed, models=first["models"],
+                                      bridge=first["bridge"], workers=_worker_rows(infos))
+
+            driver = _Driver(self.ray, cfg, rundir.root, prepared.prompts, shards, self.log,
+                             on_first_ready=write_run_json)
+            totals, skipped, context, seconds = driver.run()
+            warn_skipped(skipped, prepared.prompts, context, cfg.max_length)
+            write_run_json(driver.infos)
+            extra = {"workers": driver.n, "worker_deaths": totals["deaths"], "shards": len(shards),
+                     "worker_seconds": round(totals["worker_seconds"], 3)}
+            # of the shards that finished: each worker's last report (a dead worker's last shard is lost)
+            return Done(totals["sequences"], totals["tokens"], seconds, skipped,
+                        merge_counters(list(driver.counters.values())), extra)
+        finally:
+            if driver is not None:
+                driver.stop()
+            if started_ray:
+                self.ray.shutdown()
 
 
 def _student_context(cfg: GenerateConfig) -> int | None:
@@ -277,67 +308,6 @@ def _student_context(cfg: GenerateConfig) -> int | None:
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     n = getattr(config, "max_position_embeddings", None)
     return int(n) if n else None
-
-
-def _drive(ray, cfg: GenerateConfig, rundir, log) -> dict[str, Any]:
-    from .models import load_tokenizer
-    from .sampling import (check_prompts_unchanged, finished_in, load_prompt_set, run_info, sync_sidecar, warn_skipped,
-                           write_stats)
-
-    prompt_texts: dict = {}
-    done = finished_in(rundir, prompt_texts)  # reads (and repairs) every traces*.jsonl: any earlier worker count
-    out = rundir.root
-    tokenizer = load_tokenizer(cfg.student, gguf_file=cfg.student_gguf_file,
-                               trust_remote_code=cfg.trust_remote_code, role="student")
-    prompts = load_prompt_set(cfg, tokenizer, _student_context(cfg))
-    check_prompts_unchanged(prompt_texts, prompts)
-    pending = [(i, s) for i, p in enumerate(prompts) for s in range(cfg.samples)
-               if record_id(p.prompt_id, s) not in done]
-    rundir.started()
-    lost = sync_sidecar(out, cfg)  # the teacher's top-K rows: exactly the finished records
-    if lost:  # finished records whose row was lost (their lines removed): generated again
-        done -= lost
-        pending = [(i, s) for i, p in enumerate(prompts) for s in range(cfg.samples)
-                   if record_id(p.prompt_id, s) not in done]
-    if not rundir.run_json.exists() or pending:
-        # a first version now, so that workers can check they see OUT; the models' own names come with them
-        rundir.write_run_json(dataclasses.asdict(cfg), seed=cfg.seed, **run_info(cfg.student, cfg.teacher, None))
-        rundir.begin()  # stats.json marks a finished run, as in run_generate
-    if done:
-        log(f"resuming: {len(done)} sequence(s) already in {out}, {len(pending)} to go")
-    if not pending:
-        return write_stats(out, cfg.mode, prompts=len(prompts), skipped=[], sequences=0, tokens=0, seconds=0.0,
-                           log=log, extra={"workers": cfg.workers})
-    shards = make_shards(pending, cfg.workers, cfg.batch_size)
-    started_ray = _connect(ray, cfg, log)
-    driver = None
-    try:
-        def write_run_json(infos: dict[int, dict]) -> None:  # the models' names as the workers loaded them
-            first = next(iter(infos.values()))
-            bridge = None if first["bridge"] is None else SimpleNamespace(**first["bridge"])
-            rundir.write_run_json(dataclasses.asdict(cfg), seed=cfg.seed,
-                                  **run_info(first["student"], first["teacher"], bridge), workers=_worker_rows(infos))
-
-        driver = _Driver(ray, cfg, out, prompts, shards, log, on_first_ready=write_run_json)
-        totals, skipped, context, seconds = driver.run()
-        warn_skipped(skipped, prompts, context, cfg.max_length)
-        write_run_json(driver.infos)
-        extra = {"workers": driver.n, "worker_deaths": totals["deaths"], "shards": len(shards),
-                 "worker_seconds": round(totals["worker_seconds"], 3)}
-        emitted = totals["tokens_emitted"]  # of the shards that finished (a dead worker's count is lost)
-        draft = {"teacher_passes_per_token": round(totals["teacher_passes"] / emitted, 4) if emitted else None,
-                 "draft_tokens": cfg.draft_tokens if cfg.mode != "student" else 0, "kv_cache": cfg.kv_cache}
-        if totals["passes_by_draft_tokens"]:  # auto: the workers' choices, summed
-            draft["passes_by_draft_tokens"] = {str(k): n for k, n in sorted(totals["passes_by_draft_tokens"].items())}
-        if cfg.kv_cache == "auto":
-            draft["kv_cache_runs"] = dict(totals["kv_cache_runs"])
-        return write_stats(out, cfg.mode, prompts=len(prompts), skipped=skipped, sequences=totals["sequences"],
-                           tokens=totals["tokens"], seconds=seconds, log=log, extra=extra, draft=draft)
-    finally:
-        if driver is not None:
-            driver.stop()
-        if started_ray:
-            ray.shutdown()
 
 
 class _Driver:
@@ -360,9 +330,8 @@ class _Driver:
         self.actors: dict[int, Any] = {}  # worker number -> actor handle, live ones
         self.queue, self.futures, self.idle = deque(shards), {}, []
         self.infos: dict[int, dict] = {}
-        self.totals = {"sequences": 0, "tokens": 0, "deaths": 0, "setup_deaths": 0, "worker_seconds": 0.0,
-                       "teacher_passes": 0, "tokens_emitted": 0, "passes_by_draft_tokens": Counter(),
-                       "kv_cache_runs": Counter()}
+        self.totals = {"sequences": 0, "tokens": 0, "deaths": 0, "setup_deaths": 0, "worker_seconds": 0.0}
+        self.counters: dict[int, dict] = {}  # worker number -> its engine's counters at its last finished shard
         self.skipped: list[str] = []
         self.context = None
         self.next_index = 0
@@ -418,17 +387,14 @@ class _Driver:
                 self.on_first_ready(self.infos)
             self.started = self.started or time.perf_counter()
         else:
-            self._on_shard_done(shard, result)
+            self._on_shard_done(index, shard, result)
         self.idle.append(index)
 
-    def _on_shard_done(self, shard: Shard, result: dict) -> None:
+    def _on_shard_done(self, index: int, shard: Shard, result: dict) -> None:
         self.totals["sequences"] += result["sequences"]
         self.totals["tokens"] += result["tokens"]
         self.totals["worker_seconds"] += result["seconds"]
-        self.totals["teacher_passes"] += result["teacher_passes"]
-        self.totals["tokens_emitted"] += result["tokens_emitted"]
-        for key in ("passes_by_draft_tokens", "kv_cache_runs"):
-            self.totals[key].update(result.get(key, {}))
+        self.counters[index] = result["counters"]  # cumulative over the worker's shards: the last one holds all
         self.skipped += [p for p in result["skipped"] if p not in self.skipped]
         self.context = result["context"]
         self.bar.update(result["sequences"]

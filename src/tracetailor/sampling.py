@@ -1,22 +1,25 @@
 """The one sampling path: prompts -> engine requests -> the engine (halving its batch when the device runs
 out of memory) -> finished sequences -> records.
 
-`generate` (in this process), its Ray workers (distributed.py) and `eval` all go through
-these functions: they load the models (`load_pair`), turn (prompt, sample) pairs into
-requests that fit the context (`build_requests`), build the engine from a config
-(`make_engine`), run it (`sample`) and turn each finished sequence into text
-(`completion_text`) or a trace record (`build_record`). The decoding itself is
-decoding/; the files are data/. See docs/architecture.md ("The sampling path").
+`generate` (in this process and on each Ray worker), the Python API (`api.rsd_generate`) and `eval` all
+sample through `Sampling`, the loop written once: they load the models (`load_pair`), turn (prompt, sample)
+pairs into requests that fit the context (`plan_requests`), build the engine from a config (`make_engine`:
+in-process or served, both counting the run's statistics in `counters()`), run it (`Sampling`) and turn each
+finished sequence into text (`completion_text`) or a trace record (`record_maker`, `write_traces`). Not its
+job: the decoding (decoding/), the files (data/), the commands' run directories. See docs/architecture.md
+("The sampling path").
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from collections import Counter
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 from .config import GenerateConfig, parse_draft_tokens
-from .data.rundir import RunDir, tokens_per_second, versions
+from .data.rundir import RunDir, tokens_per_second
 from .data.traces import TRACE_GLOBS, TraceRecord, finished_ids, read_records, summarize, trace_files, write_json_atomic
 from .decoding.engine import DecodeSettings, Engine, Finished, Request, run_halving_on_oom
 from .decoding.rules import RSDParams, prompt_key
@@ -126,9 +129,21 @@ def token_budget(context: int | None, max_length: int | None) -> int | None:
     return min(limits) if limits else None
 
 
-def build_requests(pairs, bridge, context: int | None, max_new_tokens: int):
-    """Engine requests for (prompt, sample) pairs: (requests, {handle: (prompt, sample)}, skipped prompt ids).
-    A prompt that leaves no room to generate under `context` is skipped, and named once."""
+class Planned(NamedTuple):
+    """Engine requests for (prompt, sample) pairs, each request's pair by its handle, and the prompts skipped."""
+    requests: list[Request]
+    handles: dict[int, tuple]  # handle -> (prompt, sample)
+    skipped: list[str]  # prompt ids
+
+
+def plan_requests(pairs, bridge, context: int | None, cfg) -> Planned:
+    """`build_requests` under a command's limits: the models' `context`, `cfg.max_length`, `cfg.max_new_tokens`."""
+    return build_requests(pairs, bridge, token_budget(context, cfg.max_length), cfg.max_new_tokens)
+
+
+def build_requests(pairs, bridge, context: int | None, max_new_tokens: int) -> Planned:
+    """Engine requests for (prompt, sample) pairs (`Planned`). A prompt that leaves no room to generate
+    under `context` is skipped, and named once."""
     requests, handles, skipped = [], {}, []
     seen: dict[int, tuple] = {}  # id(prompt) -> (teacher ids, room), or None when skipped
     for p, s in pairs:
@@ -148,7 +163,7 @@ def build_requests(pairs, bridge, context: int | None, max_new_tokens: int):
         handles[handle] = (p, s)
         requests.append(Request(handle, prompt_key(p.prompt_id), s, p.token_ids, teacher_ids, room,
                                 label=f"prompt {p.prompt_id!r}, sample {s}"))
-    return requests, handles, skipped
+    return Planned(requests, handles, skipped)
 
 
 class NothingFits(UserError, ValueError):
@@ -210,8 +225,9 @@ def end_ids(student, end_tokens: list[str] | None = None) -> set[int]:
     return {vocab[t] for t in end_tokens}
 
 
-def make_engine(cfg: GenerateConfig, student, teacher, bridge, on_step=None) -> Engine:
-    """The engine of a config: in-process (decoding/engine.py) or over served models (serving/engine.py)."""
+def make_engine(cfg: GenerateConfig, student, teacher, bridge) -> Engine:
+    """The engine of a config: in-process (decoding/engine.py) or over served models (serving/engine.py); its
+    progress hook is `Sampling`'s to set."""
     settings = DecodeSettings(
         mode=cfg.mode,
         rsd=RSDParams(cfg.threshold, cfg.trials, cfg.top_k, cfg.teacher_temperature),
@@ -226,10 +242,10 @@ def make_engine(cfg: GenerateConfig, student, teacher, bridge, on_step=None) -> 
             settings.draft_tokens = 0
         return ServedEngine(student.model, teacher.model if teacher else None, bridge, settings,
                             eos_ids=set(student.eos_ids()), stop_fn=stop_checker(student.tokenizer, cfg.stop),
-                            on_step=on_step, rows_in_flight=cfg.max_in_flight)
+                            rows_in_flight=cfg.max_in_flight)
     return Engine(
         student.model, teacher.model if teacher else None, bridge, settings, eos_ids=end_ids(student, cfg.end_tokens),
-        batch_size=cfg.batch_size, stop_fn=stop_checker(student.tokenizer, cfg.stop), on_step=on_step,
+        batch_size=cfg.batch_size, stop_fn=stop_checker(student.tokenizer, cfg.stop),
         kv_cache=cfg.kv_cache,
     )
 
@@ -319,10 +335,102 @@ def completion_text(fin: Finished, tokenizer, eos: set[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=False)
 
 
-def sample(engine: Engine, requests: Iterable[Request], log: Callable[[str], None] = print) -> Iterator[Finished]:
-    """Every request's finished sequence, in the order they finish; out of memory halves the batch and goes
-    on (`run_halving_on_oom`): nothing is lost or doubled."""
-    return run_halving_on_oom(engine, requests, log)
+class Sampling:
+    """The sampling loop, written once: iterating it runs `planned`'s requests through `engine` and yields
+    (prompt, sample, Finished) for each, in the order they finish. Out of memory halves the engine's batch and
+    goes on (`run_halving_on_oom`): nothing is lost or doubled. `progress` (a `Progress`, optional) sees the
+    engine's steps and one tick per sequence, and is closed at the end. Afterwards `sequences`, `tokens` and
+    `seconds` tally what it ran; the engine's `counters()` hold the rest of the run's statistics."""
+
+    def __init__(self, engine: Engine, planned: Planned, log: Callable[[str], None] = print,
+                 progress: Progress | None = None):
+        self.engine, self.planned, self.log, self.progress = engine, planned, log, progress
+        self.sequences = self.tokens = 0
+        self.seconds = 0.0
+
+    def __iter__(self) -> Iterator[tuple[Any, int, Finished]]:
+        if self.progress is not None:
+            self.engine.on_step, self.progress.engine = self.progress.step, self.engine
+        started = time.perf_counter()
+        try:
+            for fin in run_halving_on_oom(self.engine, self.planned.requests, self.log):
+                self.sequences += 1
+                self.tokens += len(fin.token_ids)
+                yield (*self.planned.handles[fin.handle], fin)
+                if self.progress is not None:
+                    self.progress.bar.update(1)
+        finally:
+            self.seconds += time.perf_counter() - started
+            if self.progress is not None:
+                self.progress.close()
+
+
+def record_maker(cfg: GenerateConfig, student, teacher) -> Callable[[Any, int, Finished], dict]:
+    """`build_record` under a config: (prompt, sample, Finished) -> a trace record's JSON object, ended by the
+    config's end tokens (`end_ids`) and stop strings."""
+    eos = end_ids(student, cfg.end_tokens)
+    return lambda prompt, s, fin: build_record(prompt, s, fin, student.tokenizer, eos, cfg.mode, teacher is not None,
+                                               cfg.stop)
+
+
+def write_traces(path: Path, cfg: GenerateConfig, student, teacher, sampling: Sampling,
+                 before_write: Callable[[dict], None] | None = None) -> None:
+    """Append one trace record (and its top-K row) per finished sequence of `sampling` to `path`, flushed each;
+    `before_write(record)` runs before each (the Ray worker's fault injection and driver check)."""
+    make = record_maker(cfg, student, teacher)
+    with trace_writer(path, cfg, student, teacher.name if teacher else None) as writer:
+        for prompt, s, fin in sampling:
+            record = make(prompt, s, fin)
+            if before_write is not None:
+                before_write(record)
+            writer.write(record, fin.teacher_topk)
+
+
+@dataclass
+class Done:
+    """What one of generate's executors ran (in this process or over Ray workers): its tallies, the engine's
+    counters (`counters()`, or the workers' merged), what it adds to stats.json's this_run."""
+    sequences: int
+    tokens: int
+    seconds: float
+    skipped: list[str]
+    counters: dict = field(default_factory=dict)
+    extra: dict | None = None
+
+
+# rate -> what it is per: how `merge_counters` weighs the parts' rates
+_RATE_WEIGHTS: dict[str, Callable[[dict], float]] = {
+    "teacher_passes_per_token": lambda part: part["per"]["tokens_emitted"],
+    "draft_acceptance": lambda part: part["per"]["draft_proposed"],
+    "mean_draft_tokens": lambda part: sum((part.get("passes_by_draft_tokens") or {}).values()),
+}
+_COUNTS = ("passes_by_draft_tokens", "kv_cache_runs")
+
+
+def counted(engine) -> dict:
+    """`engine.counters()` with what its rates are per (`per`: tokens emitted, draft guesses checked), so that
+    `merge_counters` can weigh them; stats.json takes only the counters."""
+    return {**engine.counters(), "per": {"tokens_emitted": engine.tokens_emitted,
+                                         "draft_proposed": engine.draft_proposed}}
+
+
+def merge_counters(parts: list[dict]) -> dict:
+    """One run's counters over several engines (the Ray workers'), each `counted(engine)`: a rate is the parts'
+    rates weighted by what they are per, counts of choices add up, and a value the parts disagree on (auto's
+    layout in use, its reason) is None. No parts: {} (every statistic unknown)."""
+    out: dict[str, Any] = {}
+    for key in dict.fromkeys(k for part in parts for k in part if k != "per"):
+        values = [part.get(key) for part in parts]
+        if key in _RATE_WEIGHTS:
+            pairs = [(v, _RATE_WEIGHTS[key](part)) for v, part in zip(values, parts) if v is not None]
+            weight = sum(w for _, w in pairs)
+            out[key] = round(sum(v * w for v, w in pairs) / weight, 4) if weight else None
+        elif key in _COUNTS:
+            total = sum((Counter(v or {}) for v in values), Counter())
+            out[key] = {str(k): total[k] for k in sorted(total, key=lambda k: (len(str(k)), str(k)))}
+        else:
+            out[key] = values[0] if all(v == values[0] for v in values) else None
+    return out
 
 
 # -- generate's output directory (this process or the Ray driver) ------------------------------

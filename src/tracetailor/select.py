@@ -51,8 +51,7 @@ from typing import Any, Callable, Iterable
 
 from .config import PICKS, SelectConfig, SelectError  # noqa: F401  (SelectError: raised here too)
 from .data.topk import sft_sidecar_path
-from .data.traces import (AtomicWriter, TraceRecord, json_text, read_numbered_records, resolve_trace_paths,
-                          write_json_atomic)
+from .data.traces import AtomicWriter, TraceRecord, json_text, read_numbered_records, resolve_trace_paths
 from .evaluate.answers import check_answer, gold_answers, require_math_verify, strict_boxed_answer
 from .evaluate.grading import grading_label, paper_judge, reference_text
 from .evaluate.judge import judge_from, judged
@@ -291,8 +290,7 @@ def run_select(cfg: SelectConfig, log: Callable[[str], None] = print) -> dict:
     out = Path(cfg.out)
     if out.is_dir() or any(out.resolve() == p.resolve() for p in paths):
         raise SelectError(f"out: {out} is a directory or one of the input trace files; name a new .jsonl file")
-    if cfg.correct_only and cfg.answer_mode != "strict-boxed":
-        require_answer_checking(cfg.answer_mode)
+    require_answer_checking(cfg)
     unfinished = unfinished_runs(paths)
     for folder in unfinished:
         log(f"warning: {folder} holds a generate run that did not finish (run.json but no stats.json): the set "
@@ -323,11 +321,14 @@ def run_select(cfg: SelectConfig, log: Callable[[str], None] = print) -> dict:
     return funnel
 
 
-def require_answer_checking(mode: str) -> None:
-    """The math-verify answer modes need the 'eval' extra; strict-boxed (exact match) runs on the core install.
-    One line saying both, before any work."""
+def require_answer_checking(cfg: SelectConfig) -> None:
+    """--correct-only in the math-verify answer modes needs the 'eval' extra; strict-boxed (exact match) runs on
+    the core install. One line saying both, before any work (the command and `api.select_records` alike)."""
     from .extras import MissingExtra, missing_modules
 
+    if not cfg.correct_only or cfg.answer_mode == "strict-boxed":
+        return
+    mode = cfg.answer_mode
     if "math_verify" in missing_modules("eval"):
         raise MissingExtra(f"select --answer-mode {mode} needs the 'eval' extra (missing: math_verify): pip install "
                            "'tracetailor[eval]'; or pass --answer-mode strict-boxed (exact match), which needs none")

@@ -181,7 +181,8 @@ def identity_changes(before: dict[str, Any], now: dict[str, Any]) -> str | None:
     return "; ".join(changes) if changes else None
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this id runs on this host (another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -376,7 +377,7 @@ class RunDir:
         """Temporary files (`.NAME.PID.tmp`, data/traces.AtomicWriter) that a killed process left behind."""
         for tmp in self.root.glob(".*.tmp"):
             pid = tmp.name.rsplit(".", 2)[-2]
-            if pid.isdigit() and not _alive(int(pid)):
+            if pid.isdigit() and not pid_alive(int(pid)):
                 tmp.unlink(missing_ok=True)
 
     def _recover_stale_aside(self) -> None:

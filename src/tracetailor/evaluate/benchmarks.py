@@ -17,7 +17,7 @@ opencompass/AIME2025, GPQA-Diamond from spawn99/GPQA-diamond-ClaudeR1), and
 `choice_layout="paper"` lists options as their eval.py does ("Choices:" then "A. ...").
 
 Not its job: prompts as the model sees them (chat template: data/prompts.py),
-decoding, grading (answers.py, run.py).
+decoding, grading (answers.py, grading.py; the eval command: evaluation.py).
 The design as a whole: docs/architecture.md.
 """
 

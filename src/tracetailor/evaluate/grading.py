@@ -18,14 +18,20 @@ yes/no/true/false after any `</think>`; anything else is "incorrect".
 
 It sends nothing itself: `paper_judge` hands the prompt and the verdict reader to the judge's client
 (judge.py, `LLMJudge`), whose batching and cache stay as they are. It reads no records.
+
+eval's grading of one completion lives here too: `grade_sample` (strict) and `grade_paper` (paper), each a
+`Verdict`; the eval command (evaluation.py) samples, writes and summarizes.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
+from .answers import THINK_END, check_answer, extract_answer, is_correct, multiple_choice_letter
+from .benchmarks import Item
 
 GRADINGS = ("strict", "paper")
 
@@ -108,3 +114,39 @@ def grading_label(grading: str, answer_mode: str, judge, judge_prompt: str | Non
 
 __all__ = ["GRADINGS", "JudgePromptError", "PAPER_JUDGE_PROMPT", "grading_label", "load_judge_prompt", "paper_judge",
            "parse_verdict", "reference_text", "render_judge_prompt"]
+
+
+@dataclass
+class Verdict:
+    extracted: str | None  # the answer found (math) or the letter (choice); None if none
+    correct: bool
+    think_closed: bool | None  # thinking runs: whether `</think>` came; None without thinking
+    truncated_before_answer: bool  # thinking runs: cut by the token limit before `</think>`
+
+
+def grade_sample(completion: str, gold: str, answer_type: str, thinking: bool, finish_reason: str,
+                 answer_mode: str = "math-verify", judge=None, question: str | None = None) -> Verdict:
+    """Grade one completion: the last `\\boxed{}` after `</think>` (math, by math-verify; another `answer_mode`
+    or an LLM `judge` goes through `check_answer`, e.g. the paper's strict-math-verify) or the chosen letter."""
+    if thinking and THINK_END not in completion:
+        return Verdict(None, False, False, finish_reason == "length")
+    closed = True if thinking else None
+    if answer_type == "choice":
+        letter = multiple_choice_letter(completion, thinking)
+        return Verdict(letter, letter is not None and letter.upper() == gold.strip().upper(), closed, False)
+    if answer_mode != "math-verify" or judge is not None:
+        check = check_answer(completion, gold, answer_mode, judge=judge, question=question, thinking=thinking)
+        return Verdict(check.extracted, check.correct, closed, False)
+    answer = extract_answer(completion, thinking)
+    return Verdict(answer, is_correct(answer, gold), closed, False)
+
+
+def grade_paper(completion: str, item: Item, thinking: bool, judge) -> Verdict:
+    """The authors' eval grading (their eval.py): the judge (set up by `grading.paper_judge`) sees the whole
+    completion, cut-off ones too, and the benchmark's reference as it is (`Item.reference`); `extracted` is our
+    extraction, kept for the votes only."""
+    closed = (THINK_END in completion) if thinking else None
+    extracted = (multiple_choice_letter(completion, thinking) if item.answer_type == "choice"
+                 else extract_answer(completion, thinking))
+    correct = judge.equivalent(item.reference or item.gold, completion, item.question)
+    return Verdict(extracted, correct, closed, False)

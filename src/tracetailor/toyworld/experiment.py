@@ -302,7 +302,7 @@ def _train(name: str, world: Path, out: Path, cfg: ExperimentConfig, size: int, 
 
 
 def _eval(name: str, model: Path, bench: Path, out: Path, cfg: ExperimentConfig, log) -> dict:
-    from ..evaluate.run import EvalConfig, run_eval
+    from ..evaluation import EvalConfig, run_eval
 
     log(f"eval: {name}")
     ecfg = EvalConfig(model=str(model), benchmark=str(bench), samples=cfg.eval_samples,

@@ -120,7 +120,8 @@ def paired_differences(out: Path, evals: dict, samples: int, dirs: dict[str, Pat
     error over questions and 95% interval: paired on the question, so narrower than two separate intervals.
     `dirs`: a student's eval folder when it is not OUT/eval/<student>."""
     from ..data.traces import read_records
-    from ..evaluate.run import mean_stderr, per_question_accuracy, samples_file_name
+    from ..evaluate.metrics import mean_stderr, per_question_accuracy
+    from ..evaluation import samples_file_name
 
     per_q = {}
     for name, summary in evals.items():

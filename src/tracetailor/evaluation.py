@@ -1,11 +1,13 @@
 """`tracetailor eval`: sample a model on reasoning benchmarks and grade every sample.
 
-Glue between the parts: resolves the benchmarks (benchmarks.py), loads the model,
-builds the prompts (chat template + the benchmark's instruction + an optional
-thinking prefill, data/prompts.py), samples `samples` completions per question
-with the engine's plain student sampling (decoding/engine.py), grades each one
-(answers.py), and writes per-sample JSONL, `summary.json` and `summary.md`, and the same results in
-lighteval's layout (results/ and details/, lighteval_files.py).
+The command, beside generate.py and score.py; the library parts live in evaluate/. It resolves
+the benchmarks (evaluate/benchmarks.py), loads the model (or its served endpoints), builds the
+prompts (chat template + the benchmark's instruction + an optional thinking prefill,
+data/prompts.py), samples `samples` completions per question through the one sampling loop
+(sampling.Sampling, plain student sampling), grades each one (evaluate/grading.py
+`grade_sample` / `grade_paper`), scores them (evaluate/metrics.py `summarize`), and writes
+per-sample JSONL, `summary.json` and `summary.md`, and the same results in lighteval's layout
+(results/ and details/, evaluate/lighteval_files.py).
 
 Scores. Per benchmark, `accuracy` is the mean over questions of each question's
 accuracy over its samples (with the same number of samples per question, this
@@ -33,64 +35,25 @@ The design as a whole: docs/architecture.md.
 from __future__ import annotations
 
 import json
-import math
 import re
-import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
-from ..config import EvalConfig
-from ..data.traces import AtomicWriter
-from .grading import grading_label, paper_judge
-from .judge import judge_from, judged
-from .answers import (THINK_END, check_answer, extract_answer, is_correct, multiple_choice_letter, normalize,
-                      require_math_verify)
-from .lighteval_files import write_lighteval_files
-from .metrics import majority_at_k, mean_over_questions, pass_at_k
-from .benchmarks import BenchmarkError, BenchmarkSpec, Item, load_benchmark, resolve_benchmark, split_benchmarks
+from .config import EvalConfig
+from .data.traces import AtomicWriter
+from .evaluate.answers import THINK_END, require_math_verify
+from .evaluate.benchmarks import BenchmarkError, BenchmarkSpec, Item, load_benchmark, resolve_benchmark, split_benchmarks
+from .evaluate.grading import grade_paper, grade_sample, grading_label, paper_judge
+from .evaluate.judge import judge_from, judged
+from .evaluate.lighteval_files import write_lighteval_files
+from .evaluate.metrics import summarize
 
 THINK_PREFILL = "<think>\n"
 
 
-# ---------------------------------------------------------------- grading
-
-
-@dataclass
-class Verdict:
-    extracted: str | None  # the answer found (math) or the letter (choice); None if none
-    correct: bool
-    think_closed: bool | None  # thinking runs: whether `</think>` came; None without thinking
-    truncated_before_answer: bool  # thinking runs: cut by the token limit before `</think>`
-
-
-def grade_sample(completion: str, gold: str, answer_type: str, thinking: bool, finish_reason: str,
-                 answer_mode: str = "math-verify", judge=None, question: str | None = None) -> Verdict:
-    """Grade one completion: the last `\\boxed{}` after `</think>` (math, by math-verify; another `answer_mode`
-    or an LLM `judge` goes through `check_answer`, e.g. the paper's strict-math-verify) or the chosen letter."""
-    if thinking and THINK_END not in completion:
-        return Verdict(None, False, False, finish_reason == "length")
-    closed = True if thinking else None
-    if answer_type == "choice":
-        letter = multiple_choice_letter(completion, thinking)
-        return Verdict(letter, letter is not None and letter.upper() == gold.strip().upper(), closed, False)
-    if answer_mode != "math-verify" or judge is not None:
-        check = check_answer(completion, gold, answer_mode, judge=judge, question=question, thinking=thinking)
-        return Verdict(check.extracted, check.correct, closed, False)
-    answer = extract_answer(completion, thinking)
-    return Verdict(answer, is_correct(answer, gold), closed, False)
-
-
-def grade_paper(completion: str, item: Item, thinking: bool, judge) -> Verdict:
-    """The authors' eval grading (their eval.py): the judge (set up by `grading.paper_judge`) sees the whole
-    completion, cut-off ones too, and the benchmark's reference as it is (`Item.reference`); `extracted` is our
-    extraction, kept for the votes only."""
-    closed = (THINK_END in completion) if thinking else None
-    extracted = (multiple_choice_letter(completion, thinking) if item.answer_type == "choice"
-                 else extract_answer(completion, thinking))
-    correct = judge.equivalent(item.reference or item.gold, completion, item.question)
-    return Verdict(extracted, correct, closed, False)
+# ---------------------------------------------------------------- the prompt
 
 
 def resolve_prefill(prefill: str | None, tokenizer) -> str:
@@ -105,63 +68,7 @@ def uses_thinking(prefill: str) -> bool:
     return "<think>" in prefill and THINK_END not in prefill
 
 
-# ---------------------------------------------------------------- scores
-
-
-def per_question_accuracy(records: Iterable[dict], samples: int) -> dict[str, float]:
-    """Question id -> the share of its first `samples` samples graded correct."""
-    hits: dict[str, list[bool]] = {}
-    for r in records:
-        if r["sample"] < samples:
-            hits.setdefault(r["question_id"], []).append(bool(r["correct"]))
-    return {q: sum(v) / len(v) for q, v in hits.items()}
-
-
-def mean_stderr(values: Sequence[float]) -> tuple[float | None, float | None]:
-    """The mean and its standard error (None for no values; the error None below two)."""
-    n = len(values)
-    mean = statistics.fmean(values) if n else None
-    return mean, (statistics.stdev(values) / math.sqrt(n) if n > 1 else None)
-
-
-def summarize(records: list[dict], items: list[Item], samples: int, thinking: bool) -> dict[str, Any]:
-    """Scores of one benchmark over the current questions' first `samples` samples (see the module docstring)."""
-    ids = {it.id for it in items}
-    recs = [r for r in records if r["question_id"] in ids and r["sample"] < samples]
-    per_question = list(per_question_accuracy(recs, samples).values())
-    q = len(per_question)
-    accuracy, stderr = mean_stderr(per_question)
-    tokens = sum(r.get("completion_tokens", 0) for r in recs)
-    out = {
-        "questions": q,
-        "questions_asked": len(items),
-        "samples_per_question": samples,
-        "completions": len(recs),
-        "correct": sum(bool(r["correct"]) for r in recs),
-        "accuracy": accuracy,
-        "stderr": stderr,
-        "no_answer": sum(r["extracted"] is None for r in recs),
-        "truncated": sum(r["finish_reason"] == "length" for r in recs),
-        "mean_completion_tokens": tokens / len(recs) if recs else None,
-    }
-    out.update(vote_scores(recs, samples))
-    if thinking:
-        out["unclosed_think"] = sum(r.get("think_closed") is False for r in recs)
-        out["truncated_before_answer"] = sum(bool(r.get("truncated_before_answer")) for r in recs)
-    return out
-
-
-def vote_scores(recs: list[dict], k: int) -> dict[str, Any]:
-    """pass@k and majority@k (metrics.py) over the questions that have all k samples; answers vote normalized."""
-    by_question: dict[str, list[dict]] = {}
-    for r in sorted(recs, key=lambda r: r["sample"]):
-        by_question.setdefault(r["question_id"], []).append(r)
-    full = [g[:k] for g in by_question.values() if len(g) >= k]
-    votes = [[None if r["extracted"] is None else normalize(r["extracted"]) for r in g] for g in full]
-    grades = [[bool(r["correct"]) for r in g] for g in full]
-    return {"k": k, "questions_with_k_samples": len(full),
-            "pass_at_k": mean_over_questions([pass_at_k(k, sum(g), k) for g in grades]),
-            "majority_at_k": mean_over_questions([majority_at_k(v, g, k) for v, g in zip(votes, grades)])}
+# ---------------------------------------------------------------- the summary tables
 
 
 def _pct(x: float | None) -> str:
@@ -218,7 +125,7 @@ def samples_file_name(name: str) -> str:
 
 def open_run_dir(cfg: EvalConfig, names: list[str]) -> "RunDir":
     """eval's OUT: a samples file per benchmark (those of the run it replaces too), run.json, the summaries."""
-    from ..data.rundir import RunDir
+    from .data.rundir import RunDir
 
     owned = {samples_file_name(n) for n in names} | {samples_file_name(n) for n in _benchmarks_before(cfg.out)}
     return RunDir(cfg.out, command="eval", owned=sorted(owned) + ["run.json", "summary.json", "summary.md"],
@@ -267,7 +174,6 @@ def run_eval(cfg: EvalConfig, log=print) -> dict[str, Any]:
                                     benchmarks={n: {"source": s.source, "question_field": s.question_field,
                                                     "answer_field": s.answer_field, "answer_type": s.answer_type,
                                                     "questions": len(benchmarks[n])} for n, s in specs.items()})
-        rundir.begin()
         log(f"model {model.name}; prefill {prefill!r}" + (" (thinking: graded after </think>)" if thinking else ""))
         engine = _engine(cfg, model)
         judge = judge_from(cfg, rundir.path("judge-cache.jsonl"), log)
@@ -289,23 +195,23 @@ def run_eval(cfg: EvalConfig, log=print) -> dict[str, Any]:
 def _load(cfg: EvalConfig, log):
     """The model in this process, or (--model-url) its tokenizer with its servers probed."""
     if cfg.model_url:
-        from ..serving.load import load_served, make_client
+        from .serving.load import load_served, make_client
 
         return load_served("model", cfg.model, cfg.model_url, cfg.protocol, cfg.served_name, make_client(cfg),
                            k=1, gguf_file=cfg.gguf_file, trust_remote_code=cfg.trust_remote_code, log=log)
-    from ..models import load_model
+    from .models import load_model
 
     return load_model(cfg.model, gguf_file=cfg.gguf_file, device=cfg.device, dtype=cfg.dtype,
                       trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle, role="model")
 
 
 def _engine(cfg: EvalConfig, model):
-    from ..decoding.engine import DecodeSettings, Engine
+    from .decoding.engine import DecodeSettings, Engine
 
     settings = DecodeSettings(mode="student", temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                               seed=cfg.seed)
     if cfg.model_url:
-        from ..serving.engine import ServedEngine
+        from .serving.engine import ServedEngine
 
         return ServedEngine(model.model, settings=settings, eos_ids=set(model.eos_ids()),
                             rows_in_flight=cfg.max_in_flight, server_sampling=True)
@@ -317,10 +223,10 @@ def eval_benchmark(name: str, spec: BenchmarkSpec, items: list[Item], cfg: EvalC
                    thinking: bool, out: Path, log, judge=None) -> dict[str, Any]:
     """Sample, grade and append the samples of one benchmark not yet in OUT; its scores over all of them.
     `judge` (an LLMJudge or None) grades the math answers the offline checks reject."""
-    from ..data.prompts import build_prompts
-    from ..data.traces import TraceWriter, read_repaired
-    from ..errors import warn
-    from ..sampling import Progress, build_requests, sample, skipped_lines, token_budget
+    from .data.prompts import build_prompts
+    from .data.traces import TraceWriter, read_repaired
+    from .errors import warn
+    from .sampling import Progress, Sampling, plan_requests, skipped_lines
 
     tok = model.tokenizer
     prompts = build_prompts([{"id": it.id, "prompt": it.prompt if cfg.instruction else it.bare} for it in items], None,
@@ -332,39 +238,33 @@ def eval_benchmark(name: str, spec: BenchmarkSpec, items: list[Item], cfg: EvalC
     done = {(r["question_id"], r["sample"]) for r in records}
     by_id = {it.id: it for it in items}
     pending = ((p, s) for p in prompts for s in range(cfg.samples) if (p.prompt_id, s) not in done)
-    requests, handles, skipped = build_requests(pending, None, token_budget(model.context_length, cfg.max_length),
-                                                cfg.max_new_tokens)
-    for line in skipped_lines(skipped, prompts, model.context_length, cfg.max_length, noun="question"):
+    planned = plan_requests(pending, None, model.context_length, cfg)
+    for line in skipped_lines(planned.skipped, prompts, model.context_length, cfg.max_length, noun="question"):
         warn(f"{name}: {line}")
-    if done and requests:
-        log(f"{name}: resuming, {len(done)} sample(s) already in {path}, {len(requests)} to go")
-    progress = Progress(len(requests), cfg.progress, "student", desc=f"eval [{name}]")
-    engine.on_step = progress.step
+    if done and planned.requests:
+        log(f"{name}: resuming, {len(done)} sample(s) already in {path}, {len(planned.requests)} to go")
+    sampling = Sampling(engine, planned, log, Progress(len(planned.requests), cfg.progress, "student",
+                                                       desc=f"eval [{name}]"))
     eos = set(model.eos_ids())
-    tokens, started = 0, time.perf_counter()
-    try:
-        with TraceWriter(path) as writer:
-            def grade(fin, with_judge):
-                prompt, s = handles[fin.handle]
-                return sample_record(name, by_id[prompt.prompt_id], s, fin, tok, eos, thinking, cfg.answer_mode,
-                                     with_judge, paper=cfg.grading == "paper")
 
-            # out of memory: half the batch, go on; with a judge, up to a batch of finished samples wait while
-            # their questions are asked at once (evaluate/judge.py `judged`)
-            for fin, record in judged(sample(engine, requests, log), grade, judge, chunk=cfg.batch_size):
-                tokens += len(fin.token_ids)
-                writer.write(record)
-                records.append(record)
-                progress.bar.update(1)
-    finally:
-        progress.close()
-    seconds = time.perf_counter() - started
+    def grade(finished, with_judge):
+        prompt, s, fin = finished
+        return sample_record(name, by_id[prompt.prompt_id], s, fin, tok, eos, thinking, cfg.answer_mode,
+                             with_judge, paper=cfg.grading == "paper")
+
+    with TraceWriter(path) as writer:
+        # with a judge, up to a batch of finished samples wait while their questions are asked at once
+        # (evaluate/judge.py `judged`)
+        for _, record in judged(sampling, grade, judge, chunk=cfg.batch_size):
+            writer.write(record)
+            records.append(record)
+    skipped, tokens, seconds = planned.skipped, sampling.tokens, sampling.seconds
     result = summarize(records, [it for it in items if it.id not in skipped], cfg.samples, thinking)
     result.update({
         "source": spec.source, "answer_type": spec.answer_type, "skipped_questions": skipped, "file": path.name,
         "grading": grading_label(cfg.grading, cfg.answer_mode, judge, cfg.judge_prompt),
-        "this_run": {"completions": len(requests), "tokens": tokens, "seconds": round(seconds, 3),
-                     "tokens_per_second": round(tokens / seconds, 2) if requests and seconds > 0 else None},
+        "this_run": {"completions": sampling.sequences, "tokens": tokens, "seconds": round(seconds, 3),
+                     "tokens_per_second": round(tokens / seconds, 2) if sampling.sequences and seconds > 0 else None},
     })
     return result
 
@@ -373,8 +273,8 @@ def sample_record(benchmark: str, item: Item, sample_index: int, fin, tokenizer,
                   thinking: bool, answer_mode: str = "math-verify", judge=None,
                   paper: bool = False) -> dict[str, Any]:
     """One graded sample, as a line of OUT/<benchmark>.jsonl; `paper`: the paper's grading (evaluate/grading.py)."""
-    from ..data.traces import record_id
-    from ..sampling import completion_text
+    from .data.traces import record_id
+    from .sampling import completion_text
 
     completion = completion_text(fin, tokenizer, eos)
     if paper:
@@ -416,4 +316,4 @@ def _summary(cfg: EvalConfig, model_name: str, prefill: str, thinking: bool, res
     }
 
 
-__all__ = ["EvalConfig", "Verdict", "grade_sample", "resolve_prefill", "run_eval", "summarize", "uses_thinking"]
+__all__ = ["EvalConfig", "resolve_prefill", "run_eval", "uses_thinking"]
