@@ -13,7 +13,7 @@ import dataclasses
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..data.traces import AtomicWriter, write_json_atomic
 
@@ -24,12 +24,13 @@ Z95 = 1.959963984540054  # two-sided 95% normal quantile
 COLORS = {"base": "#888888", "teacher": "#d62728", "rsd": "#2ca02c", "student": "#1f77b4", KD_SET: "#9467bd"}  # one per set, every plot
 
 
-def write_report(report: dict, out: Path) -> None:
-    """report.md and the stage-times plot, then report.json: the last file, the mark of a finished demo."""
+def write_report(report: dict, out: Path, finish: Callable[[dict], Any] | None = None) -> None:
+    """report.md and the stage-times plot, then report.json: the last file, the mark of a finished demo
+    (written by `finish`, the demo's `RunDir.finish`, when given)."""
     with AtomicWriter(out / "report.md") as f:
         f.write(report_markdown(report))
     plot_stages(report, out / "stages.png")
-    write_json_atomic(out / "report.json", report)
+    (finish or (lambda r: write_json_atomic(out / "report.json", r)))(report)
 
 
 def make_report(cfg, world: Path, out: Path, gen: dict, funnels: dict, sizes: dict,
