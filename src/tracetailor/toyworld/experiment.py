@@ -8,15 +8,17 @@ Stages (each one is the real command's Python API, with its own progress bar):
 2. generate: on the first `train_problems` training problems, `samples` traces each from
    the teacher alone, from RSD, and from the student alone (the control: the student's own samples);
 3. select: each trace set to an SFT set (finished, one ``</think>``, correct, shortest per problem;
-   RSD traces also at most half student-written);
+   RSD traces also at most half student-written); and the raw-trace arm, ``teacher-raw``: the
+   teacher's traces as they are (one random per problem, no filter but length);
 4. train: the base student fine-tuned on each SFT set (`tracetailor train`, full weights); with
    `kd_student`, also sft-rsd-kd: the RSD set with the teacher's top-k that generate stored
    (`--save-teacher-topk`), trained with `--loss kd`;
-5. eval: the base student and the three (four) fine-tuned ones on the held-out problems
+5. eval: the base student and the four (five) fine-tuned ones on the held-out problems
    (`eval_split`, default test), `eval_samples` samples each at T=0.7, top-p 0.95;
 6. score: the three SFT sets under the base student (what each student was trained on:
    log-prob histogram and the shares of tokens below p = 0.001, 0.01, 0.1);
-7. report: ``report.json`` (every figure, with the file it came from), ``report.md`` and
+7. report: ``report.json`` (every figure, with the file it came from; sft-teacher-raw against sft-teacher,
+   paired per question, in its own section), ``report.md`` and
    PNG plots (accuracy with 95% intervals, token shares, log-prob histogram, RSD rates, stage times).
 
 Every stage writes under OUT (``traces/<set>``, ``sft/<set>.jsonl``, ``ckpt/<set>``,
@@ -46,6 +48,7 @@ from ..models import quiet_progress_bars
 from . import build
 from .report import (  # noqa: F401  (confidence_interval, paired_differences: part of this module's API)
     KD_SET,
+    RAW_SET,
     SETS,
     STUDENTS,
     confidence_interval,
@@ -133,11 +136,13 @@ def _run(cfg: ExperimentConfig, rundir: RunDir, log: Callable[[str], None]) -> d
         prompts, bench = write_problem_files(world, out, cfg)
     with stage("generate"):
         gen = {name: generate_traces(name, world, prompts, out, cfg, log) for name in SETS}
+    arms = (*SETS, RAW_SET)  # the raw-trace arm: the teacher's traces as they are, beside the filtered sets
     with stage("select"):
-        funnels = {name: select_set(name, out, cfg, log) for name in SETS}
-        sizes = {n: funnels[n]["kept"] for n in SETS} if cfg.sizes == "all" else equalise(out / "sft", cfg.seed, log)
+        funnels = {name: select_set(name, out, cfg, log) for name in arms}
+        sizes = {n: funnels[n]["kept"] for n in arms} if cfg.sizes == "all" else equalise(out / "sft", cfg.seed, log,
+                                                                                           names=arms)
     with stage("train"):
-        trained = {name: train_student(name, world, out, cfg, sizes[name], log) for name in SETS}
+        trained = {name: train_student(name, world, out, cfg, sizes[name], log) for name in arms}
         if cfg.kd_student:
             trained[KD_SET] = train_student(KD_SET, world, out, cfg, sizes["rsd"], log)
         trained.update({f"{n}.all": train_student(f"{n}.all", world, out, cfg, funnels[n]["kept"], log)
@@ -196,15 +201,22 @@ def generate_traces(name: str, world: Path, prompts: Path, out: Path, cfg: Exper
     return run_generate(gcfg, log=log)
 
 
+# the raw-trace arm's select: no filter but length (select always drops a trace cut at the token limit)
+RAW_SELECT = {"correct_only": False, "require_think": False, "max_fallback_rate": 1.0, "pick": "random"}
+
+
 def select_set(name: str, out: Path, cfg: ExperimentConfig, log) -> dict:
+    """OUT/traces/<name> to the SFT set OUT/sft/<name>[.all].jsonl through select (the preset's table with
+    `select_preset`); RAW_SET: the teacher's traces, one random per problem, no filter but length."""
     from ..presets import load_preset
     from ..select import SelectConfig, run_select
 
     (out / "sft").mkdir(exist_ok=True)
     path = out / "sft" / (f"{name}.jsonl" if cfg.sizes == "all" else f"{name}.all.jsonl")
     # a resumed demo selects again from the (resumed) traces: the previous set is the demo's own
-    table = load_preset(cfg.select_preset, "select") if cfg.select_preset else {}
-    settings = {**table, "traces": [str(out / "traces" / name)], "out": str(path), "seed": cfg.seed, "overwrite": True}
+    table = RAW_SELECT if name == RAW_SET else load_preset(cfg.select_preset, "select") if cfg.select_preset else {}
+    traces = out / "traces" / ("teacher" if name == RAW_SET else name)
+    settings = {**table, "traces": [str(traces)], "out": str(path), "seed": cfg.seed, "overwrite": True}
     return run_select(SelectConfig(**settings), log=lambda m: log(f"select {name}: {m}"))
 
 
