@@ -99,6 +99,23 @@ def test_data_imports_nothing_above_it():
         assert not above, f"{path.name} imports {sorted(above)}"
 
 
+def test_filelock_cannot_hold_the_lock_rundir_holds(tmp_path):
+    """Why data/rundir.py keeps fcntl (issue 26 asked for filelock): filelock cannot lock OUT itself, and a lock
+    file of its own stays in OUT after release, where RunDir leaves nothing."""
+    filelock = pytest.importorskip("filelock")
+
+    with pytest.raises(IsADirectoryError):
+        filelock.FileLock(str(tmp_path)).acquire(timeout=0)
+    lock = filelock.FileLock(str(tmp_path / ".lock"))
+    lock.acquire(timeout=0)
+    lock.release()
+    assert (tmp_path / ".lock").exists()
+    out = tmp_path / "out"
+    with _score_like(out):
+        pass
+    assert list(out.iterdir()) == []
+
+
 def test_pid_check_is_written_once():
     """One os.kill(pid, 0) in data/rundir.py: pid_alive."""
     assert (SRC / "data" / "rundir.py").read_text(encoding="utf-8").count("os.kill(") == 1

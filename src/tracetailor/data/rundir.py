@@ -87,7 +87,11 @@ def tokens_per_second(tokens: int, seconds: float) -> float | None:
 class _Lock:
     """An exclusive `flock` held for the run's life on OUT itself (a directory) or on a lock file beside an
     output file; the OS releases it when the process dies. The holder's pid goes to a hidden file, for the
-    message a second run gets, and is removed on release (a killed run's stale pid file is harmless)."""
+    message a second run gets, and is removed on release (a killed run's stale pid file is harmless).
+
+    Not `filelock` (issue 26): it cannot lock a directory (it opens the path as a file) and it leaves its lock
+    file behind after release, so every OUT would keep a `.lock` of ours; and it records no holder for the
+    message. tests/test_rundir.py shows both."""
 
     def __init__(self, target: Path, pid_file: Path, shown: str, flag: str):
         import fcntl
