@@ -66,6 +66,9 @@ def test_every_stage_wrote_its_files(quick_run):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
     assert set(report["stages_s"]) == {"world", "generate", "select", "train", "eval", "score", "report"}
     assert "ordering:" in printed and (out / "report.md").is_file()
+    raw = report["raw_arm"]  # the teacher's traces as they are, fine-tuned on and compared with sft-teacher
+    assert (out / raw["funnel_source"]).is_file() and (raw["student"] is None or (out / raw["student"]["source"]).is_file())
+    assert "sft-teacher-raw - sft-teacher" in printed and "## The raw-trace arm" in (out / "report.md").read_text()
 
 
 @pytest.mark.slow

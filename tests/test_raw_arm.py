@@ -50,8 +50,9 @@ def _eval_folder(out: Path, student: str, correct: dict[str, list[bool]]) -> dic
 
 
 @pytest.mark.parametrize("raw_grades, word", [
-    ({f"q{i}": [False, False] for i in range(6)}, "below"),
-    ({f"q{i}": [True, i % 2 == 0] for i in range(6)}, "not distinguishable from (the interval holds 0)"),
+    ({f"q{i}": [False, False] for i in range(6)}, "scores below the one fine-tuned on its filtered traces"),
+    ({f"q{i}": [True, i % 2 == 0] for i in range(6)},
+     "is not distinguishable from the one fine-tuned on its filtered traces (the interval holds 0)"),
 ])
 def test_the_raw_arm_against_sft_teacher_from_its_sample_files(tmp_path, raw_grades, word):
     teacher_grades = {f"q{i}": [True, i % 2 == 1] for i in range(6)}
@@ -68,8 +69,7 @@ def test_the_raw_arm_against_sft_teacher_from_its_sample_files(tmp_path, raw_gra
     assert (raw["selected"], raw["passed_select"], raw["seed"]) == (5, 7, 0)
     assert raw["funnel_source"] == f"sft/{RAW_SET}.all.jsonl.funnel.json"
     verdict = raw_arm_verdict(raw)
-    assert verdict.startswith("raw-trace arm, seed 0: sft-teacher-raw - sft-teacher = ") and verdict.endswith(
-        f"scores {word} the one fine-tuned on its filtered traces")
+    assert verdict.startswith("raw-trace arm, seed 0: sft-teacher-raw - sft-teacher = ") and verdict.endswith(word)
     assert f"{100 * mean:+.1f} points (95% interval {100 * (mean - 1.959963984540054 * se):+.1f}" in verdict
     md = "\n".join(raw_arm_markdown(raw))
     assert "## The raw-trace arm" in md and f"| {RAW_PAIR[0]} | {100 * raw['student']['accuracy']:.1f} |" in md

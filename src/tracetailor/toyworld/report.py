@@ -172,10 +172,11 @@ def raw_arm_verdict(raw: dict) -> str:
     if raw.get("student") is None or d is None:
         return f"raw-trace arm, seed {raw['seed']}: no comparison (an empty SFT set, or no sft-teacher student)"
     lo, hi = d["ci95"]
-    word = "below" if hi < 0 else "above" if lo > 0 else "not distinguishable from (the interval holds 0)"
+    word = "scores below" if hi < 0 else "scores above" if lo > 0 else "is not distinguishable from"
     return (f"raw-trace arm, seed {raw['seed']}: {' - '.join(RAW_PAIR)} = {100 * d['mean']:+.1f} points "
             f"(95% interval {100 * lo:+.1f} to {100 * hi:+.1f}, paired over {d['questions']} questions): the student "
-            f"fine-tuned on the teacher's raw traces scores {word} the one fine-tuned on its filtered traces")
+            f"fine-tuned on the teacher's raw traces {word} the one fine-tuned on its filtered traces"
+            + (" (the interval holds 0)" if lo <= 0 <= hi else ""))
 
 
 def raw_arm_markdown(raw: dict) -> list[str]:
