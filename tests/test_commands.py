@@ -58,7 +58,7 @@ def _openers(tmp_path):
 
         cfg = SelectConfig(traces=["t"], out=str(out / "sft.jsonl"), **kw)
         return RunDir(cfg.out, command="select", file="sft.jsonl", owned=["sft.jsonl", "sft.jsonl.funnel.json"],
-                      overwrite=cfg.overwrite, resumable=False, marker=["sft.jsonl"], run_json=None,
+                      overwrite=cfg.overwrite, resumable=False, marker="sft.jsonl", run_json=None,
                       what="an SFT set")
 
     return [
@@ -381,7 +381,7 @@ def test_a_select_killed_while_its_old_set_was_aside_gets_it_back(tmp_path):
 
     def open_sft():
         return RunDir(tmp_path / "sft.jsonl", command="select", file="sft.jsonl",
-                      owned=["sft.jsonl", "sft.jsonl.funnel.json"], resumable=False, marker=["sft.jsonl"],
+                      owned=["sft.jsonl", "sft.jsonl.funnel.json"], resumable=False, marker="sft.jsonl",
                       run_json=None, what="an SFT set")
 
     aside = tmp_path / ".replaced-sft.jsonl-99999"  # a select killed after moving the old set aside

@@ -66,6 +66,9 @@ def test_every_stage_wrote_its_files(quick_run):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
     assert set(report["stages_s"]) == {"world", "generate", "select", "train", "eval", "score", "report"}
     assert "ordering:" in printed and (out / "report.md").is_file()
+    raw = report["raw_arm"]  # the teacher's traces as they are, fine-tuned on and compared with sft-teacher
+    assert (out / raw["funnel_source"]).is_file() and (raw["student"] is None or (out / raw["student"]["source"]).is_file())
+    assert "sft-teacher-raw - sft-teacher" in printed and "## The raw-trace arm" in (out / "report.md").read_text()
 
 
 @pytest.mark.slow
@@ -166,7 +169,7 @@ def test_a_stopped_demo_resumes_to_the_same_report(quick_run, monkeypatch):
 
     out, report, _ = quick_run
     cfg = ExperimentConfig.quick(world=report["world"]["path"], out=str(out.parent / "stopped"), progress=False)
-    real_eval, calls = experiment._eval, []
+    real_eval, calls = experiment.eval_student, []
 
     def stop_on_the_third(*args, **kwargs):
         calls.append(args[0])
@@ -174,11 +177,11 @@ def test_a_stopped_demo_resumes_to_the_same_report(quick_run, monkeypatch):
             raise KeyboardInterrupt
         return real_eval(*args, **kwargs)
 
-    monkeypatch.setattr(experiment, "_eval", stop_on_the_third)
+    monkeypatch.setattr(experiment, "eval_student", stop_on_the_third)
     with pytest.raises(KeyboardInterrupt):
         run_experiment(cfg, log=lambda m: None)
     assert not (out.parent / "stopped" / "report.json").exists()
-    monkeypatch.setattr(experiment, "_eval", real_eval)
+    monkeypatch.setattr(experiment, "eval_student", real_eval)
     said: list[str] = []
     again = run_experiment(cfg, log=said.append)
     assert any("resuming" in m for m in said)
@@ -196,7 +199,7 @@ def test_a_stopped_demo_with_other_settings_is_refused(tmp_path):
     (tmp_path / "stopped").mkdir()
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in experiment.RESUMABLE}
     write_json_atomic(tmp_path / "stopped" / "experiment.json", {"settings": {**settings, "samples": 9}})
-    with pytest.raises(ExperimentError, match=r"other settings \(samples: 9 -> 2\)"):
+    with pytest.raises(ExperimentError, match=r"holds a demo with another configuration \(samples: 9 -> 2\)"):
         run_experiment(cfg, log=lambda m: None)
     assert (tmp_path / "stopped" / "experiment.json").exists()
 
@@ -276,7 +279,7 @@ def test_select_preset_paper_selects_with_the_papers_filters(tmp_path, monkeypat
     seen = []
     monkeypatch.setattr(select_module, "run_select", lambda cfg, log: seen.append(cfg) or {})
     for preset in ("paper", None):
-        experiment._select("rsd", tmp_path, ExperimentConfig(select_preset=preset, seed=3), log=lambda m: None)
+        experiment.select_set("rsd", tmp_path, ExperimentConfig(select_preset=preset, seed=3), log=lambda m: None)
     paper, plain = seen
     for key, value in load_preset("paper", "select").items():
         assert getattr(paper, key) == value, key

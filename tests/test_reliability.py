@@ -281,12 +281,21 @@ def test_case_07_eval_with_more_samples_stopped_never_shows_the_old_summary(tiny
 # ---------------------------------------------------------------- 8: the demo's report and plots
 
 
+def _start_demo(cfg, log) -> Path:
+    """OUT of a demo that has started (its experiment.json written) and stopped: the demo's own first steps."""
+    from tracetailor.toyworld import experiment
+
+    with experiment.open_run_dir(cfg) as rundir:
+        experiment.record_start(rundir, cfg, log)
+    return rundir.root
+
+
 def test_case_08_demo_stopped_while_writing_its_report_resumes(tmp_path, monkeypatch):
     from tracetailor.config import ExperimentConfig
-    from tracetailor.toyworld import experiment, report
+    from tracetailor.toyworld import report
 
     cfg = ExperimentConfig.quick(out=str(tmp_path / "demo"))
-    out = experiment._prepare_out(cfg, log=lambda m: None)
+    out = _start_demo(cfg, log=lambda m: None)
 
     def killed(*a, **kw):
         raise KeyboardInterrupt
@@ -297,7 +306,7 @@ def test_case_08_demo_stopped_while_writing_its_report_resumes(tmp_path, monkeyp
         report.write_report({"total_s": 1}, out)
     assert (out / "report.md").exists() and not (out / "report.json").exists()
     logs = []
-    assert experiment._prepare_out(cfg, log=logs.append) == out  # resumed, not refused as finished
+    assert _start_demo(cfg, log=logs.append) == out  # resumed, not refused as finished
     assert any("resuming the stopped demo" in m for m in logs)
 
 
@@ -458,7 +467,6 @@ def test_case_17_sigterm_and_sighup_stop_like_ctrl_c_and_the_run_resumes(tiny_pa
 def test_case_18_the_smollm2_demo_writes_to_its_own_directory(tmp_path, monkeypatch):
     import tracetailor.demo as demo
     from tracetailor.config import ExperimentConfig
-    from tracetailor.toyworld import experiment
 
     seen = []
     monkeypatch.setattr(demo, "run_demo", lambda out: seen.append(out))
@@ -466,7 +474,7 @@ def test_case_18_the_smollm2_demo_writes_to_its_own_directory(tmp_path, monkeypa
     assert CliRunner().invoke(app, ["demo", "--smollm2"]).exit_code == 0
     assert seen == ["demo-smollm2-out"]
     monkeypatch.undo()
-    mini = experiment._prepare_out(ExperimentConfig.quick(out=str(tmp_path / "demo-out")), log=lambda m: None)
+    mini = _start_demo(ExperimentConfig.quick(out=str(tmp_path / "demo-out")), log=lambda m: None)
     with pytest.raises(demo.OutputDirError, match="holds the miniature demo's stages"):
         demo.run_demo(out=str(mini))
     assert sorted(p.name for p in mini.iterdir()) == ["experiment.json"]

@@ -41,7 +41,7 @@ def quick_sweep(tmp_path_factory):
     config = None if shipped.is_dir() else build.tiny_config(0)
     world = build.build_world(0, root / "world", config=config, log=lambda m: None)
     out = root / "out"
-    real_eval, calls = experiment._eval, []
+    real_eval, calls = experiment.eval_student, []
 
     def stop(*args, **kwargs):
         calls.append(args[0])
@@ -50,12 +50,12 @@ def quick_sweep(tmp_path_factory):
         return real_eval(*args, **kwargs)
 
     cfg = SweepConfig(quick=True, rounds=2, world=str(world), out=str(out), progress=False)
-    experiment._eval = stop
+    experiment.eval_student = stop
     try:
         with pytest.raises(KeyboardInterrupt):
             sweep.run_sweep(cfg, log=lambda m: None)
     finally:
-        experiment._eval = real_eval
+        experiment.eval_student = real_eval
     assert not (out / "sweep.json").exists()
     args = ["sweep", "--quick", "--rounds", "2", "--world", str(world), "--out", str(out), "--no-progress"]
     result = CliRunner().invoke(app, args)
@@ -155,5 +155,5 @@ def test_a_sweep_with_other_settings_is_refused(tmp_path):
     cfg = SweepConfig(quick=True, out=str(tmp_path / "s"), world=str(tmp_path / "none")).validate()
     (tmp_path / "s").mkdir()
     write_json_atomic(tmp_path / "s" / "sweep-run.json", {"settings": {**cfg.run_settings(), "samples": 9}})
-    with pytest.raises(ExperimentError, match=r"stopped sweep with other settings \(samples: 9 -> 2\)"):
+    with pytest.raises(ExperimentError, match=r"holds a sweep with another configuration \(samples: 9 -> 2\)"):
         run_sweep(cfg, log=lambda m: None)

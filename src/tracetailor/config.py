@@ -23,7 +23,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .data.rundir import settings_changes  # noqa: F401  (re-exported: train's checkpoints compare settings with it)
 from .errors import OutputDirError, UserError  # noqa: F401  (re-exported: one place for the user errors)
+from .errors import shown as short_repr
 from .evaluate.answers import ANSWER_MODES
 from .evaluate.grading import GRADINGS
 
@@ -41,18 +43,6 @@ class ExperimentError(ConfigError):
 
 
 _MISSING = dataclasses.MISSING
-
-
-def short_repr(value: Any, width: int = 80) -> str:
-    """`repr(value)` cut to about `width` characters, never built whole: an error quotes a value, not all of it
-    (a YAML value can be a nested list of a billion items that share their parts)."""
-    import reprlib
-
-    short = reprlib.Repr()
-    short.maxlevel, short.maxtuple, short.maxlist, short.maxdict, short.maxset = 3, 4, 4, 4, 4
-    short.maxstring = short.maxother = short.maxlong = width
-    text = short.repr(value)
-    return text if len(text) <= width + 2 else text[: width - 3] + "..."
 
 
 def option(default: Any = _MISSING, help: str = "", *, factory=None, low=None, high=None, above=None, below=None,
@@ -1068,20 +1058,6 @@ class ViewConfig(Settings):
 
 
 # ---------------------------------------------------------------- YAML and flags
-
-
-def settings_changes(before: dict[str, Any], now: dict[str, Any], most: int = 6,
-                     defaults: dict[str, Any] | None = None) -> str | None:
-    """``"key: old -> new; ..."`` for the settings of `now` that differ from `before` (sorted, at most
-    `most` of them), or None when none do: what a resumed run must not change. With `defaults`, a setting
-    that `before` lacks (added by a later version) counts as unchanged while it keeps its default."""
-    def differs(k: str) -> bool:
-        if k not in before and defaults is not None and defaults.get(k, _MISSING) == now[k]:
-            return False
-        return before.get(k) != now[k]
-
-    changed = sorted(k for k in now if differs(k))
-    return "; ".join(f"{k}: {short_repr(before.get(k), 200)} -> {short_repr(now[k], 200)}" for k in changed[:most]) if changed else None
 
 
 YAML_ALIAS_LIMIT = 1000  # the most values that aliases (*name) may add to a config file, all expanded

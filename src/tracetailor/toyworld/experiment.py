@@ -1,4 +1,6 @@
-"""`tracetailor demo`: the paper's whole experiment in the miniature world, on a CPU, in minutes.
+"""The miniature experiment behind `tracetailor demo` (and each seed of `tracetailor sweep`): the paper's
+whole experiment in the miniature world, on a CPU, in minutes. The command itself (its flags, and the
+SmolLM2 variant, demo.py) is not here.
 
 Stages (each one is the real command's Python API, with its own progress bar):
 
@@ -6,19 +8,24 @@ Stages (each one is the real command's Python API, with its own progress bar):
 2. generate: on the first `train_problems` training problems, `samples` traces each from
    the teacher alone, from RSD, and from the student alone (the control: the student's own samples);
 3. select: each trace set to an SFT set (finished, one ``</think>``, correct, shortest per problem;
-   RSD traces also at most half student-written);
+   RSD traces also at most half student-written); and the raw-trace arm, ``teacher-raw``: the
+   teacher's traces as they are (one random per problem, no filter but length);
 4. train: the base student fine-tuned on each SFT set (`tracetailor train`, full weights); with
    `kd_student`, also sft-rsd-kd: the RSD set with the teacher's top-k that generate stored
    (`--save-teacher-topk`), trained with `--loss kd`;
-5. eval: the base student and the three (four) fine-tuned ones on the held-out problems
+5. eval: the base student and the four (five) fine-tuned ones on the held-out problems
    (`eval_split`, default test), `eval_samples` samples each at T=0.7, top-p 0.95;
 6. score: the three SFT sets under the base student (what each student was trained on:
    log-prob histogram and the shares of tokens below p = 0.001, 0.01, 0.1);
-7. report: ``report.json`` (every figure, with the file it came from), ``report.md`` and
+7. report: ``report.json`` (every figure, with the file it came from; sft-teacher-raw against sft-teacher,
+   paired per question, in its own section), ``report.md`` and
    PNG plots (accuracy with 95% intervals, token shares, log-prob histogram, RSD rates, stage times).
 
 Every stage writes under OUT (``traces/<set>``, ``sft/<set>.jsonl``, ``ckpt/<set>``,
-``eval/<student>``, ``score/``). The world's settings never looked at the test split;
+``eval/<student>``, ``score/``), which is one `RunDir` (data/rundir.py: locked, resumed with the same
+settings, moved aside by --overwrite; ``experiment.json`` its run.json, ``report.json`` its marker); the
+stage functions (`generate_traces`, `select_set`, `train_student`, `eval_student`) are the sweep's too.
+The world's settings never looked at the test split;
 `eval_split="validation"` is what a tuning run uses.
 The design as a whole: docs/architecture.md.
 """
@@ -27,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import sys
 import time
 from contextlib import contextmanager
@@ -35,11 +41,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..config import ExperimentConfig, ExperimentError
-from ..data.traces import AtomicWriter, write_json_atomic
+from ..data.rundir import RunDir
+from ..data.traces import AtomicWriter
+from ..errors import OutputDirError
 from ..models import quiet_progress_bars
 from . import build
 from .report import (  # noqa: F401  (confidence_interval, paired_differences: part of this module's API)
     KD_SET,
+    RAW_SET,
     SETS,
     STUDENTS,
     confidence_interval,
@@ -78,111 +87,82 @@ def run_experiment(cfg: ExperimentConfig, log: Callable[[str], None] | None = No
     """Run every stage; return the report (also OUT/report.json)."""
     cfg.validate()
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
-    lock = _lock(cfg)  # one demo per OUT at a time; the check of what OUT holds happens under the lock
-    try:
-        out = _prepare_out(cfg, log)
+    with open_run_dir(cfg) as rundir:  # one demo per OUT at a time; what OUT holds is checked under the lock
         with quiet_progress_bars():  # our stages show their own progress; not transformers' weight loading
-            return _run(cfg, out, log)
-    finally:
-        lock.release()
+            return _run(cfg, rundir, log)
 
 
-def _lock(cfg: ExperimentConfig):
-    from ..data.rundir import PID_NAME, lock_directory
-
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise ExperimentError(f"--out {out} is a file; choose a directory")
+def open_run_dir(cfg: ExperimentConfig, *, command: str = "demo", run_json: str = "experiment.json",
+                 marker: str = "report.json", results: tuple[str, ...] = ("report.md",), final: bool = True) -> RunDir:
+    """OUT as the run directory of a demo (or, with the sweep's names, of a sweep), opened: locked, a stopped run
+    of the same settings resumed, other settings or another program's files refused, a finished run refused
+    (`final`; the sweep resumes its finished run to grow it) and, with --overwrite, the old run moved aside."""
+    rundir = RunDir(cfg.out, command=command, whole=True, final=final, overwrite=cfg.overwrite,
+                    settings=cfg.run_settings(), defaults=type(cfg)().run_settings(), run_json=run_json,
+                    marker=marker, results=results, what=f"a {command}")
     try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ExperimentError(f"--out {out}: cannot write there ({e.strerror}); choose another directory") from e
-    return lock_directory(out, out / PID_NAME, str(out))
+        return rundir.open()
+    except OutputDirError as e:
+        raise ExperimentError(str(e)) from None
 
 
-def _run(cfg: ExperimentConfig, out: Path, log: Callable[[str], None]) -> dict[str, Any]:
-    stage = _Stages(log)
+def record_start(rundir: RunDir, cfg: ExperimentConfig, log: Callable[[str], None]) -> None:
+    """The run has started (its world is ready): a run it replaces goes, its run.json records the settings."""
+    if rundir.resuming:
+        log(f"resuming the stopped {rundir.command} in {rundir.root}: finished traces, fine-tunes and eval samples "
+            "are kept")
+    rundir.started()
+    last = rundir.marker or "nothing"
+    rundir.write_run_json(dataclasses.asdict(cfg), seed=cfg.seed,
+                          note=f"a tracetailor {rundir.command} run; {last} is written last")
+
+
+def load_world(path: str | None, seed: int, log: Callable[[str], None]) -> Path:
+    """The world at `path`, or the seed's (`build.build_world`: built once, then reused), its files checked."""
+    world = Path(path) if path else build.build_world(seed, log=log)
+    bad = build.verify(world)
+    if bad:
+        raise ExperimentError(f"world {world}: files fail their checks ({', '.join(bad)}); "
+                              "run `tracetailor world build --force`")
+    return world
+
+
+def _run(cfg: ExperimentConfig, rundir: RunDir, log: Callable[[str], None]) -> dict[str, Any]:
+    stage, out = _Stages(log), rundir.root
     started = time.perf_counter()
     with stage("world"):
-        world = Path(cfg.world) if cfg.world else build.build_world(cfg.world_seed, log=log)
-        bad = build.verify(world)
-        if bad:
-            raise ExperimentError(f"world {world}: files fail their checks ({', '.join(bad)}); "
-                                  "run `tracetailor world build --force`")
-        prompts, bench = _write_problem_files(world, out, cfg)
+        world = load_world(cfg.world, cfg.world_seed, log)
+        record_start(rundir, cfg, log)
+        prompts, bench = write_problem_files(world, out, cfg)
     with stage("generate"):
-        gen = {name: _generate(name, world, prompts, out, cfg, log) for name in SETS}
+        gen = {name: generate_traces(name, world, prompts, out, cfg, log) for name in SETS}
+    arms = (*SETS, RAW_SET)  # the raw-trace arm: the teacher's traces as they are, beside the filtered sets
     with stage("select"):
-        funnels = {name: _select(name, out, cfg, log) for name in SETS}
-        sizes = {n: funnels[n]["kept"] for n in SETS} if cfg.sizes == "all" else equalise(out / "sft", cfg.seed, log)
+        funnels = {name: select_set(name, out, cfg, log) for name in arms}
+        sizes = {n: funnels[n]["kept"] for n in arms} if cfg.sizes == "all" else equalise(out / "sft", cfg.seed, log,
+                                                                                           names=arms)
     with stage("train"):
-        trained = {name: _train(name, world, out, cfg, sizes[name], log) for name in SETS}
+        trained = {name: train_student(name, world, out, cfg, sizes[name], log) for name in arms}
         if cfg.kd_student:
-            trained[KD_SET] = _train(KD_SET, world, out, cfg, sizes["rsd"], log)
-        trained.update({f"{n}.all": _train(f"{n}.all", world, out, cfg, funnels[n]["kept"], log)
+            trained[KD_SET] = train_student(KD_SET, world, out, cfg, sizes["rsd"], log)
+        trained.update({f"{n}.all": train_student(f"{n}.all", world, out, cfg, funnels[n]["kept"], log)
                         for n in all_size_arms(cfg, funnels, sizes)})
     with stage("eval"):
         checkpoints = {"base": world / "student", **{f"sft-{n}": out / "ckpt" / n for n in trained if trained[n]}}
-        evals = {name: _eval(name, path, bench, out, cfg, log) for name, path in checkpoints.items()}
+        evals = {name: eval_student(name, path, bench, out, cfg, log) for name, path in checkpoints.items()}
     with stage("score"):
         scored = _score(world, out, cfg, sizes, log)
     with stage("report"):
         report = make_report(cfg, world, out, gen, funnels, sizes, trained, evals, scored, stage.seconds)
     report["stages_s"]["report"] = stage.seconds["report"]
     report["total_s"] = round(time.perf_counter() - started, 1)
-    write_report(report, out)  # report.json last: it marks a finished demo, with every file it links
+    write_report(report, out, finish=rundir.finish)  # report.json last: it marks a finished demo
     log("\n" + summary_lines(report))
     log(f"\nreport: {out / 'report.md'} (figures in report.json, plots *.png) - {report['total_s']:.0f}s in all")
     return report
 
 
-def _prepare_out(cfg: ExperimentConfig, log, what: str = "demo", marker_name: str = "experiment.json",
-                 finished: str | None = "report.json") -> Path:
-    """Create OUT, or resume the stopped run of the same settings in it (generate and eval pick up
-    where they stopped, a finished fine-tune is kept; select and score rerun, in seconds). `what` names
-    the run in messages, `marker_name` is its settings file; a run with a `finished` file is refused
-    (None: a finished run is resumed too, as a sweep that grows its grid)."""
-    from ..config import settings_changes
-    from ..data.rundir import PID_NAME
-
-    out = Path(cfg.out)
-    marker = out / marker_name
-    settings = cfg.run_settings()
-    if out.exists() and not out.is_dir():
-        raise ExperimentError(f"--out {out} is a file; choose a directory")
-    if out.is_dir() and any(p.name != PID_NAME for p in out.iterdir()):
-        if cfg.overwrite:
-            if not marker.exists():
-                raise ExperimentError(f"--out {out} holds files that are not a tracetailor {what}'s; --overwrite "
-                                      f"only replaces a {what}. Choose an empty directory")
-            for p in out.iterdir():  # not OUT itself: this run holds its lock
-                if p.name != PID_NAME:
-                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-        elif not marker.exists():
-            raise ExperimentError(f"--out {out} holds files that are not a tracetailor {what}'s; choose an empty "
-                                  "directory")
-        elif finished and (out / finished).exists():
-            raise ExperimentError(f"--out {out} holds a finished {what} ({finished}); pass --overwrite to run "
-                                  "it again, or choose another directory")
-        else:
-            try:
-                before = json.loads(marker.read_text(encoding="utf-8")).get("settings", {})
-            except ValueError as e:
-                raise ExperimentError(f"{marker}: unreadable ({e}); pass --overwrite to start again") from e
-            # a setting newer than the stopped run counts as unchanged while it keeps its default
-            detail = settings_changes(before, settings, defaults=type(cfg)().run_settings())
-            if detail:
-                raise ExperimentError(f"--out {out} holds a stopped {what} with other settings ({detail}); pass "
-                                      "--overwrite to start again, or choose another directory")
-            log(f"resuming the stopped {what} in {out}: finished traces, fine-tunes and eval samples are kept")
-            return out
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(marker, {"note": f"a tracetailor {what} run" + (f"; {finished} is written last" if finished else ""),
-                               "settings": settings})
-    return out
-
-
-def _write_problem_files(world: Path, out: Path, cfg: ExperimentConfig) -> tuple[Path, Path]:
+def write_problem_files(world: Path, out: Path, cfg: ExperimentConfig) -> tuple[Path, Path]:
     train = build.load_problems(world, "train")[: cfg.train_problems]
     held_out = build.load_problems(world, cfg.eval_split)[: cfg.eval_problems]
     prompts, bench = out / "problems" / "train_prompts.jsonl", out / "problems" / f"{cfg.eval_split}.jsonl"
@@ -198,7 +178,7 @@ def _write_problem_files(world: Path, out: Path, cfg: ExperimentConfig) -> tuple
     return prompts, bench
 
 
-def _generate(name: str, world: Path, prompts: Path, out: Path, cfg: ExperimentConfig, log,
+def generate_traces(name: str, world: Path, prompts: Path, out: Path, cfg: ExperimentConfig, log,
               student: Path | None = None, mode: str | None = None) -> dict:
     """`name`'s traces under OUT/traces/<name> (`mode`: the generate mode, default `name`), with `student`
     (default: the world's) as the student."""
@@ -221,15 +201,22 @@ def _generate(name: str, world: Path, prompts: Path, out: Path, cfg: ExperimentC
     return run_generate(gcfg, log=log)
 
 
-def _select(name: str, out: Path, cfg: ExperimentConfig, log) -> dict:
+# the raw-trace arm's select: no filter but length (select always drops a trace cut at the token limit)
+RAW_SELECT = {"correct_only": False, "require_think": False, "max_fallback_rate": 1.0, "pick": "random"}
+
+
+def select_set(name: str, out: Path, cfg: ExperimentConfig, log) -> dict:
+    """OUT/traces/<name> to the SFT set OUT/sft/<name>[.all].jsonl through select (the preset's table with
+    `select_preset`); RAW_SET: the teacher's traces, one random per problem, no filter but length."""
     from ..presets import load_preset
     from ..select import SelectConfig, run_select
 
     (out / "sft").mkdir(exist_ok=True)
     path = out / "sft" / (f"{name}.jsonl" if cfg.sizes == "all" else f"{name}.all.jsonl")
     # a resumed demo selects again from the (resumed) traces: the previous set is the demo's own
-    table = load_preset(cfg.select_preset, "select") if cfg.select_preset else {}
-    settings = {**table, "traces": [str(out / "traces" / name)], "out": str(path), "seed": cfg.seed, "overwrite": True}
+    table = RAW_SELECT if name == RAW_SET else load_preset(cfg.select_preset, "select") if cfg.select_preset else {}
+    traces = out / "traces" / ("teacher" if name == RAW_SET else name)
+    settings = {**table, "traces": [str(traces)], "out": str(path), "seed": cfg.seed, "overwrite": True}
     return run_select(SelectConfig(**settings), log=lambda m: log(f"select {name}: {m}"))
 
 
@@ -275,7 +262,7 @@ def _subset_sidecar(source: Path, target: Path, keep: list[int]) -> None:
     write_parquet_atomic(target, table.set_column(table.schema.get_field_index("row"), "row", rows))
 
 
-def _train(name: str, world: Path, out: Path, cfg: ExperimentConfig, size: int, log,
+def train_student(name: str, world: Path, out: Path, cfg: ExperimentConfig, size: int, log,
            student: Path | None = None) -> dict | None:
     """`student` (default: the world's) fine-tuned on OUT/sft/<name>.jsonl into OUT/ckpt/<name>."""
     from ..train import TrainConfig, run_train
@@ -301,7 +288,7 @@ def _train(name: str, world: Path, out: Path, cfg: ExperimentConfig, size: int, 
     return run_train(tcfg, log=lambda m: log(f"train sft-{name}: {m}"))
 
 
-def _eval(name: str, model: Path, bench: Path, out: Path, cfg: ExperimentConfig, log) -> dict:
+def eval_student(name: str, model: Path, bench: Path, out: Path, cfg: ExperimentConfig, log) -> dict:
     from ..evaluation import EvalConfig, run_eval
 
     log(f"eval: {name}")

@@ -13,23 +13,27 @@ import dataclasses
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..data.traces import AtomicWriter, write_json_atomic
 
 SETS = ("teacher", "rsd", "student")  # the trace sets, in the paper's order of discussion
 STUDENTS = ("base", "sft-teacher", "sft-rsd", "sft-student")
 KD_SET = "rsd-kd"  # the optional student (demo --kd-student): the RSD set trained with the teacher's top-k
+RAW_SET = "teacher-raw"  # the raw-trace arm: the teacher's traces as they are (one per problem, no filter but length)
+RAW_PAIR = (f"sft-{RAW_SET}", "sft-teacher")  # what it is compared with: the same traces filtered, paired per question
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
-COLORS = {"base": "#888888", "teacher": "#d62728", "rsd": "#2ca02c", "student": "#1f77b4", KD_SET: "#9467bd"}  # one per set, every plot
+COLORS = {"base": "#888888", "teacher": "#d62728", "rsd": "#2ca02c", "student": "#1f77b4", KD_SET: "#9467bd",
+          RAW_SET: "#ff9896"}  # one per set, every plot
 
 
-def write_report(report: dict, out: Path) -> None:
-    """report.md and the stage-times plot, then report.json: the last file, the mark of a finished demo."""
+def write_report(report: dict, out: Path, finish: Callable[[dict], Any] | None = None) -> None:
+    """report.md and the stage-times plot, then report.json: the last file, the mark of a finished demo
+    (written by `finish`, the demo's `RunDir.finish`, when given)."""
     with AtomicWriter(out / "report.md") as f:
         f.write(report_markdown(report))
     plot_stages(report, out / "stages.png")
-    write_json_atomic(out / "report.json", report)
+    (finish or (lambda r: write_json_atomic(out / "report.json", r)))(report)
 
 
 def make_report(cfg, world: Path, out: Path, gen: dict, funnels: dict, sizes: dict,
@@ -61,6 +65,8 @@ def make_report(cfg, world: Path, out: Path, gen: dict, funnels: dict, sizes: di
         report["trace_sets"][name] = entry
     report["differences"] = paired_differences(out, evals, cfg.eval_samples)
     report.update(ordering(report["students"]))
+    if RAW_SET in funnels:
+        report["raw_arm"] = raw_arm(out, evals, trained, funnels[RAW_SET], sizes[RAW_SET], cfg)
     if cfg.sizes == "both":
         report["all_sizes"] = all_size_figures(out, evals, trained, cfg.eval_samples)
     plot_accuracy(report, out / "accuracy.png")
@@ -120,7 +126,7 @@ def paired_differences(out: Path, evals: dict, samples: int, dirs: dict[str, Pat
     error over questions and 95% interval: paired on the question, so narrower than two separate intervals.
     `dirs`: a student's eval folder when it is not OUT/eval/<student>."""
     from ..data.traces import read_records
-    from ..evaluate.metrics import mean_stderr, per_question_accuracy
+    from ..evaluate.metrics import per_question_accuracy
     from ..evaluation import samples_file_name
 
     per_q = {}
@@ -130,15 +136,64 @@ def paired_differences(out: Path, evals: dict, samples: int, dirs: dict[str, Pat
         per_q[name] = per_question_accuracy(read_records(folder / samples_file_name(bench)), samples)
     result = {}
     for a, b in pairs:
-        if a not in per_q or b not in per_q:
-            continue
-        diffs = [per_q[a][q] - per_q[b][q] for q in sorted(per_q[a].keys() & per_q[b].keys())]
-        if not diffs:
-            continue
-        mean, se = mean_stderr(diffs)
-        result[f"{a} - {b}"] = {"mean": mean, "stderr": se, "ci95": list(confidence_interval(mean, se)),
-                                "questions": len(diffs)}
+        if a in per_q and b in per_q:
+            d = paired_difference(per_q[a], per_q[b])
+            if d is not None:
+                result[f"{a} - {b}"] = d
     return result
+
+
+def paired_difference(a: dict[str, float], b: dict[str, float]) -> dict | None:
+    """Per-question accuracies of two students (question id -> share correct): the mean over the questions both
+    hold of a - b, its standard error over those questions and the 95% normal interval; None for no question."""
+    from ..evaluate.metrics import mean_stderr
+
+    diffs = [a[q] - b[q] for q in sorted(a.keys() & b.keys())]
+    if not diffs:
+        return None
+    mean, se = mean_stderr(diffs)
+    return {"mean": mean, "stderr": se, "ci95": list(confidence_interval(mean, se)), "questions": len(diffs)}
+
+
+def raw_arm(out: Path, evals: dict, trained: dict, funnel: dict, size: int, cfg) -> dict:
+    """The raw-trace arm: the base student fine-tuned on the teacher's traces as they are (select with no filter but
+    length), its accuracy, and its paired difference from sft-teacher (the same teacher's traces filtered)."""
+    student = RAW_PAIR[0]
+    difference = paired_differences(out, {k: evals[k] for k in RAW_PAIR if k in evals}, cfg.eval_samples,
+                                    pairs=(RAW_PAIR,))
+    return {"seed": cfg.seed, "passed_select": funnel.get("kept"), "selected": size,
+            "funnel_source": f"sft/{RAW_SET}{'' if cfg.sizes == 'all' else '.all'}.jsonl.funnel.json",
+            "student": _student(student, evals[student], trained.get(RAW_SET), RAW_SET) if student in evals else None,
+            "difference": difference.get(" - ".join(RAW_PAIR))}
+
+
+def raw_arm_verdict(raw: dict) -> str:
+    """One sentence: how the raw-trace student compares with sft-teacher on this seed, with the paired interval."""
+    d = raw.get("difference")
+    if raw.get("student") is None or d is None:
+        return f"raw-trace arm, seed {raw['seed']}: no comparison (an empty SFT set, or no sft-teacher student)"
+    lo, hi = d["ci95"]
+    word = "scores below" if hi < 0 else "scores above" if lo > 0 else "is not distinguishable from"
+    return (f"raw-trace arm, seed {raw['seed']}: {' - '.join(RAW_PAIR)} = {100 * d['mean']:+.1f} points "
+            f"(95% interval {100 * lo:+.1f} to {100 * hi:+.1f}, paired over {d['questions']} questions): the student "
+            f"fine-tuned on the teacher's raw traces {word} the one fine-tuned on its filtered traces"
+            + (" (the interval holds 0)" if lo <= 0 <= hi else ""))
+
+
+def raw_arm_markdown(raw: dict) -> list[str]:
+    lines = ["## The raw-trace arm", "",
+             f"{RAW_PAIR[0]}: the base student fine-tuned on the teacher's traces as they are: one random trace per "
+             "problem, no filter but length (a trace cut at the token limit is dropped), the miniature counterpart of "
+             "the paper's SFT on raw s1K-1.1 traces. sft-teacher learnt from the same teacher's traces filtered "
+             f"(well-formed, correct, the shortest per problem). SFT examples: {raw['selected']} of "
+             f"{raw['passed_select']} ({raw['funnel_source']}).", ""]
+    s = raw.get("student")
+    if s is not None:
+        lines += ["| student | accuracy % | 95% interval | source |", "|---|---:|---:|---|",
+                  f"| {RAW_PAIR[0]} | {100 * s['accuracy']:.1f} | {100 * s['ci95'][0]:.1f} to "
+                  f"{100 * s['ci95'][1]:.1f} | {s['source']} |", ""]
+    verdict = raw_arm_verdict(raw)
+    return lines + [verdict[0].upper() + verdict[1:] + ".", ""]
 
 
 def _passed_share(funnel: dict) -> float | None:
@@ -166,6 +221,8 @@ def summary_lines(report: dict) -> str:
                          "under the base student")
     lines.append(f"ordering: {report['ordering']} (paper: sft-teacher < base < sft-rsd: "
                  f"{'seen' if report['paper_ordering_seen'] else 'not seen'})")
+    if report.get("raw_arm"):
+        lines.append(raw_arm_verdict(report["raw_arm"]))
     return "\n".join(lines)
 
 
@@ -189,6 +246,8 @@ def report_markdown(report: dict) -> str:
         lines += [f"World (validation split, greedy): student {v['student']['accuracy_greedy']:.0%}, "
                   f"teacher {v['teacher']['accuracy_greedy']:.0%}.", ""]
     lines += _accuracy_markdown(report)
+    if report.get("raw_arm"):
+        lines += raw_arm_markdown(report["raw_arm"])
     lines += ["## Trace sets", "",
               "| set | traces | passed % | SFT examples | RSD accepted % | tokens p<0.001 % | p<0.01 % | p<0.1 % | NLL/token |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]

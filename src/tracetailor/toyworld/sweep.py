@@ -12,7 +12,8 @@ For each seed S (world S, or `--world`), under OUT/seedS/:
   round r-1's fine-tuned student and fine-tunes that student on them; the control iterates alike
   (round r-1's control samples its own traces again and is fine-tuned on them).
 
-Every stage is the demo's (experiment.py), so a stopped sweep resumes as the demo does: finished
+Every stage is the demo's (experiment.py) and OUT is a `RunDir` as the demo's is (``sweep-run.json`` its
+run.json; --overwrite moves the old sweep aside), so a stopped sweep resumes as the demo does: finished
 traces, fine-tunes, evals and points are kept, and a resumed sweep may add seeds, grid points or rounds.
 `sweep.md`, `sweep.png` and `sweep.json` (written last) report accuracy with 95% intervals, RSD's
 acceptance and the paired differences against the base and the student-self control.
@@ -28,10 +29,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from ..config import ExperimentConfig, ExperimentError, SweepConfig
+from ..config import ExperimentConfig, SweepConfig
 from ..data.traces import AtomicWriter, write_json_atomic
 from ..models import quiet_progress_bars
-from . import build
 from . import experiment as ex
 from .report import paired_differences
 
@@ -42,19 +42,19 @@ def run_sweep(cfg: SweepConfig, log: Callable[[str], None] | None = None) -> dic
     """Run every seed and grid point (reusing what is done); return the sweep's figures (also OUT/sweep.json)."""
     cfg.validate()
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
-    lock = ex._lock(cfg)
-    try:
-        out = ex._prepare_out(cfg, log, what="sweep", marker_name="sweep-run.json", finished=None)
+    with ex.open_run_dir(cfg, command="sweep", run_json="sweep-run.json", marker="sweep.json", results=("sweep.md",),
+                         final=False) as rundir:  # a finished sweep resumes: a rerun may grow its grid
         started = time.perf_counter()
         with quiet_progress_bars():
-            rows = [row for seed in cfg.seed_list() for row in _seed(cfg, seed, out, log)]
+            worlds = {seed: ex.load_world(cfg.world, seed, log) for seed in cfg.seed_list()}
+            ex.record_start(rundir, cfg, log)
+            rows = [row for seed in cfg.seed_list() for row in _seed(cfg, seed, worlds[seed], rundir.root, log)]
         from .sweep_report import write_sweep_report
 
-        result = write_sweep_report(cfg, rows, out, round(time.perf_counter() - started, 1))
-        log(f"\nsweep: {out / 'sweep.md'} (plot sweep.png, figures sweep.json)")
+        result = write_sweep_report(cfg, rows, rundir.root, round(time.perf_counter() - started, 1),
+                                    finish=rundir.finish)
+        log(f"\nsweep: {rundir.root / 'sweep.md'} (plot sweep.png, figures sweep.json)")
         return result
-    finally:
-        lock.release()
 
 
 def experiment_config(cfg: SweepConfig, seed: int) -> ExperimentConfig:
@@ -67,14 +67,9 @@ def point_name(point: dict) -> str:
     return "-".join(f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}" for k, v in point.items())
 
 
-def _seed(cfg: SweepConfig, seed: int, out: Path, log) -> list[dict]:
+def _seed(cfg: SweepConfig, seed: int, world: Path, out: Path, log) -> list[dict]:
     """Every grid point of one seed: the shared stages first, then each point (a finished one is read back)."""
     ecfg = experiment_config(cfg, seed)
-    world = Path(cfg.world) if cfg.world else build.build_world(seed, log=log)
-    bad = build.verify(world)
-    if bad:
-        raise ExperimentError(f"world {world}: files fail their checks ({', '.join(bad)}); "
-                              "run `tracetailor world build --force`")
     folder = out / f"seed{seed}"
     shared = _Shared(ecfg, world, folder, log)
     rows = []
@@ -99,10 +94,10 @@ class _Shared:
     def __init__(self, cfg: ExperimentConfig, world: Path, folder: Path, log):
         self.cfg, self.world, self.folder, self.log = cfg, world, folder, log
         folder.mkdir(parents=True, exist_ok=True)
-        self.prompts, self.bench = ex._write_problem_files(world, folder, cfg)
-        ex._generate("student", world, self.prompts, folder, cfg, log)
-        self.funnel = ex._select("student", folder, cfg, log)
-        self.base = ex._eval("base", world / "student", self.bench, folder, cfg, log)
+        self.prompts, self.bench = ex.write_problem_files(world, folder, cfg)
+        ex.generate_traces("student", world, self.prompts, folder, cfg, log)
+        self.funnel = ex.select_set("student", folder, cfg, log)
+        self.base = ex.eval_student("base", world / "student", self.bench, folder, cfg, log)
 
     @property
     def sft_file(self) -> Path:
@@ -114,10 +109,10 @@ class _Shared:
         whole = size == self.funnel["kept"]
         where, arm = (self.folder, "student.all" if self.cfg.sizes != "all" else "student") if whole \
             else (point_folder, "student")
-        trained = ex._train(arm, self.world, where, self.cfg, size, self.log)
+        trained = ex.train_student(arm, self.world, where, self.cfg, size, self.log)
         if not trained:
             return None
-        summary = ex._eval(f"sft-{arm}", where / "ckpt" / arm, self.bench, where, self.cfg, self.log)
+        summary = ex.eval_student(f"sft-{arm}", where / "ckpt" / arm, self.bench, where, self.cfg, self.log)
         return {"eval": summary, "dir": where / "eval" / f"sft-{arm}", "train": trained, "source": where / "ckpt" / arm}
 
 
@@ -144,11 +139,11 @@ def _round(cfg: ExperimentConfig, shared: _Shared, where: Path, student: Path, l
     From round 2 on (`control_student`: the previous round's control) the control iterates too: that
     student samples its own traces again, which are selected, cut and fine-tuned on the same way, so each
     round compares two students that went through the same number of fine-tunes."""
-    stats = ex._generate("rsd", shared.world, shared.prompts, where, cfg, log, student=student)
-    funnel = ex._select("rsd", where, cfg, log)
+    stats = ex.generate_traces("rsd", shared.world, shared.prompts, where, cfg, log, student=student)
+    funnel = ex.select_set("rsd", where, cfg, log)
     if control_student is not None:
-        ex._generate("student", shared.world, shared.prompts, where, cfg, log, student=control_student)
-        own = ex._select("student", where, cfg, log)
+        ex.generate_traces("student", shared.world, shared.prompts, where, cfg, log, student=control_student)
+        own = ex.select_set("student", where, cfg, log)
     else:
         own = shared.funnel
     if cfg.sizes == "all":
@@ -157,17 +152,17 @@ def _round(cfg: ExperimentConfig, shared: _Shared, where: Path, student: Path, l
         if control_student is None:
             shutil.copyfile(shared.sft_file, where / "sft" / "student.all.jsonl")
         sizes = ex.equalise(where / "sft", cfg.seed, log, names=("rsd", "student"))
-    trained = ex._train("rsd", shared.world, where, cfg, sizes["rsd"], log, student=student)
+    trained = ex.train_student("rsd", shared.world, where, cfg, sizes["rsd"], log, student=student)
     if control_student is None:
         control = shared.control(sizes["student"], where)
     else:
         control = None
-        if ex._train("student", shared.world, where, cfg, sizes["student"], log, student=control_student):
-            summary = ex._eval("sft-student", where / "ckpt" / "student", shared.bench, where, cfg, log)
+        if ex.train_student("student", shared.world, where, cfg, sizes["student"], log, student=control_student):
+            summary = ex.eval_student("sft-student", where / "ckpt" / "student", shared.bench, where, cfg, log)
             control = {"eval": summary, "dir": where / "eval" / "sft-student", "source": where / "ckpt" / "student"}
     evals, dirs = {"base": shared.base}, {"base": shared.folder / "eval" / "base"}
     if trained:
-        evals["sft-rsd"] = ex._eval("sft-rsd", where / "ckpt" / "rsd", shared.bench, where, cfg, log)
+        evals["sft-rsd"] = ex.eval_student("sft-rsd", where / "ckpt" / "rsd", shared.bench, where, cfg, log)
         dirs["sft-rsd"] = where / "eval" / "sft-rsd"
     if control:
         evals["sft-student"], dirs["sft-student"] = control["eval"], control["dir"]

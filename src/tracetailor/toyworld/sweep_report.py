@@ -12,7 +12,7 @@ import dataclasses
 import math
 import statistics
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..data.traces import AtomicWriter, write_json_atomic
 from .report import COLORS, Z95, _pyplot
@@ -52,9 +52,11 @@ def aggregate(rows: list[dict], round_number: int = 1) -> list[dict]:
     return out
 
 
-def write_sweep_report(cfg, rows: list[dict], out: Path, seconds: float) -> dict[str, Any]:
-    """sweep.md, sweep.png and sweep.json of `cfg.rounds` round(s): a point finished with more rounds (by an
-    earlier run with a larger --rounds) shows only the rounds asked for, as the header says."""
+def write_sweep_report(cfg, rows: list[dict], out: Path, seconds: float,
+                       finish: Callable[[dict], Any] | None = None) -> dict[str, Any]:
+    """sweep.md, sweep.png and sweep.json (last; written by `finish`, the sweep's `RunDir.finish`, when given) of
+    `cfg.rounds` round(s): a point finished with more rounds (by an earlier run with a larger --rounds) shows
+    only the rounds asked for, as the header says."""
     rows = [{**row, "rounds": [r for r in row["rounds"] if r["round"] <= cfg.rounds]} for row in rows]
     rounds = max((len(r["rounds"]) for r in rows), default=1)
     result = {"config": dataclasses.asdict(cfg), "rows": rows, "total_s": seconds,
@@ -62,7 +64,7 @@ def write_sweep_report(cfg, rows: list[dict], out: Path, seconds: float) -> dict
     plot_sweep(result, out / "sweep.png")
     with AtomicWriter(out / "sweep.md") as f:
         f.write(sweep_markdown(result))
-    write_json_atomic(out / "sweep.json", result)
+    (finish or (lambda r: write_json_atomic(out / "sweep.json", r)))(result)
     return result
 
 
