@@ -45,11 +45,11 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from .config import PICKS, SelectConfig, SelectError  # noqa: F401  (SelectError: raised here too)
+from .config import SelectConfig, SelectError  # noqa: F401  (SelectError: raised here too)
 from .data.topk import sft_sidecar_path
 from .data.traces import AtomicWriter, TraceRecord, json_text, read_numbered_records, resolve_trace_paths
 from .evaluate.answers import check_answer, gold_answers, require_math_verify, strict_boxed_answer

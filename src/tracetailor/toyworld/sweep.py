@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..config import ExperimentConfig, SweepConfig
-from ..data.traces import AtomicWriter, write_json_atomic
+from ..data.traces import write_json_atomic
 from ..models import quiet_progress_bars
 from . import experiment as ex
 from .report import paired_differences
