@@ -276,10 +276,10 @@ def test_paged_cache_gives_the_rectangle_records(pair, mode):
                                  eos=eos, kv_cache="paged", measure_kv=True)
             _assert_same(rect, paged)
             for name in ("student", "teacher"):
-                held, real = engine.kv_use[name][:2]
+                held, real = engine.kv_use[name].held, engine.kv_use[name].real
                 assert held <= real, (name, held, real)
         # the rectangle holds padding: more positions than real tokens once rows of different lengths mix
-        assert r_engine.kv_use["teacher"][0] > r_engine.kv_use["teacher"][1]
+        assert r_engine.kv_use["teacher"].held > r_engine.kv_use["teacher"].real
 
 
 def test_paged_cache_with_a_bridge(bridged):
