@@ -23,6 +23,7 @@ and the most slots the pools reserved at once (free ones included) over the most
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
@@ -63,7 +64,7 @@ def run_once(world: Path, prompts: Path, k: int, args, kv_cache: str = "rectangl
     layout = kv_cache if kv_cache != "auto" else f"auto ({engine.kv_cache})"
     return {"k": k, "layout": layout, "results": results, "logprobs": logprobs, "seconds": seconds, "load": load, "tokens": engine.tokens_emitted,
             "passes": engine.teacher_passes, "proposed": engine.draft_proposed, "accepted": engine.draft_accepted,
-            "lengths": dict(engine.accepted_lengths), "kv": engine.kv_use}
+            "lengths": dict(engine.accepted_lengths), "kv": {m: dataclasses.asdict(u) for m, u in engine.kv_use.items()}}
 
 
 def main() -> None:
@@ -110,8 +111,8 @@ def main() -> None:
         if base is not None and r is not base and r["results"] == base["results"]:
             gap = max(abs(a - b) for h, lps in base["logprobs"].items() for a, b in zip(lps, r["logprobs"][h]))
             same += f" (log-probs within {gap:.1e})"
-        kv = " / ".join(f"{r['kv'][m][0] / r['kv'][m][1]:.3f}" for m in ("student", "teacher"))
-        peak = f"{r['kv']['teacher'][3] / r['kv']['teacher'][4]:.3f}"
+        kv = " / ".join(f"{r['kv'][m]['held'] / r['kv'][m]['real']:.3f}" for m in ("student", "teacher"))
+        peak = f"{r['kv']['teacher']['peak_reserved'] / r['kv']['teacher']['peak_real']:.3f}"
         print(f"| {r['k']} | {r['layout']} | {r['passes'] / r['tokens']:.3f} | {acc} | {dist} | {kv} | {peak} | "
               f"{r['seconds']:.1f} | "
               f"{r['tokens'] / r['seconds']:.0f} | {r['load']:.2f} | {same} |")

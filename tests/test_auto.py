@@ -34,9 +34,6 @@ class _Cycle:
         self.i += 1
         return self.last
 
-    def observe_time(self, *a):
-        pass
-
     def observe_matches(self, *a):
         pass
 
@@ -109,9 +106,20 @@ class _Row:
         self.match_hits = self.match_expected = 0.0
 
 
-def _feed(chooser, rows, rate, seconds, passes):
-    """Run the chooser `passes` passes with per-guess match rate `rate` (rows draw independently) and a pass
-    cost `seconds(k)`; return the Ks it chose."""
+class _Costs:
+    """A pass cost `seconds(k)`, with a student step of 0.2 (so a pass whose teacher part costs what a one-token
+    pass does, `slope=0.0`, costs seconds(0) + 0.2 k)."""
+
+    def __init__(self, seconds):
+        self.seconds = seconds
+
+    def pass_cost(self, rows, k, width, slope=None):
+        return self.seconds(k) if slope is None else self.seconds(0) + 0.2 * k
+
+
+def _feed(chooser, rows, rate, passes):
+    """Run the chooser `passes` passes with per-guess match rate `rate` (rows draw independently); return the Ks
+    it chose."""
     rng = np.random.default_rng(0)
     chosen = []
     for _ in range(passes):
@@ -123,40 +131,37 @@ def _feed(chooser, rows, rate, seconds, passes):
             while a < k and rng.random() < rate:
                 a += 1
             chains.append((a, bool(rng.random() < rate)) if a == k else (a, False))
-        s = seconds(k)
-        chooser.observe_time(len(rows), k, 0.2 * (k + 1), s - 0.2 * (k + 1) - 0.1, s)
         chooser.observe_matches(rows, chains)
     return chosen
 
 
 def test_auto_falls_back_to_lockstep_when_guesses_never_match():
-    chooser, rows = DraftChooser(), [_Row() for _ in range(8)]
-    chosen = _feed(chooser, rows, rate=0.0, seconds=lambda k: 1.3 + 0.45 * k, passes=300)
+    chooser, rows = DraftChooser(_Costs(lambda k: 1.3 + 0.45 * k)), [_Row() for _ in range(8)]
+    chosen = _feed(chooser, rows, rate=0.0, passes=300)
     assert Counter(chosen[-200:])[0] >= 196  # probes and neighbours aside, lockstep's work
 
 
 def test_auto_drafts_where_a_verify_pass_is_cheap_and_guesses_match():
-    chooser, rows = DraftChooser(), [_Row() for _ in range(8)]
-    chosen = _feed(chooser, rows, rate=0.85, seconds=lambda k: 1.3 + 0.25 * k, passes=200)
+    chooser, rows = DraftChooser(_Costs(lambda k: 1.3 + 0.25 * k)), [_Row() for _ in range(8)]
+    chosen = _feed(chooser, rows, rate=0.85, passes=200)
     assert np.mean(chosen[-100:]) >= 3
     # and a verify pass that costs as much as k + 1 steps does not pay, however well the guesses match
-    chooser, rows = DraftChooser(), [_Row() for _ in range(8)]
-    chosen = _feed(chooser, rows, rate=0.85, seconds=lambda k: 1.3 * (k + 1) + 0.2 * k, passes=300)
+    chooser, rows = DraftChooser(_Costs(lambda k: 1.3 * (k + 1) + 0.2 * k)), [_Row() for _ in range(8)]
+    chosen = _feed(chooser, rows, rate=0.85, passes=300)
     assert Counter(chosen[-200:])[0] >= 180
 
 
 def test_auto_comes_back_to_drafting_when_guesses_start_to_match():
-    chooser, rows = DraftChooser(), [_Row() for _ in range(8)]
-    cost = lambda k: 1.3 + 0.25 * k  # noqa: E731
-    _feed(chooser, rows, rate=0.0, seconds=cost, passes=150)
+    chooser, rows = DraftChooser(_Costs(lambda k: 1.3 + 0.25 * k)), [_Row() for _ in range(8)]
+    _feed(chooser, rows, rate=0.0, passes=150)
     assert chooser.last == 0
     rows = [_Row() for _ in range(8)]  # new rows, that the student predicts well
-    chosen = _feed(chooser, rows, rate=0.9, seconds=cost, passes=150)
+    chosen = _feed(chooser, rows, rate=0.9, passes=150)
     assert np.mean(chosen[-50:]) >= 3
 
 
 def test_auto_weighs_rows_by_their_own_match_rate():
-    chooser = DraftChooser()
+    chooser = DraftChooser(_Costs(lambda k: 1.0))
     good, bad = _Row(), _Row()
     good.match_hits, good.match_expected = 40.0, 20.0
     bad.match_hits, bad.match_expected = 0.0, 20.0
@@ -202,3 +207,18 @@ def test_stats_json_reports_the_auto_choices(tiny_pair, tmp_path):
     assert saved["draft_tokens"] == "auto" and saved["kv_cache"] in ("rectangle", "paged", "static")
     assert saved["kv_cache_setting"] == "auto" and saved["kv_cache_reason"]
     assert sum(saved["passes_by_draft_tokens"].values()) > 0 and stats["kv_cache_runs"]
+
+
+@pytest.mark.parametrize("kv_cache", ["rectangle", "paged"])
+def test_two_auto_runs_write_the_same_bytes(pair, kv_cache):  # noqa: F811
+    """K follows the run's own tokens and the pair's sizes, never a clock: two runs make the same passes, so
+    their log-probs are equal bit for bit (a pass's width moves them at float rounding: bench/width_invariance.py)."""
+    student, teacher = pair
+    requests = _requests(student, None)
+    runs = [_run(student.model, teacher.model, requests, k="auto", batch_size=5, kv_cache=kv_cache)
+            for _ in range(2)]
+    (a, ea), (b, eb) = runs
+    assert ea.chooser.chosen == eb.chooser.chosen and len(ea.chooser.chosen) > 1  # drafts and lockstep passes
+    for h in a:
+        assert (a[h].token_ids, a[h].student_logprobs, a[h].teacher_logprobs) == \
+            (b[h].token_ids, b[h].student_logprobs, b[h].teacher_logprobs), h

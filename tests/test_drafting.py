@@ -205,7 +205,9 @@ def test_a_killed_drafted_run_resumes_to_the_lockstep_records(tiny_pair, tmp_pat
                  log=lambda m: None)
     stats = json.loads((lockstep_out / "stats.json").read_text())
     assert stats["draft_tokens"] == 0 and 0.8 < stats["teacher_passes_per_token"] <= 1.0
-    assert stats["draft_acceptance"] is None and stats["kv_cache"] == "rectangle"
+    # --kv-cache auto (the default since issue 27) names the layout it chose and why
+    assert stats["draft_acceptance"] is None and stats["kv_cache"] in ("rectangle", "paged", "static")
+    assert stats["kv_cache_setting"] == "auto" and stats["kv_cache_reason"]
     kills = _kill_at_lines(_cli_args(tiny_pair, killed_out, "--draft-tokens", "3"), killed_out)
     assert kills >= 1, "the run finished before it could be killed"
     rerun = _cli(*_cli_args(tiny_pair, killed_out, "--draft-tokens", "3"))
@@ -276,10 +278,10 @@ def test_paged_cache_gives_the_rectangle_records(pair, mode):
                                  eos=eos, kv_cache="paged", measure_kv=True)
             _assert_same(rect, paged)
             for name in ("student", "teacher"):
-                held, real = engine.kv_use[name][:2]
+                held, real = engine.kv_use[name].held, engine.kv_use[name].real
                 assert held <= real, (name, held, real)
         # the rectangle holds padding: more positions than real tokens once rows of different lengths mix
-        assert r_engine.kv_use["teacher"][0] > r_engine.kv_use["teacher"][1]
+        assert r_engine.kv_use["teacher"].held > r_engine.kv_use["teacher"].real
 
 
 def test_paged_cache_with_a_bridge(bridged):

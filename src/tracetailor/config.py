@@ -243,7 +243,7 @@ def _required(name: str, what: str, value) -> None:
 
 
 MODEL_HELP = "a hub id such as Qwen/Qwen3-0.6B, a local dir or a .gguf file"
-KV_LAYOUTS = ("rectangle", "paged", "static")
+from .decoding.layouts import LAYOUTS as KV_LAYOUTS  # noqa: E402  (the names only: no torch)
 KV_CHOICES = ("auto",) + KV_LAYOUTS
 KV_CACHE_HELP = ("How the KV cache is laid out: rectangle (each row left-padded to the longest), paged (a pool of "
                  "token slots: holds only real tokens, and a prompt's samples share its slots, so a device holds a "
@@ -463,12 +463,12 @@ class GenerateConfig(Settings, ModelOptions, PromptOptions, RunOptions, SeedOpti
     teacher_device_map: str | dict | None = option(
         None, "accelerate device map for the teacher, e.g. auto: spread a teacher too large for one GPU over the "
         "GPUs (of each worker).", resumable=True)
-    draft_tokens: str | int = option(0, "Modes rsd and teacher: the student guesses this many tokens and the "
+    draft_tokens: str | int = option("auto", "Modes rsd and teacher: the student guesses this many tokens and the "
                                      "teacher checks them in one pass; the same tokens, with fewer teacher passes. "
-                                     "0 = one teacher pass per token; auto = chosen per pass from the measured step "
-                                     "costs and match rates (the same tokens; log-probs may differ in the 5th digit "
-                                     "from run to run, as the passes' widths do).", resumable=True)
-    kv_cache: str = option("rectangle", KV_CACHE_HELP + " The traces are the same.", choices=KV_CHOICES,
+                                     "0 = one teacher pass per token; auto = chosen per pass from the pair's sizes "
+                                     "and the run's match rates (0 where drafts do not pay; no clock, so two runs "
+                                     "write the same records).", resumable=True)
+    kv_cache: str = option("auto", KV_CACHE_HELP + " The traces are the same.", choices=KV_CHOICES,
                            resumable=True)
     save_teacher_topk: int = option(0, "Modes rsd and teacher: also store, per completion token, the teacher's K "
                                     "likeliest tokens (student ids) and log-probs in OUT/teacher_topk/*.parquet, for "
@@ -581,7 +581,7 @@ class EvalConfig(Settings, ModelOptions, PromptOptions, JudgeOptions, ServedMode
     answer_mode: str = option("math-verify", "How math answers are checked: math-verify, strict-boxed (the paper's "
                               "extraction, exact match) or strict-math-verify.", choices=tuple(ANSWER_MODES))
     batch_size: int = option(32, "Sequences decoded together.", low=1, resumable=True)
-    kv_cache: str = option("rectangle", KV_CACHE_HELP + " The samples are the same.", choices=KV_CHOICES,
+    kv_cache: str = option("auto", KV_CACHE_HELP + " The samples are the same.", choices=KV_CHOICES,
                            resumable=True)
     limit: int | None = option(None, "Only the first N questions of each benchmark.", low=1, resumable=True)
     question_field: str | None = option(None, "Question field of a local file.", shown="question")

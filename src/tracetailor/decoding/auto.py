@@ -12,31 +12,34 @@ tokens per second:
   rates expected for it scale its rates (rows differ: a pass's guesses are shared in width, but the
   expected tokens are summed row by row, each capped by its budget). Expected tokens of row i for K:
   sum over j <= K of prod over d < j of its match rate at depth d.
-- **Seconds per pass.** Measured as the engine runs, per live-row bucket (powers of two; the static layout
-  computes every slot, so it has one): the student's step, the teacher's pass by width (K + 1), and the
-  rest of the pass (the rule over B(K+1) positions, the records, the rollback). On CPU a perf_counter at
-  each phase; on CUDA events recorded at each phase and read after the pass's own sync (the tokens' move
-  to the host), so timing adds no device sync. A width not yet measured is extrapolated from the
-  measured ones (prior: each extra column costs half a one-token pass) and tried when it looks best.
-  The first pass at each static-layout shape holds its compile and is not counted.
+- **Cost per pass.** Predicted, never timed (`CostModel`): a clock would make K, and with it every
+  pass's shape, differ from run to run, and a row's log-probs follow the shapes it was computed in (at
+  float rounding, about 1e-6 on the tests' pair and 1e-5 on larger ones; bench/width_invariance.py), which
+  is enough to flip a token whose draw sits at a threshold. So two runs with the same settings make the
+  same passes and write the same bytes, as lockstep does. The unit is the teacher's one-token pass at
+  that many rows; a student step costs its share from the two models' sizes (parameters read per call,
+  plus a per-layer launch overhead in parameter-equivalents, by device); each extra verify column costs
+  a slope measured on the drafting benchmarks (CPU: 0.13 at one row to 0.25 at 32; a GPU or the static
+  layout: 0.1 until the batch binds compute); the rule and the bookkeeping a small share per position.
 - **Where drafts do not pay** (the guesses never match, or a verify pass costs as much as K steps) the
   best K is 0 and the engine runs lockstep's work; the match rate is still observed each pass, so the
   engine drafts again as soon as the model says it pays. Every 16th pass a neighbouring K is run to keep
-  its cost fresh (at K = 0, only when a draft could pay even at a one-token pass's cost).
+  the match rates one depth further fresh (at K = 0, only when a draft could pay even at a one-token
+  pass's cost). Every input of the choice (the run's own tokens, the pass count, the sizes) is the same
+  in two runs with the same settings.
 
 `choose_layout` picks the KV layout from the device, the batch, the pair and the requests, and says why.
 `simulate_passes` is the cost model's batch part (bench/draft_speed.py): how many batch passes, and how
 many rows in each, a run of P rows of N tokens at batch B makes when each row's accepted lengths follow
 a measured distribution; a batch drains at its slowest row's pace.
 
-Nothing here touches the models' outputs: it only times, counts and chooses.
+Nothing here touches the models' outputs: it only counts and chooses.
 """
 
 from __future__ import annotations
 
 import math
 import random
-import time
 from collections import Counter
 
 import numpy as np
@@ -45,107 +48,77 @@ import torch
 KMAX = 8
 K_CHOICES = (0, 1, 2, 3, 4, 5, 6, 8)
 DECAY = 0.97  # per pass: the match-rate counts forget with a time constant of about 33 passes
-# an unmeasured extra column of a pass costs this share of the one-token pass (CPU, rectangle or paged: 0.13 at
-# batch 1 to 0.25 at batch 32 on the deep-teacher pair; the static layout and a GPU are bound by per-step overhead)
-PRIOR_SLOPE = 0.25
-PRIOR_SLOPE_OVERHEAD = 0.1
-REFRESH = 16  # every REFRESH-th pass runs a neighbouring K, to keep its cost fresh
+# an extra verify column costs this share of the one-token pass (CPU, rectangle or paged: 0.13 at batch 1 to 0.25
+# at batch 32 on the deep-teacher pair, so + SLOPE_PER_DOUBLING per doubling of the rows; the static layout and a
+# GPU are bound by per-step overhead until the rows reach OVERHEAD_ROWS)
+SLOPE_AT_ONE_ROW = 0.13
+SLOPE_PER_DOUBLING = 0.024
+SLOPE_OVERHEAD = 0.1
+OVERHEAD_ROWS = 64
+# a decoder layer's per-call overhead (launches, the Python of one layer) in parameters read: CPU about 0.1 ms
+# against 4e-10 s per float32 parameter; CUDA eager about 0.1 ms against 1e-12 s per bf16 parameter; captured
+# (the static layout's graphs) a tenth of that
+LAYER_PARAMS = {"cpu": 2.5e5, "cuda": 1e8, "cuda-static": 1e7}
+RULE_SHARE = 0.05  # the rule and the records, per position, in one-token teacher passes
+REFRESH = 16  # every REFRESH-th pass runs a neighbouring K, to keep its match rates fresh
 
 
-class PassClock:
-    """Phase times of one pass, with no device sync: perf_counter on the host; CUDA events on a GPU, read
-    only once the pass has synced (its tokens moved to the host)."""
+def _decode_params(model) -> float:
+    """Parameters a decode step reads: all but the input embeddings (a lookup; kept when tied to the head)."""
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head is not None and head.weight is emb.weight
+    return float(_params(model) - (0 if tied else emb.weight.numel()))
 
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.marks: list = []
 
-    def start(self) -> None:
-        self.marks = []
-        self.mark()
+class CostModel:
+    """The cost of a drafted pass in one-token teacher passes, from the two models' sizes and the device kind,
+    never from a clock (module docstring): a pass with k guesses is k + 1 student steps, one teacher pass of
+    width w (k + 1, or the static layout's one width) and the rule over w positions per row."""
 
-    def mark(self) -> None:
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            self.marks.append((time.perf_counter(), event))
-        else:
-            self.marks.append((time.perf_counter(), None))
+    def __init__(self, student_share: float, overhead_bound: bool = False):
+        self.student_share = student_share  # a student step, in one-token teacher passes
+        self.overhead_bound = overhead_bound  # a GPU or the static layout: columns nearly free until rows bind
 
-    def phases(self) -> tuple[float, float, float]:
-        """(student seconds, teacher seconds, whole pass seconds) from marks start, student, teacher, end."""
-        (h0, e0), (h1, e1), (h2, e2), (h3, _) = self.marks
-        if self.cuda:  # events recorded before the pass's sync have completed: reading them does not wait
-            return e0.elapsed_time(e1) / 1e3, e1.elapsed_time(e2) / 1e3, h3 - h0
-        return h1 - h0, h2 - h1, h3 - h0
+    @classmethod
+    def for_pair(cls, device: torch.device, student, teacher, static: bool) -> "CostModel":
+        kind = "cpu" if device.type != "cuda" else "cuda-static" if static else "cuda"
+
+        def step(model) -> float:
+            return (getattr(model.config, "num_hidden_layers", None) or 1) * LAYER_PARAMS[kind] + _decode_params(model)
+
+        return cls(step(student) / step(teacher), overhead_bound=static or device.type == "cuda")
+
+    def slope(self, rows: int) -> float:
+        if self.overhead_bound:
+            return min(1.0, SLOPE_OVERHEAD * max(1.0, rows / OVERHEAD_ROWS))
+        return min(1.0, SLOPE_AT_ONE_ROW + SLOPE_PER_DOUBLING * math.log2(max(rows, 1)))
+
+    def pass_cost(self, rows: int, k: int, width: int, slope: float | None = None) -> float:
+        """k guesses, a teacher pass `width` wide (`slope`: the extra columns' share; default the model's)."""
+        slope = self.slope(rows) if slope is None else slope
+        return self.student_share * (k + 1) + 1.0 + slope * (width - 1) + RULE_SHARE * width
 
 
 class DraftChooser:
-    """Chooses K for each pass from measured costs and match rates (module docstring)."""
+    """Chooses K for each pass from a cost model and the run's own match rates (module docstring)."""
 
-    def __init__(self, static_width: bool = False, kmax: int = KMAX, prior_slope: float = PRIOR_SLOPE):
+    def __init__(self, costs: CostModel, static_width: bool = False, kmax: int = KMAX):
         self.choices = tuple(k for k in K_CHOICES if k <= kmax)
-        self.prior_slope = prior_slope
+        self.costs = costs
         self.last = 0  # the K of the latest pass
-        self.static = static_width  # the static layout: one verify width per run, no row buckets
+        self.static = static_width  # the static layout: one verify width per run
         self.width: int | None = None  # static: the verify width fixed by the first drafted pass
         self.hits = np.ones(kmax + 1)  # per depth, decayed: a weak prior of 1 hit in 2
         self.seen = np.full(kmax + 1, 2.0)
-        self.cost: dict[tuple, dict[int, float]] = {}  # (part, bucket) -> {width: seconds, a moving average}
-        self.warm: set[tuple] = set()  # static: (bucket, width) seen once (its compile)
         self.chosen: Counter[int] = Counter()
-        self.layout = None  # the engine's layout object these costs were measured on
+        self.layout = None  # the engine's layout object this chooser was made for
         self.passes = 0
         self._fallback_probe = 64
 
-    # -- costs ------------------------------------------------------------------------------------
-    def bucket(self, rows: int) -> int:
-        return 0 if self.static else 1 << max(0, rows - 1).bit_length()
-
-    def _avg(self, part: str, b: int, w: int, value: float) -> None:
-        table = self.cost.setdefault((part, b), {})
-        old = table.get(w)
-        table[w] = value if old is None else 0.7 * old + 0.3 * value
-
-    def observe_time(self, rows: int, k: int, student: float, teacher: float, total: float) -> None:
-        b, w = self.bucket(rows), k + 1
-        if self.static and (b, w) not in self.warm:
-            self.warm.add((b, w))  # this shape's first pass compiled it
-            return
-        self._avg("s", b, 0, student / w)
-        self._avg("v", b, w, teacher)
-        self._avg("r", b, w, max(0.0, total - student - teacher))
-
-    def _nearest_bucket(self, b: int) -> int | None:
-        have = [key[1] for key in self.cost if key[0] == "s"]
-        return min(have, key=lambda x: (abs(math.log2(max(x, 1)) - math.log2(max(b, 1))), -x)) if have else None
-
-    def _part(self, part: str, b: int, w: int, slope: float | None = None) -> tuple[float, bool]:
-        """(seconds of `part` at width w, whether measured): measured, or a line through the measured widths."""
-        table = self.cost[(part, b)]
-        if w in table and slope is None:
-            return table[w], True
-        near = sorted(table, key=lambda x: abs(x - w))
-        w0, c0 = near[0], table[near[0]]
-        if slope is None and len(near) > 1:
-            wa, wb = sorted(near[:2])
-            per = max(0.0, (table[wb] - table[wa]) / (wb - wa))
-            return max(0.0, c0 + per * (w - w0)), False
-        slope = self.prior_slope if slope is None else slope
-        return c0 / (1 + slope * (w0 - 1)) * (1 + slope * (w - 1)), False
-
-    def pass_seconds(self, rows: int, k: int, slope: float | None = None) -> tuple[float, bool] | None:
-        """Predicted seconds of a pass with k guesses (None: nothing measured yet), and whether measured."""
-        b = self._nearest_bucket(self.bucket(rows))
-        if b is None:
-            return None
-        w = k + 1
-        if self.static and k and self.width:
-            w = self.width  # the static layout pads every verify pass to its one width
-        s = self.cost[("s", b)][0]
-        v, v_known = self._part("v", b, w, slope)
-        r, r_known = self._part("r", b, w, slope)
-        return s * (k + 1) + v + r, v_known and r_known
+    def pass_seconds(self, rows: int, k: int, slope: float | None = None) -> float:
+        """The predicted cost of a pass with k guesses (in one-token teacher passes)."""
+        w = self.width if self.static and k and self.width else k + 1  # static: every verify pass at its width
+        return self.costs.pass_cost(rows, k, w, slope)
 
     # -- match rates --------------------------------------------------------------------------------
     def depth_rates(self) -> np.ndarray:
@@ -195,15 +168,14 @@ class DraftChooser:
         return k
 
     def _choose(self, rows, budgets) -> int:
-        if self.pass_seconds(len(rows), 0) is None or max(budgets) <= 0:
+        if max(budgets) <= 0:
             return 0
         choices = [k for k in self.choices if not (self.static and self.width and k and k + 1 != self.width)]
         tokens = dict(zip(self.choices, self.expected_tokens(rows, budgets)))
         rate = {}
         for k in choices:
-            seconds, measured = self.pass_seconds(len(rows), k)
-            rate[k] = (tokens[k] / seconds if seconds > 0 else 0.0, measured)
-        best = max(choices, key=lambda k: rate[k][0])
+            rate[k] = tokens[k] / self.pass_seconds(len(rows), k)
+        best = max(choices, key=lambda k: rate[k])
         if best == 0:
             return self._probe_from_lockstep(rows, choices, tokens, rate)
         if self.passes % REFRESH == 0:  # a neighbour, to keep its cost fresh
@@ -216,8 +188,8 @@ class DraftChooser:
         """At K = 0: now and then, try the K that could pay even if its pass cost what a one-token pass does."""
         if self.passes % self._fallback_probe:
             return 0
-        lockstep = rate[0][0]
-        hopeful = [k for k in choices if k and tokens[k] / self.pass_seconds(len(rows), k, slope=0.0)[0] > 1.05 * lockstep]
+        lockstep = rate[0]
+        hopeful = [k for k in choices if k and tokens[k] / self.pass_seconds(len(rows), k, slope=0.0) > 1.05 * lockstep]
         if not hopeful:
             return 0
         self._fallback_probe = min(1024, self._fallback_probe * 2)  # each probe that loses waits longer

@@ -15,10 +15,10 @@ caches, row by row. The tokens are therefore lockstep's tokens; only the number
 of teacher passes changes. Each row keeps one "pending" token: emitted (or the
 prompt's last) but not yet read by the models, fed at the head of the next pass.
 
-`draft_tokens="auto"` runs the drafted loop with K chosen per pass (decoding/auto.py: measured step
-costs and match rates); a pass with K = 0 is lockstep's work (one student and one teacher step per
-token), so the engine falls back to it where drafts do not pay, with the same records whatever the
-schedule. `kv_cache="auto"` picks the layout at each `run()` from the device, batch, pair and requests.
+`draft_tokens="auto"` runs the drafted loop with K chosen per pass (decoding/auto.py: a cost model from
+the pair's sizes and the run's own match rates, no clock, so two runs make the same passes); a pass with
+K = 0 is lockstep's work (one student and one teacher step per token), so the engine falls back to it
+where drafts do not pay, with the same records whatever the schedule. `kv_cache="auto"` picks the layout at each `run()` from the device, batch, pair and requests.
 
 The engine knows nothing of files or text: token ids in, token ids and per-token
 facts (origin, student and teacher log-probs) out. Stop strings reach it as a
@@ -35,10 +35,10 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from .auto import (KMAX, PRIOR_SLOPE, PRIOR_SLOPE_OVERHEAD, DraftChooser, PassClock, _full_attention,
-                   choose_layout)
+from .auto import KMAX, CostModel, DraftChooser, _full_attention, choose_layout
 from .kv import KVBatch, RectangleLayout
-from .paged import LAYOUTS, PagedLayout
+from .layouts import LAYOUTS
+from .paged import PagedLayout
 from .static import StaticLayout
 from .rules import DrawKeys, RSDParams, propose, rsd_choose, sample_choose
 
@@ -84,8 +84,29 @@ class DecodeSettings:
     top_k: int = 20  # plain modes
     seed: int = 0
     draft_tokens: int | str = 0  # K > 0: exact speculative decoding with K student guesses per teacher pass (rsd,
-    # teacher); "auto": K chosen per pass from measured costs and match rates (decoding/auto.py)
+    # teacher); "auto": K chosen per pass from the pair's sizes and the run's match rates (decoding/auto.py)
     teacher_topk: int = 0  # K > 0: keep, per token, the teacher's K likeliest student-mappable tokens (T = 1)
+
+
+@dataclass
+class KVUse:
+    """One model's cache use over a run (`measure_kv`): positions held and real tokens, summed over steps (held:
+    rectangle rows x columns, paged the slots rows refer to), then the most held at once, the most reserved (paged:
+    the pools' slots, free or not; rectangle: as held) and the most real tokens at once."""
+
+    held: int = 0
+    real: int = 0
+    peak_held: int = 0
+    peak_reserved: int = 0
+    peak_real: int = 0
+
+    def add(self, batch: KVBatch) -> None:
+        held, real = batch.allocated_positions(), int(batch.lengths.sum())
+        self.held += held
+        self.real += real
+        self.peak_held = max(self.peak_held, held)
+        self.peak_reserved = max(self.peak_reserved, batch.reserved_positions())
+        self.peak_real = max(self.peak_real, real)
 
 
 @dataclass
@@ -208,23 +229,14 @@ class Engine:
         self.draft_proposed = 0  # student guesses the teacher checked
         self.draft_accepted = 0  # ... that became output tokens
         self.accepted_lengths: Counter[int] = Counter()  # full drafts of K guesses: how many were accepted
-        # measure_kv: per model [positions held, real tokens] summed over steps (held: rectangle rows x columns,
-        # paged the slots rows refer to), then the most held, the most reserved (paged: the pools' slots, free or
-        # not; rectangle: as held) and the most real tokens at once (a device sync per step: for benchmarks)
-        self.kv_use: dict[str, list[int]] | None = {} if measure_kv else None
+        # measure_kv: per model ("student", "teacher") a KVUse (a device sync per step: for benchmarks)
+        self.kv_use: dict[str, KVUse] | None = {} if measure_kv else None
         self.chooser: DraftChooser | None = None  # draft_tokens "auto": K per pass (made at the first run)
-        self._clock = PassClock(self.device)
 
     def _measure_kv(self, live: "_Live") -> None:
         for name, batch in (("student", live.student), ("teacher", live.teacher)):
             if batch is not None:
-                use = self.kv_use.setdefault(name, [0, 0, 0, 0, 0])
-                held, real = batch.allocated_positions(), int(batch.lengths.sum())
-                use[0] += held
-                use[1] += real
-                use[2] = max(use[2], held)
-                use[3] = max(use[3], batch.reserved_positions())
-                use[4] = max(use[4], real)
+                self.kv_use.setdefault(name, KVUse()).add(batch)
 
     @property
     def draft_tokens(self) -> int | str:
@@ -371,12 +383,12 @@ class Engine:
         auto = self.auto_draft and all(r.student_ids and r.teacher_ids for r in queue)  # empty prompts: lockstep
         static = isinstance(self._kv, StaticLayout)
         if auto and (self.chooser is None or self.chooser.layout is not self._kv):
-            # a new layout object (auto's choice changed, or out of memory halved the batch): costs start over,
+            # a new layout object (auto's choice changed, or out of memory halved the batch): a new chooser,
             # the counts carry on. Rollback needs full attention: a model with other layers stays at K = 0
             full = all(_full_attention(m) for m in (self.student, self.teacher))
             chosen = self.chooser.chosen if self.chooser is not None else None
-            self.chooser = DraftChooser(static_width=static, kmax=KMAX if full else 0, prior_slope=(
-                PRIOR_SLOPE_OVERHEAD if static or self.device.type == "cuda" else PRIOR_SLOPE))
+            costs = CostModel.for_pair(self.device, self.student, self.teacher, static)
+            self.chooser = DraftChooser(costs, static_width=static, kmax=KMAX if full else 0)
             self.chooser.layout = self._kv
             self.chooser.chosen.update(chosen or {})
         drafted = auto or (self.draft_tokens != "auto" and self.draft_tokens > 0)
@@ -414,8 +426,10 @@ class Engine:
         kept rows' tokens to both models once the finished rows have left the batch)."""
         tokens, from_teacher, s_lp, t_lp, topk = self._choose(live.s_logits, live.t_logits, live.keys)
         tok_list = tokens.tolist()
-        keep, done = self._record(live.rows, tok_list, from_teacher.tolist(), s_lp.tolist(),
-                                  t_lp.tolist() if t_lp is not None else None, topk)
+        column = lambda t: t.unsqueeze(1).tolist()  # noqa: E731  (one token per row)
+        keep, done, _ = self._record(live.rows, [[t] for t in tok_list], column(from_teacher), column(s_lp),
+                                     None if t_lp is None else column(t_lp),
+                                     None if topk is None else (topk[0][:, None], topk[1][:, None]))
 
         def feed(keep: list[int]) -> None:
             kept = tokens if len(keep) == len(tok_list) else tokens[torch.tensor(keep, device=tokens.device)]
@@ -427,21 +441,29 @@ class Engine:
 
         return keep, done, feed
 
-    def _record(self, rows, tokens, teacher_flags, student_lps, teacher_lps, topk=None):
-        """Append one step's facts to each row; return (indices of rows that go on, Finished rows)."""
-        if self.on_step is not None:
-            self.on_step(len(tokens), sum(teacher_flags))
-        self.tokens_emitted += len(tokens)
-        keep, done = [], []
+    def _record(self, rows, tokens, teacher_flags, student_lps, teacher_lps, topk=None, counts=None):
+        """Append a pass's facts to each row: row i gets the first counts[i] (default 1) entries of tokens[i] and
+        of the other per-row lists. Returns (indices of the rows that go on, Finished rows, tokens appended per
+        row: fewer than counted where a row finished)."""
+        keep, done, appended = [], [], []
         for i, row in enumerate(rows):
-            reason = self._append(row, tokens[i], teacher_flags[i], student_lps[i],
-                                  None if teacher_lps is None else teacher_lps[i],
-                                  None if topk is None else (topk[0][i], topk[1][i]))
+            n, reason = 1 if counts is None else counts[i], None
+            for j in range(n):
+                reason = self._append(row, tokens[i][j], teacher_flags[i][j], student_lps[i][j],
+                                      None if teacher_lps is None else teacher_lps[i][j],
+                                      None if topk is None else (topk[0][i][j], topk[1][i][j]))
+                if reason is not None:
+                    n = j + 1
+                    break
+            appended.append(n)
             if reason is None:
                 keep.append(i)
             else:
                 done.append(row.finish(reason))
-        return keep, done
+        self.tokens_emitted += sum(appended)
+        if self.on_step is not None:
+            self.on_step(sum(appended), sum(sum(f[:n]) for f, n in zip(teacher_flags, appended)))
+        return keep, done, appended
 
     def _append(self, row: _Row, tok: int, from_teacher: bool, lp: float, tl: float | None,
                 topk: tuple[np.ndarray, np.ndarray] | None = None) -> str | None:
@@ -488,15 +510,9 @@ class Engine:
         K = self._choose_k(rows, left) if auto else self.settings.draft_tokens
         budgets = [min(K, n) for n in left]
         k = max(budgets)
-        if auto:
-            self._clock.start()
         s_logits, guesses = self._draft(live.student, [r.pending for r in rows], k)
-        if auto:
-            self._clock.mark()
         guess_list = guesses.tolist()
         usable, t_logits, t_fed, t_ends = self._verify(live.teacher, rows, guess_list, budgets, k)
-        if auto:
-            self._clock.mark()
         self.teacher_passes += len(rows)
 
         # the rule at every drafted position, with that position's keyed draws, in one batched call
@@ -519,32 +535,17 @@ class Engine:
         if topk is not None:  # [b * width, K] -> [b, width, K]
             topk = tuple(a.reshape(b, width, -1) for a in topk)
 
-        keep, done, emitted, teacher_tokens = [], [], [], 0
-        for i, row in enumerate(rows):
-            accepted = min(matched[i], usable[i])
-            n = accepted + 1  # tokens this pass gives the row: the accepted guesses, then the rule's own
-            if K and usable[i] == K:  # (auto: a K = 0 pass is no draft)
-                self.accepted_lengths[accepted] += 1
-            self.draft_proposed += usable[i]
-            reason = None
-            for j in range(n):
-                reason = self._append(row, tok_list[i][j], flags[i][j], s_lps[i][j], t_lps[i][j],
-                                      None if topk is None else (topk[0][i, j], topk[1][i, j]))
-                teacher_tokens += flags[i][j]
-                if reason is not None:
-                    n = j + 1
-                    break
-            self.draft_accepted += min(accepted, n)
-            emitted.append(n)
-            if reason is not None:
-                done.append(row.finish(reason))
-                continue
-            keep.append(i)
-            row.pending = tok_list[i][n - 1]
-            row.pending_teacher = self._spell(row.pending, row)
-        self.tokens_emitted += sum(emitted)
-        if self.on_step is not None:
-            self.on_step(sum(emitted), teacher_tokens)
+        # tokens this pass gives each row: its accepted guesses, then the rule's own
+        accepted = [min(m, u) for m, u in zip(matched, usable)]
+        keep, done, emitted = self._record(rows, tok_list, flags, s_lps, t_lps, topk, [a + 1 for a in accepted])
+        for a, u, n in zip(accepted, usable, emitted):
+            if K and u == K:  # (auto: a K = 0 pass is no draft)
+                self.accepted_lengths[a] += 1
+            self.draft_proposed += u
+            self.draft_accepted += min(a, n)
+        for i in keep:
+            rows[i].pending = tok_list[i][emitted[i] - 1]
+            rows[i].pending_teacher = self._spell(rows[i].pending, rows[i])
 
         # both caches forget what was read past each row's last kept guess; the new pending token is unread
         # (a pass without guesses kept all it read: nothing to roll back)
@@ -565,9 +566,7 @@ class Engine:
         return K
 
     def _observe(self, rows, k: int, matched: list[int], usable: list[int], last_hit: list[bool]) -> None:
-        """Hand the pass's phase times and each row's matches to the chooser (after the pass's own sync)."""
-        self._clock.mark()
-        self.chooser.observe_time(len(rows), k, *self._clock.phases())
+        """Hand each row's matches in this pass to the chooser."""
         # a row's guesses matched up to `matched`; past its usable ones, the next position is observed when all
         # usable ones matched (at the bonus position k, from the argmax; before k, from the guess itself)
         chains = []

@@ -26,7 +26,6 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from ..config import KV_LAYOUTS as LAYOUTS
 from ..errors import UserError
 from .kv import _cache_kwarg, left_padded
 
