@@ -54,7 +54,8 @@ def test_every_stage_wrote_its_files(quick_run):
     out, report, printed = quick_run
     for name in SETS:
         stats = json.loads((out / "traces" / name / "stats.json").read_text())
-        assert stats["kv_cache"] == "paged" and stats["draft_tokens"] == (0 if name == "student" else 3)
+        assert stats["kv_cache"] == "paged" and stats["draft_tokens"] == (0 if name == "student" else "auto")
+        assert stats["kv_cache_setting"] == "auto" and stats["kv_cache_reason"]
         assert (out / report["trace_sets"][name]["funnel_source"]).is_file()
     for name, s in report["students"].items():
         if s is not None:

@@ -194,8 +194,9 @@ def generate_traces(name: str, world: Path, prompts: Path, out: Path, cfg: Exper
         threshold=cfg.threshold, trials=cfg.trials, top_k=cfg.top_k, temperature=cfg.temperature,
         teacher_temperature=cfg.teacher_temperature,
         prefill=THINK_PREFILL, device="cpu", dtype="float32", progress=cfg.progress,
-        draft_tokens=3,  # the same traces as lockstep with about 0.29 teacher passes per token (docs/benchmarks.md)
-        kv_cache="paged",  # the same traces again; holds real tokens only, and is the faster layout here
+        # the same tokens whatever these choose: K per pass from the pair's cost model and the run's own match
+        # counts (no clock, so two runs write the same bytes), and the layout (paged on a CPU: real tokens only)
+        draft_tokens="auto", kv_cache="auto",
         save_teacher_topk=(cfg.top_k or 20) if name == "rsd" and cfg.kd_student else 0,
     )
     return run_generate(gcfg, log=log)
@@ -295,7 +296,7 @@ def eval_student(name: str, model: Path, bench: Path, out: Path, cfg: Experiment
     ecfg = EvalConfig(model=str(model), benchmark=str(bench), samples=cfg.eval_samples,
                       max_new_tokens=cfg.max_new_tokens, batch_size=256, seed=cfg.seed, out=str(out / "eval" / name),
                       device="cpu", dtype="float32", progress=cfg.progress,
-                      kv_cache="paged")  # 16 samples per question share its prompt's slots; the same samples
+                      kv_cache="auto")  # paged here: 16 samples per question share its prompt's slots; the same samples
     return run_eval(ecfg, log=lambda m: log(f"eval {name}: {m}"))
 
 
