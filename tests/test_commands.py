@@ -286,8 +286,8 @@ def test_the_package_has_no_import_cycle():
         parts = path.relative_to(SRC.parent).with_suffix("").parts
         name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
         modules[name] = path
-    graph = {m: {t for t in _imports(p, m) if t in modules and t != m and not m.startswith(t + ".")}
-             for m, p in modules.items()}
+    # every import counts, a package's own root included: no module is exempt
+    graph = {m: {t for t in _imports(p, m) if t in modules and t != m} for m, p in modules.items()}
     state: dict[str, int] = {}
     stack: list[str] = []
 
@@ -307,6 +307,21 @@ def test_the_package_has_no_import_cycle():
             visit(m)
     assert "tracetailor.generate" not in graph["tracetailor.distributed"]
     assert len(graph) > 20
+
+
+@pytest.mark.parametrize("layer", ["decoding", "data"])
+def test_the_low_layers_import_nothing_above_them(layer):
+    """decoding/ and data/ use their own package and the leaf modules errors and extras only: never config,
+    a command, serving, the sampling path or the package root (its version comes from importlib.metadata)."""
+    allowed = ("tracetailor.errors", "tracetailor.extras", f"tracetailor.{layer}")
+    if layer == "decoding":
+        allowed += ("tracetailor.data",)  # the decoder reads no files, but the layering would allow it
+    files = sorted((SRC / layer).glob("*.py"))
+    assert len(files) > 3
+    for path in files:
+        module = f"tracetailor.{layer}" + ("" if path.stem == "__init__" else f".{path.stem}")
+        above = sorted(t for t in _imports(path, module) if not t.startswith(allowed))
+        assert not above, f"{layer}/{path.name} imports {above}"
 
 
 def test_evaluate_is_a_library_below_the_commands():
