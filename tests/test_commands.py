@@ -415,3 +415,15 @@ def test_view_names_the_line_and_field_of_a_bad_record(tmp_path):
     result = CliRunner().invoke(app, ["view", str(bad), "--out-file", str(tmp_path / "v.html"), "--tokenizer", "x"])
     assert result.exit_code == 2
     assert result.stderr.strip() == f"error: {bad}:1: field 'student_logprobs' holds str, expected a list of numbers"
+
+
+def test_the_module_map_lists_every_module():
+    """docs/architecture.md's module map names every module of the package, so a reader needs no other file."""
+    text = (SRC.parents[1] / "docs" / "architecture.md").read_text(encoding="utf-8")
+    block = text[text.index("## Module map"):]
+    block = block[block.index("```\nsrc/tracetailor/"):]
+    block = block[: block.index("\n```", 4)]
+    listed = {line.split()[0] for line in block.splitlines()[2:] if line.strip()}  # after ``` and the root
+    modules = {str(p.relative_to(SRC)) for p in SRC.rglob("*.py")}
+    assert not modules - listed, f"not in the module map: {sorted(modules - listed)}"
+    assert not listed - modules, f"in the module map, not in the package: {sorted(listed - modules)}"

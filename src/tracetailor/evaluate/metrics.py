@@ -1,4 +1,4 @@
-"""Benchmark scores beyond mean accuracy: pass@k and majority@k.
+"""A benchmark's scores from its graded samples: accuracy over questions and its error, pass@k, majority@k.
 
 Pure functions of per-sample facts (the answer extracted, whether it was graded
 correct); eval's summary calls them per question and averages over questions.
