@@ -54,7 +54,8 @@ def test_a_large_set_is_cut_into_shards_as_push_to_hub_cuts_it(trace_dir, tmp_pa
     monkeypatch.undo()
     _export(trace_dir, out, overwrite=True)  # fewer shards now: the earlier ones do not linger
     assert sorted(p.name for p in (out / "data").iterdir()) == ["train-00000-of-00001.parquet"]
-    assert json.loads((out / "export.json").read_text())["parquet"] == [str(out / "data" / "train-00000-of-00001.parquet")]
+    shards = json.loads((out / "export.json").read_text())["parquet"]
+    assert shards == [str(out / "data" / "train-00000-of-00001.parquet")]
 
 
 def test_source_datasets_are_the_hub_datasets_the_prompts_came_from(tmp_path):

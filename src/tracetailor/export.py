@@ -8,10 +8,11 @@ The rows are written unchanged, one column per field (a field whose values mix t
 Parquet cannot hold in one column, is written as JSON text and the card says so), through `datasets`
 to OUT/data/train-0000i-of-0000N.parquet, the shards and names `Dataset.push_to_hub` writes (a new shard
 per 500 MB); then OUT/README.md, the card through huggingface_hub's `DatasetCard` with the `configs` and
-`dataset_info` that push_to_hub writes (hub.py), then OUT/export.json, which marks a finished export. The teacher's top-K
-(generate --save-teacher-topk; select's `<set>.topk.parquet`) goes along, unchanged (its schema metadata too), to
-OUT/teacher_topk/*.parquet, the card's second config (`teacher_topk`). `--push-to-hub REPO` uploads
-OUT as a dataset repository. Nothing here loads a model.
+`dataset_info` that push_to_hub writes (hub.py), then OUT/export.json, which marks a finished export. The
+teacher's top-K (generate --save-teacher-topk; select's `<set>.topk.parquet`) goes along, unchanged (its
+schema metadata too), to OUT/teacher_topk/*.parquet, the card's second config (`teacher_topk`).
+`--push-to-hub REPO` uploads OUT as a dataset repository. Nothing here loads a model. The rows are read into
+memory once (as the JSON-text check needs every value of a column); the shards are written one at a time.
 """
 
 from __future__ import annotations
@@ -377,8 +378,8 @@ def dataset_card(kind: str, made: dict[str, Any], data: Written, topk: Written |
              f"exported by tracetailor {__version__}: {data.rows} rows, one per line of the source.\n",
              "## Models\n", *[f"- {role}: `{m}`" + ("" if hub_id_or_none(m) else " (a local path when it ran)")
                               for role, m in models.items()], "",
-             "## Columns\n", *[f"- `{f.name}`: {f.type}" + (" (JSON text: its values mix types)"
-                                                            if f.name in data.as_json else "") for f in data.schema], "",
+             "## Columns\n", *[f"- `{f.name}`: {f.type}" + (" (JSON text: its values mix types)" if f.name in
+                                                            data.as_json else "") for f in data.schema], "",
              "## Load it\n", f"```python\nfrom datasets import load_dataset\nrows = load_dataset({load!r}, "
              "split=\"train\")\n```\n", *(_topk_section(load) if topk else []), *_made_sections(kind, made),
              f"## License\n\n`{cfg.license}` as given to `tracetailor export --license`; the text was written by the "
@@ -431,7 +432,8 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = print) -> dict[st
         topk = copy_sidecar(sidecar_files(src, kind), rundir.path(TOPK_DIR))
         with AtomicWriter(rundir.path("README.md")) as f:
             f.write(dataset_card(kind, made, data, read_written(topk) if topk else None, cfg))
-        result = rundir.finish({"src": str(src), "kind": kind, "rows": len(rows), "parquet": [str(p) for p in data.files],
+        result = rundir.finish({"src": str(src), "kind": kind, "rows": len(rows),
+                                "parquet": [str(p) for p in data.files],
                                 "teacher_topk": [str(p) for p in topk],
                                 "json_columns": data.as_json, "settings": asdict(cfg)})  # export.json last: finished
     log(f"exported {len(rows)} rows of {KINDS[kind]} to {rundir.path('data')} ({len(data.files)} Parquet shard(s)) "
@@ -454,7 +456,8 @@ def _finished_alike(cfg: ExportConfig, src: Path) -> bool:
         return False
     shards = done.get("parquet")
     shards = [shards] if isinstance(shards, str) else shards  # an export.json of before the shards: one file
-    return (isinstance(shards, list) and bool(shards) and all((marker.parent / "data" / Path(str(f)).name).is_file() for f in shards)
+    return (isinstance(shards, list) and bool(shards)
+            and all((marker.parent / "data" / Path(str(f)).name).is_file() for f in shards)
             and {k: v for k, v in done["settings"].items() if k != "overwrite"}
             == {k: v for k, v in now.items() if k != "overwrite"})
 
