@@ -215,10 +215,11 @@ def write_shards(rows: list[dict], data_dir: Path) -> Written:
     names `Dataset.push_to_hub` writes, its features in each file's schema metadata), each written to a temporary
     name and renamed; the shards of an earlier export (--overwrite) are removed first."""
     from datasets import Dataset
+    from datasets.fingerprint import generate_random_fingerprint
     from datasets.utils.tqdm import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
     table, as_json = rows_table(rows)
-    dataset = Dataset(table)
+    dataset = Dataset(table, fingerprint=generate_random_fingerprint())  # not a hash of the whole table: no cache
     data_dir.mkdir(parents=True, exist_ok=True)
     for old in data_dir.glob(SHARD_GLOB):
         old.unlink()  # an earlier export's (--overwrite): ours, under the lock
