@@ -3,7 +3,9 @@
 # (torch first, the CPU build pinned here), then run every command's --help and check that each command
 # whose extra is missing says so in one line (exit 2) before doing anything; then generate -> select -> score
 # on tiny random-weight models (.ci/tiny_models.py), as the README says the core install runs them, and check
-# that the resolver picked a transformers in the tested range. `make test-wheel` runs it.
+# that the resolver picked a transformers in the tested range; then the wheel's [all] extras go into the same venv
+# and train -> eval (2 steps on select's set, the checkpoint evaluated) and export (read back by datasets) run on
+# it. `make test-wheel` runs it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -72,4 +74,30 @@ expect_extra eval select "$RUN/traces" --out-file "$RUN/sft-default.jsonl"
 test -s "$RUN/sft.jsonl" && test -f "$RUN/sft.jsonl.funnel.json"
 "$TT" score --student "$RUN/student" --data "$RUN/sft.jsonl" --out "$RUN/score" --no-progress
 test -f "$RUN/score/stats.json"
+
+stage "the [all] extras into the same venv"
+WHEEL=$(ls build/wheel/tracetailor-*.whl)
+"$VENV/bin/python" -m pip install -q "$WHEEL[all]"
+"$VENV/bin/python" -m tracetailor.extras  # the resolver's transformers with every extra: still in the tested range
+stage "train -> eval (and export) on the [all] install"
+"$TT" train --model "$RUN/student" --data "$RUN/sft.jsonl" --out "$RUN/ckpt" --max-steps 2 \
+  --gradient-accumulation-steps 1 --no-progress
+test -f "$RUN/ckpt/train.json" && test -f "$RUN/ckpt/model.safetensors" && test -f "$RUN/ckpt/README.md"
+"$TT" eval --model "$RUN/ckpt" --benchmark "$RUN/prompts.jsonl" --samples 1 --max-new-tokens 8 --out "$RUN/eval" \
+  --no-progress
+"$VENV/bin/python" - "$RUN/eval/summary.json" <<'EOF'
+import json, sys
+summary = json.load(open(sys.argv[1]))
+(bench,) = summary["benchmarks"].values()
+assert bench["questions"] == 4 and bench["completions"] == 4, bench  # every question of the file, graded
+print("ok: eval of the trained checkpoint:", {k: bench[k] for k in ("questions", "completions", "accuracy")})
+EOF
+"$TT" export "$RUN/sft.jsonl" --out "$RUN/sft-ds" --language en
+"$VENV/bin/python" - "$RUN/sft-ds" "$RUN/sft.jsonl" <<'EOF'
+import sys
+from datasets import load_dataset
+rows = load_dataset(sys.argv[1], split="train", cache_dir=sys.argv[1] + "-cache")
+assert rows.num_rows == sum(1 for line in open(sys.argv[2]) if line.strip()), rows
+print(f"ok: export read back by datasets ({rows.num_rows} rows)")
+EOF
 echo "test-wheel passed in $(( $(date +%s) - start ))s (load $(cut -d' ' -f1-3 /proc/loadavg))"

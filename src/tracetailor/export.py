@@ -5,12 +5,14 @@ traces-w*.jsonl) and run.json; select's output is a .jsonl with its <set>.funnel
 eval's OUT holds summary.json and run.json naming its benchmarks. Each must be finished (stats.json,
 the funnel, summary.json): a stopped run is refused, as select refuses nothing less.
 The rows are written unchanged, one column per field (a field whose values mix types, which
-Parquet cannot hold in one column, is written as JSON text and the card says so), to
-OUT/data/train-00000-of-00001.parquet, the file name the Hub reads as the train split; then
-OUT/README.md, the card (hub.py), then OUT/export.json, which marks a finished export. The teacher's top-K
-(generate --save-teacher-topk; select's `<set>.topk.parquet`) goes along, unchanged (its schema metadata too), to
-OUT/teacher_topk/*.parquet, the card's second config (`teacher_topk`). `--push-to-hub REPO` uploads
-OUT as a dataset repository. Nothing here loads a model.
+Parquet cannot hold in one column, is written as JSON text and the card says so), through `datasets`
+to OUT/data/train-0000i-of-0000N.parquet, the shards and names `Dataset.push_to_hub` writes (a new shard
+per 500 MB); then OUT/README.md, the card through huggingface_hub's `DatasetCard` with the `configs` and
+`dataset_info` that push_to_hub writes (hub.py), then OUT/export.json, which marks a finished export. The
+teacher's top-K (generate --save-teacher-topk; select's `<set>.topk.parquet`) goes along, unchanged (its
+schema metadata too), to OUT/teacher_topk/*.parquet, the card's second config (`teacher_topk`).
+`--push-to-hub REPO` uploads OUT as a dataset repository. Nothing here loads a model. The rows are read into
+memory once (as the JSON-text check needs every value of a column); the shards are written one at a time.
 """
 
 from __future__ import annotations
@@ -24,9 +26,9 @@ from typing import Any, Callable
 from .config import ConfigError, Settings, check_fields, option
 from .data.traces import TRACE_GLOBS, read_records, trace_files
 from .errors import UserError
-from .hub import front_matter, hub_id_or_none, json_block, push_folder, require_token, settings_table
+from .hub import card_text, hub_id_or_none, json_block, push_folder, require_token, settings_table
 
-PARQUET_NAME = "train-00000-of-00001.parquet"
+SHARD_GLOB = "train-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9].parquet"  # push_to_hub's names
 TOPK_DIR = "teacher_topk"  # the sidecar's folder in OUT: the card's config "teacher_topk"
 KINDS = {"traces": "reasoning traces from `tracetailor generate`", "sft": "an SFT set from `tracetailor select`",
          "eval": "graded samples from `tracetailor eval`"}
@@ -47,6 +49,8 @@ class ExportConfig(Settings):
                                      "the token is huggingface_hub's (hf auth login or $HF_TOKEN).")
     private: bool = option(False, "With --push-to-hub: create the repo private.", flags=("--private/--public",),
                            shown="public")
+    language: list[str] = option(factory=list, help="Language of the text, an ISO 639 code for the card "
+                                 "(repeatable), e.g. --language en.")
     license: str = option("unknown", "License id for the card (e.g. apache-2.0, cc-by-4.0); check the licenses "
                           "of the models and prompts it came from.")
     overwrite: bool = option(False, "Replace an export already in OUT.")
@@ -183,17 +187,69 @@ def rows_table(rows: list[dict]):
     return pa.table(columns), as_json
 
 
-def write_parquet(rows: list[dict], data_dir: Path) -> tuple[Path, list[str], Any]:
-    """data_dir/train-00000-of-00001.parquet, written to a temporary name and renamed; (path, JSON columns, schema)."""
-    import pyarrow.parquet as pq
+@dataclass
+class Written:
+    """One config's split as written: its Parquet files, its columns written as JSON text, its pyarrow schema, its
+    `datasets` features and sizes (the card's `dataset_info`: bytes in memory, bytes on disk, rows)."""
+
+    files: list[Path]
+    as_json: list[str]
+    schema: Any
+    features: Any
+    num_bytes: int
+    download_size: int
+    rows: int
+
+
+def shard_count(nbytes: int, rows: int) -> int:
+    """How many shards `Dataset.push_to_hub` would cut `nbytes` into (datasets' MAX_SHARD_SIZE each), at most one
+    per row."""
+    from datasets import config
+    from datasets.utils.py_utils import convert_file_size_to_int
+
+    return max(1, min(rows, int(nbytes / convert_file_size_to_int(config.MAX_SHARD_SIZE)) + 1))
+
+
+def write_shards(rows: list[dict], data_dir: Path) -> Written:
+    """data_dir/train-0000i-of-0000N.parquet through `datasets` (`Dataset.shard(...).to_parquet`, the files and
+    names `Dataset.push_to_hub` writes, its features in each file's schema metadata), each written to a temporary
+    name and renamed; the shards of an earlier export (--overwrite) are removed first."""
+    from datasets import Dataset
+    from datasets.fingerprint import generate_random_fingerprint
+    from datasets.utils.tqdm import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
     table, as_json = rows_table(rows)
+    dataset = Dataset(table, fingerprint=generate_random_fingerprint())  # not a hash of the whole table: no cache
     data_dir.mkdir(parents=True, exist_ok=True)
-    path = data_dir / PARQUET_NAME
-    tmp = data_dir / f".{PARQUET_NAME}.{os.getpid()}.tmp"
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
-    return path, as_json, table.schema
+    for old in data_dir.glob(SHARD_GLOB):
+        old.unlink()  # an earlier export's (--overwrite): ours, under the lock
+    n = shard_count(table.nbytes, len(rows))
+    files, quiet = [], are_progress_bars_disabled()
+    disable_progress_bars()
+    try:
+        for i in range(n):
+            path = data_dir / f"train-{i:05d}-of-{n:05d}.parquet"
+            tmp = data_dir / f".{path.name}.{os.getpid()}.tmp"
+            dataset.shard(num_shards=n, index=i, contiguous=True).to_parquet(str(tmp))
+            os.replace(tmp, path)
+            files.append(path)
+    finally:
+        if not quiet:
+            enable_progress_bars()
+    return Written(files, as_json, table.schema, dataset.features, table.nbytes,
+                   sum(f.stat().st_size for f in files), len(rows))
+
+
+def read_written(files: list[Path]) -> Written:
+    """What the card says of Parquet files written elsewhere (the teacher's top-K): their features and sizes."""
+    import pyarrow.parquet as pq
+    from datasets import Features
+
+    metas = [pq.ParquetFile(f).metadata for f in files]
+    schema = pq.read_schema(files[0])
+    return Written(files, [], schema, Features.from_arrow_schema(schema),
+                   sum(m.row_group(g).total_byte_size for m in metas for g in range(m.num_row_groups)),
+                   sum(f.stat().st_size for f in files), sum(m.num_rows for m in metas))
 
 
 def sidecar_files(src: Path, kind: str) -> list[Path]:
@@ -270,33 +326,66 @@ def _made_sections(kind: str, made: dict[str, Any]) -> list[str]:
             "### Versions\n", json_block(run.get("versions", {}))]
 
 
-def dataset_card(kind: str, made: dict[str, Any], rows: int, schema, as_json: list[str], license: str,
-                 repo: str | None, topk: bool = False) -> str:
-    """README.md: YAML front matter as the Hub reads it, then models, settings, funnel or scores, versions."""
+def source_datasets(kind: str, made: dict[str, Any]) -> list[str]:
+    """The Hub datasets the rows came from: the prompts of the generate run(s), or an eval's benchmarks given as
+    hub ids (local files and our benchmark names are left out)."""
+    runs = list(made["sources"].values()) if kind == "sft" else [made["run"]]
+    if kind == "eval":
+        names = [n.strip() for r in runs for n in str(r.get("config", {}).get("benchmark") or "").split(",")]
+    else:
+        names = [str(r.get("config", {}).get("prompts") or "") for r in runs]
+    return sorted({n for n in names if hub_id_or_none(n)})
+
+
+def card_data(kind: str, made: dict[str, Any], data: Written, topk: Written | None, cfg: ExportConfig):
+    """The card's YAML as huggingface_hub's `DatasetCardData`, with the `configs` and `dataset_info` that
+    `Dataset.push_to_hub` writes (datasets' own `MetadataConfigs` and `DatasetInfosDict`)."""
+    from datasets import DatasetInfo, SplitDict, SplitInfo
+    from datasets.info import DatasetInfosDict
+    from datasets.utils.metadata import MetadataConfigs
+    from huggingface_hub import DatasetCardData
+
+    meta = DatasetCardData(
+        license=cfg.license, language=list(cfg.language) or None, pretty_name=pretty_name(kind, made),
+        tags=["tracetailor", "synthetic", "reasoning"] + (["rsd"] if _mode(kind, made) == "rsd" else []),
+        task_categories=["text-generation"], size_categories=[size_category(data.rows)],
+        source_datasets=source_datasets(kind, made) or None)
+    configs = {"default": ("data/train-*", data), **({TOPK_DIR: (f"{TOPK_DIR}/*.parquet", topk)} if topk else {})}
+    infos = {}
+    for name, (_, written) in configs.items():
+        infos[name] = DatasetInfo(config_name=name, features=written.features, splits=SplitDict(),
+                                  download_size=written.download_size, dataset_size=written.num_bytes)
+        infos[name].splits.add(SplitInfo(name="train", num_bytes=written.num_bytes, num_examples=written.rows))
+    DatasetInfosDict(infos).to_dataset_card_data(meta)
+    MetadataConfigs({name: {"data_files": [{"split": "train", "path": pattern}]}
+                     for name, (pattern, _) in configs.items()}).to_dataset_card_data(meta)
+    return meta
+
+
+def pretty_name(kind: str, made: dict[str, Any]) -> str:
+    models = ", ".join(f"{r} {hub_id_or_none(m) or Path(m).name}" for r, m in models_of(kind, made).items())
+    return f"tracetailor {kind}" + (f": {models}" if models else "")
+
+
+def dataset_card(kind: str, made: dict[str, Any], data: Written, topk: Written | None, cfg: ExportConfig) -> str:
+    """README.md: the YAML the Hub reads (card_data), then models, columns, how to load it, settings, funnel or
+    scores, versions; through huggingface_hub's `DatasetCard`."""
+    from huggingface_hub import DatasetCard
+
     from . import __version__
 
-    models = models_of(kind, made)
-    meta = {
-        "license": license, "pretty_name": f"tracetailor {kind}: "
-        + ", ".join(f"{r} {hub_id_or_none(m) or Path(m).name}" for r, m in models.items()),
-        "tags": ["tracetailor", "synthetic", "reasoning"] + (["rsd"] if _mode(kind, made) == "rsd" else []),
-        "task_categories": ["text-generation"], "size_categories": [size_category(rows)],
-        "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*"}]}]
-        + ([{"config_name": TOPK_DIR, "data_files": [{"split": "train", "path": f"{TOPK_DIR}/*.parquet"}]}]
-           if topk else []),
-    }
-    load = repo or "path/to/this/folder"
-    lines = [front_matter(meta), f"# {meta['pretty_name']}\n", f"{KINDS[kind][0].upper()}{KINDS[kind][1:]}, "
-             f"exported by tracetailor {__version__}: {rows} rows, one per line of the source.\n",
+    models, load = models_of(kind, made), cfg.push_to_hub or "path/to/this/folder"
+    lines = [f"# {pretty_name(kind, made)}\n", f"{KINDS[kind][0].upper()}{KINDS[kind][1:]}, "
+             f"exported by tracetailor {__version__}: {data.rows} rows, one per line of the source.\n",
              "## Models\n", *[f"- {role}: `{m}`" + ("" if hub_id_or_none(m) else " (a local path when it ran)")
                               for role, m in models.items()], "",
-             "## Columns\n", *[f"- `{f.name}`: {f.type}" + (" (JSON text: its values mix types)" if f.name in as_json
-                                                            else "") for f in schema], "",
+             "## Columns\n", *[f"- `{f.name}`: {f.type}" + (" (JSON text: its values mix types)" if f.name in
+                                                            data.as_json else "") for f in data.schema], "",
              "## Load it\n", f"```python\nfrom datasets import load_dataset\nrows = load_dataset({load!r}, "
              "split=\"train\")\n```\n", *(_topk_section(load) if topk else []), *_made_sections(kind, made),
-             f"## License\n\n`{license}` as given to `tracetailor export --license`; the text was written by the "
+             f"## License\n\n`{cfg.license}` as given to `tracetailor export --license`; the text was written by the "
              "models above from the prompts of the source: their licenses apply too.\n"]
-    return "\n".join(lines)
+    return str(DatasetCard(card_text(card_data(kind, made, data, topk, cfg), "\n".join(lines))))
 
 
 def _topk_section(load: str) -> list[str]:
@@ -340,14 +429,16 @@ def run_export(cfg: ExportConfig, log: Callable[[str], None] = print) -> dict[st
     with rundir:
         rundir.started()
         rundir.begin()
-        path, as_json, schema = write_parquet(rows, rundir.path("data"))
+        data = write_shards(rows, rundir.path("data"))
         topk = copy_sidecar(sidecar_files(src, kind), rundir.path(TOPK_DIR))
         with AtomicWriter(rundir.path("README.md")) as f:
-            f.write(dataset_card(kind, made, len(rows), schema, as_json, cfg.license, cfg.push_to_hub, bool(topk)))
-        result = rundir.finish({"src": str(src), "kind": kind, "rows": len(rows), "parquet": str(path),
+            f.write(dataset_card(kind, made, data, read_written(topk) if topk else None, cfg))
+        result = rundir.finish({"src": str(src), "kind": kind, "rows": len(rows),
+                                "parquet": [str(p) for p in data.files],
                                 "teacher_topk": [str(p) for p in topk],
-                                "json_columns": as_json, "settings": asdict(cfg)})  # export.json last: finished
-    log(f"exported {len(rows)} rows of {KINDS[kind]} to {path} with its card {rundir.path('README.md')}")
+                                "json_columns": data.as_json, "settings": asdict(cfg)})  # export.json last: finished
+    log(f"exported {len(rows)} rows of {KINDS[kind]} to {rundir.path('data')} ({len(data.files)} Parquet shard(s)) "
+        f"with its card {rundir.path('README.md')}")
     if cfg.push_to_hub:
         result["pushed"] = _push(cfg, src, log)
     return result
@@ -362,7 +453,12 @@ def _finished_alike(cfg: ExportConfig, src: Path) -> bool:
     except (OSError, ValueError):
         return False
     now = asdict(cfg)
-    return ((marker.parent / "data" / PARQUET_NAME).is_file() and isinstance(done, dict) and done.get("src") == str(src) and isinstance(done.get("settings"), dict)
+    if not isinstance(done, dict) or done.get("src") != str(src) or not isinstance(done.get("settings"), dict):
+        return False
+    shards = done.get("parquet")
+    shards = [shards] if isinstance(shards, str) else shards  # an export.json of before the shards: one file
+    return (isinstance(shards, list) and bool(shards)
+            and all((marker.parent / "data" / Path(str(f)).name).is_file() for f in shards)
             and {k: v for k, v in done["settings"].items() if k != "overwrite"}
             == {k: v for k, v in now.items() if k != "overwrite"})
 

@@ -27,7 +27,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "eval": ("math_verify", "datasets"),
     "train": ("trl", "peft", "datasets", "accelerate"),
     "ray": ("ray",),
-    "hub": ("huggingface_hub", "pyarrow"),
+    "hub": ("huggingface_hub", "pyarrow", "datasets"),
 }
 
 # module -> (its distribution, the versions the extras accept): the specifiers of pyproject.toml's extras

@@ -1,6 +1,7 @@
 """Cards and uploads for the Hugging Face Hub: a README.md with YAML front matter, and `push_folder`.
 
-A card is what the Hub shows and indexes: the YAML block at the top (license, tags, base_model,
+A card is what the Hub shows and indexes, written through huggingface_hub's card classes
+(`DatasetCard`/`DatasetCardData`, `ModelCard`/`ModelCardData`): the YAML block at the top (license, tags, base_model,
 the data files of a dataset's splits) and a body that says how the thing was made (models,
 settings, funnel, versions, the command line), all read from the files our commands write
 (run.json, stats.json, <set>.funnel.json, train.json). `push_folder` creates the repository
@@ -15,8 +16,6 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
-
 from .errors import UserError
 
 
@@ -24,18 +23,17 @@ class HubError(UserError, RuntimeError):
     """An upload that could not be done (no token, no access, network); the message says what to do."""
 
 
-def front_matter(meta: dict[str, Any]) -> str:
-    """The YAML block a card starts with (keys with None or empty values left out)."""
-    kept = {k: v for k, v in meta.items() if v not in (None, [], {}, "")}
-    return "---\n" + yaml.safe_dump(kept, sort_keys=False, allow_unicode=True, width=1000) + "---\n"
+def card_text(data, body: str) -> str:
+    """A card's text: huggingface_hub's card data (`DatasetCardData`, `ModelCardData`: None values left out) as
+    the YAML block the Hub reads, then the Markdown body; the text `DatasetCard(...)`/`ModelCard(...)` take."""
+    return f"---\n{data.to_yaml()}\n---\n\n{body}"
 
 
 def read_card_meta(path: Path) -> dict[str, Any]:
-    """The YAML front matter of a card (tests and readers); {} when it has none."""
-    text = Path(path).read_text(encoding="utf-8")
-    if not text.startswith("---\n"):
-        return {}
-    return yaml.safe_load(text[4:text.index("\n---\n", 4)]) or {}
+    """The YAML front matter of a card, as huggingface_hub reads it (tests and readers); {} when it has none."""
+    from huggingface_hub import metadata_load
+
+    return metadata_load(Path(path)) or {}
 
 
 def json_block(data: Any) -> str:
@@ -107,10 +105,12 @@ def model_card(record: dict[str, Any]) -> str:
     cfg, result = record["config"], record["result"]
     base, data = cfg.get("model", ""), cfg.get("data", "")
     funnel = Path(f"{data}.funnel.json")
-    meta = {"base_model": hub_id_or_none(base), "library_name": "transformers", "pipeline_tag": "text-generation",
-            "tags": ["tracetailor", "sft", "trl"] + (["lora"] if cfg.get("lora") else []),
-            "datasets": [hub_id_or_none(data)] if hub_id_or_none(data) else None}
-    lines = [front_matter(meta), f"# {Path(cfg.get('out') or 'checkpoint').name}\n",
+    from huggingface_hub import ModelCard, ModelCardData
+
+    meta = ModelCardData(base_model=hub_id_or_none(base), library_name="transformers", pipeline_tag="text-generation",
+                         tags=["tracetailor", "sft", "trl"] + (["lora"] if cfg.get("lora") else []),
+                         datasets=[hub_id_or_none(data)] if hub_id_or_none(data) else None)
+    lines = [f"# {Path(cfg.get('out') or 'checkpoint').name}\n",
              f"`{base}` fine-tuned by `tracetailor train` (TRL's SFTTrainer, loss on the completion tokens only) on "
              f"`{data}`: {result['examples']} examples, {result['completion_tokens']} completion tokens, "
              f"{result['steps']} steps, loss {result['first_loss']} -> {result['last_loss']}.\n",
@@ -121,4 +121,4 @@ def model_card(record: dict[str, Any]) -> str:
         lines += ["## The SFT set's funnel (tracetailor select)\n", json_block(counts)]
     lines += ["## Settings\n", settings_table(cfg), "## Result\n", json_block(result),
               "## Versions\n", json_block(record.get("versions", {}))]
-    return "\n".join(lines)
+    return str(ModelCard(card_text(meta, "\n".join(lines))))
