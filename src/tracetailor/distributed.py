@@ -231,6 +231,8 @@ class RayShards:
     student's tokenizer (and its context from its config) for the prompts; the workers load the models, plan
     their shards' requests and skip what does not fit."""
 
+    names_models = False  # the driver loads no model: the workers' run.json stays unless there is work
+
     def __init__(self, cfg: GenerateConfig, log):
         self.ray = import_ray()  # Ray missing: refused before OUT is touched
         self.cfg, self.log = cfg, log

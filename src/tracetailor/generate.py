@@ -76,7 +76,9 @@ def prepare_run(cfg: GenerateConfig, rundir: RunDir, executor, log) -> Prepared:
     (refused if their text changed since), the (prompt index, sample) pairs still to generate, planned by the
     executor (which may refuse the run before anything changes: no prompt fits); then the run starts (the run
     it replaces goes), the top-K sidecar is synced (a lost row: its record is generated again) and run.json
-    written (where there is work to do or none exists yet; it also clears the marker of a finished run)."""
+    written (it also clears the marker of a finished run): always by an executor whose `info` names the loaded
+    models (a resumed run records the settings of this version), else where there is work to do or none exists
+    yet (the Ray driver: its workers name the models)."""
     prompt_texts: dict = {}
     done = finished_in(rundir, prompt_texts)  # every traces*.jsonl (any earlier worker count), torn tails cut
     prompts = load_prompt_set(cfg, executor.tokenizer, executor.context)
@@ -94,7 +96,7 @@ def prepare_run(cfg: GenerateConfig, rundir: RunDir, executor, log) -> Prepared:
         done -= lost
         planned = executor.plan(prompts, pending())
     to_go = executor.size(planned)
-    if to_go or not rundir.run_json.exists():
+    if to_go or executor.names_models or not rundir.run_json.exists():
         rundir.write_run_json(dataclasses.asdict(cfg), seed=cfg.seed, **executor.info())
     if done:
         log(f"resuming: {len(done)} sequence(s) already in {rundir.root}, {to_go} to go")
@@ -103,6 +105,8 @@ def prepare_run(cfg: GenerateConfig, rundir: RunDir, executor, log) -> Prepared:
 
 class Here:
     """The executor in this process: the models loaded here, one engine, one trace file (OUT/traces.jsonl)."""
+
+    names_models = True  # `info` names the models loaded here: run.json is rewritten on every resume
 
     def __init__(self, cfg: GenerateConfig, log):
         self.cfg, self.log = cfg, log
