@@ -576,3 +576,40 @@ def test_a_generate_run_from_before_a_new_setting_resumes(tiny_pair, tmp_path):
     (tmp_path / "g" / "stats.json").unlink()
     with pytest.raises(OutputDirError, match="save_teacher_topk: 0 -> 5"):
         run_generate(GenerateConfig(**cfg, save_teacher_topk=5), log=lambda m: None)
+
+
+def test_a_stop_signal_a_library_swallowed_still_stops_the_sampling_loop(monkeypatch):
+    """SIGTERM raises `Stopped` from its handler; where a library catches it (torch.compile's compilation of the
+    static layout's step did, and the run went on to the end with exit 0), the sampling loop raises it again
+    after the next finished sequence: the records before it are kept, no stats.json is written."""
+    import os
+    import types
+
+    from tracetailor import errors
+    from tracetailor.decoding.engine import Finished
+    from tracetailor.sampling import Planned, Sampling
+
+    monkeypatch.setattr(errors, "_signalled", [])
+    previous = signal.signal(signal.SIGTERM, errors.stop_on_signal)
+    try:
+        def run(requests):
+            for r in requests:
+                if r.handle == 1:
+                    try:  # what the library did: the handler's exception caught and dropped
+                        os.kill(os.getpid(), signal.SIGTERM)
+                        time.sleep(1)
+                    except KeyboardInterrupt:
+                        pass
+                yield Finished(r.handle, [1, 2], "TT", [0.0, 0.0], [0.0, 0.0], "stop")
+
+        engine = types.SimpleNamespace(run=run, batch_size=1)
+        requests = [types.SimpleNamespace(handle=h) for h in range(4)]
+        sampling = Sampling(engine, Planned(requests, {h: (f"p{h}", 0) for h in range(4)}, []), log=lambda m: None)
+        seen = []
+        with pytest.raises(errors.Stopped) as stopped:
+            for prompt, _, fin in sampling:
+                seen.append(prompt)
+        assert stopped.value.signal_name == "SIGTERM"
+        assert seen == ["p0"]  # the sequence finished after the signal is not handed on; nothing after it
+    finally:
+        signal.signal(signal.SIGTERM, previous)

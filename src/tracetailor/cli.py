@@ -28,6 +28,7 @@ from typing import List, Optional
 import typer
 
 from . import __version__
+from .errors import Stopped, stop_on_signal
 
 app = typer.Typer(
     help="tracetailor: reasoning traces tailored to a small model (Reverse Speculative Decoding).",
@@ -161,22 +162,10 @@ def user_errors_as_one_line(out: str | None = None, resumable: bool | str = True
         raise typer.Exit(128 + (e.signum if isinstance(e, Stopped) else signal.SIGINT))
 
 
-class Stopped(KeyboardInterrupt):
-    """SIGTERM or SIGHUP, turned into what ^C raises: the run stops the same way and says how to resume."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum, self.signal_name = signum, signal.Signals(signum).name
-
-
-def _stop_on(signum: int, frame) -> None:
-    raise Stopped(signum)
-
-
 def stop_like_ctrl_c() -> None:
     """SIGTERM and SIGHUP (a scheduler's cancel, a closed terminal) stop a run as ^C does."""
     for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, _stop_on)
+        signal.signal(signum, stop_on_signal)
 
 
 def _run_with_config(cls, run, flags: dict, config: str | None, no_progress: bool = False, log=None,

@@ -23,7 +23,7 @@ from .data.rundir import RunDir, tokens_per_second
 from .data.traces import TRACE_GLOBS, TraceRecord, finished_ids, read_records, summarize, trace_files, write_json_atomic
 from .decoding.engine import DecodeSettings, Engine, Finished, Request, run_halving_on_oom
 from .decoding.rules import RSDParams, prompt_key
-from .errors import OutputDirError, UserError, warn
+from .errors import OutputDirError, UserError, stop_if_signalled, warn
 
 
 def stop_checker(tokenizer, stops: list[str]):
@@ -354,11 +354,13 @@ class Sampling:
         started = time.perf_counter()
         try:
             for fin in run_halving_on_oom(self.engine, self.planned.requests, self.log):
+                stop_if_signalled()  # SIGTERM/SIGHUP whose exception a library swallowed: stop here
                 self.sequences += 1
                 self.tokens += len(fin.token_ids)
                 yield (*self.planned.handles[fin.handle], fin)
                 if self.progress is not None:
                     self.progress.bar.update(1)
+            stop_if_signalled()  # not a finished run: no stats.json
         finally:
             self.seconds += time.perf_counter() - started
             if self.progress is not None:
