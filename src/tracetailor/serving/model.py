@@ -19,7 +19,9 @@ import itertools
 from dataclasses import dataclass, field
 
 from .http import HttpClient, ServerError
-from .protocol import TopK, make_protocol
+from .protocol import CutCharacter, TopK, make_protocol
+
+UTF8_TAIL = 3  # a UTF-8 character is at most 4 bytes: at most 3 more byte tokens complete it
 
 
 @dataclass
@@ -53,8 +55,18 @@ class ServedModel:
                               f"vocabulary of {self.vocab_size}; it serves another model than --{self.role}")
 
     async def _generate(self, ids: list[int], n: int, k: int) -> tuple[list[int], list[TopK]]:
-        reply, url = await self._post(self.protocol.generate(ids, n, k))
-        tokens, dists = self.protocol.read_generation(reply, k, self._where(url))
+        for ask in range(n, n + UTF8_TAIL + 1):  # greedy: asking for more tokens gives the same first ones
+            reply, url = await self._post(self.protocol.generate(ids, ask, k))
+            try:
+                tokens, dists = self.protocol.read_generation(reply, k, self._where(url))
+                break
+            except CutCharacter as e:  # the last tokens end inside a UTF-8 character (llama-server)
+                tokens, dists = e.ids, e.dists
+                if len(tokens) >= n or ask == n + UTF8_TAIL:
+                    if len(tokens) < max(n, 1):
+                        raise
+                    break
+        tokens, dists = tokens[:n], dists[:n]
         self._check_ids(tokens, self._where(url))
         for d in dists:
             self._check_ids(d.ids, self._where(url))

@@ -315,6 +315,15 @@ def _top_of(entries, k: int, where: str, field: str) -> TopK:
     return take_top({i: lp for lp, i in pairs}, k, where)
 
 
+class CutCharacter(ServerError):
+    """A llama-server reply whose last tokens end inside a UTF-8 character: their probabilities come only with
+    the token that completes it. `ids`, `dists`: the positions that did come with probabilities."""
+
+    def __init__(self, message: str, ids: list[int], dists: list[TopK]):
+        super().__init__(message)
+        self.ids, self.dists = ids, dists
+
+
 class LlamaCppProtocol:
     """llama-server's native `/completion`."""
 
@@ -348,7 +357,8 @@ class LlamaCppProtocol:
 
     def read_generation(self, reply: dict, k: int, where: str) -> tuple[list[int], list[TopK]]:
         probs = reply.get("completion_probabilities") if isinstance(reply, dict) else None
-        if not isinstance(probs, list) or not probs:
+        tokens = reply.get("tokens") if isinstance(reply, dict) else None
+        if not isinstance(probs, list) or not (probs or tokens):
             raise ServerError(f"{where}: the reply has no completion_probabilities (a llama-server with n_probs?)")
         ids, dists = [], []
         for entry in probs:
@@ -357,6 +367,11 @@ class LlamaCppProtocol:
             ids.append(int(entry["id"]))
             dists.append(take_top({int(t["id"]): t.get("logprob") for t in entry["top_logprobs"]
                                    if isinstance(t, dict) and "id" in t}, k, where))
+        if isinstance(tokens, list) and len(probs) < len(tokens):
+            # llama-server holds back the probabilities of tokens that end inside a UTF-8 character until a
+            # later token completes it: ServedModel asks for a few more tokens
+            raise CutCharacter(f"{where}: {len(tokens) - len(probs)} token(s) came without probabilities: they "
+                               "end inside a UTF-8 character", ids, dists)
         return ids, dists
 
 
