@@ -18,7 +18,8 @@ prompt's last) but not yet read by the models, fed at the head of the next pass.
 `draft_tokens="auto"` runs the drafted loop with K chosen per pass (decoding/auto.py: a cost model from
 the pair's sizes and the run's own match rates, no clock, so two runs make the same passes); a pass with
 K = 0 is lockstep's work (one student and one teacher step per token), so the engine falls back to it
-where drafts do not pay, with the same records whatever the schedule. `kv_cache="auto"` picks the layout at each `run()` from the device, batch, pair and requests.
+where drafts do not pay, with the same records whatever the schedule. `kv_cache="auto"` picks the layout
+at each `run()` from the device, batch, pair and requests.
 
 The engine knows nothing of files or text: token ids in, token ids and per-token
 facts (origin, student and teacher log-probs) out. Stop strings reach it as a

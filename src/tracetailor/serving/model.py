@@ -62,10 +62,10 @@ class ServedModel:
                 break
             except CutCharacter as e:  # the last tokens end inside a UTF-8 character (llama-server)
                 tokens, dists = e.ids, e.dists
-                if len(tokens) >= n or ask == n + UTF8_TAIL:
-                    if len(tokens) < max(n, 1):
-                        raise
+                if len(tokens) >= n:
                     break
+                if ask == n + UTF8_TAIL:
+                    raise
         tokens, dists = tokens[:n], dists[:n]
         self._check_ids(tokens, self._where(url))
         for d in dists:
